@@ -1,0 +1,5 @@
+import sys
+
+from rt_mindeye.cli import main
+
+sys.exit(main())

@@ -1,0 +1,7 @@
+"""Sub-commands of `rt-mindeye` (model)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    """Add this module's sub-commands (none yet)."""

@@ -1,0 +1,53 @@
+"""Clocks and latency bookkeeping.
+
+Latency in rt-mindeye is measured from the volume's *acquisition* time (DICOM AcquisitionDate/Time), never from the
+moment a file was noticed. Scanner clocks give wall time of day; :func:`acquisition_epoch` turns a DICOM date and
+time into POSIX seconds so that it can be compared with ``time.time()`` on a host whose clock is in step.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+
+
+def dicom_time_to_seconds(value: str) -> float:
+    """Seconds since midnight for a DICOM TM value (``HHMMSS.FFFFFF``, fields after HH optional)."""
+    value = value.strip()
+    if not value:
+        raise ValueError("empty DICOM time")
+    hours = int(value[0:2])
+    minutes = int(value[2:4]) if len(value) >= 4 else 0
+    seconds = float(value[4:]) if len(value) > 4 else 0.0
+    return hours * 3600.0 + minutes * 60.0 + seconds
+
+
+def acquisition_epoch(date: str | None, time_of_day: str) -> float:
+    """POSIX seconds (local time zone of this host) for a DICOM DA + TM pair; without a date, today's."""
+    seconds = dicom_time_to_seconds(time_of_day)
+    if date:
+        day = _dt.datetime.strptime(date.strip()[:8], "%Y%m%d")
+    else:
+        day = _dt.datetime.combine(_dt.date.today(), _dt.time())
+    return time.mktime(day.timetuple()) + seconds
+
+
+def monotonic() -> float:
+    """The clock every in-process deadline uses."""
+    return time.monotonic()
+
+
+class Deadline:
+    """A wait with a bound: ``Deadline(2.0).expired`` turns true two seconds after creation."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self._end = time.monotonic() + self.seconds
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self._end
