@@ -1,0 +1,94 @@
+"""Configuration of the preprocessing stage (motion correction and masks).
+
+The defaults of :class:`MotionConfig` are the real-time setting measured in the brief (section 2): a versor rigid
+transform started from the previous volume's estimate, mean squares on a fixed random sample of about 2000 points
+inside a head mask, one full-resolution level and about 15 regular gradient steps, linear reslice, one ITK thread
+(with another process busy on a 2-core machine, one ITK thread beat two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rt_mindeye.config import setting
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """Per-volume rigid motion correction against a fixed reference volume."""
+
+    n_sample_points: int = setting(
+        2000, "number of random points inside the head mask where the mean-squares metric is evaluated", min=100,
+        max=1_000_000)
+    n_iterations: int = setting(15, "maximum regular-step gradient-descent iterations per volume", min=1, max=1000)
+    learning_rate: float = setting(
+        0.5, "first (largest) step of the regular-step gradient descent, in mm of displacement at the head radius",
+        min=1e-4, max=20.0)
+    min_step: float = setting(
+        1e-3, "the optimizer stops once its step shrinks below this (mm at the head radius)", min=1e-7, max=1.0)
+    relaxation_factor: float = setting(
+        0.5, "factor the step is multiplied by when the gradient changes direction", min=0.05, max=0.99)
+    rotation_scale: float = setting(
+        0.1, "optimizer scale of the rotation (versor) parameters relative to their physical-shift estimate"
+        " (2 x RMS head radius)^2; below 1 lets rotations take larger steps (0.1 converged best in 15 steps)",
+        min=1e-4, max=100.0)
+    gradient_tolerance: float = setting(
+        1e-8, "the optimizer stops when the scaled gradient magnitude falls below this", min=0.0, max=1.0)
+    threads: int = setting(
+        1, "ITK threads for registration and reslice (1 beat 2 on a loaded 2-core machine)", min=1, max=256)
+    reslice_interpolation: str = setting(
+        "linear", "interpolator used to reslice each volume into the reference space",
+        choices=("nearest", "linear", "bspline", "lanczos"))
+    mask_threshold: float = setting(
+        0.15, "head mask for sampling: voxels above this fraction of the reference's 98th percentile", min=0.0,
+        max=1.0)
+    seed: int = setting(20240601, "seed of the random metric sample (fixed so runs are reproducible)", min=0)
+    fd_radius_mm: float = setting(
+        50.0, "head radius turning rotations into displacement for framewise displacement (Power et al.)", min=1.0,
+        max=200.0)
+    fd_thresholds_mm: tuple[float, float, float] = setting(
+        (0.2, 0.3, 0.4), "framewise-displacement thresholds (FIRMM's 0.2 / 0.3 / 0.4 mm) for flagging volumes")
+
+    def __post_init__(self) -> None:
+        thresholds = tuple(self.fd_thresholds_mm)
+        if any(t <= 0 for t in thresholds) or list(thresholds) != sorted(thresholds):
+            raise ValueError(f"fd_thresholds_mm must be positive and increasing, got {list(thresholds)}")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """The one slower, more careful registration at session start (calibration reference -> today's first volume)."""
+
+    shrink_factors: tuple[int, ...] = setting((4, 2, 1), "pyramid shrink factors, coarse to fine")
+    smoothing_sigmas_mm: tuple[float, ...] = setting((4.0, 2.0, 0.0), "Gaussian smoothing per pyramid level, mm")
+    sampling_fraction: float = setting(0.2, "fraction of the head-masked voxels used by the metric", min=0.001,
+                                       max=1.0)
+    n_iterations: int = setting(200, "maximum iterations per level", min=1, max=10_000)
+    metric: str = setting(
+        "mattes", "similarity metric: Mattes mutual information copes with intensity changes between sessions;"
+        " mean squares is faster for identical contrast", choices=("mattes", "meansquares", "correlation"))
+    threads: int = setting(2, "ITK threads (done once, before the live run, so it may use every core)", min=1,
+                           max=256)
+    seed: int = setting(20240601, "seed of the random metric sample", min=0)
+
+    def __post_init__(self) -> None:
+        if len(self.shrink_factors) != len(self.smoothing_sigmas_mm):
+            raise ValueError("shrink_factors and smoothing_sigmas_mm must have the same length, got "
+                             f"{len(self.shrink_factors)} and {len(self.smoothing_sigmas_mm)}")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which voxels go to the GLM and decoder."""
+
+    anatomical_mask: str | None = setting(
+        None, "NIfTI mask in session (calibration reference) space, e.g. nsdgeneral; none = all voxels")
+    reliability_threshold: float | None = setting(
+        None, "keep voxels whose repeat reliability is at least this (none = no reliability selection)", min=-1.0,
+        max=1.0)
+    reliability_method: str = setting(
+        "pairwise", "reliability score: mean pairwise correlation between repeats, or split-half correlation",
+        choices=("pairwise", "split_half"))
+    min_repeats: int = setting(2, "images shown fewer times than this are ignored by the reliability score", min=2)
+    resample_order: int = setting(
+        0, "interpolation order when carrying a session-space mask into today's space (0 = nearest)", min=0, max=1)
