@@ -1,0 +1,67 @@
+"""Configuration of the single-trial GLM stage (offline calibration fit and real-time estimator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rt_mindeye.config import setting
+
+#: GLMsingle's default ridge fractions: 1.00, 0.95, ..., 0.05.
+DEFAULT_FRACTIONS = tuple(round(1.0 - 0.05 * i, 2) for i in range(20))
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    """How the live estimator emits, refines and finalises each trial's betas."""
+
+    early_volumes: int = setting(
+        6, "post-onset volumes that must have arrived before a trial's first ('early') estimate", min=1, max=60)
+    refine_every: int = setting(2, "volumes between 'refined' estimates after the early one (0 = never refine)",
+                                min=0, max=60)
+    refine_until: int = setting(16, "post-onset volumes after which a trial is no longer refined before the end "
+                                    "of the run", min=1, max=200)
+    max_drift_degree: int = setting(
+        1, "highest polynomial drift degree used for early/refined estimates (the final one uses the calibration's "
+           "degree); low orders keep the newest trial from being absorbed by the drift", min=0, max=10)
+    noise_pcs: bool = setting(True, "use the calibration's noise components (frozen spatial loadings applied to "
+                                    "the live noise pool) as nuisance regressors in early/refined estimates")
+    use_motion: bool = setting(True, "use motion parameters passed to add_volume as nuisance regressors")
+    final_ridge: bool = setting(True, "apply the calibration's ridge fractions in the end-of-run estimate")
+    zscore: bool = setting(True, "z-score each voxel's betas with the calibration betas' mean and standard deviation")
+
+
+@dataclass(frozen=True)
+class GLMConfig:
+    """The single-trial GLM: model type, HRFs, drift, noise model, ridge, and the real-time estimator."""
+
+    model: str = setting("d", "GLMsingle model type: a canonical HRF OLS, b per-voxel HRF from the library, "
+                              "c plus GLMdenoise noise components, d plus fractional ridge", choices=("a", "b", "c", "d"))
+    canonical_hrf: str = setting("glover", "HRF of model a and of the on-off model", choices=("glover", "spm"))
+    slice_time_ref: float = setting(0.0, "where in each TR a volume is sampled, as a fraction of the TR "
+                                         "(0 = start, as GLMsingle; 0.5 = middle of the acquisition)", min=0.0, max=1.0)
+    drift_degree: int | None = setting(
+        None, "polynomial drift degree per run; null = GLMsingle's rule round(run minutes / 2)", min=0, max=10)
+    max_pcs: int = setting(10, "largest number of noise principal components considered", min=0, max=30)
+    pc_stop: float = setting(0.95, "choose the smallest PC count reaching this fraction of the best "
+                                   "cross-validated improvement", min=0.0, max=1.0)
+    noise_pool_r2: float | None = setting(
+        None, "on-off R^2 (0..1) below which a voxel joins the noise pool; null = Gaussian-mixture threshold",
+        min=0.0, max=1.0)
+    brain_percentile: float = setting(99.0, "percentile of mean intensity used for the brain threshold",
+                                      min=0.0, max=100.0)
+    brain_fraction: float = setting(0.1, "voxels with mean intensity below this fraction of the percentile are "
+                                         "kept out of the noise pool", min=0.0, max=1.0)
+    max_pool_voxels: int = setting(4000, "noise-pool voxels used for the principal components (evenly "
+                                         "subsampled above this)", min=10)
+    fractions: tuple[float, ...] = setting(default_factory=lambda: DEFAULT_FRACTIONS,
+                                           doc="ridge fractions tried per voxel (type d)")
+    n_alpha_grid: int = setting(120, "points of the log-spaced ridge-parameter grid used to map fractions to "
+                                     "ridge parameters", min=10, max=2000)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig, metadata={"doc": "real-time estimator"})
+
+    def __post_init__(self):
+        if not self.fractions:
+            raise ValueError("fractions: must not be empty")
+        for value in self.fractions:
+            if not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"fractions: each must be in (0, 1], got {value!r}")

@@ -1,0 +1,20 @@
+"""Errors of the single-trial GLM stage."""
+
+from __future__ import annotations
+
+from rt_mindeye.errors import RtMindEyeError
+
+
+class GLMInputError(RtMindEyeError, ValueError):
+    """An input to the GLM (data, events, TR, mask, motion) is invalid; names the input and, if any, the file."""
+
+    def __init__(self, field: str, problem: str, path: str | None = None):
+        self.field = field
+        self.problem = problem
+        self.path = path
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}{field}: {problem}")
+
+
+class RealtimeStateError(RtMindEyeError):
+    """The real-time estimator was driven out of order (e.g. add_volume before start_run)."""
