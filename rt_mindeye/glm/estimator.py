@@ -344,7 +344,8 @@ class GLMSingle:
 
 
 def fit_run_frozen(calibration: GLMCalibration, data: np.ndarray, events, frames: np.ndarray | None = None,
-                   n_frames: int | None = None, motion: np.ndarray | None = None) -> np.ndarray:
+                   n_frames: int | None = None, motion: np.ndarray | None = None,
+                   tr: float | None = None) -> np.ndarray:
     """Single-trial betas (K, V) of one run with the calibration's frozen choices, computed exactly as the offline
     fit computes that run (per-voxel HRF and ridge fraction, the run's own noise components from the frozen pool).
 
@@ -357,7 +358,7 @@ def fit_run_frozen(calibration: GLMCalibration, data: np.ndarray, events, frames
         frames = np.arange(data.shape[0])
     frames = np.asarray(frames, dtype=np.int64)
     n_frames = int(frames.max()) + 1 if n_frames is None else int(n_frames)
-    tr = calibration.tr
+    tr = calibration.tr if tr is None else float(tr)
     psc, _ = F.percent_signal(data)
     poly = F.polynomial_drift(n_frames, drift_degree(n_frames, tr, calibration.drift_degree))[frames]
     columns = [poly]

@@ -1,0 +1,278 @@
+"""``RealtimeGLM``: single-trial betas during a live run, with the calibration's frozen choices.
+
+Each trial is estimated LSS-style (Mumford et al. 2012; as real-time MindEye does): its own regressor, one regressor
+for all other trials of the run so far, drift, motion and live noise regressors, each voxel with its calibrated HRF.
+Nothing is refitted from the whole run: every volume adds its outer products to running sufficient statistics
+(``X'Y`` rows of the few trials whose response is under way, ``S'Y`` for the sum of all trials, ``N'Y`` for the
+nuisance regressors, and small per-HRF Gram terms), so the work per volume is ``(active trials + nuisance) x V`` and
+an estimate is one ``(2 + nuisance)``-sized solve per HRF and a ``(2 + nuisance) x V`` combination, however long
+the run has been going. A missing volume simply never enters the statistics (dropped, not zero-filled).
+
+A trial is first emitted ("early") once ``early_volumes`` volumes at or after its onset have arrived, then
+"refined" every ``refine_every`` further volumes up to ``refine_until``, and "final" at :meth:`end_run`, which
+refits the run exactly as the offline calibration fit would (:func:`~rt_mindeye.glm.estimator.fit_run_frozen`:
+LSA with per-voxel HRF, the run's own noise components and the per-voxel ridge fractions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from rt_mindeye.glm.config import GLMConfig, RealtimeConfig
+from rt_mindeye.glm.design import RunEvents, drift_degree
+from rt_mindeye.glm.errors import GLMInputError, RealtimeStateError
+from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle, fit_run_frozen
+
+KINDS = ("early", "refined", "final")
+
+
+@dataclass(frozen=True)
+class TrialEstimate:
+    """One emitted estimate of a trial's betas."""
+
+    run: int
+    trial: int            # index of the trial in its run (onset order)
+    trial_type: str
+    onset: float          # seconds from the run's first volume
+    kind: str             # "early" | "refined" | "final"
+    n_volumes: int        # volumes at or after the onset that entered this estimate
+    betas: np.ndarray     # (V,) float32
+    zscored: bool         # True: (beta - calibration mean) / calibration std per voxel
+    last_volume: int      # index of the newest volume in the fit
+
+
+class RealtimeGLM:
+    """Live single-trial estimator. ``calibration``: a fitted :class:`GLMSingle` or its :class:`GLMCalibration`;
+    ``config``: a :class:`GLMConfig` (its ``realtime`` section is used) or a :class:`RealtimeConfig`."""
+
+    def __init__(self, calibration, config: GLMConfig | RealtimeConfig | None = None):
+        self.calibration = calibration
+        self.config = config
+
+    # --- setup -------------------------------------------------------------------------------------------------
+
+    def _resolve(self) -> tuple[GLMCalibration, RealtimeConfig]:
+        cal = self.calibration.calibration_ if isinstance(self.calibration, GLMSingle) else self.calibration
+        if not isinstance(cal, GLMCalibration):
+            raise GLMInputError("calibration", f"expected a fitted GLMSingle or a GLMCalibration, got "
+                                               f"{type(cal).__name__}")
+        cfg = self.config
+        if cfg is None:
+            cfg = RealtimeConfig()
+        elif isinstance(cfg, GLMConfig):
+            cfg = cfg.realtime
+        if not isinstance(cfg, RealtimeConfig):
+            raise GLMInputError("config", f"expected GLMConfig or RealtimeConfig, got {type(cfg).__name__}")
+        return cal, cfg
+
+    def start_run(self, run_events, tr: float | None = None, *, run: int | None = None,
+                  n_volumes: int | None = None) -> "RealtimeGLM":
+        """Begin a run. ``run_events``: the run's trials (RunEvents / events TSV / rows); ``tr`` defaults to the
+        calibration's; ``n_volumes`` (optional) is the planned run length, used only to scale the drift basis."""
+        cal, cfg = self._resolve()
+        self.calibration_, self.config_ = cal, cfg
+        events = RunEvents.coerce(run_events)
+        tr = cal.tr if tr is None else float(tr)
+        if not tr > 0:
+            raise GLMInputError("tr", f"'tr' must be positive. Got {tr!r} instead.")
+        self.run_ = (getattr(self, "run_", -1) + 1) if run is None else int(run)
+        self.events_ = events
+        self.tr_ = tr
+        self._hrfs = cal.hrf_set()
+        self._hrf_index = cal.hrf_index.astype(np.int64)
+        self._used_hrfs = np.unique(self._hrf_index)
+        self._support = np.array([self._hrfs.support(d) for d in events.durations])
+        planned = n_volumes * tr if n_volumes else 0.0
+        last = float(np.max(events.onsets + self._support)) if len(events) else 0.0
+        self._time_scale = max(planned, last, 60.0)
+        n_vox = cal.n_voxels
+        k = len(events)
+        self._n_poly = cfg.max_drift_degree + 1
+        self._n_pcs = cal.n_pcs if (cfg.noise_pcs and cal.noise_loadings.shape[1]) else 0
+        self._n_motion = None  # fixed by the first volume
+        self._pool_mean = cal.mean[cal.noise_pool_index]
+        self._scale = np.where(cal.mean > 0, 100.0 / np.where(cal.mean > 0, cal.mean, 1.0), 0.0)
+        self._xy = np.zeros((k, n_vox))
+        self._sy = np.zeros(n_vox)
+        self._ny = None
+        h = self._hrfs.n_hrfs
+        self._xx = np.zeros((h, k))
+        self._xs = np.zeros((h, k))
+        self._xn = None
+        self._ss = np.zeros(h)
+        self._sn = None
+        self._nn = None
+        self._n_post = np.zeros(k, dtype=np.int64)
+        self._emitted = np.zeros(k, dtype=np.int64)  # n_post of the last emitted estimate (0 = none yet)
+        self._frames: list[int] = []
+        self._rows: list[np.ndarray] = []
+        self._motion_rows: list[np.ndarray] = []
+        self._last_motion = None
+        self.work_ = {"rows_updated": [], "solve_size": []}
+        self._active = True
+        return self
+
+    def _require_run(self) -> None:
+        if not getattr(self, "_active", False):
+            raise RealtimeStateError("no run in progress: call start_run() first")
+
+    # --- volumes -----------------------------------------------------------------------------------------------
+
+    def _nuisance_row(self, index: int, psc: np.ndarray, motion: np.ndarray | None) -> np.ndarray:
+        cal = self.calibration_
+        u = (index + cal.slice_time_ref) * self.tr_ / self._time_scale
+        parts = [u ** np.arange(self._n_poly)]
+        if self._n_motion:
+            parts.append(motion)
+        if self._n_pcs:
+            pool = psc[cal.noise_pool_index] / cal.noise_scale
+            parts.append(cal.noise_loadings[:, :self._n_pcs].T @ pool)
+        return np.concatenate(parts)
+
+    def add_volume(self, index: int, data_vector: np.ndarray, motion_params=None) -> list[TrialEstimate]:
+        """Add volume ``index`` (0-based in the run): ``data_vector`` (V,) masked intensities. Returns the
+        estimates this volume completes (early/refined), possibly none."""
+        self._require_run()
+        index = int(index)
+        if self._frames and index <= self._frames[-1]:
+            raise GLMInputError("index", f"volume {index} arrived after volume {self._frames[-1]}: volumes must be "
+                                         "added in increasing order (the watcher reorders)")
+        y_raw = np.asarray(data_vector, dtype=np.float32).ravel()
+        if y_raw.size != self.calibration_.n_voxels:
+            raise GLMInputError("data_vector", f"has {y_raw.size} voxels, the calibration has "
+                                               f"{self.calibration_.n_voxels}")
+        motion = None
+        if self.config_.use_motion:
+            if self._n_motion is None:
+                self._n_motion = 0 if motion_params is None else int(np.size(motion_params))
+            if self._n_motion:
+                motion = (self._last_motion if motion_params is None
+                          else np.asarray(motion_params, dtype=np.float64).ravel())
+                if motion is None or motion.size != self._n_motion:
+                    raise GLMInputError("motion_params", f"expected {self._n_motion} values")
+                self._last_motion = motion
+        psc = (y_raw.astype(np.float64) * self._scale) - 100.0 * (self._scale > 0)
+        nuis = self._nuisance_row(index, psc, motion)
+        if self._ny is None:
+            p = nuis.size
+            h, k = self._xx.shape
+            self._ny = np.zeros((p, psc.size))
+            self._xn = np.zeros((h, k, p))
+            self._sn = np.zeros((h, p))
+            self._nn = np.zeros((p, p))
+        t = (index + self.calibration_.slice_time_ref) * self.tr_
+        ev = self.events_
+        active = np.flatnonzero((ev.onsets <= t) & (t <= ev.onsets + self._support))
+        rows = np.zeros((self._hrfs.n_hrfs, active.size))
+        for col, j in enumerate(active):
+            rows[:, col] = self._hrfs.regressors(np.array([t]), ev.onsets[j:j + 1], ev.durations[j:j + 1])[:, 0, 0]
+        s_row = rows.sum(axis=1)
+        # Sufficient statistics: only the active trials' rows, the trial sum and the nuisance rows touch V voxels.
+        if active.size:
+            per_voxel = rows[self._hrf_index]  # (V, A): each voxel's own HRF
+            self._xy[active] += (per_voxel * psc[:, None]).T
+            self._xx[:, active] += rows ** 2
+            self._xs[:, active] += rows * s_row[:, None]
+            self._xn[:, active] += rows[:, :, None] * nuis[None, None, :]
+        self._sy += s_row[self._hrf_index] * psc
+        self._ny += nuis[:, None] * psc[None, :]
+        self._ss += s_row ** 2
+        self._sn += s_row[:, None] * nuis[None, :]
+        self._nn += np.outer(nuis, nuis)
+        self.work_["rows_updated"].append(int(active.size + 1 + nuis.size))
+        self._frames.append(index)
+        self._rows.append(y_raw)
+        self._motion_rows.append(motion if motion is not None else np.zeros(0))
+        self._n_post[ev.onsets <= t] += 1
+        return self._emit_due(index)
+
+    def add_gap(self, index: int) -> list[TrialEstimate]:
+        """Record that volume ``index`` will never arrive: it is left out of every fit (nothing else changes)."""
+        self._require_run()
+        return []
+
+    def _emit_due(self, index: int) -> list[TrialEstimate]:
+        cfg = self.config_
+        out = []
+        for j in np.flatnonzero(self._n_post > 0):
+            n = int(self._n_post[j])
+            if self._emitted[j] == 0:
+                if n >= cfg.early_volumes:
+                    out.append(self.estimate(j, "early"))
+            elif (cfg.refine_every and n <= cfg.refine_until and n > self._emitted[j]
+                  and (n - cfg.early_volumes) % cfg.refine_every == 0):
+                out.append(self.estimate(j, "refined"))
+        return out
+
+    # --- estimates ---------------------------------------------------------------------------------------------
+
+    def _nuisance_columns(self) -> np.ndarray:
+        """Nuisance columns in use now: drift up to the elapsed-time degree (capped), motion, noise components."""
+        cal, cfg = self.calibration_, self.config_
+        n_frames = self._frames[-1] + 1
+        degree = min(cfg.max_drift_degree, drift_degree(n_frames, self.tr_, cal.drift_degree))
+        cols = list(range(degree + 1))
+        cols.extend(range(self._n_poly, self._ny.shape[0]))
+        return np.asarray(cols, dtype=np.int64)
+
+    def estimate(self, trial: int, kind: str = "refined") -> TrialEstimate:
+        """LSS estimate of ``trial`` from the volumes so far (cost independent of how many have arrived)."""
+        self._require_run()
+        if self._ny is None:
+            raise RealtimeStateError("no volume has arrived in this run yet")
+        j = int(trial)
+        cols = self._nuisance_columns()
+        p = cols.size
+        hs = self._used_hrfs
+        gram = np.zeros((hs.size, 2 + p, 2 + p))
+        a, b = self._xx[hs, j], self._xs[hs, j]
+        xn = self._xn[hs, j][:, cols]
+        sn = self._sn[hs][:, cols]
+        gram[:, 0, 0] = a
+        gram[:, 0, 1] = gram[:, 1, 0] = b - a
+        gram[:, 1, 1] = self._ss[hs] - 2 * b + a
+        gram[:, 0, 2:] = xn
+        gram[:, 2:, 0] = xn
+        gram[:, 1, 2:] = sn - xn
+        gram[:, 2:, 1] = sn - xn
+        gram[:, 2:, 2:] = self._nn[np.ix_(cols, cols)]
+        # First row of the pseudo-inverse per HRF: the weights that turn the right-hand sides into the trial's beta.
+        weights = np.linalg.pinv(gram, rcond=1e-10, hermitian=True)[:, 0, :]
+        lookup = np.zeros(self._hrfs.n_hrfs, dtype=np.int64)
+        lookup[hs] = np.arange(hs.size)
+        w = weights[lookup[self._hrf_index]]  # (V, 2 + p)
+        xy = self._xy[j]
+        beta = w[:, 0] * xy + w[:, 1] * (self._sy - xy) + np.einsum("vp,pv->v", w[:, 2:], self._ny[cols])
+        self.work_["solve_size"].append(2 + p)
+        self._emitted[j] = self._n_post[j]
+        return self._package(j, kind, int(self._n_post[j]), beta)
+
+    def _package(self, j: int, kind: str, n_volumes: int, beta: np.ndarray) -> TrialEstimate:
+        cal, cfg = self.calibration_, self.config_
+        if cfg.zscore:
+            beta = (beta - cal.beta_mean) / cal.beta_std
+        ev = self.events_
+        return TrialEstimate(run=self.run_, trial=j, trial_type=ev.trial_types[j], onset=float(ev.onsets[j]),
+                             kind=kind, n_volumes=n_volumes, betas=np.asarray(beta, dtype=np.float32),
+                             zscored=bool(cfg.zscore), last_volume=self._frames[-1] if self._frames else -1)
+
+    def end_run(self, n_volumes: int | None = None) -> list[TrialEstimate]:
+        """Finish the run: a "final" estimate of every trial that has started, refitted as the offline fit would
+        (the run's own noise components, ridge fractions), from the volumes that arrived."""
+        self._require_run()
+        self._active = False
+        if not self._frames:
+            return []
+        cal, cfg = self.calibration_, self.config_
+        if not cfg.final_ridge:
+            cal = dataclasses.replace(cal, frac=np.ones_like(cal.frac))
+        frames = np.asarray(self._frames, dtype=np.int64)
+        n_frames = max(int(frames[-1]) + 1, int(n_volumes or 0))
+        motion = np.stack(self._motion_rows) if self._n_motion else None
+        betas = fit_run_frozen(cal, np.stack(self._rows), self.events_, frames=frames, n_frames=n_frames,
+                               motion=motion, tr=self.tr_)
+        return [self._package(j, "final", int(self._n_post[j]), betas[j].astype(np.float64))
+                for j in np.flatnonzero(self._n_post > 0)]
