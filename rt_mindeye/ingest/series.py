@@ -70,6 +70,10 @@ class VolumeReady:
     def number(self) -> int:
         return self.volume.volume
 
+    def __repr__(self) -> str:  # the default would print the whole array
+        return (f"VolumeReady(series={self.series}, volume={self.number}, received_at={self.received_at:.3f}, "
+                f"source={self.volume.source}, recorded_path={self.recorded_path})")
+
 
 @dataclass(frozen=True)
 class VolumeGap:
@@ -100,6 +104,10 @@ class LateVolume:
     @property
     def number(self) -> int:
         return self.volume.volume
+
+    def __repr__(self) -> str:
+        return (f"LateVolume(series={self.series}, volume={self.number}, reason={self.reason!r}, "
+                f"received_at={self.received_at:.3f}, source={self.volume.source})")
 
 
 @dataclass(frozen=True)
