@@ -8,6 +8,7 @@ File layout (all integers little-endian)::
     file header   b"RTMJOURNAL\\x00\\x01"                         12 bytes, the last two = format version 1
     record        magic b"RTMR" | kind u8 | seq u64 | n u32        17 bytes
                   n x frame length u64
+                  CRC-32 u32 of the record so far (so a corrupt length is caught before it is trusted)
                   the n frames' bytes, back to back
                   CRC-32 u32 of everything above in this record
 
@@ -135,6 +136,7 @@ class Journal:
         views = [memoryview(f).cast("B") if not isinstance(f, bytes) else f for f in frames]
         head = _RECORD.pack(_RECORD_MAGIC, kind, seq, len(views))
         head += b"".join(_LENGTH.pack(len(v)) for v in views)
+        head += _CRC.pack(zlib.crc32(head))
         crc = zlib.crc32(head)
         for v in views:
             crc = zlib.crc32(v, crc)
@@ -192,13 +194,18 @@ def _read_record(f, offset: int, size: int, path: Path):
     lengths_raw = f.read(_LENGTH.size * n)
     if len(lengths_raw) < _LENGTH.size * n:
         return None
+    head_crc_raw = f.read(_CRC.size)
+    if len(head_crc_raw) < _CRC.size:
+        return None
+    if zlib.crc32(head + lengths_raw) != _CRC.unpack(head_crc_raw)[0]:
+        raise JournalError(path, offset, "record header CRC mismatch")
     lengths = [_LENGTH.unpack_from(lengths_raw, i * _LENGTH.size)[0] for i in range(n)]
-    end = offset + _RECORD.size + len(lengths_raw) + sum(lengths) + _CRC.size
+    end = offset + _RECORD.size + len(lengths_raw) + _CRC.size + sum(lengths) + _CRC.size
     if end > size:
         return None
     frames = [f.read(length) for length in lengths]
     (crc,) = _CRC.unpack(f.read(_CRC.size))
-    check = zlib.crc32(head + lengths_raw)
+    check = zlib.crc32(head + lengths_raw + head_crc_raw)
     for frame in frames:
         check = zlib.crc32(frame, check)
     if check != crc:

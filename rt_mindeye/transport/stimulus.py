@@ -40,7 +40,7 @@ class StimulusEventServer(_Agent):
     """ROUTER socket on the scanner host; ``recv(timeout_s)`` returns StimulusEvent / RunTrigger in arrival order.
 
     Every message is acknowledged to its client by seq. A re-sent event (same run and trial) replaces the earlier
-    copy in ``events(run)``, so a client resend never doubles a trial.
+    copy in ``run_events(run)``, so a client resend never doubles a trial.
     """
 
     def __init__(self, endpoint: str, *, session: str, server_security: security.ServerSecurity | None = None,
@@ -83,7 +83,7 @@ class StimulusEventServer(_Agent):
         clock = self.run_clock(event.run)
         return None if clock is None else clock.anchor + event.onset
 
-    def events(self, run: int) -> list[StimulusEvent]:
+    def run_events(self, run: int) -> list[StimulusEvent]:
         """The run's events so far, by onset."""
         with self._lock:
             return sorted(self._events.get(run, {}).values(), key=lambda e: (e.onset, e.trial))

@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 import zmq
+import zmq.auth
 
 __all__ = ["StimulusClient"]
 
@@ -50,8 +51,6 @@ class StimulusClient:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.linger = 0
         if curve is not None:
-            import zmq.auth  # only needed with keys
-
             public, secret = zmq.auth.load_certificate(curve[0])
             server_public, _ = zmq.auth.load_certificate(curve[1])
             self._socket.curve_publickey = public
