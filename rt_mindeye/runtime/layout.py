@@ -1,0 +1,122 @@
+"""Where everything of a session lands on disk, laid out like BIDS derivatives.
+
+::
+
+    SESSION/
+      session.json                          what the session is (subject, runs, clock, software version)
+      config.yaml                           the resolved configuration the services ran with
+      sourcedata/dicom/                     the raw DICOMs exactly as received (the watcher's recorder)
+      func/run-XX_bold.nii.gz               NIfTI per run (written when the run ends)
+      func/run-XX_events.tsv                the events the run was analysed with
+      derivatives/rt-mindeye/
+        motion/run-XX_motion.tsv            6 rigid parameters + FD per volume, gaps marked
+        betas/                              the trial-estimate journal (every estimate version, bit-exact)
+        decoder/                            decoder journal: results per trial estimate
+        recon/run-XX_trial-YYY.png          reconstructions (and blurry images)
+        gallery/index.html                  browsable gallery that updates as trials arrive
+        timings.jsonl                       per-stage timings of every volume and trial
+      logs/                                 one log file per service
+
+Only this module knows these paths; every service asks a :class:`SessionLayout` for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rt_mindeye.errors import SessionError
+
+DERIVATIVES = Path("derivatives") / "rt-mindeye"
+
+
+@dataclass(frozen=True)
+class SessionLayout:
+    root: Path
+
+    @property
+    def session_json(self) -> Path:
+        return self.root / "session.json"
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def dicom_dir(self) -> Path:
+        return self.root / "sourcedata" / "dicom"
+
+    @property
+    def func_dir(self) -> Path:
+        return self.root / "func"
+
+    def bold_nifti(self, run: int) -> Path:
+        return self.func_dir / f"run-{run:02d}_bold.nii.gz"
+
+    def events_tsv(self, run: int) -> Path:
+        return self.func_dir / f"run-{run:02d}_events.tsv"
+
+    @property
+    def derivatives(self) -> Path:
+        return self.root / DERIVATIVES
+
+    def motion_tsv(self, run: int) -> Path:
+        return self.derivatives / "motion" / f"run-{run:02d}_motion.tsv"
+
+    @property
+    def betas_dir(self) -> Path:
+        return self.derivatives / "betas"
+
+    @property
+    def decoder_dir(self) -> Path:
+        return self.derivatives / "decoder"
+
+    @property
+    def recon_dir(self) -> Path:
+        return self.derivatives / "recon"
+
+    def recon_png(self, run: int, trial: int, kind: str = "recon") -> Path:
+        return self.recon_dir / f"run-{run:02d}_trial-{trial:03d}_{kind}.png"
+
+    @property
+    def gallery_dir(self) -> Path:
+        return self.derivatives / "gallery"
+
+    @property
+    def timings_jsonl(self) -> Path:
+        return self.derivatives / "timings.jsonl"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def create(self) -> "SessionLayout":
+        for folder in (self.dicom_dir, self.func_dir, self.derivatives / "motion", self.betas_dir, self.decoder_dir,
+                       self.recon_dir, self.gallery_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def free_bytes(self) -> int:
+        probe = self.root if self.root.exists() else self.root.parent
+        while not probe.exists():
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+
+    def write_json(self, path: Path, payload: dict[str, Any]) -> None:
+        """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+    def read_session(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.session_json.read_text())
+        except FileNotFoundError as exc:
+            raise SessionError(self.session_json, "no session.json: not an rt-mindeye session folder") from exc
+        except json.JSONDecodeError as exc:
+            raise SessionError(self.session_json, f"invalid JSON at line {exc.lineno}") from exc
