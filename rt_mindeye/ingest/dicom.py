@@ -2,6 +2,7 @@
 
 * :func:`check_complete` - is this file a complete DICOM image yet? (cheap: parses the header, never the pixels)
 * :func:`read_volume` - one file -> one volume: Siemens mosaic, Enhanced (multi-frame) MR, or a single slice.
+* :func:`read_volumes` - one file -> all its volumes (an Enhanced MR file may hold a whole run).
 * :func:`read_series` - many files -> volumes: groups single-slice files (GE, Philips, Siemens non-mosaic) into
   volumes by their position along the slice normal; mosaic and multi-frame files pass through one volume each.
 
@@ -20,9 +21,9 @@ A factory picks the reader as nibabel's ``wrapper_from_data`` does: first by SOP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from rt_mindeye.errors import DicomReadError, IncompleteVolumeError, UnsupportedDicomError
+from rt_mindeye.errors import DicomReadError, IncompleteVolumeError, RtMindEyeError, UnsupportedDicomError
 from rt_mindeye.ingest import csa as csa_module
 from rt_mindeye.ingest.csa import CsaReadError
 from rt_mindeye.ingest.dicomfile import (
@@ -46,6 +47,7 @@ __all__ = [
     "read_dicom",
     "read_series",
     "read_volume",
+    "read_volumes",
     "volume_kind",
 ]
 
@@ -83,12 +85,26 @@ def read_volume(path: str | Path) -> Volume:
     return read_dicom(open_dicom(path, with_pixels=True))
 
 
-def read_series(paths: Iterable[str | Path]) -> list[Volume]:
+def read_volumes(path: str | Path) -> list[Volume]:
+    """Every volume in one file: one for mosaics and slices, one per time point for multi-volume Enhanced MR."""
+    from rt_mindeye.ingest import multiframe
+
+    dicom = open_dicom(path, with_pixels=True)
+    if volume_kind(dicom) == "multiframe":
+        return multiframe.read_multiframe_volumes(dicom)
+    return [read_dicom(dicom)]
+
+
+def read_series(
+    paths: Iterable[str | Path], on_error: Callable[[Path, RtMindEyeError], None] | None = None
+) -> list[Volume]:
     """Volumes from many files, in acquisition order; single-slice files are stacked into volumes.
 
     Files of different series (SeriesInstanceUID, else SeriesNumber) are kept apart; the result is ordered by
-    series number, then volume number. See :func:`rt_mindeye.ingest.slices.stack_slices` for the stacking rule.
+    series number, then volume number. See :mod:`rt_mindeye.ingest.slices` for the stacking rule. A multi-frame
+    volume with fewer slices than the rest of its series raises :class:`ShortVolumeError`. With ``on_error``, bad
+    files are reported to it and skipped instead of raising.
     """
     from rt_mindeye.ingest import slices
 
-    return slices.read_series(paths)
+    return slices.read_series(paths, on_error)

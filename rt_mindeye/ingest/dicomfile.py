@@ -152,8 +152,12 @@ def _parse_header(fp, path: Path, file_bytes: int) -> pydicom.Dataset:
     head = fp.read(144)
     has_marker = head[128:132] == b"DICM"
     if file_bytes < 132:
-        if file_bytes == 0 or not head.strip(b"\0") or b"DICM".startswith(head[128:]):
+        # The preamble may hold anything, but scanners write zeros: a short all-zero file (or zeros followed by the
+        # start of "DICM") is one being written; short text or binary is not DICOM.
+        preamble_so_far = not head[:128].strip(b"\0")
+        if preamble_so_far and (file_bytes <= 128 or b"DICM".startswith(head[128:])):
             raise TruncatedFileError(path, "file ends inside the 128-byte preamble", file_bytes)
+        raise DicomReadError(path, f"not a DICOM file (only {file_bytes} bytes, no 'DICM' marker)")
     if has_marker and len(head) >= 144 and head[132:136] == b"\x02\x00\x00\x00":
         # (0002,0000) group length: the meta header must fit in the file before anything else can be parsed.
         meta_end = 144 + struct.unpack_from("<I", head, 140)[0]

@@ -1,11 +1,217 @@
-"""Enhanced (multi-frame) MR: one file per volume, geometry per frame (Siemens XA real-time export)."""
+"""Enhanced (multi-frame) MR: one file per volume with geometry per frame (Siemens XA real-time export).
+
+Each frame is one slice. Its attributes live in functional groups: first the frame's own item of
+``PerFrameFunctionalGroupsSequence``, else the single item of ``SharedFunctionalGroupsSequence``:
+
+* ``PlanePositionSequence[0].ImagePositionPatient`` and ``PlaneOrientationSequence[0].ImageOrientationPatient``;
+* ``PixelMeasuresSequence[0]``: PixelSpacing, SliceThickness, SpacingBetweenSlices;
+* ``PixelValueTransformationSequence[0]``: RescaleSlope / RescaleIntercept (per frame where they vary);
+* ``FrameContentSequence[0]``: FrameAcquisitionDateTime (else FrameReferenceDateTime) -> slice times.
+
+Frames are sorted by their position along the slice normal (``row_cosine x column_cosine``); a location that occurs
+``T`` times means the file holds ``T`` volumes (ordered by TemporalPositionIndex, then frame time, then frame
+number). A volume with fewer slices than the protocol's ``sSliceArray.lSize`` (Siemens ASCCONV, in the
+``SIEMENS MR SDS 01`` private block) is the short last volume of an interrupted run: :class:`ShortVolumeError`.
+"""
 
 from __future__ import annotations
 
-from rt_mindeye.errors import UnsupportedDicomError
-from rt_mindeye.ingest.dicomfile import DicomFile
+import re
+
+import numpy as np
+
+from rt_mindeye.errors import DicomReadError, UnsupportedDicomError
+from rt_mindeye.ingest import csa as csa_module
+from rt_mindeye.ingest import geometry
+from rt_mindeye.ingest.dicomfile import DicomFile, ShortVolumeError, read_pixels
+from rt_mindeye.ingest.headers import (
+    datetime_seconds,
+    header_fields,
+    integer,
+    number,
+    numbers,
+    volume_identity,
+)
 from rt_mindeye.volume import Volume
+
+POSITION_TOLERANCE_MM = 0.01
+SPACING_TOLERANCE_MM = 0.01
+_SLICE_COUNT = re.compile(rb"sSliceArray\.lSize\s*=\s*(\d+)")
+
+
+class _Groups:
+    """Per-frame-then-shared lookup of functional group attributes."""
+
+    def __init__(self, dicom: DicomFile):
+        ds = dicom.dataset
+        self.path = dicom.path
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        self.shared = shared[0] if shared else None
+        self.per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+
+    def item(self, frame: int, sequence: str):
+        """The first item of ``sequence`` for ``frame`` (per-frame first, then shared), or None."""
+        if frame < len(self.per_frame):
+            found = self.per_frame[frame].get(sequence)
+            if found:
+                return found[0]
+        if self.shared is not None:
+            found = self.shared.get(sequence)
+            if found:
+                return found[0]
+        return None
+
+    def numbers(self, frame: int, sequence: str, keyword: str, count: int) -> np.ndarray:
+        item = self.item(frame, sequence)
+        if item is None:
+            raise DicomReadError(self.path, f"frame {frame + 1} has no {sequence}", keyword)
+        return numbers(item, keyword, count, self.path)
+
+
+def expected_slices(dicom: DicomFile) -> int | None:
+    """``sSliceArray.lSize`` of the Siemens protocol (ASCCONV text) in the file, if present."""
+    ds = dicom.dataset
+    candidates = [csa_module.private_element(ds, 0x0021, "SIEMENS MR SDS 01", 0x19)]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        candidates.append(csa_module.private_element(shared[0], 0x0021, "SIEMENS MR SDS 01", 0x19))
+    for element in candidates:
+        if element is None or element.value is None:
+            continue
+        value = element.value
+        text = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
+        match = _SLICE_COUNT.search(text)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def read_multiframe_volumes(dicom: DicomFile) -> list[Volume]:
+    """Every volume in an Enhanced MR file, in temporal order."""
+    ds, path = dicom.dataset, dicom.path
+    n_frames = integer(ds, "NumberOfFrames", 1) or 1
+    groups = _Groups(dicom)
+    if groups.per_frame and len(groups.per_frame) != n_frames:
+        raise DicomReadError(
+            path, f"{len(groups.per_frame)} per-frame groups for {n_frames} frames", "PerFrameFunctionalGroupsSequence"
+        )
+    orientation = groups.numbers(0, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
+    if not geometry.orientation_is_valid(orientation):
+        raise DicomReadError(path, f"direction cosines are not orthonormal: {orientation}", "ImageOrientationPatient")
+    pixel_spacing = groups.numbers(0, "PixelMeasuresSequence", "PixelSpacing", 2)
+    normal = geometry.slice_normal_from_orientation(orientation)
+    positions = np.empty((n_frames, 3))
+    for frame in range(n_frames):
+        positions[frame] = groups.numbers(frame, "PlanePositionSequence", "ImagePositionPatient", 3)
+        if frame and not np.allclose(
+            groups.numbers(frame, "PlaneOrientationSequence", "ImageOrientationPatient", 6), orientation, atol=1e-4
+        ):
+            raise UnsupportedDicomError(path, f"frame {frame + 1} has another orientation", "ImageOrientationPatient")
+    frame_times = np.array([_frame_time(groups, frame) for frame in range(n_frames)], dtype=np.float64)
+    temporal = np.array([_temporal_index(groups, frame) for frame in range(n_frames)])
+
+    distances = positions @ normal
+    order = np.lexsort((np.arange(n_frames), np.nan_to_num(frame_times), temporal, np.round(distances, 2)))
+    locations: list[list[int]] = []
+    for frame in order:
+        if locations and abs(distances[frame] - distances[locations[-1][0]]) < POSITION_TOLERANCE_MM:
+            locations[-1].append(int(frame))
+        else:
+            locations.append([int(frame)])
+    counts = sorted({len(members) for members in locations})
+    if len(counts) != 1:
+        raise DicomReadError(path, f"slice locations occur unequally often ({counts})", "PlanePositionSequence")
+    n_volumes, n_slices = counts[0], len(locations)
+    protocol_slices = expected_slices(dicom)
+    if protocol_slices is not None and n_slices < protocol_slices:
+        raise ShortVolumeError(path, protocol_slices, n_slices)
+
+    location_distances = np.array([distances[members[0]] for members in locations])
+    if n_slices > 1:
+        gaps = np.diff(location_distances)
+        if np.ptp(gaps) > SPACING_TOLERANCE_MM:
+            raise DicomReadError(
+                path, f"unequal slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm)", "PlanePositionSequence"
+            )
+        spacing = float(gaps.mean())
+    else:
+        measures = groups.item(0, "PixelMeasuresSequence")
+        spacing = (number(measures, "SpacingBetweenSlices", path) or number(measures, "SliceThickness", path)) or 1.0
+
+    pixels = read_pixels(dicom)
+    identity = volume_identity(ds, path)
+    volumes = []
+    for t in range(n_volumes):
+        frames = [members[t] for members in locations]
+        stacked = np.empty((n_slices,) + pixels.shape[1:], dtype=np.float32)
+        stacked[...] = pixels[frames]
+        for k, frame in enumerate(frames):
+            slope, intercept = _rescale(groups, frame, ds)
+            if slope != 1.0:
+                stacked[k] *= np.float32(slope)
+            if intercept != 0.0:
+                stacked[k] += np.float32(intercept)
+        times = frame_times[frames]
+        slice_times = None
+        if n_slices > 1 and np.all(np.isfinite(times)) and np.ptp(times) > 0:
+            slice_times = times - times.min()
+        acquisition_time = identity.acquisition_time
+        if n_volumes > 1 or acquisition_time is None:
+            acquisition_time = float(np.nanmin(times)) if np.any(np.isfinite(times)) else acquisition_time
+        first = frames[0]
+        volumes.append(
+            Volume(
+                data=stacked.T,  # [column, row, slice], Fortran-ordered like the other readers
+                affine=geometry.ras_affine(positions[first], orientation, pixel_spacing, normal, spacing),
+                series=identity.series,
+                volume=identity.volume if n_volumes == 1 else int(temporal[first]) or t + 1,
+                tr=identity.tr,
+                acquisition_time=acquisition_time,
+                slice_times=slice_times,
+                sop_instance_uid=identity.sop_instance_uid if n_volumes == 1 else f"{identity.sop_instance_uid}#{t + 1}",
+                source=path,
+                header=header_fields(ds, {"layout": "multiframe", "frames": n_frames}),
+            )
+        )
+    return volumes
 
 
 def read_multiframe(dicom: DicomFile) -> Volume:
-    raise UnsupportedDicomError(dicom.path, "Enhanced multi-frame reading is not implemented yet", "SOPClassUID")
+    """The single volume of an Enhanced MR file (the Siemens XA real-time export writes one per file)."""
+    volumes = read_multiframe_volumes(dicom)
+    if len(volumes) != 1:
+        raise UnsupportedDicomError(
+            dicom.path, f"file holds {len(volumes)} volumes; use read_volumes() for multi-volume files", "NumberOfFrames"
+        )
+    return volumes[0]
+
+
+def _frame_time(groups: _Groups, frame: int) -> float:
+    content = groups.item(frame, "FrameContentSequence")
+    if content is None:
+        return np.nan
+    for keyword in ("FrameAcquisitionDateTime", "FrameReferenceDateTime"):
+        value = content.get(keyword)
+        if value:
+            try:
+                seconds = datetime_seconds(str(value))
+            except ValueError:
+                raise DicomReadError(groups.path, f"frame {frame + 1}: not a DICOM date-time: {value!r}", keyword)
+            if seconds is not None:
+                return seconds
+    return np.nan
+
+
+def _temporal_index(groups: _Groups, frame: int) -> int:
+    content = groups.item(frame, "FrameContentSequence")
+    if content is None:
+        return 0
+    return integer(content, "TemporalPositionIndex", 0) or 0
+
+
+def _rescale(groups: _Groups, frame: int, dataset) -> tuple[float, float]:
+    transform = groups.item(frame, "PixelValueTransformationSequence")
+    source = transform if transform is not None else dataset
+    slope = number(source, "RescaleSlope", groups.path, 1.0)
+    intercept = number(source, "RescaleIntercept", groups.path, 0.0)
+    return slope, intercept

@@ -21,13 +21,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from rt_mindeye.errors import DicomReadError, UnsupportedDicomError
+from rt_mindeye.errors import DicomReadError, RtMindEyeError, UnsupportedDicomError
 from rt_mindeye.ingest import geometry
-from rt_mindeye.ingest.dicomfile import DicomFile, open_dicom, read_pixels
+from rt_mindeye.ingest.dicomfile import DicomFile, ShortVolumeError, open_dicom, pixel_dtype, read_pixels
 from rt_mindeye.ingest.headers import (
     acquisition_seconds,
     header_fields,
@@ -195,18 +195,41 @@ def stack_slices(files: list[DicomFile]) -> list[Volume]:
     return volumes
 
 
-def read_series(paths: Iterable[str | Path]) -> list[Volume]:
-    """Volumes from many files; see the module docstring. Ordered by series number, then volume number."""
+def read_series(
+    paths: Iterable[str | Path], on_error: Callable[[Path, RtMindEyeError], None] | None = None
+) -> list[Volume]:
+    """Volumes from many files; see the module docstring. Ordered by series number, then volume number.
+
+    Without ``on_error`` the first bad file raises. With it, each file that raises an
+    :class:`~rt_mindeye.errors.RtMindEyeError` (incomplete, unsupported, short volume, ...) is passed to
+    ``on_error(path, error)`` and left out, and the rest is still read.
+    """
     from rt_mindeye.ingest.dicom import read_dicom, volume_kind
+    from rt_mindeye.ingest.multiframe import read_multiframe_volumes
+
+    def fail(path: Path, error: RtMindEyeError) -> None:
+        if on_error is None:
+            raise error
+        on_error(path, error)
 
     volumes: list[Volume] = []
     groups: dict[tuple, list[DicomFile]] = defaultdict(list)
     for path in paths:
-        dicom = open_dicom(path, with_pixels=True)
-        if volume_kind(dicom) != "slice":
-            volumes.append(read_dicom(dicom))
+        path = Path(path)
+        try:
+            dicom = open_dicom(path, with_pixels=True)
+            kind = volume_kind(dicom)
+            if kind == "multiframe":
+                volumes.extend(read_multiframe_volumes(dicom))
+                continue
+            if kind == "mosaic":
+                volumes.append(read_dicom(dicom))
+                continue
+            geo = slice_geometry(dicom)
+            pixel_dtype(dicom)  # unsupported pixel formats fail here, per file, not later in the stack
+        except RtMindEyeError as error:
+            fail(path, error)
             continue
-        geo = slice_geometry(dicom)
         key = (
             _series_key(dicom),
             tuple(np.round(geo.orientation, 4)),
@@ -215,6 +238,33 @@ def read_series(paths: Iterable[str | Path]) -> list[Volume]:
         )
         groups[key].append(dicom)
     for files in groups.values():
-        volumes.extend(stack_slices(files))
+        try:
+            volumes.extend(stack_slices(files))
+        except RtMindEyeError as error:
+            fail(files[0].path, error)
+    for short in _short_volumes(volumes):
+        fail(short.source, ShortVolumeError(short.source, short.expected_slices, short.got_slices))
+        volumes = [volume for volume in volumes if volume is not short.volume]
     volumes.sort(key=lambda v: (v.series, v.volume, v.acquisition_time or 0.0))
     return volumes
+
+
+@dataclass(frozen=True, eq=False)
+class _Short:
+    volume: Volume
+    source: Path
+    expected_slices: int
+    got_slices: int
+
+
+def _short_volumes(volumes: list[Volume]) -> list[_Short]:
+    """Multi-frame volumes with fewer slices than the rest of their series: an interrupted run's last volume."""
+    most_slices: dict[int, int] = defaultdict(int)
+    for volume in volumes:
+        if volume.header.get("layout") == "multiframe":
+            most_slices[volume.series] = max(most_slices[volume.series], volume.shape[2])
+    return [
+        _Short(volume, volume.source, most_slices[volume.series], volume.shape[2])
+        for volume in volumes
+        if volume.header.get("layout") == "multiframe" and volume.shape[2] < most_slices[volume.series]
+    ]

@@ -66,7 +66,7 @@ def test_every_cut_is_incomplete_or_a_read_error(siemens_export_dir, tmp_path):
 def test_header_cuts_are_retryable_incomplete(siemens_export_dir, tmp_path):
     raw = (siemens_export_dir / REAL).read_bytes()
     partial = tmp_path / "partial.dcm"
-    for cut in (0, 64, 131, 140, 500, 5000, 100_000):
+    for cut in (0, 64, 128, 131, 140, 500, 5000, 100_000):
         partial.write_bytes(raw[:cut])
         with pytest.raises(TruncatedFileError) as info:
             check_complete(partial)
@@ -85,6 +85,14 @@ def test_file_growing_to_completion_becomes_readable(siemens_export_dir, tmp_pat
                 with pytest.raises(IncompleteVolumeError):
                     read_volume(growing)
     assert read_volume(growing).shape == (64, 64, 27)
+
+
+def test_short_text_file_is_not_dicom_not_incomplete(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("hello")
+    with pytest.raises(DicomReadError, match="not a DICOM") as info:
+        check_complete(short)
+    assert not isinstance(info.value, IncompleteVolumeError)
 
 
 def test_not_dicom(tmp_path):
