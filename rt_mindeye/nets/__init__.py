@@ -1,0 +1,5 @@
+"""Pretrained networks shared by several stages (image embedders for the phantom, metrics, models)."""
+
+from rt_mindeye.nets.efficientnet_lite0 import EfficientNetLite0, load_efficientnet_lite0
+
+__all__ = ["EfficientNetLite0", "load_efficientnet_lite0"]
