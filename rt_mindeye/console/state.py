@@ -1,0 +1,271 @@
+"""The console's state: an immutable snapshot, advanced by pure functions from incoming messages.
+
+``apply(state, message, now)`` returns a new :class:`ConsoleState`; nothing is mutated, so the view builders and
+rich's refresh thread can read a snapshot while the next one is being made (STYLE §6). All times are POSIX seconds;
+every latency is measured from the acquisition time of the volume (or, for a trial, of the last volume its estimate
+used), never from the moment a file was noticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from rt_mindeye.console.config import FIRMM_THRESHOLDS_MM
+from rt_mindeye.transport.channel import PeerEvent
+from rt_mindeye.transport.messages import (
+    DecodeResult, Heartbeat, Message, RunTrigger, StimulusEvent, TrialBetas, VolumeStatus,
+)
+
+__all__ = [
+    "ConsoleState", "TrialRow", "PeerStatus", "Retrieved", "apply", "apply_event", "tick", "latency_summary",
+    "LATENCY_STAGES",
+]
+
+#: Latency stages, each measured from acquisition: name -> what it is.
+LATENCY_STAGES = {
+    "received": "volume complete on the scanner host",
+    "volume": "volume processed (motion, GLM update)",
+    "betas": "trial estimate sent to the decoder",
+    "decoder": "trial estimate received by the decoder",
+    "retrieval": "top-k retrieval done",
+    "reconstruction": "reconstruction done",
+    "console": "result shown on the console",
+}
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    id: int
+    score: float
+    label: str
+    image: str = ""
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    run: int
+    trial: int
+    trial_type: str = ""
+    estimate_kind: str = ""
+    estimate_version: int = 0
+    stim_file: str | None = None
+    onset: float | None = None
+    topk: tuple[Retrieved, ...] = ()
+    reconstruction_path: str | None = None
+    thumbnail_path: str | None = None
+    policy_decision: str = ""
+    retrieval_latency_s: float | None = None
+    reconstruction_latency_s: float | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.run, self.trial)
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    name: str
+    alive: bool
+    state: str = ""
+    last_seen: float = 0.0
+    instance: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """Everything the screen shows; build a new one with :func:`apply`, never mutate."""
+
+    session: str = ""
+    run: int | None = None
+    volumes_in_run: int = 0
+    last_volume: int | None = None
+    volumes_total: int = 0
+    gaps: tuple[tuple[int, int], ...] = ()  # (run, missing volume)
+    fd: tuple[float, ...] = ()  # this run, most recent last, at most fd_window
+    fd_over: tuple[int, ...] = (0, 0, 0)  # this run: volumes above each threshold
+    fd_thresholds: tuple[float, ...] = FIRMM_THRESHOLDS_MM
+    motion: tuple[float, ...] = ()
+    latencies: tuple[tuple[str, tuple[float, ...]], ...] = ()  # stage -> recent seconds from acquisition
+    stage_ms: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-stage durations (ms) reported by services
+    trials: tuple[TrialRow, ...] = ()
+    peers: tuple[PeerStatus, ...] = ()
+    recon_policy: str = ""
+    recon_backlog: int = 0
+    recon_skipped: int = 0
+    stimulus_events: int = 0
+    last_stimulus: str = ""
+    updated_at: float = 0.0
+    fd_window: int = 120
+    latency_window: int = 200
+
+    def latency(self, stage: str) -> tuple[float, ...]:
+        return dict(self.latencies).get(stage, ())
+
+    def trial(self, run: int, trial: int) -> TrialRow | None:
+        for row in self.trials:
+            if row.key == (run, trial):
+                return row
+        return None
+
+
+# --- pure updates --------------------------------------------------------------------------------------------------
+
+
+def _push(series: tuple[tuple[str, tuple[float, ...]], ...], name: str, value: float | None,
+          window: int) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    if value is None or not math.isfinite(value):
+        return series
+    table = dict(series)
+    table[name] = (table.get(name, ()) + (float(value),))[-window:]
+    return tuple(table.items())
+
+
+def _since(t: float | None, acquisition_time: float) -> float | None:
+    return None if t is None else t - acquisition_time
+
+
+def _upsert_peer(peers: tuple[PeerStatus, ...], name: str, **changes) -> tuple[PeerStatus, ...]:
+    out = []
+    found = False
+    for peer in peers:
+        if peer.name == name:
+            peer = dataclasses.replace(peer, **changes)
+            found = True
+        out.append(peer)
+    if not found:
+        out.append(PeerStatus(name=name, **{"alive": True, **changes}))
+    return tuple(sorted(out, key=lambda p: p.name))
+
+
+def apply(state: ConsoleState, msg: Message, now: float, *, source: str | None = None,
+          thumbnail_path: str | None = None) -> ConsoleState:
+    """The state after ``msg`` arrived at ``now``. ``source`` names the publisher (for liveness)."""
+    state = dataclasses.replace(state, updated_at=now, session=msg.session or state.session)
+    if isinstance(msg, VolumeStatus):
+        return _apply_volume(state, msg)
+    if isinstance(msg, DecodeResult):
+        return _apply_result(state, msg, now, thumbnail_path)
+    if isinstance(msg, TrialBetas):
+        row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
+        row = dataclasses.replace(row, trial_type=msg.trial_type, estimate_kind=msg.estimate_kind,
+                                  estimate_version=msg.estimate_version, stim_file=msg.stim_file or row.stim_file,
+                                  onset=msg.onset)
+        state = _put_trial(state, row)
+        return dataclasses.replace(state, latencies=_push(state.latencies, "betas",
+                                                          msg.created_at - msg.acquisition_time,
+                                                          state.latency_window))
+    if isinstance(msg, Heartbeat):
+        name = source or msg.service
+        return dataclasses.replace(state, peers=_upsert_peer(state.peers, name, alive=True, state=msg.state,
+                                                             last_seen=now, instance=msg.instance,
+                                                             detail=msg.detail))
+    if isinstance(msg, StimulusEvent):
+        row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
+        row = dataclasses.replace(row, trial_type=row.trial_type or msg.trial_type,
+                                  stim_file=row.stim_file or msg.stim_file or None, onset=msg.onset)
+        state = _put_trial(state, row)
+        return dataclasses.replace(state, stimulus_events=state.stimulus_events + 1,
+                                   last_stimulus=f"run {msg.run} trial {msg.trial} {msg.trial_type} "
+                                                 f"@{msg.onset:.2f}s")
+    if isinstance(msg, RunTrigger):
+        return dataclasses.replace(state, last_stimulus=f"trigger run {msg.run}")
+    return state
+
+
+def _apply_volume(state: ConsoleState, msg: VolumeStatus) -> ConsoleState:
+    if state.run != msg.run:  # a new run: per-run counters start over
+        state = dataclasses.replace(state, run=msg.run, volumes_in_run=0, last_volume=None, fd=(),
+                                    fd_over=tuple(0 for _ in state.fd_thresholds), motion=())
+    missing = set(msg.missing)
+    if state.last_volume is not None and msg.volume > state.last_volume + 1:
+        missing.update(range(state.last_volume + 1, msg.volume))
+    known = set(state.gaps)
+    gaps = state.gaps + tuple((msg.run, v) for v in sorted(missing) if (msg.run, v) not in known)
+    fd_over = state.fd_over
+    fd = state.fd
+    if math.isfinite(msg.fd):
+        fd = (fd + (msg.fd,))[-state.fd_window:]
+        fd_over = tuple(n + (msg.fd > t) for n, t in zip(state.fd_over, state.fd_thresholds))
+    latencies = _push(state.latencies, "received", msg.received_at - msg.acquisition_time, state.latency_window)
+    latencies = _push(latencies, "volume", msg.created_at - msg.acquisition_time, state.latency_window)
+    stage_ms = state.stage_ms
+    for name, ms in msg.stage_ms.items():
+        stage_ms = _push(stage_ms, name, ms, state.latency_window)
+    last = msg.volume if state.last_volume is None else max(state.last_volume, msg.volume)
+    return dataclasses.replace(state, volumes_in_run=state.volumes_in_run + 1, last_volume=last,
+                               volumes_total=state.volumes_total + 1, gaps=gaps, fd=fd, fd_over=fd_over,
+                               motion=msg.motion, latencies=latencies, stage_ms=stage_ms)
+
+
+def _put_trial(state: ConsoleState, row: TrialRow) -> ConsoleState:
+    rows = [r for r in state.trials if r.key != row.key]
+    rows.append(row)
+    rows.sort(key=lambda r: r.key)
+    return dataclasses.replace(state, trials=tuple(rows))
+
+
+def _apply_result(state: ConsoleState, msg: DecodeResult, now: float, thumbnail_path: str | None) -> ConsoleState:
+    row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
+    topk = tuple(Retrieved(int(i), float(s), str(label), msg.topk_images[n] if msg.topk_images else "")
+                 for n, (i, s, label) in enumerate(zip(msg.topk_ids, msg.topk_scores, msg.topk_labels)))
+    acq = msg.acquisition_time
+    changes = dict(trial_type=msg.trial_type or row.trial_type, estimate_kind=msg.estimate_kind,
+                   estimate_version=msg.estimate_version, stim_file=msg.stim_file or row.stim_file,
+                   policy_decision=msg.policy_decision)
+    if topk:
+        if not msg.topk_images and [r.id for r in row.topk] == [r.id for r in topk]:
+            topk = tuple(dataclasses.replace(new, image=old.image) for new, old in zip(topk, row.topk))
+        changes["topk"] = topk
+    if msg.retrieval_done_at is not None:
+        changes["retrieval_latency_s"] = msg.retrieval_done_at - acq
+    if msg.reconstruction_path is not None:
+        changes["reconstruction_path"] = msg.reconstruction_path
+    if msg.reconstruction_done_at is not None:
+        changes["reconstruction_latency_s"] = msg.reconstruction_done_at - acq
+    if thumbnail_path is not None:
+        changes["thumbnail_path"] = thumbnail_path
+    state = _put_trial(state, dataclasses.replace(row, **changes))
+    window = state.latency_window
+    latencies = state.latencies
+    latencies = _push(latencies, "betas", _since(msg.betas_sent_at, acq), window)
+    latencies = _push(latencies, "decoder", _since(msg.received_at, acq), window)
+    latencies = _push(latencies, "retrieval", _since(msg.retrieval_done_at, acq), window)
+    latencies = _push(latencies, "reconstruction", _since(msg.reconstruction_done_at, acq), window)
+    latencies = _push(latencies, "console", now - acq, window)
+    stage_ms = state.stage_ms
+    for name, ms in msg.stage_ms.items():
+        stage_ms = _push(stage_ms, name, ms, window)
+    skipped = state.recon_skipped + (msg.policy_decision == "skipped")
+    return dataclasses.replace(state, latencies=latencies, stage_ms=stage_ms, recon_policy=msg.policy,
+                               recon_backlog=msg.backlog, recon_skipped=skipped)
+
+
+def apply_event(state: ConsoleState, event: PeerEvent) -> ConsoleState:
+    """A peer came alive or was declared dead."""
+    return dataclasses.replace(state, peers=_upsert_peer(state.peers, event.peer, alive=event.alive,
+                                                         **({"last_seen": event.at} if event.alive else {})),
+                               updated_at=max(state.updated_at, event.at))
+
+
+def tick(state: ConsoleState, now: float, dead_after_s: float) -> ConsoleState:
+    """Mark peers silent for more than ``dead_after_s`` dead (also covers a console that lost its subscription)."""
+    if not any(p.alive and now - p.last_seen > dead_after_s for p in state.peers):
+        return state
+    peers = tuple(dataclasses.replace(p, alive=False) if p.alive and now - p.last_seen > dead_after_s else p
+                  for p in state.peers)
+    return dataclasses.replace(state, peers=peers)
+
+
+def latency_summary(samples: Iterable[float]) -> tuple[float, float, int] | None:
+    """(p50, p99, n) of latency samples in seconds, or None without samples."""
+    values = np.asarray(tuple(samples), dtype=np.float64)
+    if values.size == 0:
+        return None
+    p50, p99 = np.percentile(values, [50, 99])
+    return float(p50), float(p99), int(values.size)
