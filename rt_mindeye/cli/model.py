@@ -1,7 +1,229 @@
-"""Sub-commands of `rt-mindeye` (model)."""
+"""Sub-commands of `rt-mindeye` for the model: ``model check``, ``pretrain`` and ``finetune``.
+
+    rt-mindeye model check CHECKPOINT [--new-subject-voxels N]
+    rt-mindeye pretrain --out DIR [--preset tiny] (--phantom-subjects 1 2 3 | --data a.npz b.npz) [--config X.yaml]
+    rt-mindeye finetune CHECKPOINT --out DIR (--phantom-subject 9 | --data new.npz) [--budget-min 3] [--config X.yaml]
+
+Training writes ``DIR/last.pth`` (MindEyeV2's container layout, resumable with ``--resume``) and ``DIR/train_log.json``.
+Training settings come from the ``train:`` section of ``--config`` (see :class:`~rt_mindeye.model.train.TrainConfig`)
+and architecture overrides from its ``model:`` section; command-line flags override both.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from rt_mindeye.config import read_yaml
+from rt_mindeye.errors import ConfigError
+
+CHECKPOINT_NAME = "last.pth"
+LOG_NAME = "train_log.json"
+
 
 def register(subparsers) -> None:
-    """Add this module's sub-commands (none yet)."""
+    model = subparsers.add_parser("model", help="inspect MindEye2 checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", metavar="COMMAND")
+    check = model_sub.add_parser("check", help="infer a checkpoint's configuration and check every key and shape")
+    check.add_argument("checkpoint", type=Path)
+    check.add_argument("--new-subject-voxels", type=int, default=None,
+                       help="check it as the starting point of a new subject with this many voxels "
+                            "(old ridge heads dropped)")
+    check.add_argument("--json", action="store_true", help="print the configuration as JSON instead of tables")
+    check.set_defaults(func=run_check)
+    model.set_defaults(func=lambda args: (model.print_help(), 1)[1])
+
+    pre = subparsers.add_parser("pretrain", help="train the shared model across several subjects")
+    _common_training_args(pre)
+    pre.add_argument("--preset", default="tiny", choices=("tiny", "light", "full"), help="model size")
+    source = pre.add_mutually_exclusive_group(required=True)
+    source.add_argument("--phantom-subjects", type=int, nargs="+", help="simulate these phantom subjects")
+    source.add_argument("--data", type=Path, nargs="+", help="one .npz per subject (voxels, image_tokens, ...)")
+    pre.set_defaults(func=run_pretrain)
+
+    fine = subparsers.add_parser("finetune", help="fit a new subject from a pretrained checkpoint")
+    fine.add_argument("checkpoint", type=Path, help="pretrained MindEye2 checkpoint (published or rt-mindeye's)")
+    _common_training_args(fine)
+    source = fine.add_mutually_exclusive_group(required=True)
+    source.add_argument("--phantom-subject", type=int, help="simulate this phantom subject; use its calibration runs")
+    source.add_argument("--data", type=Path, help=".npz of the new subject's calibration trials")
+    fine.add_argument("--budget-min", type=float, default=None, help="plan epochs to finish within this many minutes")
+    fine.set_defaults(func=run_finetune)
+
+
+def _common_training_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output folder (last.pth, train_log.json)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML with 'train:' and 'model:' sections")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--phantom-preset", default="small", help="phantom preset for simulated subjects")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# -- model check -----------------------------------------------------------------------------------------------------
+
+
+def run_check(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rt_mindeye.convert.mindeye2 import check_checkpoint
+
+    report = check_checkpoint(args.checkpoint, new_subject_voxels=args.new_subject_voxels)
+    console = Console()
+    if args.json:
+        console.print_json(json.dumps({"config": report.config.to_dict(), "parameters": report.parameters,
+                                       "dtypes": report.dtypes}))
+        return 0
+    config = Table(title=f"{report.path.name}: inferred configuration", show_header=True)
+    config.add_column("setting")
+    config.add_column("value")
+    for key, value in report.config.to_dict().items():
+        if key == "subject_voxels":
+            value = f"{len(value)} subject(s): {', '.join(str(v) for v in value)} voxels"
+        config.add_row(key, str(value))
+    console.print(config)
+    parts = Table(title="parameters per part")
+    for column in ("part", "keys", "parameters (unique)", "numbers stored"):
+        parts.add_column(column, justify="right" if column != "part" else "left")
+    for part, count in report.parameters.items():
+        if part == "total":
+            continue
+        parts.add_row(part, str(report.keys.get(part, 0)), f"{count:,}", f"{report.stored.get(part, 0):,}")
+    parts.add_row("[bold]total", str(sum(report.keys.values())), f"[bold]{report.parameters['total']:,}",
+                  f"{sum(report.stored.values()):,}")
+    console.print(parts)
+    console.print(f"dtypes: {', '.join(f'{k} x{v}' for k, v in report.dtypes.items())}; "
+                  f"container entries: {', '.join(report.container_keys) or '(bare state dict)'}")
+    if report.placeholders:
+        console.print(f"[yellow]non-tensor objects not loaded (placeholders): {', '.join(report.placeholders)}")
+    if args.new_subject_voxels is not None:
+        console.print(f"fits as a starting point for a new subject of {args.new_subject_voxels} voxels "
+                      "(old ridge heads dropped, a new one initialised)")
+    console.print("[green]OK: every key and shape fits")
+    return 0
+
+
+# -- training --------------------------------------------------------------------------------------------------------
+
+
+def _train_config(args, defaults: dict | None = None):
+    from rt_mindeye.model.train import TrainConfig
+
+    data = dict(defaults or {})
+    model_overrides: dict = {}
+    if args.config is not None:
+        yaml = read_yaml(args.config)
+        unknown = set(yaml) - {"train", "model"}
+        if unknown:
+            raise ConfigError(args.config, sorted(unknown)[0], "unknown section (known: model, train)")
+        data.update(yaml.get("train") or {})
+        model_overrides = dict(yaml.get("model") or {})
+    for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("seed", "seed"), ("device", "device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            data[key] = value
+    if getattr(args, "budget_min", None) is not None:
+        data["time_budget_min"] = args.budget_min
+    return TrainConfig.from_dict(data, source=str(args.config) if args.config else "<command line>"), model_overrides
+
+
+def _phantom_targets(preset: str, console):
+    from rt_mindeye.model.data import image_targets
+    from rt_mindeye.model.embedders import PhantomEmbedder
+    from rt_mindeye.phantom import simulate_session
+
+    console.print("computing image targets with the phantom embedder (EfficientNet-Lite0)...")
+    reference = simulate_session(preset, subject=1, seed=0)
+    return image_targets(reference.images, PhantomEmbedder())
+
+
+def _write_log(out: Path, result, extra: dict) -> None:
+    log = {"epochs": result.epochs, "steps_per_epoch": result.steps_per_epoch, "step_seconds": result.step_seconds,
+           "history": [asdict(h) for h in result.history], **extra}
+    (out / LOG_NAME).write_text(json.dumps(log, indent=2))
+
+
+def run_pretrain(args) -> int:
+    from rich.console import Console
+
+    from rt_mindeye.model.config import MindEyeConfig
+    from rt_mindeye.model.data import load_npz, phantom_subject_data
+    from rt_mindeye.model.mindeye import MindEyeModule
+    from rt_mindeye.model.train import pretrain
+
+    console = Console()
+    train_cfg, overrides = _train_config(args)
+    if args.data:
+        datasets = [load_npz(p) for p in args.data]
+    else:
+        from rt_mindeye.phantom import simulate_session
+
+        targets = _phantom_targets(args.phantom_preset, console)
+        datasets = []
+        for subject in args.phantom_subjects:
+            session = simulate_session(args.phantom_preset, subject=subject, seed=subject)
+            data, _ = phantom_subject_data(session, range(session.n_runs), targets, name=f"phantom{subject:02d}")
+            datasets.append(data)
+    seq, dim = datasets[0].image_tokens.shape[1:]
+    blurry = datasets[0].blurry_targets
+    preset_fields = dict(token_seq=int(seq), token_dim=int(dim))
+    if args.preset == "tiny":
+        preset_fields.update(_tiny_fields(int(dim), blurry, datasets[0].aux_targets))
+    preset_fields.update(overrides)
+    config = MindEyeConfig.preset(args.preset, [d.voxels.shape[1] for d in datasets],
+                                  subject_names=tuple(d.name for d in datasets), **preset_fields)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = MindEyeModule(config)
+    result = pretrain(model, datasets, train_cfg, checkpoint_path=args.out / CHECKPOINT_NAME,
+                      resume_from=(args.out / CHECKPOINT_NAME) if args.resume else None,
+                      progress=not args.no_progress, log=console.print)
+    _write_log(args.out, result, {"model": config.to_dict(), "train": train_cfg.to_dict()})
+    console.print(f"pretrained {len(datasets)} subjects for {result.epochs} epochs: {result.checkpoint}")
+    return 0
+
+
+def _tiny_fields(token_dim: int, blurry, aux) -> dict:
+    """Tiny-model sizes that fit the data: prior heads from the token width, low-level head from the targets."""
+    dim_head = 32 if token_dim % 32 == 0 else 16 if token_dim % 16 == 0 else 2
+    fields = dict(prior_dim_head=dim_head, prior_heads=max(1, token_dim // dim_head))
+    if blurry is None:
+        fields["blurry_recon"] = False
+    else:
+        fields.update(blurry_out_channels=int(blurry.shape[1]))
+        if aux is not None:
+            fields["blurry_aux_dim"] = int(aux.shape[-1])
+    return fields
+
+
+def run_finetune(args) -> int:
+    from rich.console import Console
+
+    from rt_mindeye.model.data import load_npz, phantom_subject_data
+    from rt_mindeye.model.train import finetune
+
+    console = Console()
+    train_cfg, _ = _train_config(args)
+    if args.data:
+        data = load_npz(args.data)
+    else:
+        from rt_mindeye.phantom import simulate_session
+
+        targets = _phantom_targets(args.phantom_preset, console)
+        session = simulate_session(args.phantom_preset, subject=args.phantom_subject, seed=args.phantom_subject)
+        runs = session.calibration_runs
+        data, _ = phantom_subject_data(session, runs, targets, name=f"phantom{args.phantom_subject:02d}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, result = finetune(args.checkpoint, data, train_cfg, checkpoint_path=args.out / CHECKPOINT_NAME,
+                             resume_from=(args.out / CHECKPOINT_NAME) if args.resume else None,
+                             progress=not args.no_progress, log=console.print)
+    _write_log(args.out, result, {"model": model.config.to_dict(), "train": train_cfg.to_dict(),
+                                  "pretrained": str(args.checkpoint)})
+    console.print(f"fine-tuned {data.name or 'the new subject'} ({len(data)} trials) for {result.epochs} epochs: "
+                  f"{result.checkpoint}")
+    return 0

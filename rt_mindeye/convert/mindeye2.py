@@ -468,3 +468,59 @@ def save_container(path: str | Path, model: MindEyeModule, *, epoch: int = 0, op
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+# -- inspection (``rt-mindeye model check``) ------------------------------------------------------------------------
+
+
+@dataclass
+class CheckReport:
+    """A checkpoint that fits the model: its configuration and what it holds."""
+
+    path: Path
+    config: MindEyeConfig
+    parameters: dict[str, int]  # unique parameters per part of the model this config builds
+    stored: dict[str, int]  # numbers stored per part in the file
+    keys: dict[str, int]  # state-dict keys per part
+    dtypes: dict[str, int]
+    container_keys: list[str]
+    placeholders: list[str]
+
+
+def check_checkpoint(path: str | Path, new_subject_voxels: int | None = None) -> CheckReport:
+    """Read a checkpoint (memory-mapped), infer its configuration and check every key and shape on the meta device.
+
+    Raises CheckpointKeyError naming the missing, unexpected and mis-shaped keys when the file does not fit.
+    """
+    contents = read_checkpoint(path)
+    state_dict = convert(contents.state_dict)
+    if not is_mindeye2(state_dict):
+        raise CheckpointError(contents.path, "not a MindEye2 checkpoint: probe keys "
+                                             f"{', '.join(PROBE_KEYS)} not all present")
+    stored_config = contents.container.get(CONFIG_KEY)
+    try:
+        config = MindEyeConfig.from_dict(stored_config, source=str(path)) if isinstance(stored_config, Mapping) \
+            else infer_config(state_dict)
+    except CheckpointError as exc:
+        raise _with_path(exc, contents.path) from exc
+    drop: list[str] = []
+    fresh: dict[str, tuple[int, ...]] = {}
+    if new_subject_voxels is not None:
+        drop = [k for k in state_dict if RIDGE_KEY.match(k)]
+        config = config.replace(subject_voxels=(int(new_subject_voxels),), subject_names=())
+    meta = build_model(config, "meta")
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    kept = {k: v for k, v in state_dict.items() if k not in set(drop)}
+    if new_subject_voxels is not None:
+        fresh = {k: expected[k] for k in expected if RIDGE_KEY.match(k)}
+        kept.update({k: torch.empty(shape, device="meta") for k, shape in fresh.items()})
+    check_keys(expected, kept, path=contents.path)
+    if config.use_prior:
+        _check_schedule(kept, config, contents.path)
+    keys: dict[str, int] = {}
+    for key in state_dict:
+        part = key.split(".", 1)[0]
+        keys[part] = keys.get(part, 0) + 1
+    return CheckReport(path=contents.path, config=config, parameters=meta.parameter_counts(),
+                       stored=part_numel(state_dict), keys=keys, dtypes=dtype_counts(state_dict),
+                       container_keys=sorted(contents.container), placeholders=contents.placeholders)

@@ -1,0 +1,128 @@
+"""Training data for the model: per-image targets and per-trial betas, from the phantom or from files.
+
+- :func:`image_targets`: tokens of every stimulus image (the embedder's), plus low-level targets for the blurry head:
+  the image itself shrunk to ``size`` x ``size`` in [-1, 1] (no SD-VAE needed: the tiny model predicts pixels) and,
+  for the phantom embedder, EfficientNet-Lite0 stage-5 maps pooled to 7 x 7 as the auxiliary tokens.
+- :func:`phantom_subject_data`: one phantom subject's true betas for chosen runs, z-scored with statistics from the
+  calibration runs (what the scanner side can know), joined with the image targets.
+- :func:`load_npz` / :func:`save_npz`: a plain file format for real data (``voxels``, ``image_tokens`` and optionally
+  ``blurry_targets``, ``aux_targets``), read without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rt_mindeye.errors import SessionError
+from rt_mindeye.model.embedders import ImageEmbedder, PhantomEmbedder, images_to_tensor
+from rt_mindeye.model.train import SubjectData
+
+AUX_LAYER = "stage5"
+AUX_GRID = 7
+
+
+@dataclass
+class ImageTargets:
+    tokens: torch.Tensor  # (n_images, seq, dim)
+    blurry: torch.Tensor | None  # (n_images, 3, size, size) in [-1, 1]
+    aux: torch.Tensor | None  # (n_images, grid^2, channels)
+
+
+def image_targets(images: np.ndarray, embedder: ImageEmbedder, blurry_size: int | None = 28,
+                  batch_size: int = 32) -> ImageTargets:
+    """Targets of every image (uint8 (N, H, W, 3))."""
+    pixels = images_to_tensor(images)
+    tokens = embedder.embed_batched(images, batch_size=batch_size)
+    blurry = None
+    if blurry_size:
+        blurry = F.interpolate(pixels, size=(blurry_size, blurry_size), mode="area") * 2 - 1
+    aux = None
+    if isinstance(embedder, PhantomEmbedder):
+        parts = []
+        for i in range(0, len(pixels), batch_size):
+            fmap = embedder.feature_maps(pixels[i:i + batch_size], [AUX_LAYER])[AUX_LAYER]
+            parts.append(F.adaptive_avg_pool2d(fmap, AUX_GRID).flatten(2).transpose(1, 2).float().cpu())
+        aux = torch.cat(parts)
+    return ImageTargets(tokens=tokens, blurry=blurry, aux=aux)
+
+
+def zscore_stats(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = betas.mean(axis=0)
+    sd = betas.std(axis=0)
+    return mean.astype(np.float32), np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
+
+
+def trial_arrays(session, runs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(betas (n, V), image_index (n,)) of a phantom session's trials in ``runs`` (true betas)."""
+    betas = np.concatenate([session.betas[r] for r in runs], axis=0).astype(np.float32)
+    index = np.array([t.image_index for r in runs for t in session.trials(r)], dtype=np.int64)
+    return betas, index
+
+
+def subject_data(betas: np.ndarray, image_index: np.ndarray, targets: ImageTargets,
+                 stats: tuple[np.ndarray, np.ndarray], name: str = "", keep: np.ndarray | None = None
+                 ) -> SubjectData:
+    """Z-scored betas joined with the targets of each trial's image; ``keep`` selects trials."""
+    if keep is not None:
+        betas, image_index = betas[keep], image_index[keep]
+    mean, sd = stats
+    voxels = torch.from_numpy((betas - mean) / sd)
+    index = torch.from_numpy(image_index)
+    return SubjectData(
+        voxels=voxels,
+        image_tokens=targets.tokens[index],
+        blurry_targets=targets.blurry[index] if targets.blurry is not None else None,
+        aux_targets=targets.aux[index] if targets.aux is not None else None,
+        name=name,
+    )
+
+
+def phantom_subject_data(session, runs: Sequence[int], targets: ImageTargets, name: str = "",
+                         stats_runs: Sequence[int] | None = None, exclude_images: set[int] | None = None
+                         ) -> tuple[SubjectData, np.ndarray]:
+    """One phantom subject's trials of ``runs``; returns (data, image index per kept trial).
+
+    Betas are z-scored with the mean/sd of ``stats_runs`` (default: ``runs``). ``exclude_images`` drops trials of
+    those images (to keep test images out of pretraining).
+    """
+    betas, index = trial_arrays(session, runs)
+    stats = zscore_stats(trial_arrays(session, stats_runs)[0] if stats_runs is not None else betas)
+    keep = None
+    if exclude_images:
+        keep = ~np.isin(index, np.array(sorted(exclude_images), dtype=np.int64))
+    data = subject_data(betas, index, targets, stats, name=name, keep=keep)
+    return data, (index[keep] if keep is not None else index)
+
+
+NPZ_FIELDS = ("voxels", "image_tokens", "blurry_targets", "aux_targets")
+
+
+def save_npz(path: str | Path, data: SubjectData) -> Path:
+    path = Path(path)
+    arrays = {k: getattr(data, k).numpy() for k in NPZ_FIELDS if getattr(data, k) is not None}
+    np.savez(path, name=np.array(data.name), **arrays)
+    return path
+
+
+def load_npz(path: str | Path) -> SubjectData:
+    """A subject's training data from ``.npz`` (``voxels``, ``image_tokens``, optional low-level targets)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: torch.from_numpy(np.asarray(f[k], dtype=np.float32)) for k in NPZ_FIELDS if k in f}
+            name = str(f["name"]) if "name" in f else path.stem
+    except (OSError, ValueError) as exc:
+        raise SessionError(path, f"cannot read training data: {exc}") from exc
+    for required in ("voxels", "image_tokens"):
+        if required not in arrays:
+            raise SessionError(path, f"training data has no '{required}' array")
+    try:
+        return SubjectData(name=name, **arrays)
+    except ValueError as exc:
+        raise SessionError(path, str(exc)) from exc
