@@ -161,3 +161,24 @@ def test_torn_last_record_is_dropped_and_corruption_inside_is_an_error(tmp_path,
         path.write_bytes(bytes(data))
         with pytest.raises(JournalError):
             Journal(path, fsync=False)
+
+
+def test_receiver_started_before_the_sender_catches_up(tmp_path, helpers):
+    import zmq
+
+    ctx = zmq.Context()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(0)
+    ctx.term()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    receiver = _receiver(endpoint, helpers)  # the decoder is up first, nobody listens yet
+    try:
+        time.sleep(0.3)  # it retries (with back-off) meanwhile
+        with _sender(tmp_path, helpers, endpoint=endpoint) as sender:
+            for i in range(1, 4):
+                sender.send(helpers.make_trial(i))
+            got = helpers.drain(receiver, 3, 10.0)
+            assert [m.seq for m in got] == [1, 2, 3]
+    finally:
+        receiver.close()

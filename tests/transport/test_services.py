@@ -210,3 +210,32 @@ def test_reconstruction_policies(policy, expect_next, expect_skipped):
 def test_reconstruction_policy_is_validated():
     with pytest.raises(ConfigError):
         ReconstructionQueue(policy="oldest")
+
+
+def test_psychopy_example_dry_run_reaches_the_server():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "psychopy_stimulus.py"
+    with StimulusEventServer(LOOP, session="s") as server:
+        done = subprocess.run([sys.executable, str(example), "--dry-run", "--scanner", server.endpoint],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "all acknowledged: True" in done.stdout
+        assert [e.stim_file for e in server.run_events(1)] == ["shared0001.png", "shared0002.png", "shared0003.png"]
+
+
+def test_transport_config_endpoints_and_validation():
+    from rt_mindeye.config import from_mapping
+    from rt_mindeye.transport.config import TransportConfig, client_security, server_security
+
+    cfg = from_mapping(TransportConfig, {"scanner_host": "10.0.0.5", "decoder_host": "::1", "port_trials": 6000},
+                       source="x.yaml", prefix="transport")
+    assert cfg.connect_endpoint("trials") == "tcp://10.0.0.5:6000"
+    assert cfg.connect_endpoint("decoder_pub") == "tcp://[::1]:5558"
+    assert cfg.bind_endpoint("stimulus") == "tcp://127.0.0.1:5560"
+    assert server_security(cfg, "scanner") is None and client_security(cfg, "decoder", "scanner") is None
+    with pytest.raises(ConfigError) as info:
+        from_mapping(TransportConfig, {"recon_policy": "oldest"}, source="x.yaml", prefix="transport")
+    assert info.value.key == "transport.recon_policy"
