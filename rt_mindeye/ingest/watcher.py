@@ -210,6 +210,9 @@ class FolderWatcher:
                 self._files[name] = _FileState("ignored", signature, now, now)
             log.info("%s: ignoring %d files already there", self.folder, len(self._files))
         self._start_observer()
+        # The first scan runs here, in the caller's thread: files already there when start() returns are known, and
+        # anything written after it is the observer's (or a later rescan's) to find.
+        self._rescan(self.clock())
         self._worker = threading.Thread(target=self._work, name=f"folder-watcher:{self.folder.name}", daemon=True)
         self._worker.start()
         return self
@@ -339,7 +342,7 @@ class FolderWatcher:
     # -- worker --------------------------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        next_rescan = self.clock()  # the first pass finds files already there
+        next_rescan = self.clock() + self.config.rescan_interval_s
         while not self._stop_requested.is_set():
             now = self.clock()
             wake = min(next_rescan, self._next_retry(), self._assembler.next_deadline() or now + MAX_IDLE_S,
@@ -414,7 +417,7 @@ class FolderWatcher:
         state = self._files.get(name)
         if state is None:
             self.stats.candidates += 1
-            if from_rescan:
+            if from_rescan and self.stats.rescans > 1:  # the first scan finds what was there before start()
                 self.stats.found_by_rescan += 1
                 log.debug("%s: %s found by rescan", self.folder, name)
             self._files[name] = _FileState("pending", None, now, now)

@@ -282,7 +282,8 @@ class ScannerEmulator:
         if faults.pause_at is not None and faults.pause_trs > 0:
             pause_begin = faults.pause_at * step
             pause_end = pause_begin + faults.pause_trs * step
-            held = [i for i in np.argsort(start, kind="stable") if pause_begin <= start[i] < pause_end]
+            # The volume due at the very end of the pause leaves with the burst, as the last of it.
+            held = [i for i in np.argsort(start, kind="stable") if pause_begin <= start[i] <= pause_end + 1e-9]
             for rank, i in enumerate(held):
                 start[i] = pause_end + rank * BURST_SPACING_S
                 tags[i].append("paused")

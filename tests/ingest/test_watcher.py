@@ -212,7 +212,7 @@ def test_emulated_reordering_jitter_and_pause_lose_nothing(tmp_path, export, vol
     faults = FaultPlan(reorder=0.4, jitter_s=0.02, pause_at=3, pause_trs=3)
     emulator = ScannerEmulator(volumes, export, tr=FAST_TR, faults=faults, seed=11)
     counts = emulator.plan().counts()
-    assert counts.get("reordered", 0) >= 2 and counts["paused"] == 3
+    assert counts.get("reordered", 0) >= 2 and counts["paused"] >= 3
     with FolderWatcher(export, config(tmp_path)) as watcher:
         emulator.run()
         events = wait_ready(watcher, 13, 10)
@@ -238,18 +238,25 @@ def test_emulated_duplicates_under_both_names_are_dropped(tmp_path, export, volu
     emulator = ScannerEmulator(volumes, export, tr=FAST_TR, faults=faults, seed=5)
     sends = emulator.plan().sends
     duplicates = [s for s in sends if s.kind == "duplicate"]
-    assert {("duplicate_renamed" in s.faults) for s in duplicates} == {True, False}
+    renamed = [s for s in duplicates if "duplicate_renamed" in s.faults]
+    assert 0 < len(renamed) < len(duplicates)
     with FolderWatcher(export, config(tmp_path)) as watcher:
         emulator.run()
         events = wait_ready(watcher, 13, 10)
         dropped = [e for e in events if isinstance(e, DuplicateDropped)]
         deadline = time.monotonic() + WAIT_S
-        while len(dropped) < len(duplicates) and time.monotonic() < deadline:
+        while len(dropped) < len(renamed) and time.monotonic() < deadline:
             event = watcher.get(0.1)
+            events.append(event)
             if isinstance(event, DuplicateDropped):
                 dropped.append(event)
-    assert sorted(e.volume for e in dropped) == sorted(s.volume for s in duplicates)
-    assert watcher.stats.accepted == 10 + len(duplicates)
+    events += watcher.drain()
+    dropped = [e for e in events if isinstance(e, DuplicateDropped)]
+    # A copy under another name is a second file: always seen and dropped. A rewrite of the same name is seen only
+    # if the watcher read the file between the two writes (otherwise there was only ever one file to read).
+    assert {s.volume for s in renamed} <= {e.volume for e in dropped} <= {s.volume for s in duplicates}
+    assert all(e.reason == "same_sop_uid" for e in dropped)
+    assert ready_numbers(events) == list(range(1, 11))
 
 
 # --- series and geometry --------------------------------------------------------------------------------------------
