@@ -2,10 +2,11 @@
 
 Coordinates: the scanner world is RAS+ millimetres (NIfTI convention). The head has its own frame (also mm, RAS
 axes) with the centre of the cerebrum at the origin; a subject's pose (offset + rotation + size) places it in the
-world. The acquisition grid indexes voxels ``[row, column, slice]`` exactly as a Siemens mosaic stores them:
-``row`` runs along the DICOM column cosine (posterior for an axial slice), ``column`` along the row cosine (patient
-left) and ``slice`` along the slice normal (superior, tilted by ``slice_tilt_deg``), so the array needs no reordering
-to be written as DICOM, and its RAS affine is what a reader such as nibabel's derives from the files.
+world. The acquisition grid indexes voxels ``[i, j, k]`` as the product reader (:mod:`rt_mindeye.ingest.dicom`) and
+dcm2niix do: ``i`` is the DICOM column index (along the row cosine: towards the patient's left for an axial slice),
+``j`` the row index (along the column cosine: posterior) and ``k`` the slice (along the slice normal: superior, tilted
+by ``slice_tilt_deg``). A mosaic tile is ``data[:, :, k].T``. Masks and voxel indices of the ground truth therefore
+apply directly to volumes read back from the phantom's DICOM files.
 
 Tissue intensities imitate a T2*-weighted gradient-echo EPI at 3T: CSF brightest, grey matter brighter than white
 matter, bone dark, scalp moderate; the smooth random fields that fold the cortex and texture the tissue give motion
@@ -82,11 +83,14 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 def acquisition_affine(matrix: tuple[int, int, int], voxel_size_mm: tuple[float, float, float],
                        slab_centre_ras: tuple[float, float, float], tilt_deg: float) -> np.ndarray:
-    """4x4 RAS+ affine of the acquisition grid ``[row, column, slice]`` whose centre sits at ``slab_centre_ras``."""
+    """4x4 RAS+ affine of the acquisition grid ``[i, j, k]`` whose centre sits at ``slab_centre_ras``.
+
+    ``matrix`` and ``voxel_size_mm`` are given in that order: (columns, rows, slices) and their spacings.
+    """
     row_cos, col_cos, normal = dicom_orientation(tilt_deg)
-    dr, dc, ds = voxel_size_mm
-    # Index axis 0 (row) moves along the column cosine, axis 1 (column) along the row cosine.
-    lps = np.column_stack([col_cos * dr, row_cos * dc, normal * ds])
+    di, dj, dk = voxel_size_mm
+    # i (DICOM column index) moves along the row cosine, j (row index) along the column cosine.
+    lps = np.column_stack([row_cos * di, col_cos * dj, normal * dk])
     affine = np.eye(4)
     affine[:3, :3] = LPS_TO_RAS @ lps
     centre_index = (np.asarray(matrix, float) - 1) / 2

@@ -21,9 +21,10 @@ class PhantomConfig:
     preset: str = setting("custom", "name of the preset this configuration came from (informational)")
 
     # --- acquisition geometry -----------------------------------------------------------------------------------
-    matrix: tuple[int, int, int] = setting((32, 32, 16), "acquisition matrix (rows, columns, slices) of each volume")
+    matrix: tuple[int, int, int] = setting((32, 32, 16), "acquisition matrix (i, j, k) = (columns, rows, slices) "
+                                                                  "of each volume")
     voxel_size_mm: tuple[float, float, float] = setting(
-        (4.0, 4.0, 4.0), "voxel size (row spacing, column spacing, slice spacing) in mm")
+        (4.0, 4.0, 4.0), "voxel size along i, j, k (column spacing, row spacing, slice spacing) in mm")
     slab_center_mm: tuple[float, float, float] = setting(
         (0.0, -35.0, 8.0), "RAS+ world position (mm) of the centre of the imaged slab (the head's brain centre is "
                            "near the world origin)")

@@ -46,7 +46,7 @@ class SeriesGeometry:
     """What every volume of a series shares: grid, affine, timing, identity."""
 
     affine: np.ndarray
-    """RAS+ affine of the ``[row, column, slice]`` grid (see :mod:`rt_mindeye.phantom.brain`)."""
+    """RAS+ affine of the ``[i, j, k]`` = ``[column, row, slice]`` grid (see :mod:`rt_mindeye.phantom.brain`)."""
     shape: tuple[int, int, int]
     tr_s: float
     echo_time_ms: float
@@ -69,7 +69,7 @@ class SeriesGeometry:
     def lps_axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row cosine, column cosine, slice normal) in DICOM LPS, from the affine."""
         lps = LPS_TO_RAS @ self.affine[:3, :3] / self.voxel_sizes
-        return lps[:, 1], lps[:, 0], lps[:, 2]
+        return lps[:, 0], lps[:, 1], lps[:, 2]
 
     def first_slice_position(self) -> np.ndarray:
         """LPS position (mm) of the centre of the first voxel of the first slice."""
@@ -104,13 +104,14 @@ def quantise(volume: np.ndarray, slope: float) -> np.ndarray:
 
 
 def to_mosaic(volume: np.ndarray) -> np.ndarray:
-    """Tile ``[row, column, slice]`` into a square mosaic, slice k at tile (k // m, k % m), unused tiles zero."""
-    rows, cols, n = volume.shape
+    """Tile ``[i, j, k]`` (column, row, slice) into a square mosaic: slice k, as a (rows, columns) image
+    ``volume[:, :, k].T``, goes to tile (k // m, k % m); unused tiles stay zero."""
+    cols, rows, n = volume.shape
     m = int(math.ceil(math.sqrt(n)))
     mosaic = np.zeros((m * rows, m * cols), volume.dtype)
     for k in range(n):
         r, c = divmod(k, m)
-        mosaic[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols] = volume[:, :, k]
+        mosaic[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols] = volume[:, :, k].T
     return mosaic
 
 
@@ -154,9 +155,10 @@ def _common(ds: Dataset, geo: SeriesGeometry, volume_number: int, acquisition_ti
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = _ds1(geo.rescale_slope)
-    ds.RescaleType = "US"
+    if sop_class == MR_IMAGE_STORAGE:  # Enhanced MR carries the rescale in its functional groups instead
+        ds.RescaleIntercept = "0"
+        ds.RescaleSlope = _ds1(geo.rescale_slope)
+        ds.RescaleType = "US"
 
 
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
@@ -171,10 +173,10 @@ def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
 
 def mosaic_dataset(volume: np.ndarray, geo: SeriesGeometry, volume_number: int, acquisition_time_s: float,
                    sop_uid: str) -> Dataset:
-    """A Siemens VE mosaic dataset for one float volume ``[row, column, slice]``."""
-    rows, cols, n_slices = volume.shape
+    """A Siemens VE mosaic dataset for one float volume ``[i, j, k]``."""
+    cols, rows, n_slices = volume.shape
     m = int(math.ceil(math.sqrt(n_slices)))
-    dr, dc, dz = geo.voxel_sizes
+    dc, dr, dz = geo.voxel_sizes
     row_cos, col_cos, normal = geo.lps_axes()
     first = geo.first_slice_position()
     mosaic_ipp = first - col_cos * dr * (m * rows - rows) / 2 - row_cos * dc * (m * cols - cols) / 2
@@ -241,9 +243,9 @@ def mosaic_dataset(volume: np.ndarray, geo: SeriesGeometry, volume_number: int, 
 
 def xa_dataset(volume: np.ndarray, geo: SeriesGeometry, volume_number: int, acquisition_time_s: float,
                sop_uid: str) -> Dataset:
-    """A Siemens XA Enhanced MR multi-frame dataset for one float volume: one frame per slice."""
-    rows, cols, n_slices = volume.shape
-    dr, dc, dz = geo.voxel_sizes
+    """A Siemens XA Enhanced MR multi-frame dataset for one float volume ``[i, j, k]``: one frame per slice."""
+    cols, rows, n_slices = volume.shape
+    dc, dr, dz = geo.voxel_sizes
     row_cos, col_cos, normal = geo.lps_axes()
     first = geo.first_slice_position()
     ds = Dataset()
@@ -281,6 +283,14 @@ def xa_dataset(volume: np.ndarray, geo: SeriesGeometry, volume_number: int, acqu
     echo.EffectiveEchoTime = geo.echo_time_ms
     shared.MREchoSequence = DicomSequence([echo])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    # Frames are indexed by (stack, position in stack), as the scanner's DimensionIndexValues say.
+    dimensions = []
+    for pointer in (0x00209056, 0x00209057):  # StackID, InStackPositionNumber
+        dim = Dataset()
+        dim.DimensionIndexPointer = pointer
+        dim.FunctionalGroupPointer = 0x00209111  # FrameContentSequence
+        dimensions.append(dim)
+    ds.DimensionIndexSequence = DicomSequence(dimensions)
 
     frames = []
     for k in range(n_slices):
@@ -299,24 +309,82 @@ def xa_dataset(volume: np.ndarray, geo: SeriesGeometry, volume_number: int, acqu
         frames.append(frame)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
     stored = quantise(volume, geo.rescale_slope)
-    ds.PixelData = np.ascontiguousarray(np.moveaxis(stored, 2, 0)).tobytes()  # frames, rows, columns
+    ds.PixelData = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()  # frames, rows, columns
     ds["PixelData"].VR = "OW"
     return ds
 
 
+def _update_volume(ds: Dataset, volume: np.ndarray, geo: SeriesGeometry, volume_number: int,
+                   acquisition_time_s: float, sop_uid: str, xa: bool) -> None:
+    """Change what differs between volumes of a series in a dataset built for another volume of it."""
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPInstanceUID = sop_uid
+    ds.AcquisitionNumber = volume_number
+    ds.InstanceNumber = volume_number
+    ds.AcquisitionTime = dicom_time(acquisition_time_s)
+    ds.ContentTime = dicom_time(acquisition_time_s + geo.tr_s)
+    ds.InstanceCreationTime = ds.ContentTime
+    stored = quantise(volume, geo.rescale_slope)
+    if xa:
+        ds.AcquisitionDateTime = geo.date + dicom_time(acquisition_time_s)
+        for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            content = frame.FrameContentSequence[0]
+            content.FrameAcquisitionDateTime = geo.date + dicom_time(acquisition_time_s + geo.slice_times_s[k])
+            content.FrameReferenceDateTime = content.FrameAcquisitionDateTime
+            content.TemporalPositionIndex = volume_number
+        ds.PixelData = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()
+        return
+    cols, rows, n_slices = volume.shape
+    block = ds.private_block(0x0029, "SIEMENS CSA HEADER")
+    block[0x10].value = csa.encode(csa.image_header_tags(
+        n_slices=n_slices, slice_normal=geo.lps_axes()[2], slice_times_ms=np.asarray(geo.slice_times_s) * 1000.0,
+        matrix_rows=rows, matrix_cols=cols, first_slice_position=geo.first_slice_position(),
+        time_after_start_s=acquisition_time_s - geo.series_time_s))
+    mosaic = to_mosaic(stored)
+    ds.SmallestImagePixelValue = int(mosaic.min())
+    ds.LargestImagePixelValue = int(mosaic.max())
+    center = float(stored.mean()) * geo.rescale_slope
+    ds.WindowCenter = _ds1(center)
+    ds.WindowWidth = _ds1(max(2 * center, 1.0))
+    ds.PixelData = mosaic.tobytes()
+
+
+class SeriesWriter:
+    """Writes the volumes of one series, reusing one dataset (only per-volume fields change), which keeps writing a
+    realistic session to minutes rather than tens of minutes."""
+
+    def __init__(self, geo: SeriesGeometry, xa: bool = False):
+        self.geo = geo
+        self.xa = xa
+        self._template: Dataset | None = None
+
+    def dataset(self, volume: np.ndarray, volume_number: int, acquisition_time_s: float, sop_uid: str) -> Dataset:
+        volume = np.asarray(volume, np.float32)
+        if volume.shape != tuple(self.geo.shape):
+            raise ValueError(f"volume shape {volume.shape} differs from the series shape {tuple(self.geo.shape)}")
+        if self._template is None:
+            builder = xa_dataset if self.xa else mosaic_dataset
+            self._template = builder(volume, self.geo, volume_number, acquisition_time_s, sop_uid)
+        else:
+            _update_volume(self._template, volume, self.geo, volume_number, acquisition_time_s, sop_uid, self.xa)
+        return self._template
+
+    def write(self, path: str | Path, volume: np.ndarray, volume_number: int, acquisition_time_s: float,
+              sop_uid: str | None = None) -> Path:
+        """Write one volume; it is written under a temporary name and renamed, so a watcher never sees it half
+        written (the replay tools simulate partial writes on purpose)."""
+        path = Path(path)
+        ds = self.dataset(volume, volume_number, acquisition_time_s, sop_uid or generate_uid(prefix=UID_PREFIX))
+        tmp = path.with_name("." + path.name + ".part")
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.replace(path)
+        return path
+
+
 def write_volume(path: str | Path, volume: np.ndarray, geo: SeriesGeometry, volume_number: int,
                  acquisition_time_s: float, sop_uid: str | None = None, xa: bool = False) -> Path:
-    """Write one volume; the file is written under a temporary name and renamed, so a watcher never sees it half
-    written (use the replay tools to simulate partial writes on purpose)."""
-    path = Path(path)
-    if sop_uid is None:
-        sop_uid = generate_uid(prefix=UID_PREFIX)
-    builder = xa_dataset if xa else mosaic_dataset
-    ds = builder(np.asarray(volume, np.float32), geo, volume_number, acquisition_time_s, sop_uid)
-    tmp = path.with_name("." + path.name + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    """Write a single volume (see :class:`SeriesWriter` for a whole series)."""
+    return SeriesWriter(geo, xa).write(path, volume, volume_number, acquisition_time_s, sop_uid)
 
 
 def series_uids(seed: int, subject: int, series: int) -> dict[str, str]:
@@ -334,7 +402,8 @@ def volume_uid(seed: int, subject: int, series: int, volume: int) -> str:
 
 
 def read_back_mosaic(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Independent check used by tests: (data [row, column, slice] float32, RAS affine) via nibabel.nicom."""
+    """Independent reader for checks: (data ``[i, j, k]`` float32, RAS affine) via nibabel.nicom (which returns
+    ``[row, column, slice]``; swapped here to the phantom's order)."""
     import warnings
 
     from nibabel.nicom import dicomwrappers
@@ -344,8 +413,8 @@ def read_back_mosaic(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         wrapper = dicomwrappers.wrapper_from_file(str(path))
         data = wrapper.get_data().astype(np.float32)
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ wrapper.affine
-    return data, affine
+    return np.ascontiguousarray(data.transpose(1, 0, 2)), affine[:, [1, 0, 2, 3]]
 
 
-__all__ = ["SeriesGeometry", "write_volume", "mosaic_dataset", "xa_dataset", "to_mosaic", "quantise", "dicom_time",
+__all__ = ["SeriesGeometry", "SeriesWriter", "write_volume", "mosaic_dataset", "xa_dataset", "to_mosaic", "quantise", "dicom_time",
            "series_uids", "volume_uid", "FILE_PATTERN", "read_back_mosaic"]

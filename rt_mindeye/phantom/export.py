@@ -30,7 +30,7 @@ import numpy as np
 
 from rt_mindeye import __version__
 from rt_mindeye.config import to_mapping
-from rt_mindeye.phantom.dicom_writer import FILE_PATTERN, SeriesGeometry, series_uids, volume_uid, write_volume
+from rt_mindeye.phantom.dicom_writer import FILE_PATTERN, SeriesGeometry, SeriesWriter, series_uids, volume_uid
 from rt_mindeye.phantom.session import MOTION_COLUMNS, SESSION_DATE, PhantomSession
 from rt_mindeye.phantom.stimuli import save_stimuli
 
@@ -134,12 +134,12 @@ def write_session(session: PhantomSession, out_dir: str | Path, xa: bool = False
     for r in selected:
         write_events(session, r, out / "events" / f"run-{r + 1:02d}_events.tsv")
         info = session.runs[r]
-        geo = series_geometry(session, r)
+        writer = SeriesWriter(series_geometry(session, r), xa=xa)
         times = session.acquisition_times(r)
         for v, volume in enumerate(session.iter_volumes(r)):
             name = FILE_PATTERN.format(series=info.series_number, volume=v + 1)
-            write_volume(out / "dicom" / name, volume, geo, v + 1, float(times[v]),
-                         sop_uid=volume_uid(session.seed, session.subject.subject_id, info.series_number, v + 1), xa=xa)
+            writer.write(out / "dicom" / name, volume, v + 1, float(times[v]),
+                         sop_uid=volume_uid(session.seed, session.subject.subject_id, info.series_number, v + 1))
             done += 1
             if progress is not None:
                 progress(f"run {r + 1}", done, total)
