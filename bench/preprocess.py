@@ -14,7 +14,8 @@ Methods (all register to the first volume = the phantom's session space, so the 
   physical shift, identity start), the baseline;
 - ``scipy_reslice``: the tuned estimate resliced with ``scipy.ndimage.affine_transform`` instead of SimpleITK
   (reslice time only);
-- ``numba_gn`` (if available): the Gauss-Newton alternative of rt_mindeye.preprocess.gauss_newton.
+- ``numba_gn``: the same objective solved by inverse-compositional Gauss-Newton with a numba reslice
+  (``MotionConfig(engine="numba")``, rt_mindeye.preprocess.gauss_newton), with 1 and 2 threads.
 
 Prints a rich table and writes ``bench/results/preprocess.json``. Timings on a busy machine are not meaningful:
 compare ratios within one run.
@@ -87,8 +88,8 @@ def synthetic_series(n_volumes: int):
 # --- methods ------------------------------------------------------------------------------------------------------
 
 
-def run_tuned(volumes, threads: int, keep_estimates: bool = False):
-    corrector = MotionCorrector(MotionConfig(threads=threads)).fit(volumes[0])
+def run_tuned(volumes, threads: int, engine: str = "sitk"):
+    corrector = MotionCorrector(MotionConfig(threads=threads, engine=engine)).fit(volumes[0])
     corrector.update(volumes[0])  # warm-up (first call pays one-off allocations)
     corrector.reset()
     params, wall, cpu, reslice = [], [], [], []
@@ -226,25 +227,10 @@ def main(argv=None) -> int:
                               note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
         if threads == 1:
             estimates = params
-    try:
-        from rt_mindeye.preprocess.gauss_newton import GaussNewtonMotionCorrector
-    except ImportError:
-        GaussNewtonMotionCorrector = None
-    if GaussNewtonMotionCorrector is not None:
-        for threads in (1, 2):
-            corrector = GaussNewtonMotionCorrector(MotionConfig(threads=threads, engine="numba")).fit(reference)
-            corrector.update(reference)
-            corrector.reset()
-            params, wall, cpu, reslice = [], [], [], []
-            for volume in volumes:
-                c0 = time.process_time()
-                result = corrector.update(volume)
-                cpu.append(time.process_time() - c0)
-                wall.append(result.elapsed_s)
-                reslice.append(result.reslice_s)
-                params.append(result.params)
-            rows.append(summarize(f"numba_gn_{threads}thread", params, truth, wall, cpu,
-                                  note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
+    for threads in (1, 2):
+        params, wall, cpu, reslice, _ = run_tuned(volumes, threads, engine="numba")
+        rows.append(summarize(f"numba_gn_{threads}thread", params, truth, wall, cpu,
+                              note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
     scipy_times = scipy_reslice_times(volumes, estimates, reference)
     rows.append(summarize("scipy_reslice_only", [], [], scipy_times, note="linear, tuned estimate; reslice only"))
     params, wall, cpu = run_multires(volumes[:n_baseline], threads=2)

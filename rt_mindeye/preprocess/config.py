@@ -1,9 +1,11 @@
 """Configuration of the preprocessing stage (motion correction and masks).
 
-The defaults of :class:`MotionConfig` are the real-time setting measured in the brief (section 2): a versor rigid
-transform started from the previous volume's estimate, mean squares on a fixed random sample of about 2000 points
-inside a head mask, one full-resolution level and about 15 regular gradient steps, linear reslice, one ITK thread
-(with another process busy on a 2-core machine, one ITK thread beat two).
+:class:`MotionConfig` covers two engines on the same objective (mean squares on a fixed random sample of about 2000
+points inside a head mask, one full-resolution level, started from the previous volume's estimate, linear reslice):
+``sitk`` is the real-time SimpleITK setting measured in the brief (section 2: versor rigid transform, ~15 regular
+gradient steps, one ITK thread, which beat two with another process busy on a 2-core machine); ``numba`` (the
+default) solves it by inverse-compositional Gauss-Newton, which measured faster, as accurate and more robust to large
+jumps (docs/preprocess.md).
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from rt_mindeye.config import setting
 class MotionConfig:
     """Per-volume rigid motion correction against a fixed reference volume."""
 
+    engine: str = setting(
+        "numba", "registration engine: 'numba' (inverse-compositional Gauss-Newton on the mean-squares objective,"
+        " numba reslice; faster and more robust to large jumps, see docs/preprocess.md) or 'sitk' (SimpleITK versor"
+        " rigid + regular-step gradient descent, the setting measured in the brief)", choices=("sitk", "numba"))
     n_sample_points: int = setting(
         2000, "number of random points inside the head mask where the mean-squares metric is evaluated", min=100,
         max=1_000_000)
-    n_iterations: int = setting(15, "maximum regular-step gradient-descent iterations per volume", min=1, max=1000)
+    n_iterations: int = setting(
+        15, "maximum optimizer iterations per volume (gradient steps for sitk, Gauss-Newton steps for numba)", min=1,
+        max=1000)
     learning_rate: float = setting(
         0.5, "first (largest) step of the regular-step gradient descent, in mm of displacement at the head radius",
         min=1e-4, max=20.0)
