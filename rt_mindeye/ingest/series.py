@@ -94,7 +94,7 @@ class LateVolume:
     volume: Volume
     received_at: float
     reason: str
-    """``"after_gap"``, ``"run_ended"`` or ``"before_first"`` (numbered below ``first_volume``)."""
+    """``"after_gap"``, ``"run_ended"`` or ``"before_first"`` (numbered below the first volume the run delivered)."""
     recorded_path: Path | None = None
 
     @property
@@ -264,7 +264,7 @@ class SeriesAssembler:
 
         run = self._run
         if run is None or volume.series > run.series:
-            if volume.series in self._ended:  # the assembler was closed; this run is over
+            if self._ended and volume.series <= max(self._ended):  # closed, or a stale series from an older scan
                 events.append(LateVolume(volume, now, "run_ended", recorded_path))
                 return events
             if run is not None:
@@ -277,6 +277,10 @@ class SeriesAssembler:
             return events
 
         number = volume.volume
+        if number < run.next_expected and not run.filled and not run.gaps:
+            # Nothing of this run has been delivered yet: the scanner simply counts from a lower number than
+            # first_volume (0-based numbering). Start the run there instead of calling the volume late.
+            run.next_expected = number
         if number in run.filled or number in run.held:
             first = run.held[number].volume.source if number in run.held and run.held[number].volume else None
             events.append(DuplicateDropped(sop, volume.source, volume.series, number, first,

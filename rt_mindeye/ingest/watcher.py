@@ -67,10 +67,12 @@ _OBSERVED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMo
 class IngestTimeout(RtMindEyeError):
     """:meth:`FolderWatcher.wait_for` did not see the awaited event in time."""
 
-    def __init__(self, folder: Path, waited_s: float, what: str):
+    def __init__(self, folder: Path, waited_s: float, what: str, seen: list | None = None):
         self.folder = folder
         self.waited_s = waited_s
         self.what = what
+        self.seen = list(seen or [])
+        """Every event received while waiting, so that a caller that catches this loses nothing."""
         super().__init__(f"{folder}: no {what} within {waited_s:.1f} s")
 
 
@@ -184,12 +186,14 @@ class FolderWatcher:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._files: dict[str, _FileState] = {}
+        self._pending: set[str] = set()  # names whose status is "pending" (kept apart: a session has thousands)
         self._assembler = SeriesAssembler.from_config(self.config)
         self._recorder: DicomRecorder | None = None
         self._observer = None
         self._worker: threading.Thread | None = None
         self._stop_requested = threading.Event()
         self._folder_unavailable = False
+        self._observed_identity: tuple[int, int] | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------------------------
 
@@ -276,9 +280,7 @@ class FolderWatcher:
         while True:
             remaining = end - time.monotonic()
             if remaining <= 0:
-                error = IngestTimeout(self.folder, timeout, what)
-                error.seen = seen
-                raise error
+                raise IngestTimeout(self.folder, timeout, what, seen)
             event = self.get(min(remaining, MAX_IDLE_S))
             if event is None:
                 continue
@@ -288,7 +290,16 @@ class FolderWatcher:
 
     # -- observer ------------------------------------------------------------------------------------------------------
 
+    def _folder_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the folder, or None while it is unreachable."""
+        try:
+            stat = os.stat(self.folder)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
     def _start_observer(self) -> bool:
+        identity = self._folder_identity()
         if self.config.observer == "polling":
             observer = PollingObserver(timeout=self.config.poll_interval_s)
         else:
@@ -303,6 +314,9 @@ class FolderWatcher:
             self._observer = None
             return False
         self._observer = observer
+        # An observer watches the folder it was given (an inode); if the share is remounted or the folder
+        # recreated, the path points at another folder and the observer must be replaced.
+        self._observed_identity = identity
         return True
 
     def _stop_observer(self, timeout: float) -> None:
@@ -326,11 +340,15 @@ class FolderWatcher:
             return "no folder scheduled"
         if not all(emitter.is_alive() for emitter in emitters):
             return "emitter thread died"
+        if self._folder_identity() != self._observed_identity:
+            return "folder replaced (share remounted or folder recreated)"
         return None
 
     def _check_observer(self, now: float) -> list[WatcherEvent]:
+        if self._stop_requested.is_set() or self._folder_identity() is None:
+            return []  # an unreachable folder is reported by the rescan; the observer is restarted once it is back
         problem = self._observer_problem()
-        if problem is None or self._stop_requested.is_set():
+        if problem is None:
             return []
         self._stop_observer(MAX_IDLE_S)
         if not self._start_observer():
@@ -421,6 +439,7 @@ class FolderWatcher:
                 self.stats.found_by_rescan += 1
                 log.debug("%s: %s found by rescan", self.folder, name)
             self._files[name] = _FileState("pending", None, now, now)
+            self._pending.add(name)
             return
         if state.status == "pending":
             if kind in ("closed", "moved"):
@@ -429,13 +448,13 @@ class FolderWatcher:
         if signature != state.signature:
             # A done, failed or ignored file changed: re-sent or still being written. Check it again.
             self._files[name] = _FileState("pending", None, now, now)
+            self._pending.add(name)
 
     def _next_retry(self) -> float:
-        pending = [s.next_try for s in self._files.values() if s.status == "pending"]
-        return min(pending) if pending else float("inf")
+        return min((self._files[name].next_try for name in self._pending), default=float("inf"))
 
     def _process_due(self, now: float, final: bool = False) -> None:
-        due = [name for name, s in self._files.items() if s.status == "pending" and (final or s.next_try <= now)]
+        due = [name for name in self._pending if final or self._files[name].next_try <= now]
         # Files due together (a burst, or the first scan) go to the assembler in acquisition order.
         due.sort(key=lambda name: (self.config.parse_name(name) or (0, 0), name))
         for name in due:
@@ -446,6 +465,7 @@ class FolderWatcher:
             except Exception as exc:  # a bug must not kill the watcher: report it with its traceback and go on
                 log.exception("%s: unexpected error while ingesting %s", self.folder, name)
                 self._files[name].status = "failed"
+                self._pending.discard(name)
                 self.stats.errors += 1
                 self._emit([IngestError(self.folder / name, "internal", exc, self.clock())])
 
@@ -456,6 +476,7 @@ class FolderWatcher:
             stat = os.stat(path)
         except OSError:
             del self._files[name]  # vanished (renamed away, cleaned up): nothing arrived
+            self._pending.discard(name)
             return
         signature = (stat.st_size, stat.st_mtime_ns)
         state.attempts += 1
@@ -473,10 +494,12 @@ class FolderWatcher:
         except DicomReadError as exc:
             if not path.exists():
                 del self._files[name]
+                self._pending.discard(name)
                 return
             self._fail(name, state, signature, "unreadable", exc, now)
             return
         state.status, state.signature = "done", signature
+        self._pending.discard(name)
         self.stats.accepted += 1
         events: list[WatcherEvent] = []
         recorded_path = None
@@ -493,6 +516,7 @@ class FolderWatcher:
 
     def _fail(self, name: str, state: _FileState, signature, kind: str, error: RtMindEyeError, now: float) -> None:
         state.status, state.signature = "failed", signature
+        self._pending.discard(name)
         self.stats.errors += 1
         log.error("%s (after %d attempts)", error, state.attempts)
         events: list[WatcherEvent] = [IngestError(self.folder / name, kind, error, now)]

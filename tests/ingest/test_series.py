@@ -213,6 +213,24 @@ def test_every_number_gets_exactly_one_ready_or_gap_under_random_arrival():
     assert arrived == set(order)
 
 
+def test_zero_based_numbering_starts_the_run_at_zero():
+    asm = SeriesAssembler(first_volume=1)
+    events = asm.push(make_volume(13, 0), 0.0)
+    events += asm.push(make_volume(13, 1), 0.1)
+    assert summary(events) == [("start", 13), ("ready", 13, 0), ("ready", 13, 1)]
+    # once the run has delivered, a lower number is late, not a new start
+    assert summary(asm.push(make_volume(13, -1), 0.2)) == [("late", 13, -1, "before_first")]
+
+
+def test_closed_assembler_reports_stragglers_and_stale_series_as_late():
+    asm = SeriesAssembler()
+    asm.push(make_volume(13, 1), 0.0)
+    assert summary(asm.close(1.0)) == [("end", 13, 1, 0, "closed")]
+    assert summary(asm.push(make_volume(13, 2), 2.0)) == [("late", 13, 2, "run_ended")]
+    assert summary(asm.push(make_volume(12, 5), 2.0)) == [("late", 12, 5, "run_ended")]
+    assert summary(asm.push(make_volume(14, 1), 3.0)) == [("start", 14), ("ready", 14, 1)]
+
+
 def test_invalid_parameters_are_named():
     with pytest.raises(ValueError, match="gap_timeout_tr"):
         SeriesAssembler(gap_timeout_tr=0)

@@ -337,6 +337,42 @@ def test_dead_observer_is_restarted_and_nothing_is_lost(tmp_path, export, volume
     assert ready_numbers(events) == [2, 3, 4, 5]
 
 
+def test_silently_dead_polling_emitter_is_restarted(tmp_path, export, volumes):
+    cfg = config(tmp_path, observer="polling", poll_interval_s=0.05, rescan_interval_s=0.1)
+    with FolderWatcher(export, cfg) as watcher:
+        copy_as(volumes[0], export)
+        wait_ready(watcher, 13, 1)
+        # What a share outage does to watchdog's PollingObserver: the emitter thread ends, the observer lives on.
+        observer = watcher._observer
+        for emitter in list(observer.emitters):
+            emitter.stop()
+            emitter.join(5.0)
+        assert observer.is_alive()
+        events = watcher.wait_for(lambda e: isinstance(e, ObserverRestarted), WAIT_S, "ObserverRestarted")
+        assert events[-1].reason == "emitter thread died"
+        copy_as(volumes[1], export)
+        events += wait_ready(watcher, 13, 2)
+    assert ready_numbers(events) == [2]
+
+
+def test_folder_gone_and_recreated_loses_nothing(tmp_path, export, volumes):
+    cfg = config(tmp_path, rescan_interval_s=0.1)
+    with FolderWatcher(export, cfg) as watcher:
+        copy_as(volumes[0], export)
+        wait_ready(watcher, 13, 1)
+        export.rename(tmp_path / "export-unmounted")  # the share goes away ...
+        time.sleep(0.3)
+        export.mkdir()  # ... and comes back as another folder at the same path
+        for path in volumes[1:3]:
+            copy_as(path, export)
+        events = wait_ready(watcher, 13, 3)
+        copy_as(volumes[3], export)
+        events += wait_ready(watcher, 13, 4)
+    assert ready_numbers(events) == [2, 3, 4]
+    restarts = [e for e in events if isinstance(e, ObserverRestarted)]
+    assert restarts and restarts[0].reason.startswith("folder replaced")
+
+
 def test_wait_for_timeout_is_named_and_keeps_the_events(tmp_path, export, volumes):
     with FolderWatcher(export, config(tmp_path)) as watcher:
         copy_as(volumes[0], export)
