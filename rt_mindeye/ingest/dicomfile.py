@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from rt_mindeye.errors import DicomError, DicomReadError, IncompleteVolumeError, UnsupportedDicomError
 
@@ -31,8 +37,12 @@ PIXEL_DATA_TAG = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 4096
 """Element values larger than this are not read while parsing (pixel data, CSA series header, big private blobs)."""
-_NATIVE_SYNTAXES = {ImplicitVRLittleEndian: "<", ExplicitVRLittleEndian: "<", ExplicitVRBigEndian: ">"}
-_SEQUENCE_DELIMITER = {"<": b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", ">": b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"}
+_NATIVE_SYNTAXES = {
+    ImplicitVRLittleEndian: "<",
+    ExplicitVRLittleEndian: "<",
+    ExplicitVRBigEndian: ">",
+    DeflatedExplicitVRLittleEndian: "<",
+}
 
 
 class TruncatedFileError(IncompleteVolumeError):
@@ -64,7 +74,7 @@ class ShortVolumeError(DicomReadError):
 
 @dataclass(frozen=True, eq=False)
 class DicomFile:
-    """A parsed header plus where its native pixel bytes are. ``pixel_offset`` is None for encapsulated pixels."""
+    """A parsed header plus where its native pixel bytes are (``pixel_offset`` is None when they are in memory)."""
 
     path: Path
     dataset: pydicom.Dataset
@@ -75,7 +85,9 @@ class DicomFile:
     """``"<"`` or ``">"`` for native (uncompressed) transfer syntaxes, None for compressed ones."""
     expected_pixel_bytes: int
     pixel_bytes: bytes | None = None
-    """The native pixel bytes, when :func:`open_dicom` was asked to read them."""
+    """The native pixel bytes, when :func:`open_dicom` was asked to read them (or had them in memory)."""
+    encapsulated: bool = False
+    """Compressed (encapsulated) pixel data: complete, but not decodable by rt-mindeye."""
 
     @property
     def transfer_syntax(self) -> str:
@@ -91,6 +103,8 @@ def expected_pixel_bytes(dataset: pydicom.Dataset) -> int | None:
         return None
     frames = _int_or(dataset.get("NumberOfFrames"), 1) or 1
     samples = _int_or(dataset.get("SamplesPerPixel"), 1) or 1
+    if str(dataset.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and samples == 3:
+        samples = 2  # chroma subsampled 2:1 horizontally: Y Y Cb Cr per two pixels
     return (int(rows) * int(columns) * frames * samples * int(bits) + 7) // 8
 
 
@@ -112,11 +126,11 @@ def _raw_element(dataset: pydicom.Dataset, tag: int):
 
 
 def _is_image_storage(dataset: pydicom.Dataset) -> bool:
-    sop_class = dataset.get("SOPClassUID")
+    """Whether the SOP class (data set, else file meta) is an image class; True when neither says (cut early)."""
+    sop_class = dataset.get("SOPClassUID") or getattr(dataset.file_meta, "MediaStorageSOPClassUID", None)
     if sop_class is None:
-        return True  # cut before the SOP class: assume the scanner's image
-    name = getattr(pydicom.uid.UID(str(sop_class)), "name", "")
-    return "Image" in name or "Image Storage" in name
+        return True
+    return "Image" in getattr(pydicom.uid.UID(str(sop_class)), "name", "")
 
 
 def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
@@ -139,7 +153,7 @@ def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
         file_bytes = os.fstat(fp.fileno()).st_size
         dataset = _parse_header(fp, path, file_bytes)
         dicom = _locate_pixels(fp, path, dataset, file_bytes)
-        if with_pixels and dicom.pixel_offset is not None:
+        if with_pixels and dicom.pixel_offset is not None and dicom.pixel_bytes is None:
             fp.seek(dicom.pixel_offset)
             data = fp.read(dicom.expected_pixel_bytes)
             if len(data) < dicom.expected_pixel_bytes:  # the file shrank since fstat
@@ -182,38 +196,47 @@ def _parse_header(fp, path: Path, file_bytes: int) -> pydicom.Dataset:
         raise DicomReadError(path, f"cannot parse DICOM header: {exc}") from None
     if not has_marker and len(dataset) == 0:
         raise DicomReadError(path, "not a DICOM file (no 'DICM' marker at byte 128)")
+    if _transfer_syntax(dataset) == DeflatedExplicitVRLittleEndian:
+        # Deferred values point into the inflated stream, not the file: read everything now.
+        fp.seek(0)
+        try:
+            dataset = pydicom.dcmread(fp, force=not has_marker)
+        except (zlib.error, EOFError, struct.error, InvalidDicomError) as exc:
+            raise TruncatedFileError(path, f"deflated data set cannot be inflated to its end ({exc})", file_bytes)
     return dataset
 
 
 def _locate_pixels(fp, path: Path, dataset: pydicom.Dataset, file_bytes: int) -> DicomFile:
     expected = expected_pixel_bytes(dataset)
-    syntax = str(getattr(dataset.file_meta, "TransferSyntaxUID", "") or ImplicitVRLittleEndian)
+    syntax = _transfer_syntax(dataset)
     byte_order = _NATIVE_SYNTAXES.get(syntax)
     element = _raw_element(dataset, PIXEL_DATA_TAG)
     if element is None:
         last = _raw_element(dataset, max(dataset.keys())) if len(dataset) else None
         last_end = _element_end(last)
-        if last_end is not None and last_end > file_bytes:
+        if last_end is not None and last_end > file_bytes and syntax != DeflatedExplicitVRLittleEndian:
             raise TruncatedFileError(path, "file ends inside a header element", file_bytes, expected or 0)
         if _is_image_storage(dataset) or dataset.get("Rows") is not None:
             raise TruncatedFileError(path, "file ends before the pixel data element", file_bytes, expected or 0)
-        sop = dataset.get("SOPClassUID")
+        sop = dataset.get("SOPClassUID") or getattr(dataset.file_meta, "MediaStorageSOPClassUID", None)
         sop_name = getattr(sop, "name", sop) if sop is not None else "unknown SOP class"
         raise UnsupportedDicomError(path, f"no pixel data ({sop_name})", "PixelData")
     offset = getattr(element, "value_tell", None)
-    length = int(getattr(element, "length", 0) or 0)
-    if offset is None:
-        # Small (already read) pixel data: its value sits right before the next element; recompute from the end.
-        value = element.value if element.value is not None else b""
-        length = len(value)
-        offset = file_bytes - length
+    length = getattr(element, "length", None)
+    if syntax == DeflatedExplicitVRLittleEndian or offset is None or length is None:
+        # The value is in memory: pydicom inflated the whole (deflated) file, or read a small value eagerly.
+        value = dataset.PixelData
+        if expected is None:
+            raise DicomReadError(path, "pixel data without Rows/Columns/BitsAllocated", "Rows")
+        if len(value) < expected:
+            raise IncompleteVolumeError(path, expected, len(value))
+        return DicomFile(path, dataset, file_bytes, None, len(value), "<", expected, bytes(value[:expected]))
+    length = int(length)
     if length == _UNDEFINED_LENGTH:
         if byte_order is not None:
             raise DicomReadError(path, "undefined-length pixel data in a native transfer syntax", "PixelData")
-        fp.seek(max(0, file_bytes - 8))
-        if fp.read(8) != _SEQUENCE_DELIMITER["<"]:
-            raise TruncatedFileError(path, "encapsulated pixel data has no end delimiter yet", file_bytes)
-        return DicomFile(path, dataset, file_bytes, None, file_bytes - offset, None, expected or 0)
+        _check_encapsulated_complete(fp, path, int(offset), file_bytes)
+        return DicomFile(path, dataset, file_bytes, None, file_bytes - int(offset), None, expected or 0, encapsulated=True)
     if expected is None:
         raise DicomReadError(path, "pixel data without Rows/Columns/BitsAllocated", "Rows")
     got = max(0, min(length, file_bytes - offset))
@@ -224,6 +247,28 @@ def _locate_pixels(fp, path: Path, dataset: pydicom.Dataset, file_bytes: int) ->
             )
         raise IncompleteVolumeError(path, expected, got)
     return DicomFile(path, dataset, file_bytes, offset, length, byte_order, expected)
+
+
+def _check_encapsulated_complete(fp, path: Path, offset: int, file_bytes: int) -> None:
+    """Walk the fragment items of encapsulated pixel data up to the sequence delimiter (FFFE,E0DD)."""
+    position = offset
+    while True:
+        fp.seek(position)
+        item = fp.read(8)
+        if len(item) < 8:
+            raise TruncatedFileError(path, "encapsulated pixel data has no end delimiter yet", file_bytes)
+        group, element, length = struct.unpack("<HHI", item)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return
+        if (group, element) != (0xFFFE, 0xE000):
+            raise DicomReadError(path, f"unexpected tag ({group:04X},{element:04X}) in encapsulated pixel data")
+        position += 8 + length
+        if position > file_bytes:
+            raise TruncatedFileError(path, "file ends inside an encapsulated pixel fragment", file_bytes)
+
+
+def _transfer_syntax(dataset: pydicom.Dataset) -> str:
+    return str(getattr(dataset.file_meta, "TransferSyntaxUID", "") or ImplicitVRLittleEndian)
 
 
 def _element_end(element) -> int | None:
@@ -253,7 +298,7 @@ def check_complete(path: str | Path) -> pydicom.Dataset:
 def pixel_dtype(dicom: DicomFile) -> np.dtype:
     """The numpy dtype of the stored pixels (BitsAllocated, PixelRepresentation, byte order)."""
     ds = dicom.dataset
-    if dicom.byte_order is None:
+    if dicom.byte_order is None or dicom.encapsulated:
         raise UnsupportedDicomError(
             dicom.path, f"compressed transfer syntax {pydicom.uid.UID(dicom.transfer_syntax).name}", "TransferSyntaxUID"
         )
