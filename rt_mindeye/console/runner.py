@@ -96,10 +96,14 @@ class OperatorConsole:
         trials_written = None
         while not self._stop and (end is None or time.monotonic() < end):
             delivery = self._receive(min(period, max(0.0, next_paint - time.monotonic())) or 0.001)
-            if delivery is not None:
+            # Fold everything that is waiting before painting: a slow repaint must not make the console fall behind.
+            while delivery is not None:
                 self.state = fold(self.state, delivery, time.time(), self.gallery)
                 if repaint is None:
                     self._log(delivery)
+                if time.monotonic() >= next_paint + period:
+                    break  # a flood: paint now and then go on
+                delivery = self._receive(0.0)
             if time.monotonic() >= next_paint:
                 self.state = tick(self.state, time.time(), self._dead_after_s)
                 if self.gallery is not None and self.state.trials != trials_written:
@@ -108,8 +112,11 @@ class OperatorConsole:
                 if repaint is not None:
                     repaint(self.state)
                 next_paint = time.monotonic() + period
+        # The last state is always shown and written, whenever the loop ended.
         if self.gallery is not None and self.state.trials != trials_written:
             self.gallery.update(self.state)
+        if repaint is not None:
+            repaint(self.state)
 
     def _log(self, delivery: Delivery) -> None:
         """Headless mode: one log line per event worth an operator's attention."""

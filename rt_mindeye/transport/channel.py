@@ -33,7 +33,7 @@ from typing import Callable
 
 import zmq
 
-from rt_mindeye.errors import MessageError
+from rt_mindeye.errors import MessageError, SessionError
 from rt_mindeye.transport import protocol, security
 from rt_mindeye.transport.journal import Journal
 from rt_mindeye.transport.messages import Ack, Heartbeat, Message, decode, encode
@@ -103,6 +103,8 @@ class _Agent:
         self._pipe_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: the exception that stopped the agent thread, if one did (its peers then see it as dead)
+        self.failure: Exception | None = None
         self.events: queue.Queue[PeerEvent] = queue.Queue()
         self.on_peer_change: Callable[[PeerEvent], None] | None = None
 
@@ -120,7 +122,8 @@ class _Agent:
             self._run()
         except zmq.ContextTerminated:
             pass
-        except Exception:  # the agent must report, not vanish silently (cf. pyneal's dying threads)
+        except Exception as exc:  # the agent must report, not vanish silently (cf. pyneal's dying threads)
+            self.failure = exc
             log.exception("%s agent thread failed", self.name)
             raise
 
@@ -197,7 +200,11 @@ class ReliableSender(_Agent):
         self._socket.linger = protocol.LINGER_MS
         self._socket.sndhwm = send_hwm
         self._socket.router_mandatory = True  # an unknown peer is an error we see, not a silent drop
-        security.bind(self.context, self._socket, endpoint, server_security)
+        try:
+            security.bind(self.context, self._socket, endpoint, server_security)
+        except zmq.ZMQError:
+            self.close()
+            raise
         self.last_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._receivers: dict[bytes, _Receiver] = {}
         self._start_thread()
@@ -277,6 +284,13 @@ class ReliableSender(_Agent):
                 self._emit(identity.decode(errors="replace"), True,
                            getattr(msg, "service", "") or getattr(msg, "receiver", ""))
             if isinstance(msg, Ack):
+                if msg.ack_seq > self.journal.last_seq:
+                    # An ack for messages this journal never had (a receiver state file from another session):
+                    # do not trust it; ask the receiver to resynchronise from scratch.
+                    log.warning("%s: %r acknowledged seq %d but the journal ends at %d; ignored", self.name,
+                                identity, msg.ack_seq, self.journal.last_seq)
+                    self._send_to(receiver, encode(self._heartbeat_msg(protocol.STATE_NEED_SYNC)))
+                    continue
                 if msg.ack_seq > 0:
                     self.journal.mark_acked(msg.ack_seq)
                 if msg.catch_up:
@@ -388,19 +402,28 @@ class ReliableReceiver(_Agent):
     # --- state file ----------------------------------------------------------------------------------------------
 
     def _load_state(self) -> int:
+        """The last acknowledged seq from the state file (``<session> <seq>``); -1 without one or for another
+        session."""
         if self.state_path is None or not self.state_path.exists():
             return -1  # no state: ask for whatever the sender has not seen acknowledged
         text = self.state_path.read_text().strip()
+        session, _, seq = text.rpartition(" ")
         try:
-            return int(text)
+            value = int(seq)
         except ValueError:
-            raise MessageError(str(self.state_path), f"receiver state file holds {text!r:.40}, not a seq") from None
+            raise SessionError(self.state_path, f"receiver state file holds {text!r:.40}, not '<session> <seq>'"
+                               ) from None
+        if session != self.session:
+            log.warning("%s: state file %s is for session %r, not %r; starting fresh", self.name, self.state_path,
+                        session, self.session)
+            return -1
+        return value
 
     def _save_state(self) -> None:
         if self.state_path is None:
             return
         tmp = self.state_path.with_suffix(self.state_path.suffix + ".tmp")
-        tmp.write_text(f"{self.acked_seq}\n")
+        tmp.write_text(f"{self.session} {self.acked_seq}\n")
         os.replace(tmp, self.state_path)
 
     # --- agent ---------------------------------------------------------------------------------------------------

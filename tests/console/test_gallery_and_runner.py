@@ -97,12 +97,13 @@ def test_live_console_repaints_from_snapshots(factories):
     def receive(timeout_s):
         if deliveries:
             return deliveries.pop(0)
+        console.stop()  # everything was delivered: the run ends with a final repaint
         time.sleep(min(timeout_s, 0.01))
         return None
 
     screen = RichConsole(file=io.StringIO(), record=True, width=160, height=40, force_terminal=True)
     console = OperatorConsole(ConsoleConfig(refresh_per_second=20.0), receive=receive, rich_console=screen)
-    state = console.run(duration_s=0.5, headless=False)
+    state = console.run(duration_s=30.0, headless=False)
     assert state.last_volume == 5
     text = screen.export_text()
     assert "kite (0.91)" in text and "volume 5" in text

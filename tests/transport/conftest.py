@@ -9,7 +9,7 @@ import pytest
 
 from rt_mindeye.transport.messages import TrialBetas
 
-FAST_HEARTBEAT_S = 0.05
+FAST_HEARTBEAT_S = 0.1
 
 
 def make_trial(i: int, n_voxels: int = 64, session: str = "ses-test") -> TrialBetas:
