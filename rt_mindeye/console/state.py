@@ -187,6 +187,10 @@ def _apply_volume(state: ConsoleState, msg: VolumeStatus) -> ConsoleState:
         missing.update(range(state.last_volume + 1, msg.volume))
     known = set(state.gaps)
     gaps = state.gaps + tuple((msg.run, v) for v in sorted(missing) if (msg.run, v) not in known)
+    if msg.volume in msg.missing:
+        # A placeholder for a volume declared missing: no data, no latency, but the counter moves past it.
+        last = msg.volume if state.last_volume is None else max(state.last_volume, msg.volume)
+        return dataclasses.replace(state, gaps=gaps, last_volume=last)
     fd_over = state.fd_over
     fd = state.fd
     if math.isfinite(msg.fd):

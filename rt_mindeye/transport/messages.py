@@ -91,7 +91,9 @@ class VolumeStatus(Message):
     Times are POSIX seconds: ``acquisition_time`` from the DICOM acquisition date/time
     (:func:`rt_mindeye.timing.acquisition_epoch`), ``received_at`` when the file was complete on the scanner host.
     ``motion`` is (tx, ty, tz in mm, rx, ry, rz in radians); ``fd`` the framewise displacement in mm (NaN for the
-    first volume); ``gap`` is true when volumes before this one are missing (listed in ``missing``);
+    first volume); ``gap`` is true when volumes are missing (listed in ``missing``): either volumes before this
+    one, or, when ``volume`` itself is in ``missing``, this message is only a placeholder for a volume declared
+    missing (no data: its times are the declaration time);
     ``stage_ms`` maps a stage name (``read``, ``motion``, ``glm``, ...) to its duration in milliseconds.
     """
 

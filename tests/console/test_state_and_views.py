@@ -39,6 +39,11 @@ def test_volume_counter_gaps_and_fd(factories):
 def test_gap_flag_from_the_scanner_host_is_kept(factories):
     state = apply(ConsoleState(), factories.volume(5, missing=(3, 4)), now=factories.T0)
     assert state.gaps == ((1, 3), (1, 4))
+    # a placeholder for a volume declared missing moves the counter but is not a received volume
+    state = apply(state, factories.volume(6, fd=float("nan"), missing=(6,)), now=factories.T0 + 1)
+    assert state.gaps == ((1, 3), (1, 4), (1, 6)) and state.last_volume == 6 and state.volumes_in_run == 1
+    state = apply(state, factories.volume(7), now=factories.T0 + 2)
+    assert state.gaps == ((1, 3), (1, 4), (1, 6)) and state.volumes_in_run == 2
 
 
 def test_new_run_resets_per_run_counters_but_keeps_trials(factories):
