@@ -3,8 +3,9 @@
 The scanner's export share is not ours: files there are overwritten, cleaned up or lost with the share. The watcher
 therefore copies each accepted file into the session folder, ``<session>/sourcedata/dicom/<original name>``, *before*
 it emits the volume, and files it could not use into ``sourcedata/dicom/rejected/``. ``manifest.jsonl`` beside the
-copies has one line per file (name, SHA-256, series, volume, SOPInstanceUID, arrival time, status), which is what a
-replay of the session reads.
+copies has one line per file (name, SHA-256, series, volume, SOPInstanceUID, arrival time, status), and
+``ingest_events.jsonl`` one line per watcher event (gaps, duplicates, late volumes, errors), so the session folder
+tells what arrived and what was made of it.
 
 Copies are written under a temporary name and renamed into place, so a crash never leaves a half-written copy that
 looks complete, and a replay or a second watcher on the session folder never sees one.
@@ -25,6 +26,7 @@ from rt_mindeye.errors import SessionError
 DICOM_SUBDIR = Path("sourcedata") / "dicom"
 REJECTED_SUBDIR = "rejected"
 MANIFEST_NAME = "manifest.jsonl"
+EVENTS_NAME = "ingest_events.jsonl"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class DicomRecorder:
         self.dicom_dir = self.session_dir / DICOM_SUBDIR
         self.rejected_dir = self.dicom_dir / REJECTED_SUBDIR
         self.manifest_path = self.dicom_dir / MANIFEST_NAME
+        self.events_path = self.dicom_dir / EVENTS_NAME
         self._lock = threading.Lock()
         self._hashes: dict[Path, str] = {}
         try:
@@ -98,10 +101,20 @@ class DicomRecorder:
 
     def read_manifest(self) -> list[dict]:
         """All manifest entries, in the order they were recorded."""
-        if not self.manifest_path.exists():
-            return []
-        with self.manifest_path.open() as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return _read_jsonl(self.manifest_path)
+
+    def log_event(self, record: dict) -> None:
+        """Append one JSON-ready event summary to ``ingest_events.jsonl`` (what the watcher decided, in order)."""
+        with self._lock:
+            try:
+                with self.events_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise SessionError(self.events_path, f"cannot append to the event log: {exc.strerror}") from exc
+
+    def read_events(self) -> list[dict]:
+        """Every event logged with :meth:`log_event`, in order."""
+        return _read_jsonl(self.events_path)
 
     # -- internals ---------------------------------------------------------------------------------------------------
 
@@ -137,3 +150,10 @@ class DicomRecorder:
                 handle.write(json.dumps(entry) + "\n")
         except OSError as exc:
             raise SessionError(self.manifest_path, f"cannot append to the manifest: {exc.strerror}") from exc
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -256,11 +256,12 @@ class SeriesAssembler:
         """Hand over one accepted volume received at ``now``; returns the events it (and the passing time) causes."""
         events = self.poll(now)
         sop = volume.sop_instance_uid
-        if sop in self._seen_sops:
-            events.append(DuplicateDropped(sop, volume.source, volume.series, volume.volume,
-                                           self._seen_sops[sop], "same_sop_uid", now))
-            return events
-        self._seen_sops[sop] = volume.source
+        if sop:  # a file without SOPInstanceUID can only be checked by its volume number, below
+            if sop in self._seen_sops:
+                events.append(DuplicateDropped(sop, volume.source, volume.series, volume.volume,
+                                               self._seen_sops[sop], "same_sop_uid", now))
+                return events
+            self._seen_sops[sop] = volume.source
 
         run = self._run
         if run is None or volume.series > run.series:

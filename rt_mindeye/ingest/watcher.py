@@ -23,6 +23,7 @@ Every wait in here has a bound: the worker sleeps at most until its next deadlin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -54,6 +55,7 @@ from rt_mindeye.ingest.config import WatcherConfig
 from rt_mindeye.ingest.dicom import read_volume
 from rt_mindeye.ingest.recorder import DicomRecorder
 from rt_mindeye.ingest.series import SeriesAssembler, SeriesEvent
+from rt_mindeye.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,39 @@ class ObserverRestarted:
 
 
 WatcherEvent = Union[SeriesEvent, IngestError, ObserverRestarted]
+
+
+def event_record(event: WatcherEvent) -> dict:
+    """A JSON-ready summary of an event, without pixel data: for logs, the console and the session record.
+
+    ``{"event": "VolumeReady", "series": 13, "volume": 5, "sop_uid": ..., "source": ..., "received_at": ...}``;
+    errors become their message plus ``error_type``.
+    """
+    record: dict = {"event": type(event).__name__}
+    for item in dataclasses.fields(event):
+        value = getattr(event, item.name)
+        if isinstance(value, Volume):
+            record.update(series=value.series, volume=value.volume, sop_uid=value.sop_instance_uid,
+                          source=str(value.source) if value.source else None,
+                          acquisition_time=value.acquisition_time)
+        elif isinstance(value, BaseException):
+            record[item.name] = str(value)
+            record["error_type"] = type(value).__name__
+        else:
+            record[item.name] = _plain(value)
+    return record
+
+
+def _plain(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return repr(value)
 
 
 @dataclass
@@ -363,8 +398,9 @@ class FolderWatcher:
         next_rescan = self.clock() + self.config.rescan_interval_s
         while not self._stop_requested.is_set():
             now = self.clock()
-            wake = min(next_rescan, self._next_retry(), self._assembler.next_deadline() or now + MAX_IDLE_S,
-                       now + MAX_IDLE_S)
+            gap_deadline = self._assembler.next_deadline()
+            wake = min(next_rescan, self._next_retry(), now + MAX_IDLE_S,
+                       gap_deadline if gap_deadline is not None else float("inf"))
             try:
                 name, kind = self._inbox.get(timeout=max(0.0, wake - now))
                 self._candidate(name, kind, self.clock(), from_rescan=False)
@@ -530,6 +566,11 @@ class FolderWatcher:
     def _emit(self, events: list[WatcherEvent]) -> None:
         for event in events:
             log.debug("%s", event)
+            if self._recorder is not None:
+                try:
+                    self._recorder.log_event(event_record(event))
+                except SessionError as exc:  # the event itself still goes out
+                    log.error("%s", exc)
             if self.on_event is None:
                 self._events.put(event)
                 continue

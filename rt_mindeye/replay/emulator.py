@@ -241,6 +241,9 @@ class ScannerEmulator:
         if self.speed <= 0:
             raise ValueError(f"speed must be positive, got {self.speed!r}")
         files = list_export_files(self.src, self.pattern)
+        destination = self.dest.resolve()
+        if any(path.resolve().parent == destination for _, _, path in files):
+            raise ReplayError(self.dest, "destination is the replay source folder: the copies would overwrite it")
         if not files:
             raise ReplayError(Path(self.src) if isinstance(self.src, (str, Path)) else Path("."),
                               f"no files matching {self.pattern!r} to replay")
@@ -339,6 +342,7 @@ class ScannerEmulator:
         """Execute the plan in this thread; returns the completed sends. ``on_progress(send, done, total)`` is
         called each time a file is complete in ``dest``. :meth:`stop` (from another thread) ends it early."""
         plan = self.plan()
+        self.sent = []
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -34,7 +34,7 @@ def make_volume(series: int, number: int, *, sop: str | None = None, shape=(4, 4
         tr=tr,
         acquisition_time=36000.0 + number * TR,
         slice_times=None,
-        sop_instance_uid=sop or f"1.2.3.{series}.{number}",
+        sop_instance_uid=sop if sop is not None else f"1.2.3.{series}.{number}",
         source=Path(f"/export/001_{series:06d}_{number:06d}.dcm"),
     )
 
@@ -143,6 +143,13 @@ def test_same_volume_number_with_another_sop_uid_is_dropped():
     asm = SeriesAssembler()
     asm.push(make_volume(13, 1), 0.0)
     assert summary(asm.push(make_volume(13, 1, sop="9.9.9"), 0.5)) == [("dup", 13, 1, "same_volume_number")]
+
+
+def test_volumes_without_sop_uid_are_not_mistaken_for_duplicates():
+    asm = SeriesAssembler()
+    events = asm.push(make_volume(13, 1, sop=""), 0.0) + asm.push(make_volume(13, 2, sop=""), 1.0)
+    assert summary(events) == [("start", 13), ("ready", 13, 1), ("ready", 13, 2)]
+    assert summary(asm.push(make_volume(13, 2, sop=""), 2.0)) == [("dup", 13, 2, "same_volume_number")]
 
 
 def test_new_series_ends_the_run_and_flushes_held_volumes():

@@ -26,7 +26,7 @@ from rt_mindeye.ingest.series import (
     VolumeGap,
     VolumeReady,
 )
-from rt_mindeye.ingest.watcher import FolderWatcher, IngestError, IngestTimeout, ObserverRestarted
+from rt_mindeye.ingest.watcher import FolderWatcher, IngestError, IngestTimeout, ObserverRestarted, event_record
 from rt_mindeye.replay.emulator import FaultPlan, ScannerEmulator
 
 WAIT_S = 20.0  # generous: the suite shares two cores with other work
@@ -96,9 +96,15 @@ def test_clean_replay_arrives_in_order_and_every_file_is_recorded(tmp_path, expo
             assert event.volume.shape == (64, 64, 27)
             # the copy in the session folder is the exact file, and it existed before the event was emitted
             assert event.recorded_path.read_bytes() == event.volume.source.read_bytes()
-    manifest = DicomRecorder(cfg.record_dir).read_manifest()
+    recorder = DicomRecorder(cfg.record_dir)
+    manifest = recorder.read_manifest()
     assert sorted(entry["volume"] for entry in manifest) == list(range(1, 11))
     assert watcher.stats.accepted == 10 and watcher.stats.errors == 0
+    # the session folder also tells what the watcher made of the files, in the order it was decided
+    logged = recorder.read_events()
+    assert [(r["event"], r.get("volume")) for r in logged] == [(type(e).__name__, getattr(e, "number", None))
+                                                                for e in events]
+    assert logged[1]["sop_uid"] == events[1].volume.sop_instance_uid
 
 
 def test_files_already_in_the_folder_are_processed_or_ignored(tmp_path, export, volumes):
@@ -152,6 +158,8 @@ def test_file_that_never_completes_is_reported_and_the_run_goes_on(tmp_path, exp
         error = events[-1]
         assert error.kind == "incomplete" and isinstance(error.error, IncompleteVolumeError)
         assert error.path.name == volumes[4].name
+        record = event_record(error)
+        assert record["error_type"] == "IncompleteVolumeError" and record["path"] == str(error.path)
         copy_as(volumes[5], export)
         events += watcher.wait_for(lambda e: isinstance(e, VolumeReady) and e.number == 6, WAIT_S, "volume 6")
     assert slots(events) == [1, 2, 3, 4, 5, 6]

@@ -176,6 +176,8 @@ def test_invalid_parameters_are_named(tmp_path, volumes):
         ScannerEmulator(volumes, tmp_path, tr=1.0, speed=-1).plan()
     with pytest.raises(ReplayError, match="not a folder"):
         ScannerEmulator(tmp_path / "missing", tmp_path, tr=1.0).plan()
+    with pytest.raises(ReplayError, match="replay source folder"):
+        ScannerEmulator(volumes, volumes[0].parent, tr=1.0).plan()
 
 
 def test_cli_replays_with_faults_and_saves_the_plan(tmp_path, siemens_export_dir, capsys):
