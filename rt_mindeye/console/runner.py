@@ -63,15 +63,19 @@ class OperatorConsole:
                                   latency_window=config.latency_window,
                                   fd_over=tuple(0 for _ in config.fd_thresholds_mm))
         self._stop = False
+        self._until: Callable[[ConsoleState], bool] | None = None
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after its current wait."""
         self._stop = True
 
-    def run(self, duration_s: float | None = None, *, headless: bool | None = None) -> ConsoleState:
-        """Show the session until :meth:`stop`, Ctrl-C or ``duration_s``; returns the last state."""
+    def run(self, duration_s: float | None = None, *, headless: bool | None = None,
+            until: Callable[[ConsoleState], bool] | None = None) -> ConsoleState:
+        """Show the session until :meth:`stop`, Ctrl-C, ``duration_s`` or ``until(state)``; returns the last
+        state."""
         headless = self.config.headless if headless is None else headless
         end = None if duration_s is None else time.monotonic() + duration_s
+        self._until = until
         try:
             if headless:
                 self._loop(end, repaint=None)
@@ -95,6 +99,8 @@ class OperatorConsole:
         next_paint = time.monotonic()
         trials_written = None
         while not self._stop and (end is None or time.monotonic() < end):
+            if self._until is not None and self._until(self.state):
+                break
             delivery = self._receive(min(period, max(0.0, next_paint - time.monotonic())) or 0.001)
             # Fold everything that is waiting before painting: a slow repaint must not make the console fall behind.
             while delivery is not None:

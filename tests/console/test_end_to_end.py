@@ -82,7 +82,10 @@ def test_trials_flow_from_scanner_to_console(tmp_path, factories):
             ConsoleConfig(gallery_dir=tmp_path / "gallery", headless=True, refresh_per_second=20.0),
             [Source("scanner", scanner_pub.pub_endpoint, scanner_pub.snapshot_endpoint),
              Source("decoder", results.pub_endpoint, results.snapshot_endpoint)], heartbeat_interval_s=HB)
-        state = console.run(duration_s=2.0)  # joins late: everything comes from the snapshots
+        # joins late: everything comes from the snapshots
+        state = console.run(duration_s=20.0, until=lambda s: (
+            s.last_volume == N_TRIALS and len(s.trials) == N_TRIALS and all(r.topk for r in s.trials)
+            and any(r.thumbnail_path for r in s.trials) and sum(p.alive for p in s.peers) == 2))
     finally:
         stop.set()
         decoder.join(10)

@@ -72,7 +72,9 @@ def test_headless_console_follows_scanner_and_decoder(tmp_path, factories, caplo
                                            Source("decoder", decoder.pub_endpoint, decoder.snapshot_endpoint)],
                                   heartbeat_interval_s=hb)
         with caplog.at_level(logging.INFO, logger="rt_mindeye.console"):
-            state = console.run(duration_s=2.0)
+            state = console.run(duration_s=20.0, until=lambda s: (
+                s.last_volume == 4 and s.trial(1, 1) is not None and s.trial(1, 1).thumbnail_path is not None
+                and len(s.peers) == 2))
     finally:
         scanner.close()
         decoder.close()

@@ -125,3 +125,13 @@ def test_render_a_snapshot_to_text(factories):
     assert "250 ms" in text  # received p50 from acquisition
     assert "run01_t2.png" in text
     assert "▁" in text or "▂" in text
+
+
+def test_console_and_transport_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, rt_mindeye.console, rt_mindeye.transport; "
+            "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'diffusers')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
