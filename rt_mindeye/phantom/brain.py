@@ -169,8 +169,8 @@ def render_anatomy(points_head: np.ndarray, rng: np.random.Generator, ventricle_
     intensity = table[labels]
     in_head = labels != LABELS["background"]
     intensity[in_head] *= 1.0 + 0.06 * texture(points_head[in_head])
-    # Partial volume: blur by ~0.5 voxel (sigma in voxels of the grid being rendered).
-    intensity = ndimage.gaussian_filter(intensity, sigma=0.5, mode="nearest") if intensity.ndim == 3 else intensity
+    # Partial volume and the EPI point-spread function: blur by sigma 0.75 voxel (about 1.8 voxels FWHM).
+    intensity = ndimage.gaussian_filter(intensity, sigma=0.75, mode="nearest") if intensity.ndim == 3 else intensity
     return labels, intensity.astype(np.float32)
 
 
