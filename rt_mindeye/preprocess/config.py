@@ -47,6 +47,9 @@ class MotionConfig:
     reslice_interpolation: str = setting(
         "linear", "interpolator used to reslice each volume into the reference space",
         choices=("nearest", "linear", "bspline", "lanczos"))
+    full_reslice: bool = setting(
+        True, "reslice the whole volume into MotionResult.volume; false = only the voxel mask given to fit"
+        " (MotionResult.voxels), far cheaper when the GLM only needs a few thousand voxels")
     mask_threshold: float = setting(
         0.15, "head mask for sampling: voxels above this fraction of the reference's 98th percentile", min=0.0,
         max=1.0)

@@ -98,6 +98,20 @@ def reslice_trilinear(moving, voxel_map, shape, fill):
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
+def reslice_points_trilinear(moving, voxel_map, indices, fill):
+    """Like :func:`reslice_trilinear` but only at the ``(V, 3)`` output voxel ``indices``: a ``(V,)`` float32."""
+    out = np.empty(indices.shape[0], dtype=np.float32)
+    for n in numba.prange(indices.shape[0]):
+        i, j, k = indices[n, 0], indices[n, 1], indices[n, 2]
+        value = _trilinear(moving,
+                           voxel_map[0, 0] * i + voxel_map[0, 1] * j + voxel_map[0, 2] * k + voxel_map[0, 3],
+                           voxel_map[1, 0] * i + voxel_map[1, 1] * j + voxel_map[1, 2] * k + voxel_map[1, 3],
+                           voxel_map[2, 0] * i + voxel_map[2, 1] * j + voxel_map[2, 2] * k + voxel_map[2, 3])
+        out[n] = fill if np.isnan(value) else value
+    return out
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
 def reslice_nearest(moving, voxel_map, shape, fill):
     """Nearest-neighbour version of :func:`reslice_trilinear`."""
     out = np.empty((shape[0], shape[1], shape[2]), dtype=np.float32)

@@ -28,7 +28,12 @@ from scipy import ndimage
 
 from rt_mindeye.errors import GeometryMismatchError, NotFittedError, RtMindEyeError
 from rt_mindeye.preprocess.config import AlignConfig, MotionConfig
-from rt_mindeye.preprocess.gauss_newton import GaussNewtonRegistration, reslice_nearest, reslice_trilinear
+from rt_mindeye.preprocess.gauss_newton import (
+    GaussNewtonRegistration,
+    reslice_nearest,
+    reslice_points_trilinear,
+    reslice_trilinear,
+)
 from rt_mindeye.preprocess.geometry import (
     RigidTransform,
     affine_to_itk_geometry,
@@ -79,8 +84,11 @@ class MotionResult:
     """Framewise displacement relative to the previous volume (0 for the first volume after fit/reset)."""
     fd_level: int
     """How many of the configured FD thresholds (0.2 / 0.3 / 0.4 mm) this volume exceeds (0..3)."""
-    volume: Volume
-    """The volume resliced into the reference grid: float32 data, the reference's affine, the input's metadata."""
+    volume: Volume | None
+    """The volume resliced into the reference grid: float32 data, the reference's affine, the input's metadata
+    (``None`` when ``full_reslice`` is off)."""
+    voxels: np.ndarray | None
+    """``(V,)`` float32 resliced values of the ``voxel_mask`` given to ``fit`` (C order), or ``None`` without one."""
     elapsed_s: float
     """Wall time of registration + reslice."""
     registration_s: float
@@ -144,8 +152,13 @@ class MotionCorrector:
 
     # --- fitting ------------------------------------------------------------------------------------------------
 
-    def fit(self, reference: Volume, initial: RigidTransform | None = None) -> "MotionCorrector":
-        """Prepare the reference image, head mask, registration and resampler; ``initial`` seeds the first volume."""
+    def fit(self, reference: Volume, initial: RigidTransform | None = None,
+            voxel_mask: np.ndarray | None = None) -> "MotionCorrector":
+        """Prepare the reference image, head mask, registration and resampler.
+
+        ``initial`` seeds the first volume's registration. ``voxel_mask`` (boolean, reference grid) selects voxels
+        that every :class:`MotionResult` also carries as a ``(V,)`` vector (``voxels``), resampled directly.
+        """
         config = self.config if self.config is not None else MotionConfig()
         if not isinstance(config, MotionConfig):
             raise TypeError(f"config must be a MotionConfig, got {type(config).__name__}")
@@ -166,6 +179,13 @@ class MotionCorrector:
             slice_times=reference.slice_times, sop_instance_uid=reference.sop_instance_uid, source=reference.source,
             header=reference.header)
         self.mask_ = mask
+        if voxel_mask is not None:
+            voxel_mask = np.asarray(voxel_mask, dtype=bool)
+            if voxel_mask.shape != data.shape:
+                raise GeometryMismatchError(reference.source, "voxel_mask shape", data.shape, voxel_mask.shape)
+            self.voxel_indices_ = np.argwhere(voxel_mask).astype(np.int64)
+        else:
+            self.voxel_indices_ = None
         self.center_ = volume_center_ras(data.shape, self.reference_.affine)
 
         # The metric only looks inside the mask, so hand ITK the mask's bounding box: its per-level copies of the
@@ -293,12 +313,29 @@ class MotionCorrector:
         data, _ = sitk_to_array(self.resampler_.Execute(volume_to_sitk(volume)))
         return data
 
+    def reslice_voxels(self, volume: Volume, transform: RigidTransform) -> np.ndarray:
+        """Resample ``volume`` at the ``voxel_mask`` voxels given to :meth:`fit` only (trilinear), ``(V,)``."""
+        self._check_fitted()
+        if self.voxel_indices_ is None:
+            raise ValueError("reslice_voxels needs the voxel_mask argument of fit()")
+        voxel_map = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64)) @ transform.matrix \
+            @ self.reference_.affine
+        numba.set_num_threads(min(self.config_.threads, numba.config.NUMBA_NUM_THREADS))
+        return reslice_points_trilinear(np.ascontiguousarray(volume.data, dtype=np.float32),
+                                        np.ascontiguousarray(voxel_map[:3]), self.voxel_indices_, np.float32(0.0))
+
     def update(self, volume: Volume) -> MotionResult:
         """Register ``volume`` to the reference (from the previous estimate), reslice it, and report the motion."""
         started = time.perf_counter()
         estimate, n_iterations, metric_value = self.estimate(volume)
         registered = time.perf_counter()
-        resliced = self.reslice(volume, estimate)
+        resliced = self.reslice(volume, estimate) if self.config_.full_reslice else None
+        voxels = None
+        if self.voxel_indices_ is not None:
+            if resliced is not None:
+                voxels = resliced[tuple(self.voxel_indices_.T)]
+            else:
+                voxels = self.reslice_voxels(volume, estimate)
         finished = time.perf_counter()
 
         params = estimate.params
@@ -306,11 +343,11 @@ class MotionCorrector:
         fd_level = int(sum(fd > t for t in self.config_.fd_thresholds_mm))
         self.previous_ = estimate
         self.history_.append(params)
-        out_volume = Volume(
+        out_volume = None if resliced is None else Volume(
             data=resliced, affine=self.reference_.affine.copy(), series=volume.series, volume=volume.volume,
             tr=volume.tr, acquisition_time=volume.acquisition_time, slice_times=volume.slice_times,
             sop_instance_uid=volume.sop_instance_uid, source=volume.source, header=volume.header)
-        return MotionResult(params=params, transform=estimate, fd_mm=fd, fd_level=fd_level, volume=out_volume,
+        return MotionResult(params=params, transform=estimate, fd_mm=fd, fd_level=fd_level, volume=out_volume, voxels=voxels,
                             elapsed_s=finished - started, registration_s=registered - started,
                             reslice_s=finished - registered, n_iterations=n_iterations, metric_value=metric_value)
 

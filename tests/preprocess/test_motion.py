@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from rt_mindeye.errors import NotFittedError
+from rt_mindeye.errors import GeometryMismatchError, NotFittedError
 from rt_mindeye.preprocess.config import MotionConfig
 from rt_mindeye.preprocess.geometry import RigidTransform, framewise_displacement, volume_center_ras, volume_to_sitk
 from rt_mindeye.preprocess.motion import (
@@ -187,3 +187,16 @@ def test_other_reslice_interpolators(moved_series, interpolation):
     out = corrector.update(reference).volume.data
     inside = corrector.mask_
     assert np.median(np.abs(out[inside] - reference.data[inside])) < 5.0
+
+
+def test_voxel_mask_only_reslice_matches_full_reslice(moved_series):
+    reference, moved = moved_series[0], moved_series[3]
+    voxel_mask = np.zeros(reference.shape, dtype=bool)
+    voxel_mask[10:25, 12:20, 8:20] = True
+    full = MotionCorrector().fit(reference, voxel_mask=voxel_mask).update(moved)
+    fast = MotionCorrector(MotionConfig(full_reslice=False)).fit(reference, voxel_mask=voxel_mask).update(moved)
+    assert fast.volume is None and fast.voxels.shape == (int(voxel_mask.sum()),)
+    np.testing.assert_allclose(fast.voxels, full.volume.data[voxel_mask], rtol=0, atol=1e-2)
+    np.testing.assert_allclose(full.voxels, full.volume.data[voxel_mask])
+    with pytest.raises(GeometryMismatchError, match="voxel_mask"):
+        MotionCorrector().fit(reference, voxel_mask=voxel_mask[:, :, :5])
