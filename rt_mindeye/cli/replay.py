@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--speed", type=float, default=1.0, help="replay speed factor (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random fault (default 0)")
     parser.add_argument("--pattern", default=None, help="export file name pattern (default the Siemens one)")
+    parser.add_argument("--timing", choices=("tr", "recorded"), default="tr",
+                        help="tr: one file per TR; recorded: SRC is a session recorded by the watcher, replayed "
+                             "with the arrival times and order it had (re-sends included)")
     faults = parser.add_argument_group("faults (all off by default)")
     faults.add_argument("--partial-writes", type=float, default=0.0, metavar="P",
                         help="probability that a file is written in chunks while held open")
@@ -71,7 +74,11 @@ def _tr_from_first_file(src: Path, pattern: str) -> float:
     from rt_mindeye.errors import ConfigError
     from rt_mindeye.replay.emulator import list_export_files
 
+    if not src.is_dir():
+        raise ConfigError(SOURCE, "src", f"{src} is not a folder")
     files = list_export_files(src, pattern)
+    if not files and (src / "sourcedata" / "dicom").is_dir():  # a session folder given for --timing recorded
+        files = list_export_files(src / "sourcedata" / "dicom", pattern)
     if not files:
         raise ConfigError(SOURCE, "tr", f"no export files in {src} to take RepetitionTime from; pass --tr")
     first = files[0][2]
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if tr <= 0:
         raise ConfigError(SOURCE, "tr", f"must be positive, got {tr}")
     emulator = ScannerEmulator(args.src, args.dest, tr=tr, speed=args.speed, faults=_fault_plan(args),
-                               seed=args.seed, pattern=pattern)
+                               seed=args.seed, pattern=pattern, timing=args.timing)
     plan = emulator.plan()
     if args.plan_json is not None:
         plan.to_json(args.plan_json)

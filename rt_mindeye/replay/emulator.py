@@ -209,11 +209,18 @@ class ScannerEmulator:
         A :class:`FaultPlan`.
     seed:
         Seed of every random choice; the same seed gives the same plan.
+    pattern:
+        Export file name pattern.
+    timing:
+        ``"tr"``: one file per TR in (series, volume) order. ``"recorded"``: ``src`` is a session recorded by the
+        watcher (its ``sourcedata/dicom`` folder, or the session folder); files are sent in the order and at the
+        times they arrived then, re-sends included, from ``manifest.jsonl``. Faults apply on top of either.
     """
 
     def __init__(self, src, dest: str | Path, tr: float, speed: float = 1.0, faults: FaultPlan | None = None,
-                 seed: int = 0, pattern: str = DEFAULT_PATTERN):
+                 seed: int = 0, pattern: str = DEFAULT_PATTERN, timing: str = "tr"):
         self.src = src
+        self.timing = timing
         self.dest = Path(dest)
         self.tr = tr
         self.speed = speed
@@ -240,22 +247,37 @@ class ScannerEmulator:
             raise ValueError(f"tr must be positive, got {self.tr!r}")
         if self.speed <= 0:
             raise ValueError(f"speed must be positive, got {self.speed!r}")
-        files = list_export_files(self.src, self.pattern)
-        destination = self.dest.resolve()
-        if any(path.resolve().parent == destination for _, _, path in files):
-            raise ReplayError(self.dest, "destination is the replay source folder: the copies would overwrite it")
-        if not files:
-            raise ReplayError(Path(self.src) if isinstance(self.src, (str, Path)) else Path("."),
-                              f"no files matching {self.pattern!r} to replay")
+        if self.timing not in ("tr", "recorded"):
+            raise ValueError(f"timing must be 'tr' or 'recorded', got {self.timing!r}")
         faults = self.faults
         step = self.tr / self.speed
         rng = np.random.default_rng(self.seed)
 
-        # 1. What is sent, in nominal order: the run, then (restart) the whole run again under a new series number.
-        order: list[tuple[int, int, Path, int | None]] = [(s, v, p, None) for s, v, p in files]
-        if faults.restart_series_at is not None and faults.restart_series_at < len(files):
-            new_series = max(s for s, _, _ in files) + 1
-            order = order[:faults.restart_series_at] + [(new_series, v, p, new_series) for _, v, p in files]
+        # 1. What is sent and when, before faults: one file per TR in (series, volume) order, or the arrival times
+        #    and names of a recorded session. A restart sends the whole run again under a new series number.
+        if self.timing == "recorded":
+            arrivals = recorded_arrivals(self.src, self.pattern)
+            files = [(series, volume, path) for series, volume, path, _, _ in arrivals]
+            names: list[str | None] = [name for _, _, _, name, _ in arrivals]
+            base = np.array([t for *_, t in arrivals], dtype=float) / self.speed
+        else:
+            files = list_export_files(self.src, self.pattern)
+            names = [None] * len(files)
+            base = np.arange(len(files), dtype=float) * step
+        if not files:
+            raise ReplayError(Path(self.src) if isinstance(self.src, (str, Path)) else Path("."),
+                              f"no files matching {self.pattern!r} to replay")
+        destination = self.dest.resolve()
+        if any(path.resolve().parent == destination for _, _, path in files):
+            raise ReplayError(self.dest, "destination is the replay source folder: the copies would overwrite it")
+        order: list[tuple[int, int, Path, int | None, str | None]] = [
+            (series, volume, path, None, name) for (series, volume, path), name in zip(files, names)]
+        nominal = base
+        restart_at = faults.restart_series_at
+        if restart_at is not None and restart_at < len(files):
+            new_series = max(series for series, _, _ in files) + 1
+            order = order[:restart_at] + [(new_series, v, p, new_series, None) for _, v, p in files]
+            nominal = np.concatenate([base[:restart_at], base[restart_at] + base - base[0]])
         n = len(order)
 
         # 2. Every random number is drawn here, in a fixed layout, so that turning one fault on or off does not
@@ -271,7 +293,7 @@ class ScannerEmulator:
         duplicate_renamed = draws[:, 7] < faults.duplicate_rename
 
         # 3. Nominal times, neighbour swaps, pause, jitter.
-        start = np.arange(n, dtype=float) * step
+        start = nominal.copy()
         tags: list[list[str]] = [[] for _ in range(n)]
         k = 0
         while k < n - 1:
@@ -282,8 +304,8 @@ class ScannerEmulator:
                 k += 2
             else:
                 k += 1
-        if faults.pause_at is not None and faults.pause_trs > 0:
-            pause_begin = faults.pause_at * step
+        if faults.pause_at is not None and faults.pause_trs > 0 and faults.pause_at < n:
+            pause_begin = float(nominal[faults.pause_at])
             pause_end = pause_begin + faults.pause_trs * step
             # The volume due at the very end of the pause leaves with the burst, as the last of it.
             held = [i for i in np.argsort(start, kind="stable") if pause_begin <= start[i] <= pause_end + 1e-9]
@@ -298,8 +320,8 @@ class ScannerEmulator:
         # 4. Sends, with chunking and renames.
         chunk_step = faults.partial_chunk_tr * step
         sends: list[PlannedSend] = []
-        for i, (series, volume, path, new_series) in enumerate(order):
-            name = compile_name(self.pattern, series, volume)
+        for i, (series, volume, path, new_series, recorded_name) in enumerate(order):
+            name = recorded_name or compile_name(self.pattern, series, volume)
             new_sop = None
             base_tags = list(tags[i])
             if new_series is not None:
@@ -452,6 +474,45 @@ class ScannerEmulator:
         if send.temporary_name:
             os.replace(written, final)
         return True
+
+
+def recorded_arrivals(src: str | Path, pattern: str = DEFAULT_PATTERN) -> list[tuple[int, int, Path, str, float]]:
+    """(series, volume, recorded copy, original name, seconds after the first arrival) of every accepted file of a
+    session recorded by the watcher, in arrival order, from its ``manifest.jsonl``.
+
+    ``src`` is the recording folder (``<session>/sourcedata/dicom``) or the session folder.
+    """
+    from rt_mindeye.ingest.recorder import DICOM_SUBDIR, MANIFEST_NAME
+
+    folder = Path(src)
+    if not (folder / MANIFEST_NAME).exists() and (folder / DICOM_SUBDIR / MANIFEST_NAME).exists():
+        folder = folder / DICOM_SUBDIR
+    manifest = folder / MANIFEST_NAME
+    if not manifest.exists():
+        raise ReplayError(folder, f"no {MANIFEST_NAME}: recorded timing needs a session recorded by the watcher")
+    regex = compile_pattern(pattern)
+    arrivals = []
+    with manifest.open() as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if entry.get("status") != "accepted":
+                    continue
+                name, copy, received = entry["name"], folder / entry["recorded"], float(entry["received_unix_s"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ReplayError(manifest, f"line {line_number}: not a manifest entry ({exc})") from exc
+            numbers = parse_name(regex, name)
+            if numbers is None:
+                raise ReplayError(manifest, f"line {line_number}: {name!r} does not match the pattern {pattern!r}")
+            if not copy.is_file():
+                raise ReplayError(copy, f"recorded copy listed in {manifest.name} line {line_number} is missing")
+            arrivals.append((numbers[0], numbers[1], copy, name, received))
+    if arrivals:
+        first = min(t for *_, t in arrivals)
+        arrivals = [(s, v, p, n, t - first) for s, v, p, n, t in sorted(arrivals, key=lambda a: a[4])]
+    return arrivals
 
 
 def compile_name(pattern: str, series: int, volume: int) -> str:

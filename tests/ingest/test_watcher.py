@@ -195,9 +195,11 @@ def test_missing_volume_is_declared_after_two_tr_and_its_late_arrival_is_recorde
             copy_as(path, export)
         events = wait_ready(watcher, 13, 6)
         gap = next(e for e in events if isinstance(e, VolumeGap))
-        held = next(e for e in events if isinstance(e, VolumeReady) and e.number == 5)
+        first_held = min(e.received_at for e in events if isinstance(e, VolumeReady) and e.number in (5, 6))
         assert (gap.series, gap.volume, gap.reason) == (13, 4, "timeout")
-        assert gap.declared_at - held.received_at >= 2 * tr  # the rule, on the watcher's own clock
+        # the rule, on the watcher's own clock: 2 TR after the first later volume arrived (5 or 6: a file caught
+        # while still being copied is retried, so 6 can be taken before 5)
+        assert gap.declared_at - first_held >= 2 * tr
         copy_as(volumes[3], export)
         late = watcher.wait_for(lambda e: isinstance(e, LateVolume), WAIT_S, "LateVolume")[-1]
     assert (late.number, late.reason) == (4, "after_gap")

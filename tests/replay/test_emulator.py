@@ -180,6 +180,43 @@ def test_invalid_parameters_are_named(tmp_path, volumes):
         ScannerEmulator(volumes, volumes[0].parent, tr=1.0).plan()
 
 
+def test_recorded_session_replays_with_its_own_arrival_order_and_timing(tmp_path, volumes):
+    from rt_mindeye.ingest.config import WatcherConfig
+    from rt_mindeye.ingest.series import VolumeReady
+    from rt_mindeye.ingest.watcher import FolderWatcher
+
+    def ingest(folder, session, emulator):
+        folder.mkdir()
+        cfg = WatcherConfig(tr_s=1.0, record_dir=session, rescan_interval_s=0.2, complete_retry_s=0.02)
+        with FolderWatcher(folder, cfg) as watcher:
+            emulator.dest = folder
+            emulator.run()
+            watcher.wait_for(lambda e: isinstance(e, VolumeReady) and e.number == 10, 20.0, "volume 10")
+        return DicomRecorder(session)
+
+    from rt_mindeye.ingest.recorder import DicomRecorder
+
+    # 1. a live session with misbehaving arrivals, recorded by the watcher
+    live = ScannerEmulator(volumes, tmp_path, tr=0.03, faults=FaultPlan(reorder=0.5, duplicate=0.4), seed=6)
+    recorder = ingest(tmp_path / "live", tmp_path / "session", live)
+    manifest = [m for m in recorder.read_manifest() if m["status"] == "accepted"]
+    assert len(manifest) > 10  # re-sends were recorded too
+
+    # 2. its replay follows the recorded order, names and intervals (here twice as fast)
+    replay = ScannerEmulator(tmp_path / "session", tmp_path, tr=0.03, speed=2.0, timing="recorded")
+    plan = replay.plan()
+    assert [s.name for s in plan.sends] == [m["name"] for m in manifest]
+    recorded_t = np.array([m["received_unix_s"] for m in manifest])
+    np.testing.assert_allclose([s.start_s for s in plan.sends], (recorded_t - recorded_t[0]) / 2.0, atol=1e-6)
+    replayed = ingest(tmp_path / "again", tmp_path / "session2", replay)
+    # the second watcher receives the same files, re-sends included (files arriving within a millisecond of each
+    # other may be taken in either order, so compare as multisets)
+    assert sorted(m["sha256"] for m in replayed.read_manifest()) == sorted(m["sha256"] for m in manifest)
+
+    with pytest.raises(ReplayError, match="manifest"):
+        ScannerEmulator(volumes[0].parent, tmp_path / "x", tr=1.0, timing="recorded").plan()
+
+
 def test_cli_replays_with_faults_and_saves_the_plan(tmp_path, siemens_export_dir, capsys):
     out, plan_path = tmp_path / "out", tmp_path / "plan.json"
     code = cli_main(["replay", str(siemens_export_dir), str(out), "--tr", "0.005", "--seed", "3", "--drop", "0.3",
