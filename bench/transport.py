@@ -13,7 +13,9 @@ of this process, so one ``perf_counter`` clock times both ends):
 - ``json_list`` (baseline): the same fields with the betas as a JSON list of floats in one frame
   (``json.dumps(betas.tolist())`` -> ``np.asarray(json.loads(...), float32)``), the usual "just JSON" approach;
 - ``reliable_nofsync`` / ``reliable_fsync``: the full reliable channel (journal append, optional fsync, agent
-  thread, ROUTER -> DEALER, ack) from ``ReliableSender.send`` to ``ReliableReceiver.recv``.
+  thread, ROUTER -> DEALER, ack) from ``ReliableSender.send`` to ``ReliableReceiver.recv``;
+- ``send_call_no_decoder_*``: not a latency but what acquisition pays per trial: the duration of the
+  ``ReliableSender.send`` call itself (journal write, optional fsync, wake-up) with no decoder connected.
 
 Prints a rich table (p50 / p99 / mean in microseconds, ratio of p50 to the JSON baseline) and writes
 ``bench/results/transport.json``. Timings on a busy machine are not meaningful: compare ratios within one run.
@@ -151,6 +153,23 @@ def bench_reliable(n: int, fsync: bool) -> np.ndarray:
             sender.close()
 
 
+def bench_send_call(n: int, fsync: bool) -> np.ndarray:
+    """What acquisition pays: duration of ``ReliableSender.send`` with no decoder connected at all."""
+    rng = np.random.default_rng(0)
+    messages = [make_trial(i, rng) for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        sender = ReliableSender("tcp://127.0.0.1:0", Path(tmp) / "bench.journal", session="bench", fsync=fsync)
+        try:
+            durations = np.zeros(n)
+            for i, msg in enumerate(messages):
+                start = time.perf_counter()
+                sender.send(msg)
+                durations[i] = time.perf_counter() - start
+            return durations * 1e6
+        finally:
+            sender.close()
+
+
 def summarise(name: str, micros: np.ndarray) -> dict:
     return {"method": name, "n": int(micros.size), "p50_us": float(np.percentile(micros, 50)),
             "p99_us": float(np.percentile(micros, 99)), "mean_us": float(micros.mean())}
@@ -166,17 +185,21 @@ def main(argv=None) -> int:
 
     rows = [summarise("json_list", bench_json_list(n)), summarise("zero_copy", bench_zero_copy(n)),
             summarise("reliable_nofsync", bench_reliable(n, fsync=False)),
-            summarise("reliable_fsync", bench_reliable(max(10, n // 4), fsync=True))]
+            summarise("reliable_fsync", bench_reliable(max(10, n // 4), fsync=True)),
+            summarise("send_call_no_decoder_nofsync", bench_send_call(n, fsync=False)),
+            summarise("send_call_no_decoder_fsync", bench_send_call(max(10, n // 4), fsync=True))]
     baseline = rows[0]["p50_us"]
     for row in rows:
-        row["p50_vs_json_list"] = baseline / row["p50_us"] if row["p50_us"] else None
+        comparable = not row["method"].startswith("send_call")  # a call duration, not a delivery latency
+        row["p50_vs_json_list"] = baseline / row["p50_us"] if comparable and row["p50_us"] else None
 
     table = Table(title=f"TrialBetas ({N_VOXELS} float32 voxels) over loopback tcp, one message in flight")
-    for column in ("method", "n", "p50 µs", "p99 µs", "mean µs", "speed-up vs json_list (p50)"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    for column in ("method", "n", "p50 µs", "p99 µs", "mean µs", "p50 speed-up vs json_list"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for row in rows:
+        ratio = row["p50_vs_json_list"]
         table.add_row(row["method"], str(row["n"]), f"{row['p50_us']:.0f}", f"{row['p99_us']:.0f}",
-                      f"{row['mean_us']:.0f}", f"{row['p50_vs_json_list']:.1f}x")
+                      f"{row['mean_us']:.0f}", "-" if ratio is None else f"{ratio:.1f}x")
     Console().print(table)
 
     report = {"benchmark": "transport", "n_voxels": N_VOXELS, "quick": args.quick, "python": platform.python_version(),

@@ -111,13 +111,16 @@ class Journal:
 
     def append(self, seq: int, frames: list) -> None:
         """Write one message's frames durably. ``seq`` must be ``next_seq()``."""
+        # One immutable copy of the frames (80 kB for 20k voxels): the caller may reuse or change its arrays
+        # afterwards without changing what is (re)sent, and disk and memory hold the same bytes.
+        frozen = [f if isinstance(f, bytes) else bytes(memoryview(f).cast("B")) for f in frames]
         with self._lock:
             if seq != self.last_seq + 1:
                 raise ValueError(f"journal {self.path}: seq {seq} out of order (last {self.last_seq})")
             offset = self._file.tell()
-            self._write(KIND_MESSAGE, seq, frames)
+            self._write(KIND_MESSAGE, seq, frozen)
             self._offsets[seq] = offset
-            self._pending[seq] = list(frames)
+            self._pending[seq] = frozen
             self.last_seq = seq
 
     def mark_acked(self, seq: int) -> bool:

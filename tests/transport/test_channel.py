@@ -195,3 +195,14 @@ def test_state_file_of_another_session_is_not_trusted(tmp_path, helpers):
             assert [m.seq for m in got] == [1, 2, 3]
             assert sender.wait_acked(3, 5.0)
     assert state.read_text().split() == ["ses-test", "3"]
+
+
+def test_caller_may_reuse_its_array_after_send(tmp_path, helpers):
+    with _sender(tmp_path, helpers) as sender:
+        msg = helpers.make_trial(1)
+        expected = msg.betas.copy()
+        sender.send(msg)
+        msg.betas[:] = -1.0  # e.g. the GLM reuses its output buffer
+        with _receiver(sender.last_endpoint, helpers) as receiver:
+            got = helpers.drain(receiver, 1, 10.0)
+    assert np.array_equal(got[0].betas, expected)
