@@ -496,6 +496,11 @@ class FolderWatcher:
         for name in due:
             if self._stop_requested.is_set() and not final:
                 return
+            if not final and self._behind_an_earlier_series(name):
+                # The last volume of the previous run is still being written: a new series would end that run
+                # and turn it into a LateVolume. Wait (at most complete_timeout_s, when that file is given up).
+                self._files[name].next_try = self.clock() + self.config.complete_retry_s
+                continue
             try:
                 self._process(name, self.clock(), final)
             except Exception as exc:  # a bug must not kill the watcher: report it with its traceback and go on
@@ -504,6 +509,17 @@ class FolderWatcher:
                 self._pending.discard(name)
                 self.stats.errors += 1
                 self._emit([IngestError(self.folder / name, "internal", exc, self.clock())])
+
+    def _behind_an_earlier_series(self, name: str) -> bool:
+        """True when another pending (incomplete) file belongs to a lower series than ``name``, by file name."""
+        numbers = self.config.parse_name(name)
+        if numbers is None:
+            return False
+        for other in self._pending:
+            other_numbers = self.config.parse_name(other)
+            if other != name and other_numbers is not None and other_numbers[0] < numbers[0]:
+                return True
+        return False
 
     def _process(self, name: str, now: float, final: bool) -> None:
         state = self._files[name]

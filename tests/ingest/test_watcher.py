@@ -7,6 +7,7 @@ has a generous deadline.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -74,8 +75,12 @@ def wait_ready(watcher, series, number):
 
 
 def copy_as(src: Path, folder: Path, name: str | None = None) -> Path:
+    """Put a file into the export folder whole (written aside, then renamed in), so that tests about other things
+    never race with a half-copied file; partial writes have their own tests."""
     target = folder / (name or src.name)
-    shutil.copyfile(src, target)
+    temporary = folder / f".{target.name}.part"
+    shutil.copyfile(src, temporary)
+    os.replace(temporary, target)
     return target
 
 
@@ -149,7 +154,7 @@ def test_truncated_file_is_retried_and_accepted_once_complete(tmp_path, export, 
 
 
 def test_file_that_never_completes_is_reported_and_the_run_goes_on(tmp_path, export, volumes, siemens_export_dir):
-    cfg = config(tmp_path, complete_timeout_s=0.3, tr_s=0.1)
+    cfg = config(tmp_path, complete_timeout_s=0.3, tr_s=0.3)
     with FolderWatcher(export, cfg) as watcher:
         for path in volumes[:4]:
             copy_as(path, export)
@@ -284,6 +289,30 @@ def test_restarted_series_is_a_new_run(tmp_path, export, volumes):
     assert ready_numbers(events, 14) == list(range(1, 11))
     restarted = [e.volume for e in events if isinstance(e, VolumeReady) and e.series == 14]
     assert len({v.sop_instance_uid for v in restarted}) == 10
+
+
+def test_new_series_waits_for_the_last_volume_of_the_previous_one(tmp_path, export, volumes):
+    restarted = ScannerEmulator(volumes[:2], tmp_path / "restarted", tr=0.01, faults=FaultPlan(restart_series_at=1))
+    restarted.run()  # 001_000013_000001.dcm, then the run again as 001_000014_000001.dcm and _000002.dcm
+    first_of_14 = tmp_path / "restarted" / "001_000014_000001.dcm"
+    full = volumes[1].read_bytes()
+    with FolderWatcher(export, config(tmp_path)) as watcher:
+        copy_as(volumes[0], export)
+        wait_ready(watcher, 13, 1)
+        with open(export / volumes[1].name, "wb") as handle:  # volume 2 of series 13 is still being written ...
+            handle.write(full[: len(full) // 2])
+            handle.flush()
+            deadline = time.monotonic() + WAIT_S
+            while watcher.stats.retries < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            copy_as(first_of_14, export)  # ... when the restarted run's first volume arrives
+            time.sleep(0.3)
+            handle.write(full[len(full) // 2:])
+        events = wait_ready(watcher, 14, 1)
+    assert ready_numbers(events, 13) == [2]
+    assert not [e for e in events if isinstance(e, LateVolume)]
+    order = [(type(e).__name__, e.series) for e in events if isinstance(e, (RunEnded, RunStarted, VolumeReady))]
+    assert order == [("VolumeReady", 13), ("RunEnded", 13), ("RunStarted", 14), ("VolumeReady", 14)]
 
 
 def test_geometry_change_inside_a_series_is_rejected(tmp_path, export, volumes):
