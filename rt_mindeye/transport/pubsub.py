@@ -24,7 +24,7 @@ import zmq
 
 from rt_mindeye.errors import MessageError
 from rt_mindeye.transport import protocol, security
-from rt_mindeye.transport.channel import Liveness, PeerEvent, _Agent, _STOP, _WAKE
+from rt_mindeye.transport.agent import STOP, WAKE, Agent, Liveness, PeerEvent
 from rt_mindeye.transport.messages import Heartbeat, Message, decode, encode
 
 __all__ = ["SnapshotPublisher", "SnapshotSubscriber", "Source", "Delivery"]
@@ -32,7 +32,7 @@ __all__ = ["SnapshotPublisher", "SnapshotSubscriber", "Source", "Delivery"]
 log = logging.getLogger(__name__)
 
 
-class SnapshotPublisher(_Agent):
+class SnapshotPublisher(Agent):
     """PUB + snapshot ROUTER. ``publish(msg)`` numbers and queues a message and returns at once."""
 
     def __init__(self, pub_endpoint: str, snapshot_endpoint: str, *, session: str, service: str,
@@ -71,7 +71,7 @@ class SnapshotPublisher(_Agent):
             frames = encode(numbered)
             self._history.append(frames)
             self._outgoing.append(frames)
-        self._signal(_WAKE)
+        self._signal(WAKE)
         return numbered
 
     @property
@@ -88,7 +88,7 @@ class SnapshotPublisher(_Agent):
             for sock, _ in poller.poll(timeout_ms):
                 if sock is self._pipe_agent:
                     while self._pipe_agent.poll(0):
-                        if self._pipe_agent.recv_multipart()[0] == _STOP:
+                        if self._pipe_agent.recv_multipart()[0] == STOP:
                             return
                 else:
                     self._answer_snapshots()
@@ -161,7 +161,7 @@ class _SourceState:
     gaps: int = 0
 
 
-class SnapshotSubscriber(_Agent):
+class SnapshotSubscriber(Agent):
     """Follows several :class:`SnapshotPublisher` sources; ``recv(timeout_s)`` returns the next :class:`Delivery`."""
 
     def __init__(self, sources: list[Source], *, heartbeat_interval_s: float = protocol.HEARTBEAT_INTERVAL_S,
@@ -221,7 +221,7 @@ class SnapshotSubscriber(_Agent):
                     owner[sock] = state
             for sock, _ in poller.poll(protocol.AGENT_POLL_S * 1000):
                 if sock is self._pipe_agent:
-                    if self._pipe_agent.recv_multipart()[0] == _STOP:
+                    if self._pipe_agent.recv_multipart()[0] == STOP:
                         return
                     continue
                 state = owner[sock]

@@ -16,7 +16,7 @@ import zmq
 
 from rt_mindeye.errors import MessageError, TransportTimeout
 from rt_mindeye.transport import protocol, security
-from rt_mindeye.transport.channel import _Agent, _STOP
+from rt_mindeye.transport.agent import STOP, Agent
 from rt_mindeye.transport.messages import StatusReply, StatusRequest, decode, encode
 
 __all__ = ["LazyPirateClient", "StatusServer"]
@@ -92,7 +92,7 @@ class LazyPirateClient:
         self.close()
 
 
-class StatusServer(_Agent):
+class StatusServer(Agent):
     """REP socket answering :class:`StatusRequest` with ``handler(request) -> (state, details)`` from a thread."""
 
     def __init__(self, endpoint: str, handler: Callable[[StatusRequest], tuple[str, dict[str, str]]], *,
@@ -118,7 +118,7 @@ class StatusServer(_Agent):
         while True:
             for sock, _ in poller.poll(protocol.AGENT_POLL_S * 1000):
                 if sock is self._pipe_agent:
-                    if self._pipe_agent.recv_multipart()[0] == _STOP:
+                    if self._pipe_agent.recv_multipart()[0] == STOP:
                         return
                     continue
                 frames = self._socket.recv_multipart()

@@ -19,7 +19,7 @@ import zmq
 
 from rt_mindeye.errors import MessageError
 from rt_mindeye.transport import protocol, security
-from rt_mindeye.transport.channel import _Agent, _STOP
+from rt_mindeye.transport.agent import STOP, Agent
 from rt_mindeye.transport.messages import Ack, Message, RunTrigger, StimulusEvent, decode, encode
 
 __all__ = ["StimulusEventServer", "RunClock"]
@@ -36,7 +36,7 @@ class RunClock:
     source: str  # "first_volume" or "trigger_message"
 
 
-class StimulusEventServer(_Agent):
+class StimulusEventServer(Agent):
     """ROUTER socket on the scanner host; ``recv(timeout_s)`` returns StimulusEvent / RunTrigger in arrival order.
 
     Every message is acknowledged to its client by seq. A re-sent event (same run and trial) replaces the earlier
@@ -97,7 +97,7 @@ class StimulusEventServer(_Agent):
         while True:
             for sock, _ in poller.poll(protocol.AGENT_POLL_S * 1000):
                 if sock is self._pipe_agent:
-                    if self._pipe_agent.recv_multipart()[0] == _STOP:
+                    if self._pipe_agent.recv_multipart()[0] == STOP:
                         return
                     continue
                 while self._socket.poll(0):
