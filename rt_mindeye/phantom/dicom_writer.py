@@ -406,10 +406,10 @@ def read_back_mosaic(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ``[row, column, slice]``; swapped here to the phantom's order)."""
     import warnings
 
-    from nibabel.nicom import dicomwrappers
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # nibabel.nicom warns on import that it is experimental
+        from nibabel.nicom import dicomwrappers
+
         wrapper = dicomwrappers.wrapper_from_file(str(path))
         data = wrapper.get_data().astype(np.float32)
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ wrapper.affine
