@@ -239,3 +239,23 @@ def test_transport_config_endpoints_and_validation():
     with pytest.raises(ConfigError) as info:
         from_mapping(TransportConfig, {"recon_policy": "oldest"}, source="x.yaml", prefix="transport")
     assert info.value.key == "transport.recon_policy"
+
+
+def test_subscriber_resynchronises_after_a_publisher_restart(helpers):
+    first = SnapshotPublisher(LOOP, LOOP, session="s", service="scanner", heartbeat_interval_s=helpers.hb)
+    pub_endpoint, snapshot_endpoint = first.pub_endpoint, first.snapshot_endpoint
+    for i in range(1, 4):
+        first.publish(_volume(i))
+    with SnapshotSubscriber([Source("scanner", pub_endpoint, snapshot_endpoint)],
+                            heartbeat_interval_s=helpers.hb) as sub:
+        assert [d.message.volume for d in _messages(sub, 3, helpers)] == [1, 2, 3]
+        first.close()  # the scanner service restarts: its numbering starts again at 1
+        second = SnapshotPublisher(pub_endpoint, snapshot_endpoint, session="s", service="scanner",
+                                   heartbeat_interval_s=helpers.hb)
+        try:
+            for i in (10, 11):
+                second.publish(_volume(i))
+            got = _messages(sub, 2, helpers)
+            assert [d.message.volume for d in got] == [10, 11]
+        finally:
+            second.close()
