@@ -150,6 +150,18 @@ def parameter_groups(model: MindEyeModule, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, warmup_fraction: float):
+    """OneCycle (final lr = max_lr / 25 / 1000) as MindEye2 uses it; a constant rate for runs of under 4 steps.
+
+    The warm-up fraction is kept within (2 steps, half the run) so that very short runs still have a valid schedule.
+    """
+    if total_steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    pct = min(max(warmup_fraction, 2.0 / total_steps), 0.5)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               final_div_factor=1000, pct_start=pct)
+
+
 def plan_epochs(budget_s: float, step_s: float, steps_per_epoch: int, max_epochs: int) -> int:
     """Whole epochs that fit ``BUDGET_SAFETY`` of the budget at the measured step time (at least 1)."""
     per_epoch = max(step_s * steps_per_epoch, 1e-9)
@@ -192,9 +204,7 @@ class Trainer:
 
         optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.max_lr)
         total_steps = epochs * steps_per_epoch
-        pct_start = min(cfg.warmup_epochs / epochs, 0.5) if cfg.warmup_epochs > 0 else 1e-6
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.max_lr, total_steps=total_steps,
-                                                        final_div_factor=1000, pct_start=pct_start)
+        scheduler = one_cycle(optimizer, cfg.max_lr, total_steps, cfg.warmup_epochs / epochs)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
         result = TrainResult(epochs=epochs, steps_per_epoch=steps_per_epoch, step_seconds=step_s)
