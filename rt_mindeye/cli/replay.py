@@ -94,11 +94,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from rt_mindeye.errors import ConfigError
-    from rt_mindeye.ingest.config import DEFAULT_PATTERN
+    from rt_mindeye.ingest.config import DEFAULT_PATTERN, compile_pattern
     from rt_mindeye.replay.emulator import ScannerEmulator
 
     console = Console(stderr=True)
     pattern = args.pattern or DEFAULT_PATTERN
+    try:
+        compile_pattern(pattern)
+    except ValueError as exc:
+        raise ConfigError(SOURCE, "pattern", str(exc)) from exc
     if args.speed <= 0:
         raise ConfigError(SOURCE, "speed", f"must be positive, got {args.speed}")
     tr = args.tr if args.tr is not None else _tr_from_first_file(args.src, pattern)

@@ -369,7 +369,8 @@ def test_dead_observer_is_restarted_and_nothing_is_lost(tmp_path, export, volume
             copy_as(path, export)
         events = wait_ready(watcher, 13, 4)
         restarted = [e for e in events if isinstance(e, ObserverRestarted)]
-        assert restarted and restarted[0].reason == "observer thread died"
+        # stop() first unschedules the folder, then ends the thread: the check may catch either state
+        assert restarted and restarted[0].reason in ("observer thread died", "no folder scheduled")
         assert watcher._observer is not dying and watcher._observer.is_alive()
         copy_as(volumes[4], export)  # the new observer works
         events += wait_ready(watcher, 13, 5)
