@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -32,11 +33,15 @@ from pydicom.uid import (
 )
 
 from rt_mindeye.errors import DicomError, DicomReadError, IncompleteVolumeError, UnsupportedDicomError
+from rt_mindeye.ingest.rawsequence import RawSequenceError, parse_delimited_sequence, parse_sequence
 
 PIXEL_DATA_TAG = 0x7FE00010
+FUNCTIONAL_GROUP_TAGS = (0x52009229, 0x52009230)
+"""SharedFunctionalGroupsSequence and PerFrameFunctionalGroupsSequence."""
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_DEFER_BYTES = 4096
-"""Element values larger than this are not read while parsing (pixel data, CSA series header, big private blobs)."""
+_DEFER_BYTES = 65536
+"""Element values larger than this are not read while parsing (pixel data, the 100+ kB CSA series header, big
+private blobs); the 10-20 kB CSA image header is read with the rest, so reading it never reopens the file."""
 _NATIVE_SYNTAXES = {
     ImplicitVRLittleEndian: "<",
     ExplicitVRLittleEndian: "<",
@@ -88,6 +93,14 @@ class DicomFile:
     """The native pixel bytes, when :func:`open_dicom` was asked to read them (or had them in memory)."""
     encapsulated: bool = False
     """Compressed (encapsulated) pixel data: complete, but not decodable by rt-mindeye."""
+    functional_groups: dict = dataclasses.field(default_factory=dict)
+    """``{tag: [RawItem, ...]}`` of undefined-length functional group sequences, walked without pydicom (they are
+    then absent from ``dataset``); see :func:`_read_dataset`."""
+
+    @property
+    def deflated(self) -> bool:
+        """Deflated transfer syntax: element offsets refer to the inflated stream, not the file."""
+        return self.transfer_syntax == DeflatedExplicitVRLittleEndian
 
     @property
     def transfer_syntax(self) -> str:
@@ -117,7 +130,7 @@ def _int_or(value, default: int) -> int:
         return default
 
 
-def _raw_element(dataset: pydicom.Dataset, tag: int):
+def raw_element(dataset: pydicom.Dataset, tag: int):
     """The element without triggering a deferred read (pydicom >= 3), else whatever is stored."""
     try:
         return dataset.get_item(tag, keep_deferred=True)
@@ -151,8 +164,10 @@ def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
         raise DicomReadError(path, f"cannot open: {exc.strerror or exc}") from None
     with fp:
         file_bytes = os.fstat(fp.fileno()).st_size
-        dataset = _parse_header(fp, path, file_bytes)
+        dataset, groups = _parse_header(fp, path, file_bytes)
         dicom = _locate_pixels(fp, path, dataset, file_bytes)
+        if groups:
+            dicom = dataclasses.replace(dicom, functional_groups=groups)
         if with_pixels and dicom.pixel_offset is not None and dicom.pixel_bytes is None:
             fp.seek(dicom.pixel_offset)
             data = fp.read(dicom.expected_pixel_bytes)
@@ -162,7 +177,7 @@ def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
         return dicom
 
 
-def _parse_header(fp, path: Path, file_bytes: int) -> pydicom.Dataset:
+def _parse_header(fp, path: Path, file_bytes: int) -> tuple[pydicom.Dataset, dict]:
     head = fp.read(144)
     has_marker = head[128:132] == b"DICM"
     if file_bytes < 132:
@@ -184,7 +199,7 @@ def _parse_header(fp, path: Path, file_bytes: int) -> pydicom.Dataset:
         raise DicomReadError(path, "not a DICOM file (no 'DICM' marker at byte 128)")
     fp.seek(0)
     try:
-        dataset = pydicom.dcmread(fp, defer_size=_DEFER_BYTES, force=not has_marker)
+        dataset, groups = _read_dataset(fp, path, file_bytes, force=not has_marker)
     except (InvalidDicomError, EOFError, struct.error) as exc:
         raise TruncatedFileError(path, f"header cannot be parsed to its end ({exc})", file_bytes) from None
     except OSError as exc:
@@ -203,16 +218,73 @@ def _parse_header(fp, path: Path, file_bytes: int) -> pydicom.Dataset:
             dataset = pydicom.dcmread(fp, force=not has_marker)
         except (zlib.error, EOFError, struct.error, InvalidDicomError) as exc:
             raise TruncatedFileError(path, f"deflated data set cannot be inflated to its end ({exc})", file_bytes)
-    return dataset
+        groups = {}
+    return dataset, groups
+
+
+def _stop_at_delimited_groups(tag, vr, length) -> bool:
+    return int(tag) in FUNCTIONAL_GROUP_TAGS and length == _UNDEFINED_LENGTH
+
+
+def _read_dataset(fp, path: Path, file_bytes: int, force: bool) -> tuple[pydicom.Dataset, dict]:
+    """pydicom's parse, except for undefined-length functional group sequences, which we walk ourselves.
+
+    pydicom builds a Dataset for every nested item of an undefined-length sequence while parsing; for the per-frame
+    groups of an Enhanced MR volume that is most of the read time. We stop pydicom at those sequences, walk them with
+    :mod:`rt_mindeye.ingest.rawsequence` and let pydicom parse the rest (pixel data deferred as usual). Returns the
+    dataset (without those sequences) and ``{tag: [RawItem, ...]}`` for the ones walked.
+    """
+    fp.seek(0)
+    dataset = read_partial(fp, stop_when=_stop_at_delimited_groups, defer_size=_DEFER_BYTES, force=force)
+    position = fp.tell()
+    head = fp.read(4)
+    if len(head) < 4 or (struct.unpack("<HH", head)[0] << 16 | struct.unpack("<HH", head)[1]) not in FUNCTIONAL_GROUP_TAGS:
+        return dataset, {}
+    syntax = _transfer_syntax(dataset)
+    if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        fp.seek(0)
+        return pydicom.dcmread(fp, defer_size=_DEFER_BYTES, force=force), {}
+    explicit = syntax == ExplicitVRLittleEndian
+    fp.seek(position)
+    view = memoryview(fp.read())
+    groups: dict[int, list] = {}
+    offset = 0
+    while offset + 8 <= len(view):
+        group, element = struct.unpack_from("<HH", view, offset)
+        tag = (group << 16) | element
+        if tag not in FUNCTIONAL_GROUP_TAGS:
+            break
+        header = 12 if explicit else 8
+        if offset + header > len(view):
+            raise TruncatedFileError(path, "file ends inside a functional group header", file_bytes)
+        (length,) = struct.unpack_from("<I", view, offset + header - 4)
+        try:
+            if length == _UNDEFINED_LENGTH:
+                groups[tag], offset = parse_delimited_sequence(view, offset + header, explicit)
+            else:
+                if offset + header + length > len(view):
+                    raise TruncatedFileError(path, "file ends inside a functional group sequence", file_bytes)
+                groups[tag] = parse_sequence(bytes(view[offset + header : offset + header + length]), explicit=explicit)
+                offset += header + length
+        except RawSequenceError as exc:
+            if any(word in str(exc) for word in ("past", "delimiter", "ends inside")):
+                raise TruncatedFileError(path, f"file ends inside the functional groups ({exc})", file_bytes) from None
+            raise DicomReadError(path, f"malformed functional group sequence: {exc}", "PerFrameFunctionalGroupsSequence")
+    view.release()
+    fp.seek(position + offset)
+    rest = read_dataset(fp, is_implicit_VR=not explicit, is_little_endian=True, defer_size=_DEFER_BYTES)
+    for tag in rest.keys():
+        dataset[tag] = raw_element(rest, tag)
+    return dataset, groups
 
 
 def _locate_pixels(fp, path: Path, dataset: pydicom.Dataset, file_bytes: int) -> DicomFile:
     expected = expected_pixel_bytes(dataset)
     syntax = _transfer_syntax(dataset)
     byte_order = _NATIVE_SYNTAXES.get(syntax)
-    element = _raw_element(dataset, PIXEL_DATA_TAG)
+    element = raw_element(dataset, PIXEL_DATA_TAG)
     if element is None:
-        last = _raw_element(dataset, max(dataset.keys())) if len(dataset) else None
+        last = raw_element(dataset, max(dataset.keys())) if len(dataset) else None
         last_end = _element_end(last)
         if last_end is not None and last_end > file_bytes and syntax != DeflatedExplicitVRLittleEndian:
             raise TruncatedFileError(path, "file ends inside a header element", file_bytes, expected or 0)

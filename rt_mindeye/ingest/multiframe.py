@@ -19,11 +19,13 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from pydicom.multival import MultiValue
 
 from rt_mindeye.errors import DicomReadError, UnsupportedDicomError
 from rt_mindeye.ingest import csa as csa_module
 from rt_mindeye.ingest import geometry
-from rt_mindeye.ingest.dicomfile import DicomFile, ShortVolumeError, read_pixels
+from rt_mindeye.ingest.dicomfile import DicomFile, ShortVolumeError, raw_element, read_pixels
+from rt_mindeye.ingest.rawsequence import RawSequenceError, parse_sequence
 from rt_mindeye.ingest.headers import (
     datetime_seconds,
     header_fields,
@@ -39,15 +41,41 @@ SPACING_TOLERANCE_MM = 0.01
 _SLICE_COUNT = re.compile(rb"sSliceArray\.lSize\s*=\s*(\d+)")
 
 
+_PER_FRAME_TAG = 0x52009230
+_SHARED_TAG = 0x52009229
+
+
+def _functional_group_items(dicom: DicomFile, tag: int, keyword: str) -> list:
+    """Items of a functional group sequence: walked from raw bytes when possible (fast), else via pydicom."""
+    if tag in dicom.functional_groups:
+        return dicom.functional_groups[tag]
+    element = raw_element(dicom.dataset, tag)
+    if element is None:
+        return []
+    explicit = not getattr(element, "is_implicit_VR", True)
+    length = getattr(element, "length", None)
+    if getattr(element, "is_little_endian", False) and length not in (None, 0xFFFFFFFF) and not dicom.deflated:
+        raw = element.value
+        if raw is None and getattr(element, "value_tell", None) is not None:
+            with open(dicom.path, "rb") as fp:
+                fp.seek(element.value_tell)
+                raw = fp.read(length)
+        if isinstance(raw, bytes) and len(raw) == length:
+            try:
+                return parse_sequence(raw, explicit=explicit)
+            except RawSequenceError:
+                pass  # unusual encoding: let pydicom decide
+    return list(dicom.dataset.get(keyword) or [])
+
+
 class _Groups:
     """Per-frame-then-shared lookup of functional group attributes."""
 
     def __init__(self, dicom: DicomFile):
-        ds = dicom.dataset
         self.path = dicom.path
-        shared = ds.get("SharedFunctionalGroupsSequence")
+        shared = _functional_group_items(dicom, _SHARED_TAG, "SharedFunctionalGroupsSequence")
         self.shared = shared[0] if shared else None
-        self.per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        self.per_frame = _functional_group_items(dicom, _PER_FRAME_TAG, "PerFrameFunctionalGroupsSequence")
 
     def item(self, frame: int, sequence: str):
         """The first item of ``sequence`` for ``frame`` (per-frame first, then shared), or None."""
@@ -61,6 +89,26 @@ class _Groups:
                 return found[0]
         return None
 
+    def all_frames(self, sequence: str, keyword: str, count: int, n_frames: int) -> np.ndarray:
+        """``(n_frames, count)`` float64 values of ``keyword`` for every frame, validated in one go."""
+        rows = []
+        for frame in range(n_frames):
+            item = self.item(frame, sequence)
+            value = item.get(keyword) if item is not None else None
+            if value is None or value == "":
+                raise DicomReadError(self.path, f"frame {frame + 1} has no {sequence}", keyword)
+            rows.append(list(value) if isinstance(value, (list, tuple, MultiValue)) else [value])
+        if any(len(row) != count for row in rows):
+            bad = next(frame for frame, row in enumerate(rows) if len(row) != count)
+            raise DicomReadError(self.path, f"frame {bad + 1}: expected {count} values, found {len(rows[bad])}", keyword)
+        try:
+            values = np.array(rows, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DicomReadError(self.path, "a frame has non-numeric values", keyword) from None
+        if not np.isfinite(values).all():
+            raise DicomReadError(self.path, "a frame has non-finite values", keyword)
+        return values
+
     def numbers(self, frame: int, sequence: str, keyword: str, count: int) -> np.ndarray:
         item = self.item(frame, sequence)
         if item is None:
@@ -72,7 +120,7 @@ def expected_slices(dicom: DicomFile) -> int | None:
     """``sSliceArray.lSize`` of the Siemens protocol (ASCCONV text) in the file, if present."""
     ds = dicom.dataset
     candidates = [csa_module.private_element(ds, 0x0021, "SIEMENS MR SDS 01", 0x19)]
-    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = _functional_group_items(dicom, _SHARED_TAG, "SharedFunctionalGroupsSequence")
     if shared:
         candidates.append(csa_module.private_element(shared[0], 0x0021, "SIEMENS MR SDS 01", 0x19))
     for element in candidates:
@@ -100,13 +148,12 @@ def read_multiframe_volumes(dicom: DicomFile) -> list[Volume]:
         raise DicomReadError(path, f"direction cosines are not orthonormal: {orientation}", "ImageOrientationPatient")
     pixel_spacing = groups.numbers(0, "PixelMeasuresSequence", "PixelSpacing", 2)
     normal = geometry.slice_normal_from_orientation(orientation)
-    positions = np.empty((n_frames, 3))
-    for frame in range(n_frames):
-        positions[frame] = groups.numbers(frame, "PlanePositionSequence", "ImagePositionPatient", 3)
-        if frame and not np.allclose(
-            groups.numbers(frame, "PlaneOrientationSequence", "ImageOrientationPatient", 6), orientation, atol=1e-4
-        ):
-            raise UnsupportedDicomError(path, f"frame {frame + 1} has another orientation", "ImageOrientationPatient")
+    positions = groups.all_frames("PlanePositionSequence", "ImagePositionPatient", 3, n_frames)
+    orientations = groups.all_frames("PlaneOrientationSequence", "ImageOrientationPatient", 6, n_frames)
+    deviating = np.flatnonzero(np.abs(orientations - orientation).max(axis=1) > 1e-4)
+    if deviating.size:
+        frame = int(deviating[0])
+        raise UnsupportedDicomError(path, f"frame {frame + 1} has another orientation", "ImageOrientationPatient")
     frame_times = np.array([_frame_time(groups, frame) for frame in range(n_frames)], dtype=np.float64)
     temporal = np.array([_temporal_index(groups, frame) for frame in range(n_frames)])
 
