@@ -82,3 +82,25 @@ def test_phantom_embedder_tokens():
     assert torch.isfinite(tokens).all() and not torch.equal(tokens[0], tokens[1])
     with pytest.raises(ValueError):
         PhantomEmbedder(layer="stage9")
+
+
+def test_pretrain_and_finetune_commands_on_npz_data(micro, subject_data, tmp_path):
+    import json
+
+    from rt_mindeye.model.data import load_npz, save_npz
+
+    config = micro((20, 24))
+    files = [save_npz(tmp_path / f"s{i}.npz", subject_data(16, v, i, config, f"s{i}"))
+             for i, v in ((1, 20), (2, 24))]
+    new = save_npz(tmp_path / "new.npz", subject_data(16, 18, 5, config, "new"))
+    assert load_npz(new).voxels.shape == (16, 18)
+    common = ["--epochs", "1", "--batch-size", "8", "--no-progress"]
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), "--data", *map(str, files), *common]) == 0
+    log = json.loads((tmp_path / "pre" / "train_log.json").read_text())
+    assert log["model"]["subject_names"] == ["s1", "s2"] and log["epochs"] == 1
+    assert main(["finetune", str(tmp_path / "pre" / "last.pth"), "--out", str(tmp_path / "fine"), "--data",
+                 str(new), *common]) == 0
+    assert main(["model", "check", str(tmp_path / "fine" / "last.pth")]) == 0
+    # Resuming a finished run trains nothing more and still succeeds.
+    assert main(["finetune", str(tmp_path / "pre" / "last.pth"), "--out", str(tmp_path / "fine"), "--data",
+                 str(new), "--resume", *common]) == 0
