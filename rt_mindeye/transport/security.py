@@ -24,7 +24,7 @@ from rt_mindeye.transport import protocol
 
 __all__ = [
     "InsecureBindError", "KeyPair", "ServerSecurity", "ClientSecurity", "generate_keypair", "load_keypair",
-    "load_public_key", "is_loopback", "check_bind", "bind", "connect",
+    "load_public_key", "is_loopback", "check_bind", "bind", "connect", "generate_service_keys", "SERVICES",
 ]
 
 
@@ -52,6 +52,25 @@ def generate_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     public_file, secret_file = zmq.auth.create_certificates(str(directory), name)
     return Path(public_file), Path(secret_file)
+
+
+SERVICES = ("scanner", "decoder", "console", "stimulus")
+
+
+def generate_service_keys(directory: str | Path, services: tuple[str, ...] = SERVICES) -> Path:
+    """One key pair per service in ``directory`` and every public key in ``directory/authorized_clients``.
+
+    Every service may then act as a CURVE server (``ServerSecurity.from_dir(directory, name)``) and as a client
+    of any other (``ClientSecurity.from_dir(directory, name, server)``). Copy to each host only its own
+    ``.key_secret``, the public ``.key`` files and ``authorized_clients/``.
+    """
+    directory = Path(directory)
+    clients = directory / "authorized_clients"
+    clients.mkdir(parents=True, exist_ok=True)
+    for name in services:
+        public, _secret = generate_keypair(directory, name)
+        (clients / public.name).write_bytes(public.read_bytes())
+    return directory
 
 
 def load_keypair(secret_file: str | Path) -> KeyPair:
@@ -169,3 +188,4 @@ def connect(socket: zmq.Socket, endpoint: str, security: ClientSecurity | None) 
     if security is not None:
         security.apply(socket)
     socket.connect(endpoint)
+

@@ -14,7 +14,8 @@ from rt_mindeye.transport.policy import ReconstructionQueue
 from rt_mindeye.transport.pubsub import SnapshotPublisher, SnapshotSubscriber, Source
 from rt_mindeye.transport.reqrep import LazyPirateClient, StatusServer
 from rt_mindeye.transport.security import (
-    ClientSecurity, InsecureBindError, ServerSecurity, generate_keypair, is_loopback, load_keypair, load_public_key,
+    ClientSecurity, InsecureBindError, ServerSecurity, generate_keypair, generate_service_keys, is_loopback,
+    load_keypair, load_public_key,
 )
 from rt_mindeye.transport.channel import ReliableReceiver, ReliableSender
 from rt_mindeye.transport.stimulus import StimulusEventServer
@@ -106,13 +107,8 @@ def test_binding_beyond_loopback_without_keys_is_refused(tmp_path):
 
 @pytest.fixture
 def curve_keys(tmp_path):
-    keys = tmp_path / "keys"
-    clients = keys / "authorized_clients"
-    generate_keypair(keys, "scanner")
-    public, _ = generate_keypair(keys, "decoder")
-    generate_keypair(keys, "intruder")
-    clients.mkdir()
-    (clients / "decoder.key").write_bytes(public.read_bytes())
+    keys = generate_service_keys(tmp_path / "keys", ("scanner", "decoder"))
+    generate_keypair(keys, "intruder")  # a key pair nobody authorised
     return keys
 
 
