@@ -4,7 +4,7 @@ No torch here (the console host does not need it). See docs/transport.md for the
 """
 
 from rt_mindeye.transport.channel import PeerEvent, ReliableReceiver, ReliableSender
-from rt_mindeye.transport.config import TransportConfig
+from rt_mindeye.transport.config import TransportConfig, client_security, server_security
 from rt_mindeye.transport.journal import Journal, JournalError, read_journal
 from rt_mindeye.transport.messages import (
     SCHEMA_VERSION, Ack, DecodeResult, Heartbeat, Message, RunTrigger, StatusReply, StatusRequest, StimulusEvent,
@@ -13,7 +13,9 @@ from rt_mindeye.transport.messages import (
 from rt_mindeye.transport.policy import ReconstructionQueue
 from rt_mindeye.transport.pubsub import Delivery, SnapshotPublisher, SnapshotSubscriber, Source
 from rt_mindeye.transport.reqrep import LazyPirateClient, StatusServer
-from rt_mindeye.transport.security import ClientSecurity, InsecureBindError, ServerSecurity, generate_keypair
+from rt_mindeye.transport.security import (
+    ClientSecurity, InsecureBindError, ServerSecurity, generate_keypair, generate_service_keys,
+)
 from rt_mindeye.transport.stimulus import StimulusEventServer
 from rt_mindeye.transport.stimulus_client import StimulusClient
 
@@ -23,5 +25,5 @@ __all__ = [
     "read_journal", "ReliableSender", "ReliableReceiver", "PeerEvent", "SnapshotPublisher", "SnapshotSubscriber",
     "Source", "Delivery", "LazyPirateClient", "StatusServer", "ServerSecurity", "ClientSecurity",
     "InsecureBindError", "generate_keypair", "ReconstructionQueue", "StimulusEventServer", "StimulusClient",
-    "TransportConfig",
+    "TransportConfig", "server_security", "client_security", "generate_service_keys",
 ]
