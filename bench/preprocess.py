@@ -12,12 +12,12 @@ Methods (all register to the first volume = the phantom's session space, so the 
 - ``sitk_multires``: SimpleITK's standard tutorial setting (Mattes MI on 10% random samples, 3-level pyramid
   4/2/1 with smoothing 2/1/0 voxels, regular-step gradient descent up to 100 iterations per level, scales from
   physical shift, identity start), the baseline;
-- ``numba_gn_1thread_mask_only``: the same, reslicing only the voxels the GLM uses (the phantom's visual mask)
+- ``numba_gn_mask_only``: the same, reslicing only the voxels the GLM uses (the phantom's visual mask)
   instead of the whole volume (``MotionConfig(full_reslice=False)`` + ``fit(..., voxel_mask=...)``);
 - ``scipy_reslice``: the tuned estimate resliced with ``scipy.ndimage.affine_transform`` instead of SimpleITK
   (reslice time only);
 - ``numba_gn``: the same objective solved by inverse-compositional Gauss-Newton with a numba reslice
-  (``MotionConfig(engine="numba")``, rt_mindeye.preprocess.gauss_newton), with 1 and 2 threads.
+  (``MotionConfig(engine="numba")``, rt_mindeye.preprocess.gauss_newton; serial kernels).
 
 Prints a rich table and writes ``bench/results/preprocess.json``. Timings on a busy machine are not meaningful:
 compare ratios within one run.
@@ -258,12 +258,10 @@ def main(argv=None) -> int:
                               note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
         if threads == 1:
             estimates = params
-    for threads in (1, 2):
-        params, wall, cpu, reslice, _ = run_tuned(volumes, threads, engine="numba")
-        rows.append(summarize(f"numba_gn_{threads}thread", params, truth, wall, cpu,
-                              note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
+    params, wall, cpu, reslice, _ = run_tuned(volumes, 1, engine="numba")
+    rows.append(summarize("numba_gn", params, truth, wall, cpu, note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
     params, wall, cpu, reslice, _ = run_tuned(volumes, 1, engine="numba", voxel_mask=voxel_mask)
-    rows.append(summarize("numba_gn_1thread_mask_only", params, truth, wall, cpu,
+    rows.append(summarize("numba_gn_mask_only", params, truth, wall, cpu,
                           note=f"reslice of {int(voxel_mask.sum())} mask voxels only, p50 {np.median(reslice) * 1e3:.1f} ms"))
     scipy_times = scipy_reslice_times(volumes, estimates, reference)
     rows.append(summarize("scipy_reslice_only", [], [], scipy_times, note="linear, tuned estimate; reslice only"))

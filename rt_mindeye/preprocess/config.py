@@ -43,7 +43,8 @@ class MotionConfig:
     gradient_tolerance: float = setting(
         1e-8, "the optimizer stops when the scaled gradient magnitude falls below this", min=0.0, max=1.0)
     threads: int = setting(
-        1, "ITK threads for registration and reslice (1 beat 2 on a loaded 2-core machine)", min=1, max=256)
+        1, "ITK threads for registration and reslice of the sitk engine (1 beat 2 on a loaded 2-core machine);"
+        " the numba engine is single-threaded", min=1, max=256)
     reslice_interpolation: str = setting(
         "linear", "interpolator used to reslice each volume into the reference space",
         choices=("nearest", "linear", "bspline", "lanczos"))

@@ -7,7 +7,9 @@ points is computed once in :meth:`GaussNewtonRegistration.prepare`, so an iterat
 (interpolate, accumulate ``J^T e`` and ``J^T J`` over the points that land inside the moving grid) and a 6x6 solve,
 and the update is composed as ``T <- T o W(dp)^-1``.
 
-The kernels are pure functions; nothing here is SimpleITK.
+The kernels are pure, serial functions (``nogil``, so a caller may run them beside other threads): the whole
+correction is a few milliseconds, threads would not pay for their start-up (with another process busy on a 2-core
+machine one thread beat two in the brief's SimpleITK measurements), and parallel kernels take much longer to compile.
 """
 
 from __future__ import annotations
@@ -81,11 +83,11 @@ def _accumulate(moving, voxel_map, points, fixed_values, jacobian):
     return b, hessian, sse, n_valid
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def reslice_trilinear(moving, voxel_map, shape, fill):
     """Output grid ``shape``: voxel (i, j, k) takes ``moving`` at ``voxel_map @ (i, j, k, 1)`` (trilinear)."""
     out = np.empty((shape[0], shape[1], shape[2]), dtype=np.float32)
-    for i in numba.prange(shape[0]):
+    for i in range(shape[0]):
         for j in range(shape[1]):
             bx = voxel_map[0, 0] * i + voxel_map[0, 1] * j + voxel_map[0, 3]
             by = voxel_map[1, 0] * i + voxel_map[1, 1] * j + voxel_map[1, 3]
@@ -97,11 +99,11 @@ def reslice_trilinear(moving, voxel_map, shape, fill):
     return out
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def reslice_points_trilinear(moving, voxel_map, indices, fill):
     """Like :func:`reslice_trilinear` but only at the ``(V, 3)`` output voxel ``indices``: a ``(V,)`` float32."""
     out = np.empty(indices.shape[0], dtype=np.float32)
-    for n in numba.prange(indices.shape[0]):
+    for n in range(indices.shape[0]):
         i, j, k = indices[n, 0], indices[n, 1], indices[n, 2]
         value = _trilinear(moving,
                            voxel_map[0, 0] * i + voxel_map[0, 1] * j + voxel_map[0, 2] * k + voxel_map[0, 3],
@@ -111,12 +113,12 @@ def reslice_points_trilinear(moving, voxel_map, indices, fill):
     return out
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def reslice_nearest(moving, voxel_map, shape, fill):
     """Nearest-neighbour version of :func:`reslice_trilinear`."""
     out = np.empty((shape[0], shape[1], shape[2]), dtype=np.float32)
     nx, ny, nz = moving.shape
-    for i in numba.prange(shape[0]):
+    for i in range(shape[0]):
         for j in range(shape[1]):
             for k in range(shape[2]):
                 x = int(np.floor(voxel_map[0, 0] * i + voxel_map[0, 1] * j + voxel_map[0, 2] * k + voxel_map[0, 3]
@@ -130,6 +132,14 @@ def reslice_nearest(moving, voxel_map, shape, fill):
                 else:
                     out[i, j, k] = fill
     return out
+
+
+def as_kernel_array(data: np.ndarray) -> np.ndarray:
+    """float32 array for the kernels without copying C- or Fortran-ordered input (the readers give Fortran order)."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.flags.c_contiguous or data.flags.f_contiguous:
+        return data
+    return np.ascontiguousarray(data)
 
 
 def _rotation_from_vector(omega: np.ndarray) -> np.ndarray:
@@ -185,7 +195,7 @@ class GaussNewtonRegistration:
     def register(self, moving: np.ndarray, moving_affine: np.ndarray, initial: np.ndarray
                  ) -> tuple[np.ndarray, int, float]:
         """(4x4 RAS matrix reference->moving, iterations, mean squared error) starting from ``initial``."""
-        moving = np.ascontiguousarray(moving, dtype=np.float32)
+        moving = as_kernel_array(moving)
         moving_from_world = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64))
         matrix = np.array(initial, dtype=np.float64)
         center = self.center_

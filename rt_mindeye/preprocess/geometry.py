@@ -87,9 +87,12 @@ def volume_to_sitk(volume) -> sitk.Image:
 
 
 def sitk_to_array(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(data indexed ``[i, j, k]``, voxel->RAS+ affine) of a SimpleITK image; the inverse of :func:`array_to_sitk`."""
+    """(data indexed ``[i, j, k]``, voxel->RAS+ affine) of a SimpleITK image; the inverse of :func:`array_to_sitk`.
+
+    The array is a Fortran-ordered view (no copy), like the ingest readers' arrays.
+    """
     data = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
-    return np.ascontiguousarray(data), itk_geometry_to_affine(image)
+    return data, itk_geometry_to_affine(image)
 
 
 def volume_center_ras(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -30,6 +29,7 @@ from rt_mindeye.errors import GeometryMismatchError, NotFittedError, RtMindEyeEr
 from rt_mindeye.preprocess.config import AlignConfig, MotionConfig
 from rt_mindeye.preprocess.gauss_newton import (
     GaussNewtonRegistration,
+    as_kernel_array,
     reslice_nearest,
     reslice_points_trilinear,
     reslice_trilinear,
@@ -305,9 +305,8 @@ class MotionCorrector:
             # reference voxel -> reference world -> (motion) -> moving world -> moving voxel
             voxel_map = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64)) @ transform.matrix \
                 @ self.reference_.affine
-            numba.set_num_threads(min(self.config_.threads, numba.config.NUMBA_NUM_THREADS))
             kernel = reslice_trilinear if interpolation == "linear" else reslice_nearest
-            return kernel(np.ascontiguousarray(volume.data, dtype=np.float32), np.ascontiguousarray(voxel_map[:3]),
+            return kernel(as_kernel_array(volume.data), np.ascontiguousarray(voxel_map[:3]),
                           np.asarray(self.reference_.shape, dtype=np.int64), np.float32(0.0))
         self.resampler_.SetTransform(transform.to_sitk())
         data, _ = sitk_to_array(self.resampler_.Execute(volume_to_sitk(volume)))
@@ -320,8 +319,7 @@ class MotionCorrector:
             raise ValueError("reslice_voxels needs the voxel_mask argument of fit()")
         voxel_map = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64)) @ transform.matrix \
             @ self.reference_.affine
-        numba.set_num_threads(min(self.config_.threads, numba.config.NUMBA_NUM_THREADS))
-        return reslice_points_trilinear(np.ascontiguousarray(volume.data, dtype=np.float32),
+        return reslice_points_trilinear(as_kernel_array(volume.data),
                                         np.ascontiguousarray(voxel_map[:3]), self.voxel_indices_, np.float32(0.0))
 
     def update(self, volume: Volume) -> MotionResult:
