@@ -141,7 +141,13 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, source: str | 
     for name, f in fields.items():
         key = f"{dotted}{name}"
         if name in data:
-            value = _coerce(data[name], hints[name], source, key)
+            raw = data[name]
+            if dataclasses.is_dataclass(hints[name]) and isinstance(raw, Mapping):
+                # A nested section overrides its field's default instance, not the section class's defaults.
+                base = _field_default(f)
+                if base is not None:
+                    raw = {**to_mapping(base), **raw}
+            value = _coerce(raw, hints[name], source, key)
             _check_range(value, f.metadata, source, key)
             kwargs[name] = value
         elif f.default is _MISSING and f.default_factory is _MISSING:
@@ -150,6 +156,14 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, source: str | 
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ cross-field checks
         raise ConfigError(source, prefix or cls.__name__, str(exc)) from exc
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return None
 
 
 def to_mapping(obj: Any) -> Any:

@@ -80,3 +80,15 @@ def test_describe_lists_nested_keys_with_docs():
     rows = {key: (tp, default, doc) for key, tp, default, doc in describe(Section)}
     assert rows["tr_s"][1] == 1.5 and rows["tr_s"][2] == "repetition time"
     assert "inner.threshold" in rows
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = setting(default_factory=lambda: Inner(threshold=0.4), doc="nested with a non-class default")
+    other: float = setting(1.0, "other")
+
+
+def test_nested_section_overrides_start_from_the_field_default():
+    assert from_mapping(Outer, {}).inner.threshold == 0.4
+    assert from_mapping(Outer, {"inner": {}}).inner.threshold == 0.4
+    assert from_mapping(Outer, {"inner": {"threshold": 0.1}}).inner.threshold == 0.1

@@ -1,0 +1,40 @@
+"""Configuration of the calibration workflow (section ``calibration`` of the session YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rt_mindeye.config import setting
+from rt_mindeye.glm.config import GLMConfig
+from rt_mindeye.model.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    subject: str = setting("sub-01", "subject label; live runs refuse a bundle made for another subject")
+    calibration_runs: int = setting(2, "the session's first N runs (series) are calibration runs", min=1)
+    events_dir: Path | None = setting(None, "folder of planned BIDS events files run-XX_events.tsv (default: "
+                                            "SESSION/events, then SESSION/func)")
+    stimuli_dir: Path | None = setting(None, "folder of the stimulus images; every image there is a retrieval "
+                                             "candidate (default: SESSION/stimuli)")
+    anatomical_mask: Path | None = setting(None, "NIfTI visual-cortex mask in session space (the decoder's voxels "
+                                                 "are chosen inside it); default: the head mask of the reference")
+    noise_pool_voxels: int = setting(3000, "brain voxels outside the anatomical mask added to the GLM so its noise "
+                                           "pool can draw on them", min=0)
+    reliability_threshold: float | None = setting(
+        None, "keep voxels whose repeat reliability reaches this value (null: use reliability_top_fraction)",
+        min=-1.0, max=1.0)
+    reliability_top_fraction: float = setting(0.6, "keep this fraction of the anatomical voxels, most reliable "
+                                                    "first (when no threshold is given)", min=0.01, max=1.0)
+    pretrained: Path | None = setting(None, "shared MindEye2 checkpoint to fine-tune (published last.pth layout); "
+                                            "null trains from scratch")
+    model_preset: str = setting("tiny", "architecture when training from scratch", choices=("tiny", "light", "full"))
+    embedder: str = setting("phantom", "image embedder: phantom (EfficientNet-Lite0) or openclip (ViT-bigG/14)",
+                            choices=("phantom", "openclip"))
+    openclip_checkpoint: Path | None = setting(None, "local ViT-bigG/14 weights when embedder is openclip")
+    holdout_fraction: float = setting(0.15, "calibration trials held out to report retrieval before the live runs",
+                                      min=0.0, max=0.5)
+    glm: GLMConfig = field(default_factory=GLMConfig, metadata={"doc": "offline GLM of the calibration runs"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(time_budget_min=2.0, epochs=60, batch_size=16),
+                               metadata={"doc": "fine-tuning (time_budget_min plans the epochs)"})

@@ -1,0 +1,351 @@
+"""`rt-mindeye calibrate`: from the session's first runs to a frozen calibration bundle.
+
+Steps, each a small function a test can drive alone:
+
+1. find the calibration runs' DICOMs (by the scanner's file-name pattern) and their planned events;
+2. motion-correct every volume to the reference (the first volume of the first calibration run) with the same
+   :class:`~rt_mindeye.preprocess.motion.MotionCorrector` the live runs use, and keep the GLM voxels' time series;
+3. fit the offline GLM (GLMsingle type a-d) on them;
+4. choose the decoder's voxels: anatomical mask ∩ repeat reliability;
+5. fine-tune the pretrained shared MindEye2 model on the calibration betas within the time budget, holding some
+   trials out to report retrieval before the live runs;
+6. write the bundle (see :mod:`rt_mindeye.calibration.bundle`) and its report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rt_mindeye.calibration.bundle import BundleInfo, CalibrationBundle, save_volume_nifti, write_bundle_info
+from rt_mindeye.calibration.config import CalibrationConfig
+from rt_mindeye.errors import SessionError
+from rt_mindeye.ingest.config import WatcherConfig
+from rt_mindeye.ingest.dicom import read_volume
+from rt_mindeye.preprocess.config import MotionConfig
+from rt_mindeye.preprocess.masks import load_mask
+from rt_mindeye.preprocess.motion import MotionCorrector, head_mask
+from rt_mindeye.volume import Volume
+
+log = logging.getLogger("rt_mindeye.calibration")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """One run of the session as found on disk."""
+
+    ordinal: int
+    """1-based position of the run in the session (series order)."""
+    series: int
+    files: tuple[Path, ...]
+    """The run's DICOMs ordered by volume number."""
+
+
+@dataclass
+class CalibrationResult:
+    bundle: CalibrationBundle
+    n_glm_voxels: int
+    n_decoder_voxels: int
+    n_trials: int
+    reliability_median: float
+    holdout_top1: float | None
+    holdout_chance: float | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+Progress = Callable[[str], None]
+
+
+# --- 1. inputs ------------------------------------------------------------------------------------------------------
+
+
+def discover_runs(dicom_dir: Path, watcher: WatcherConfig | None = None) -> list[RunFiles]:
+    """Group the export folder's files into runs by series number (file-name pattern), ordered by series."""
+    watcher = watcher or WatcherConfig()
+    by_series: dict[int, list[tuple[int, Path]]] = {}
+    for path in sorted(Path(dicom_dir).iterdir()):
+        parsed = watcher.parse_name(path.name)
+        if parsed is None:
+            continue
+        series, volume = parsed
+        by_series.setdefault(series, []).append((volume, path))
+    if not by_series:
+        raise SessionError(dicom_dir, f"no file matches the export pattern {watcher.pattern!r}")
+    return [RunFiles(ordinal=i + 1, series=s, files=tuple(p for _, p in sorted(by_series[s])))
+            for i, s in enumerate(sorted(by_series))]
+
+
+def find_events(events_dir: Path, ordinal: int) -> Path:
+    path = Path(events_dir) / f"run-{ordinal:02d}_events.tsv"
+    if not path.is_file():
+        raise SessionError(path, f"no planned events for run {ordinal}: expected run-{ordinal:02d}_events.tsv "
+                                 f"in {events_dir}")
+    return path
+
+
+def read_event_rows(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def list_stimuli(stimuli_dir: Path) -> list[Path]:
+    files = sorted(p for p in Path(stimuli_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SessionError(stimuli_dir, "no stimulus images (png/jpg) found")
+    return files
+
+
+def stimulus_ids(rows: Sequence[dict[str, str]], stimuli: Sequence[Path], source: Path) -> np.ndarray:
+    """Index into ``stimuli`` of each trial's ``stim_file`` (matched by file name)."""
+    by_name = {p.name: i for i, p in enumerate(stimuli)}
+    ids = []
+    for row in rows:
+        name = Path(row.get("stim_file") or "").name
+        if name not in by_name:
+            raise SessionError(source, f"stim_file {row.get('stim_file')!r} is not among the stimulus images")
+        ids.append(by_name[name])
+    return np.asarray(ids, dtype=np.int64)
+
+
+# --- 2. motion-corrected time series --------------------------------------------------------------------------------
+
+
+def glm_voxel_mask(reference: Volume, anatomical: np.ndarray, noise_pool_voxels: int) -> np.ndarray:
+    """Anatomical voxels plus an even subsample of the other head voxels (noise-pool candidates)."""
+    outside = head_mask(reference.data) & ~anatomical
+    candidates = np.flatnonzero(outside.ravel())
+    if noise_pool_voxels and candidates.size:
+        step = max(1, candidates.size // noise_pool_voxels)
+        candidates = candidates[::step][:noise_pool_voxels]
+    else:
+        candidates = candidates[:0]
+    mask = anatomical.copy().ravel()
+    mask[candidates] = True
+    return mask.reshape(anatomical.shape)
+
+
+def corrected_timeseries(files: Sequence[Path], corrector: MotionCorrector, mask: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(T, V) float32 voxel time series and (T, 6) motion parameters of one run."""
+    series, motion = [], []
+    for path in files:
+        result = corrector.update(read_volume(path))
+        series.append(result.volume.data[mask])
+        motion.append(result.params)
+    return np.asarray(series, dtype=np.float32), np.asarray(motion, dtype=np.float64)
+
+
+# --- the workflow ---------------------------------------------------------------------------------------------------
+
+
+def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationConfig | None = None, *,
+              dicom_dir: str | Path | None = None, motion: MotionConfig | None = None,
+              watcher: WatcherConfig | None = None, session_id: str | None = None,
+              progress: Progress | None = None) -> CalibrationResult:
+    """Run the calibration workflow on ``session_dir`` and write the bundle to ``out_dir``."""
+    config = config or CalibrationConfig()
+    say = progress or (lambda text: log.info(text))
+    session_dir = Path(session_dir)
+    out = Path(out_dir)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    dicom_dir = Path(dicom_dir) if dicom_dir else _first_existing(session_dir, ("sourcedata/dicom", "dicom"))
+    events_dir = config.events_dir or _first_existing(session_dir, ("events", "func"))
+    stimuli_dir = config.stimuli_dir or session_dir / "stimuli"
+    runs = discover_runs(dicom_dir, watcher)
+    if len(runs) < config.calibration_runs:
+        raise SessionError(dicom_dir, f"{len(runs)} run(s) found, the configuration asks for "
+                                      f"{config.calibration_runs} calibration runs")
+    calib = runs[:config.calibration_runs]
+    events = [find_events(events_dir, r.ordinal) for r in calib]
+    rows = [read_event_rows(p) for p in events]
+    stimuli = list_stimuli(stimuli_dir)
+    image_ids = np.concatenate([stimulus_ids(r, stimuli, p) for r, p in zip(rows, events)])
+    say(f"calibration runs: {', '.join(f'{r.ordinal} (series {r.series}, {len(r.files)} volumes)' for r in calib)}")
+
+    # 2. reference, masks, motion-corrected series
+    reference = read_volume(calib[0].files[0])
+    anatomical = (load_mask(config.anatomical_mask, reference) if config.anatomical_mask
+                  else head_mask(reference.data))
+    glm_mask = glm_voxel_mask(reference, anatomical, config.noise_pool_voxels)
+    corrector = MotionCorrector(motion or MotionConfig()).fit(reference)
+    series, motion_params = [], []
+    for run in calib:
+        say(f"motion correction: run {run.ordinal}")
+        ts, params = corrected_timeseries(run.files, corrector, glm_mask)
+        series.append(ts)
+        motion_params.append(params)
+    lap("motion")
+
+    # 3. offline GLM
+    from rt_mindeye.glm.estimator import GLMSingle
+
+    glm_kwargs = {k: getattr(config.glm, k) for k in _glm_parameters()}
+    say(f"GLM type {config.glm.model} on {int(glm_mask.sum())} voxels x {sum(len(s) for s in series)} volumes")
+    glm = GLMSingle(**glm_kwargs).fit(series, events, reference.tr or 1.0, motion=motion_params)
+    lap("glm")
+
+    # 4. decoder voxels: anatomical ∩ reliability
+    from rt_mindeye.preprocess.masks import reliability, reliability_mask
+
+    z = glm.zscored_betas()
+    anat_in_glm = anatomical[glm_mask]
+    conditions = [str(i) for i in image_ids]
+    scores = reliability(z, conditions)
+    if config.reliability_threshold is not None:
+        keep = reliability_mask(z, conditions, threshold=config.reliability_threshold, anatomical_mask=anat_in_glm)
+    else:
+        top_n = max(1, int(round(config.reliability_top_fraction * anat_in_glm.sum())))
+        keep = reliability_mask(z, conditions, top_n=top_n, anatomical_mask=anat_in_glm)
+    if not keep.any():
+        raise SessionError(session_dir, "no voxel passes the reliability selection: lower "
+                                        "calibration.reliability_threshold or check the events")
+    decoder_index = np.flatnonzero(keep)
+    decoder_mask = np.zeros(glm_mask.shape, dtype=bool)
+    decoder_mask.ravel()[np.flatnonzero(glm_mask.ravel())[decoder_index]] = True
+    finite = scores[keep][np.isfinite(scores[keep])]
+    rel_median = float(np.median(finite)) if finite.size else float("nan")
+    say(f"decoder voxels: {decoder_index.size} of {int(anatomical.sum())} anatomical "
+        f"(median repeat reliability {rel_median:.3f})")
+    lap("masks")
+
+    # 5. fine-tune
+    holdout_top1, chance, n_epochs = _finetune(out, config, z[:, decoder_index], image_ids, stimuli, say)
+    lap("finetune")
+
+    # 6. bundle
+    out.mkdir(parents=True, exist_ok=True)
+    save_volume_nifti(out / "reference.nii.gz", reference.data, reference.affine)
+    save_volume_nifti(out / "mask.nii.gz", decoder_mask.astype(np.uint8), reference.affine)
+    save_volume_nifti(out / "glm_mask.nii.gz", glm_mask.astype(np.uint8), reference.affine)
+    glm.calibration_.save(out / "glm")
+    np.save(out / "glm" / "decoder_index.npy", decoder_index)
+    info = BundleInfo(
+        subject=config.subject, session=session_id or session_dir.name, shape=tuple(reference.shape),
+        voxel_size=tuple(float(v) for v in reference.voxel_sizes),
+        affine=tuple(tuple(float(v) for v in row) for row in reference.affine), tr=float(reference.tr or 0.0),
+        n_voxels=int(decoder_index.size), calibration_runs=tuple(r.ordinal for r in calib),
+        extra={"glm_voxels": int(glm_mask.sum()), "glm_model": config.glm.model, "embedder": config.embedder,
+               "finetune_epochs": n_epochs, "reliability_median": rel_median})
+    bundle = write_bundle_info(out, info)
+    result = CalibrationResult(bundle=bundle, n_glm_voxels=int(glm_mask.sum()), n_decoder_voxels=int(decoder_index.size),
+                               n_trials=int(z.shape[0]), reliability_median=rel_median, holdout_top1=holdout_top1,
+                               holdout_chance=chance, seconds=timings)
+    _write_report(bundle, result, config)
+    say(f"bundle written: {out}")
+    return result
+
+
+def _first_existing(root: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise SessionError(root, f"none of {', '.join(names)} exists in the session folder")
+
+
+def _glm_parameters() -> tuple[str, ...]:
+    from dataclasses import fields
+
+    from rt_mindeye.glm.config import GLMConfig
+
+    return tuple(f.name for f in fields(GLMConfig) if f.name != "realtime")
+
+
+def make_embedder(config: CalibrationConfig):
+    from rt_mindeye.model.embedders import OpenCLIPBigGEmbedder, PhantomEmbedder
+
+    if config.embedder == "openclip":
+        if config.openclip_checkpoint is None:
+            raise SessionError(None, "calibration.openclip_checkpoint: the openclip embedder needs a local ViT-bigG/14 "
+                                     "weights file")
+        return OpenCLIPBigGEmbedder(config.openclip_checkpoint)
+    return PhantomEmbedder()
+
+
+def load_images(paths: Sequence[Path]) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224))) for p in paths])
+
+
+def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids: np.ndarray,
+              stimuli: Sequence[Path], say: Progress) -> tuple[float | None, float | None, int]:
+    """Fine-tune the shared model on the calibration betas; write model/ and candidates.npz; held-out top-1."""
+    import torch
+
+    from rt_mindeye.model.data import image_targets, subject_data
+    from rt_mindeye.model.train import Trainer, finetune
+
+    embedder = make_embedder(config)
+    images = load_images(stimuli)
+    say(f"embedding {len(stimuli)} stimulus images ({type(embedder).__name__})")
+    targets = image_targets(images, embedder)
+    rng = np.random.default_rng(config.train.seed)
+    n = betas.shape[0]
+    holdout = np.zeros(n, dtype=bool)
+    if config.holdout_fraction > 0:
+        holdout[rng.choice(n, size=max(1, int(round(config.holdout_fraction * n))), replace=False)] = True
+    stats = (np.zeros(betas.shape[1], np.float32), np.ones(betas.shape[1], np.float32))  # already z-scored
+    train = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=~holdout)
+    val = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=holdout) if holdout.any() else None
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if config.pretrained is None:
+        raise SessionError(None, "calibration.pretrained: a shared MindEye2 checkpoint is needed (run "
+                                 "`rt-mindeye pretrain` or give the published last.pth)")
+    say(f"fine-tuning {config.pretrained} on {len(train)} trials (budget {config.train.time_budget_min} min)")
+    model, result = finetune(config.pretrained, train, config.train, checkpoint_path=model_dir / "last.pth",
+                             validation=val, progress=False, log=say)
+    candidates = targets.tokens.numpy().astype(np.float32)
+    np.savez(out / "candidates.npz", tokens=candidates, ids=np.arange(len(stimuli)),
+             files=np.array([p.name for p in stimuli]))
+    top1 = None
+    chance = None
+    if val is not None:
+        model.eval()
+        with torch.no_grad():
+            clip = model(val.voxels.float()).clip_voxels.flatten(1)
+        cand = torch.from_numpy(candidates).flatten(1)
+        sims = torch.nn.functional.normalize(clip, dim=1) @ torch.nn.functional.normalize(cand, dim=1).T
+        predicted = sims.argmax(dim=1).numpy()
+        top1 = float(np.mean(predicted == image_ids[holdout]))
+        chance = 1.0 / len(stimuli)
+        say(f"held-out calibration retrieval: top-1 {top1:.2%} among {len(stimuli)} images (chance {chance:.2%})")
+    return top1, chance, int(result.epochs)
+
+
+def _write_report(bundle: CalibrationBundle, result: CalibrationResult, config: CalibrationConfig) -> None:
+    lines = [
+        f"# Calibration report: subject {bundle.info.subject}, session {bundle.info.session}",
+        "",
+        f"- created {bundle.info.created} by rt-mindeye {bundle.info.software}",
+        f"- calibration runs: {', '.join(map(str, bundle.info.calibration_runs))}; {result.n_trials} trials",
+        f"- GLM type {config.glm.model} on {result.n_glm_voxels} voxels",
+        f"- decoder voxels: {result.n_decoder_voxels} (median repeat reliability {result.reliability_median:.3f})",
+    ]
+    if result.holdout_top1 is not None:
+        lines.append(f"- held-out calibration retrieval: top-1 {result.holdout_top1:.1%} "
+                     f"(chance {result.holdout_chance:.1%})")
+    lines.append("- time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    bundle.report_path.write_text("\n".join(lines) + "\n")
+    (bundle.root / "report.json").write_text(json.dumps({
+        "n_glm_voxels": result.n_glm_voxels, "n_decoder_voxels": result.n_decoder_voxels,
+        "n_trials": result.n_trials, "reliability_median": result.reliability_median,
+        "holdout_top1": result.holdout_top1, "holdout_chance": result.holdout_chance, "seconds": result.seconds,
+    }, indent=2))

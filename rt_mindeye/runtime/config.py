@@ -1,0 +1,86 @@
+"""The session configuration: one YAML file, one validated section per stage.
+
+Every service reads the same file and takes only its own sections, so the scanner host, the GPU host and the
+console can be three machines with the same file (the ``transport`` section says where each one is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rt_mindeye.calibration.config import CalibrationConfig
+from rt_mindeye.config import from_mapping, read_yaml, setting
+from rt_mindeye.console.config import ConsoleConfig
+from rt_mindeye.decode.config import DecodeConfig
+from rt_mindeye.glm.config import GLMConfig
+from rt_mindeye.ingest.config import WatcherConfig
+from rt_mindeye.preprocess.config import MotionConfig
+from rt_mindeye.transport.config import TransportConfig
+
+
+@dataclass(frozen=True)
+class SessionSection:
+    id: str = setting("session", "session id carried by every message and record")
+    subject: str = setting("sub-01", "subject label; the calibration bundle must be for this subject")
+    dir: Path = setting(Path("runs/session"), "session record folder (BIDS-derivatives-like layout)")
+    watch_dir: Path = setting(Path("runs/export"), "the scanner's real-time export folder (share)")
+    bundle: Path = setting(Path("runs/bundle"), "calibration bundle made by `rt-mindeye calibrate`")
+    events_dir: Path | None = setting(None, "planned BIDS events run-XX_events.tsv, XX = run ordinal in the "
+                                            "session; null: events come live from the stimulus computer")
+    stimuli_dir: Path | None = setting(None, "folder of the stimulus images (gallery, retrieval thumbnails)")
+    first_live_run: int = setting(1, "ordinal of the first run the scanner host analyses (runs before it are "
+                                     "calibration runs already in the bundle)", min=1)
+    live_runs: int = setting(0, "the scanner host stops after this many live runs have ended (0: until stopped)",
+                             min=0)
+    idle_timeout_s: float = setting(0.0, "the scanner host stops after this long without a new volume once a run "
+                                         "has ended (0: never)", min=0.0)
+    min_free_gb: float = setting(2.0, "warn on the console when the session disk has less free space than this",
+                                 min=0.0)
+
+
+@dataclass(frozen=True)
+class DecoderSection:
+    device: str = setting("auto", "'auto' (cuda when present), 'cpu' or 'cuda:N'")
+    decode: DecodeConfig = field(default_factory=DecodeConfig, metadata={"doc": "retrieval and reconstruction"})
+    unclip_checkpoint: Path | None = setting(None, "SDXL-unCLIP checkpoint (generative-models .ckpt) for full "
+                                                   "reconstructions; null: retrieval and blurry images only")
+    idle_timeout_s: float = setting(0.0, "stop after this long without a trial once the scanner host has said "
+                                         "the session ended (0: never)", min=0.0)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    session: SessionSection = field(default_factory=SessionSection, metadata={"doc": "what and where"})
+    watcher: WatcherConfig = field(default_factory=WatcherConfig, metadata={"doc": "the export-folder watcher"})
+    motion: MotionConfig = field(default_factory=MotionConfig, metadata={"doc": "real-time motion correction"})
+    glm: GLMConfig = field(default_factory=GLMConfig, metadata={"doc": "single-trial GLM (realtime section live)"})
+    transport: TransportConfig = field(default_factory=TransportConfig, metadata={"doc": "ZeroMQ endpoints"})
+    decoder: DecoderSection = field(default_factory=DecoderSection, metadata={"doc": "the decoder service"})
+    console: ConsoleConfig = field(default_factory=ConsoleConfig, metadata={"doc": "the operator console"})
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig,
+                                           metadata={"doc": "`rt-mindeye calibrate`"})
+
+
+def load_session_config(path: str | Path) -> SessionConfig:
+    """Read and validate a session YAML; relative paths in it are relative to the YAML file's folder."""
+    path = Path(path)
+    return resolve_paths(from_mapping(SessionConfig, read_yaml(path), source=path), path.resolve().parent)
+
+
+def resolve_paths(config: SessionConfig, base: Path) -> SessionConfig:
+    import dataclasses
+
+    def fix(obj):
+        if dataclasses.is_dataclass(obj):
+            changes = {}
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if isinstance(value, Path) and not value.is_absolute():
+                    changes[f.name] = base / value
+                elif dataclasses.is_dataclass(value):
+                    changes[f.name] = fix(value)
+            return dataclasses.replace(obj, **changes) if changes else obj
+        return obj
+
+    return fix(config)

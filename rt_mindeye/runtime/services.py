@@ -1,0 +1,279 @@
+"""The three long-running services: scanner host, decoder, console.
+
+Each ``run_*`` function runs one service in the calling process until its stop condition (or ``stop``, a
+:class:`threading.Event`, is set) and reads only its own sections of the :class:`SessionConfig`, so each can run on
+its own host. ``services/*.py`` are their process entry points and ``rt-mindeye session`` starts all three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from rt_mindeye.calibration.bundle import CalibrationBundle
+from rt_mindeye.config import to_mapping
+from rt_mindeye.errors import RtMindEyeError, SessionError
+from rt_mindeye.runtime.config import SessionConfig
+from rt_mindeye.runtime.layout import SessionLayout
+from rt_mindeye.transport.messages import Heartbeat, TrialBetas
+
+log = logging.getLogger("rt_mindeye.services")
+
+POLL_S = 0.1
+ACK_DRAIN_S = 10.0
+STATE_SESSION_DONE = "session-done"
+
+
+def setup_logging(layout: SessionLayout, service: str, level: int = logging.INFO) -> None:
+    layout.logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(layout.logs_dir / f"{service}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("rt_mindeye")
+    root.setLevel(level)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in root.handlers):
+        root.addHandler(handler)
+
+
+def save_resolved_config(config: SessionConfig, layout: SessionLayout) -> None:
+    import yaml
+
+    layout.config_yaml.write_text(yaml.safe_dump(to_mapping(config), sort_keys=False))
+
+
+# --- scanner host ---------------------------------------------------------------------------------------------------
+
+
+class EventsPlanner:
+    """Run plans from the planned BIDS events files (``run-XX_events.tsv``, XX = run ordinal in the session)."""
+
+    def __init__(self, events_dir: Path, first_live_run: int):
+        self.events_dir = Path(events_dir)
+        self.first_live_run = first_live_run
+
+    def __call__(self, series: int, ordinal: int):
+        from rt_mindeye.calibration.workflow import find_events, read_event_rows
+        from rt_mindeye.glm.design import RunEvents
+        from rt_mindeye.runtime.scanner import RunPlan
+
+        run = self.first_live_run + ordinal - 1
+        path = find_events(self.events_dir, run)
+        rows = read_event_rows(path)
+        events = RunEvents.from_tsv(path)
+        # RunEvents sorts by onset; keep the stimulus files in the same order.
+        order = np.argsort([float(r["onset"]) for r in rows], kind="stable")
+        stim = tuple(str(rows[i].get("stim_file") or "") for i in order)
+        return RunPlan(run=run, events=events, stim_files=stim)
+
+
+def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> dict:
+    """Watch the export folder, correct motion, estimate betas, journal and send them. Returns a summary."""
+    from rt_mindeye.glm.estimator import GLMCalibration
+    from rt_mindeye.glm.realtime import RealtimeGLM
+    from rt_mindeye.ingest.series import RunEnded, VolumeReady
+    from rt_mindeye.ingest.watcher import FolderWatcher
+    from rt_mindeye.preprocess.motion import MotionCorrector
+    from rt_mindeye.runtime.scanner import ScannerPipeline
+    from rt_mindeye.transport.channel import ReliableSender
+    from rt_mindeye.transport.config import server_security
+    from rt_mindeye.transport.pubsub import SnapshotPublisher
+
+    stop = stop or threading.Event()
+    s = config.session
+    layout = SessionLayout(s.dir).create()
+    setup_logging(layout, "scanner")
+    save_resolved_config(config, layout)
+    if s.events_dir is None:
+        raise SessionError(None, "session.events_dir: the real-time GLM needs the run's planned events file")
+    bundle = CalibrationBundle.open(s.bundle)
+    bundle.check(subject=s.subject, volume=None)
+    calibration = GLMCalibration.load(bundle.glm_dir)
+    decoder_index = np.load(bundle.glm_dir / "decoder_index.npy")
+    glm_mask = np.asarray(__import__("nibabel").load(str(bundle.root / "glm_mask.nii.gz")).dataobj) > 0
+    pipeline = ScannerPipeline(reference=bundle.reference(), mask=glm_mask,
+                               glm=RealtimeGLM(calibration, config.glm), motion=MotionCorrector(config.motion),
+                               planner=EventsPlanner(s.events_dir, s.first_live_run), session=s.id,
+                               first_volume=config.watcher.first_volume, motion_dir=layout.derivatives / "motion")
+    t = config.transport
+    sender = ReliableSender(t.bind_endpoint("trials"), layout.betas_dir / "trials.journal", session=s.id,
+                            service="scanner", server_security=server_security(t, "scanner"),
+                            fsync=t.journal_fsync, heartbeat_interval_s=t.heartbeat_interval_s,
+                            heartbeat_liveness=t.heartbeat_liveness, send_hwm=t.send_hwm)
+    publisher = SnapshotPublisher(t.bind_endpoint("scanner_pub"), t.bind_endpoint("scanner_snapshot"), session=s.id,
+                                  service="scanner", server_security=server_security(t, "scanner"),
+                                  heartbeat_interval_s=t.heartbeat_interval_s)
+    watcher = FolderWatcher(s.watch_dir, replace(config.watcher, record_dir=layout.root), clock=time.time)
+    runs_ended = 0
+    trials_sent = 0
+    volumes = 0
+    checked_geometry = False
+    last_activity = time.time()
+    timings = layout.timings_jsonl.open("a")
+    low_disk_warned = False
+    try:
+        watcher.start()
+        log.info("scanner host watching %s", s.watch_dir)
+        while not stop.is_set():
+            event = watcher.get(timeout=POLL_S)
+            now = time.time()
+            if event is None:
+                if s.idle_timeout_s and runs_ended and now - last_activity > s.idle_timeout_s:
+                    log.info("no volume for %.1f s after the last run: stopping", s.idle_timeout_s)
+                    break
+                continue
+            last_activity = now
+            if isinstance(event, VolumeReady):
+                volumes += 1
+                if not checked_geometry:
+                    bundle.check(subject=None, volume=event.volume)
+                    checked_geometry = True
+                if not low_disk_warned and layout.free_bytes() < s.min_free_gb * 1e9:
+                    low_disk_warned = True
+                    log.warning("session disk has %.1f GB free (< %.1f GB): free space before data is lost",
+                                layout.free_bytes() / 1e9, s.min_free_gb)
+                    publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
+                                                detail=f"low disk: {layout.free_bytes() / 1e9:.1f} GB free"))
+            for msg in pipeline.handle(event):
+                if isinstance(msg, TrialBetas):
+                    msg = replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index]))
+                    sender.send(msg)  # journaled before it is sent
+                    trials_sent += 1
+                publisher.publish(msg)
+            for row in pipeline.timings:
+                timings.write(json.dumps({"service": "scanner", **row}) + "\n")
+            pipeline.timings.clear()
+            timings.flush()
+            if isinstance(event, RunEnded):
+                runs_ended += 1
+                if s.live_runs and runs_ended >= s.live_runs:
+                    log.info("%d live run(s) ended: stopping", runs_ended)
+                    break
+        for msg in pipeline.handle_close() if hasattr(pipeline, "handle_close") else []:
+            if isinstance(msg, TrialBetas):
+                sender.send(replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index])))
+        if not sender.wait_acked(sender.last_seq, ACK_DRAIN_S):
+            log.warning("stopping with unacknowledged trials (acked %d of %d): they stay in the journal and are "
+                        "re-sent when the scanner host restarts", sender.acked_seq, sender.last_seq)
+        publisher.publish(Heartbeat(session=s.id, service="scanner", state=STATE_SESSION_DONE,
+                                    detail=f"trials={trials_sent}"))
+        time.sleep(2 * t.heartbeat_interval_s)
+    finally:
+        watcher.stop()
+        sender.close()
+        publisher.close()
+        timings.close()
+    return {"volumes": volumes, "runs_ended": runs_ended, "trials_sent": trials_sent,
+            "acked": sender.acked_seq, "last_seq": sender.last_seq}
+
+
+# --- decoder --------------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> dict:
+    """Receive trial estimates, decode them, record and publish the results, acknowledge."""
+    from rt_mindeye.runtime.decoder import TrialDecoder, build_decoder
+    from rt_mindeye.transport.channel import ReliableReceiver
+    from rt_mindeye.transport.config import client_security, server_security
+    from rt_mindeye.transport.pubsub import SnapshotPublisher
+
+    stop = stop or threading.Event()
+    s = config.session
+    layout = SessionLayout(s.dir).create()
+    setup_logging(layout, "decoder")
+    bundle = CalibrationBundle.open(s.bundle)
+    bundle.check(subject=s.subject, volume=None)
+    decoder, _ = build_decoder(bundle, config.decoder.decode, device=_device(config.decoder.device))
+    t = config.transport
+    trial_decoder = TrialDecoder(decoder, session=s.id, recon_dir=layout.recon_dir, policy=t.recon_policy,
+                                 max_pending=t.recon_max_pending, stimuli_dir=s.stimuli_dir)
+    receiver = ReliableReceiver(t.connect_endpoint("trials"), session=s.id, service="decoder",
+                                client_security=client_security(t, "decoder", "scanner"),
+                                state_path=layout.decoder_dir / "receiver.state", auto_ack=False,
+                                heartbeat_interval_s=t.heartbeat_interval_s, heartbeat_liveness=t.heartbeat_liveness)
+    publisher = SnapshotPublisher(t.bind_endpoint("decoder_pub"), t.bind_endpoint("decoder_snapshot"), session=s.id,
+                                  service="decoder", server_security=server_security(t, "decoder"),
+                                  heartbeat_interval_s=t.heartbeat_interval_s)
+    results_path = layout.decoder_dir / "results.jsonl"
+    decoded = 0
+    last = time.time()
+    try:
+        with results_path.open("a") as results:
+            while not stop.is_set():
+                msg = receiver.recv(timeout_s=POLL_S)
+                now = time.time()
+                if msg is None:
+                    if config.decoder.idle_timeout_s and decoded and now - last > config.decoder.idle_timeout_s:
+                        break
+                    continue
+                if not isinstance(msg, TrialBetas):
+                    continue
+                last = now
+                result = trial_decoder.retrieve(msg, now)
+                record = {"seq": msg.seq, "run": result.run, "trial": result.trial, "kind": result.estimate_kind,
+                          "version": result.estimate_version, "stim_file": result.stim_file,
+                          "topk": list(result.topk_labels), "scores": list(result.topk_scores),
+                          "recon": result.reconstruction_path, "acquisition_time": result.acquisition_time,
+                          "received_at": result.received_at, "retrieval_done_at": result.retrieval_done_at,
+                          "stage_ms": result.stage_ms}
+                results.write(json.dumps(record) + "\n")
+                results.flush()  # recorded before it is acknowledged
+                publisher.publish(result)
+                receiver.ack(msg.seq)
+                decoded += 1
+    finally:
+        receiver.close()
+        publisher.close()
+    return {"decoded": decoded}
+
+
+# --- console --------------------------------------------------------------------------------------------------------
+
+
+def console_sources(config: SessionConfig):
+    from rt_mindeye.transport.config import client_security
+    from rt_mindeye.transport.pubsub import Source
+
+    t = config.transport
+    return [Source("scanner", t.connect_endpoint("scanner_pub"), t.connect_endpoint("scanner_snapshot"),
+                   client_security(t, "console", "scanner")),
+            Source("decoder", t.connect_endpoint("decoder_pub"), t.connect_endpoint("decoder_snapshot"),
+                   client_security(t, "console", "decoder"))]
+
+
+def run_console(config: SessionConfig, stop: threading.Event | None = None, *, headless: bool | None = None,
+                duration_s: float | None = None):
+    from rt_mindeye.console.runner import OperatorConsole
+
+    s = config.session
+    layout = SessionLayout(s.dir)
+    console_config = config.console
+    if console_config.gallery_dir is None:
+        console_config = replace(console_config, gallery_dir=layout.gallery_dir)
+    if console_config.stimulus_dir is None and s.stimuli_dir is not None:
+        console_config = replace(console_config, stimulus_dir=s.stimuli_dir.parent)
+    console = OperatorConsole(console_config, console_sources(config),
+                              heartbeat_interval_s=config.transport.heartbeat_interval_s,
+                              heartbeat_liveness=config.transport.heartbeat_liveness)
+    if stop is not None:
+        threading.Thread(target=lambda: (stop.wait(), console.stop()), daemon=True).start()
+    try:
+        return console.run(duration_s=duration_s, headless=headless)
+    finally:
+        console.close()
+
+
+def describe_failure(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, RtMindEyeError) else f"{type(exc).__name__}: {exc}"

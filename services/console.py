@@ -1,0 +1,10 @@
+"""Process entry point of the console service: `python -m services.console --config configs/NAME.yaml`."""
+
+from __future__ import annotations
+
+import sys
+
+from rt_mindeye.runtime.entry import service_main
+
+if __name__ == "__main__":
+    sys.exit(service_main("console"))
