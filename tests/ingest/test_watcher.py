@@ -274,6 +274,36 @@ def test_emulated_duplicates_under_both_names_are_dropped(tmp_path, export, volu
     assert ready_numbers(events) == list(range(1, 11))
 
 
+def test_every_fault_at_once_keeps_the_stream_consistent(tmp_path, export, volumes):
+    faults = FaultPlan(partial_writes=0.3, rename_writes=0.2, jitter_s=0.01, reorder=0.2, drop=0.15, duplicate=0.2,
+                       restart_series_at=6, pause_at=2, pause_trs=2)
+    emulator = ScannerEmulator(volumes, export, tr=FAST_TR, faults=faults, seed=21)
+    sends = emulator.plan().sends
+    counts = emulator.plan().counts()
+    assert all(counts.get(kind, 0) > 0 for kind in ("partial", "reordered", "drop", "duplicate", "paused"))
+    with FolderWatcher(export, config(tmp_path, tr_s=0.1)) as watcher:
+        emulator.run()
+        events = list(watcher.events(idle_timeout=1.5))
+    events += watcher.drain()
+    assert not [e for e in events if isinstance(e, IngestError)]
+    for series in (13, 14):
+        delivered = slots(events, series)
+        assert delivered == list(range(delivered[0], delivered[-1] + 1))  # one slot each, in order, no holes
+    written = {(s.series, s.volume) for s in sends if s.kind == "write"}
+    dropped = {(s.series, s.volume) for s in sends if s.kind == "drop"}
+    arrived = {(e.series, e.number) for e in events if isinstance(e, (VolumeReady, LateVolume))}
+    assert arrived == written  # every file written was delivered or reported late; nothing else appeared
+    gaps = {(e.series, e.volume) for e in events if isinstance(e, VolumeGap)}
+    late = {(e.series, e.number) for e in events if isinstance(e, LateVolume)}
+    assert gaps <= dropped | late
+    duplicates = [s for s in sends if s.kind == "duplicate"]
+    renamed = {(s.series, s.volume) for s in duplicates if "duplicate_renamed" in s.faults}
+    dropped_dups = {(e.series, e.volume) for e in events if isinstance(e, DuplicateDropped)}
+    assert renamed <= dropped_dups <= {(s.series, s.volume) for s in duplicates}
+    ends = [e for e in events if isinstance(e, RunEnded)]
+    assert [(e.series, e.reason) for e in ends] == [(13, "new_series"), (14, "closed")]
+
+
 # --- series and geometry --------------------------------------------------------------------------------------------
 
 
