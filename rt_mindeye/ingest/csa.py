@@ -66,26 +66,37 @@ class CsaHeader(Mapping[str, CsaTag]):
     ``format`` is 1 (old layout) or 2 (``SV10``). Getters return ``None`` when a tag is missing or has no values.
     """
 
-    def __init__(self, format: int, tags: Mapping[str, CsaTag], source: str):
+    def __init__(self, format: int, raw_tags: Mapping[str, tuple], source: str):
         self.format = format
-        self._tags = dict(tags)
+        self._raw = dict(raw_tags)  # name -> (vm, vr, syngodt, [item bytes]); decoded on first access
+        self._tags: dict[str, CsaTag] = {}
         self.source = source
 
     def __getitem__(self, name: str) -> CsaTag:
-        return self._tags[name]
+        tag = self._tags.get(name)
+        if tag is None:
+            vm, vr, syngodt, items = self._raw[name]
+            tag = self._tags[name] = CsaTag(name, vm, vr, syngodt, _decode_items(items, vr, self.source, name))
+        return tag
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self._raw else default
+
+    def __contains__(self, name) -> bool:
+        return name in self._raw
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tags)
+        return iter(self._raw)
 
     def __len__(self) -> int:
-        return len(self._tags)
+        return len(self._raw)
 
     def __repr__(self) -> str:
         return f"CsaHeader(format={self.format}, {len(self)} tags, source={self.source!r})"
 
     def scalar(self, name: str) -> Any:
         """The first value of tag ``name``, or ``None``."""
-        tag = self._tags.get(name)
+        tag = self.get(name)
         if tag is None or not tag.values:
             return None
         return tag.values[0]
@@ -95,7 +106,7 @@ class CsaHeader(Mapping[str, CsaTag]):
 
         Raises :class:`CsaReadError` when fewer than ``length`` values are present or a value is not numeric.
         """
-        tag = self._tags.get(name)
+        tag = self.get(name)
         if tag is None or not tag.values:
             return None
         values = tag.values if length is None else tag.values[:length]
@@ -113,6 +124,16 @@ def _text(raw: bytes) -> str:
     return (raw if end < 0 else raw[:end]).decode("latin-1")
 
 
+def _decode_items(items: list, vr: str, source: str, name: str) -> tuple:
+    values = []
+    for item in items:
+        text = _text(item)
+        if not text.strip():
+            break  # an empty item ends the values (numeric tags always; string tags pad this way)
+        values.append(_convert(text, vr, source, name))
+    return tuple(values)
+
+
 def _convert(text: str, vr: str, source: str, name: str) -> Any:
     try:
         if vr in _INT_VRS:
@@ -127,7 +148,8 @@ def _convert(text: str, vr: str, source: str, name: str) -> Any:
 def parse_csa(raw: bytes, source: str | Path | None = None) -> CsaHeader:
     """Parse the bytes of one CSA header (either layout). ``source`` only names the file in errors.
 
-    Raises :class:`CsaReadError` for truncated or inconsistent bytes or counts beyond the bounds.
+    Raises :class:`CsaReadError` for truncated or inconsistent bytes or counts beyond the bounds. Item values are
+    decoded when a tag is first looked up; a value that does not fit its VR raises :class:`CsaReadError` then.
     """
     where = str(source) if source is not None else "<CSA header>"
     raw = bytes(raw)
@@ -142,7 +164,7 @@ def parse_csa(raw: bytes, source: str | Path | None = None) -> CsaHeader:
     pos += 8
     if not 0 < n_tags <= MAX_CSA_TAGS:
         raise CsaReadError(where, f"CSA header declares {n_tags} tags (expected 1..{MAX_CSA_TAGS})")
-    tags: dict[str, CsaTag] = {}
+    tags: dict[str, tuple] = {}
     first_tag_items = 0
     for tag_no in range(n_tags):
         if pos + _TAG_HEADER.size > size:
@@ -158,8 +180,7 @@ def parse_csa(raw: bytes, source: str | Path | None = None) -> CsaHeader:
         if vm < 0:
             raise CsaReadError(where, f"CSA tag has negative multiplicity {vm}", name)
         n_values = vm if vm else n_items
-        values = []
-        ended = False
+        items = []
         for item_no in range(n_items):
             if pos + _ITEM_HEADER.size > size:
                 raise CsaReadError(where, f"CSA header ends inside item {item_no} of tag", name)
@@ -171,16 +192,10 @@ def parse_csa(raw: bytes, source: str | Path | None = None) -> CsaHeader:
                 break
             if item_len < 0 or pos + item_len > size:
                 raise CsaReadError(where, f"CSA item {item_no} claims {item_len} bytes, past the header end", name)
-            item = raw[pos : pos + item_len]
+            if item_no < n_values:
+                items.append(raw[pos : pos + item_len])
             pos += item_len + (-item_len) % 4
-            if ended or item_no >= n_values:
-                continue
-            text = _text(item)
-            if not text.strip():
-                ended = True  # an empty item ends the values (numeric tags always; string tags pad this way)
-                continue
-            values.append(_convert(text, vr, where, name))
-        tags[name] = CsaTag(name=name, vm=vm, vr=vr, syngodt=syngodt, values=tuple(values))
+        tags[name] = (vm, vr, syngodt, items)
     return CsaHeader(layout, tags, where)
 
 

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from rt_mindeye.errors import DicomReadError
+from rt_mindeye.errors import DicomReadError, UnsupportedDicomError
 from rt_mindeye.ingest import csa as csa_module
 from rt_mindeye.ingest import geometry
 from rt_mindeye.ingest.dicomfile import DicomFile, read_pixels
@@ -108,6 +108,14 @@ def read_mosaic(dicom: DicomFile, csa_header) -> Volume:
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames != 1:
         raise DicomReadError(path, f"a mosaic must have one frame, found {frames}", "NumberOfFrames")
+    first_protocol_slice = csa_header.scalar("ProtocolSliceNumber") if csa_header is not None else None
+    if first_protocol_slice is not None and first_protocol_slice > 1:
+        # The tiles are stored in reversed slice order; dcm2niix flips them but calls the result untested
+        # (rordenlab/dcm2niix issue 40). A wrong slice direction is worse than no volume: refuse.
+        raise UnsupportedDicomError(
+            path, f"mosaic with reversed slice order (CSA ProtocolSliceNumber {first_protocol_slice})",
+            "ProtocolSliceNumber",
+        )
     grid = math.ceil(math.sqrt(n_slices))
     if rows % grid or columns % grid:
         raise DicomReadError(

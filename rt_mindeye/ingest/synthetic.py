@@ -137,6 +137,7 @@ def write_mosaic(
     rescale: tuple[float, float] | None = None,
     csa_layout: int = 2,
     with_csa: bool = True,
+    extra_csa: Mapping[str, Sequence] | None = None,
 ) -> Path:
     """Write integer ``data[i, j, k]`` (int16/uint16) with RAS ``affine`` as a Siemens mosaic DICOM."""
     path = Path(path)
@@ -176,6 +177,7 @@ def write_mosaic(
                 "SliceNormalVector": [float(v) for v in normal],
                 "MosaicRefAcqTimes": [float(t) for t in slice_times_ms],
                 "AcquisitionMatrixText": [f"{rows}*{columns}"],
+                **dict(extra_csa or {}),
             },
             layout=csa_layout,
             vr={"NumberOfImagesInMosaic": "US", "SliceNormalVector": "FD", "MosaicRefAcqTimes": "FD", "AcquisitionMatrixText": "SH"},

@@ -48,7 +48,7 @@ def test_every_cut_is_incomplete_or_a_read_error(siemens_export_dir, tmp_path):
     cuts = sorted(
         set(
             list(range(0, 400, 3))
-            + list(np.linspace(400, header_end + 8, 160).astype(int))
+            + list(np.linspace(400, header_end + 8, 80).astype(int))
             + list(np.linspace(header_end + 8, len(raw) - 1, 20).astype(int))
         )
     )

@@ -119,3 +119,16 @@ def test_data_layout_is_fortran_so_transpose_is_free(siemens_export_dir):
     volume = read_volume(siemens_export_dir / "001_000013_000002.dcm")
     assert volume.data.flags.f_contiguous
     assert volume.data.T.flags.c_contiguous
+
+
+def test_reversed_slice_order_mosaic_is_refused(tmp_path):
+    from rt_mindeye.errors import UnsupportedDicomError
+
+    data = np.ones((8, 8, 4), dtype=np.int16)
+    path = write_mosaic(
+        tmp_path / "m.dcm", data, realistic_affine(data.shape), extra_csa={"ProtocolSliceNumber": [3]}
+    )
+    with pytest.raises(UnsupportedDicomError, match="ProtocolSliceNumber"):
+        read_volume(path)
+    ordinary = write_mosaic(tmp_path / "o.dcm", data, realistic_affine(data.shape), extra_csa={"ProtocolSliceNumber": [0]})
+    assert read_volume(ordinary).shape == (8, 8, 4)
