@@ -96,11 +96,13 @@ class ReconstructionOutput:
     """Result of :meth:`UnclipReconstructor.reconstruct`.
 
     ``images``: (B, 3, H, W) float32 in [0, 1] on the CPU, blended with the blurry images when they were given;
-    ``unblended``: the unCLIP images alone; ``timings_ms``: milliseconds per step of the pipeline.
+    ``unblended``: the unCLIP images alone; ``latents``: the final (unscaled) latents, float32 on the CPU;
+    ``timings_ms``: milliseconds per step of the pipeline.
     """
 
     images: torch.Tensor
     unblended: torch.Tensor
+    latents: torch.Tensor | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -283,7 +285,8 @@ class UnclipReconstructor:
         # 7. Blend with the blurry reconstruction
         result = blend(images, blurry_images, cfg.blurry_weight) if blurry_images is not None else images
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
-        return ReconstructionOutput(images=result, unblended=images, timings_ms=timings)
+        return ReconstructionOutput(images=result, unblended=images, latents=latents.to(torch.float32).cpu(),
+                                    timings_ms=timings)
 
     def with_config(self, **changes: Any) -> "UnclipReconstructor":
         """A reconstructor sharing these modules with some settings changed (device and precision stay)."""

@@ -221,3 +221,35 @@ def ssim(recons, images, *, size: int = METRIC_IMAGE_SIZE) -> float:
     scores = [structural_similarity(r, i, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                     data_range=1.0) for r, i in zip(recon_gray, image_gray)]
     return float(np.mean(scores))
+
+
+# --- all at once ------------------------------------------------------------------------------------------------------
+
+
+def evaluate(*, recons=None, images=None, brain_embeddings=None, image_embeddings=None,
+             extractors: Mapping[str, FeatureExtractor] | None = None,
+             distance_extractors: Mapping[str, FeatureExtractor] | None = None,
+             n_way: int = 300, n_draws: int = 30, seed: int = 0) -> dict[str, float]:
+    """MindEye2's table for whatever inputs are given.
+
+    ``recons``/``images`` (N, 3, H, W) in [0, 1] give PixCorr, SSIM, two-way identification for each of
+    ``extractors`` (a dict-returning extractor contributes one entry per layer, named ``<name>.<layer>``) and the
+    correlation distance for each of ``distance_extractors``; embeddings give image and brain retrieval.
+    """
+    table: dict[str, float] = {}
+    if recons is not None and images is not None:
+        table["pixcorr"] = pixcorr(recons, images)
+        table["ssim"] = ssim(recons, images)
+        for name, extractor in (extractors or {}).items():
+            score = two_way_identification_images(recons, images, extractor)
+            if isinstance(score, dict):
+                table.update({f"{name}.{layer}": value for layer, value in score.items()})
+            else:
+                table[name] = score
+        for name, extractor in (distance_extractors or {}).items():
+            table[f"{name}_distance"] = correlation_distance(extract(extractor, recons), extract(extractor, images))
+    if brain_embeddings is not None and image_embeddings is not None:
+        scores = retrieval_accuracy(brain_embeddings, image_embeddings, n_way=n_way, n_draws=n_draws, seed=seed)
+        table.update(image_retrieval=scores.image_retrieval, brain_retrieval=scores.brain_retrieval,
+                     retrieval_n_way=float(scores.n_way))
+    return table

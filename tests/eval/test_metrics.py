@@ -130,3 +130,18 @@ def test_image_shape_errors():
         metrics.pixcorr(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
     with pytest.raises(MetricInputError, match="images"):
         metrics.ssim(torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8))
+
+
+def test_evaluate_builds_the_mindeye2_table():
+    images = _smooth_images(5, size=32)
+    embeddings = np.random.default_rng(4).normal(size=(5, 7))
+
+    def layers(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"low": batch[:, :, ::4, ::4].flatten(1), "mean": batch.mean(dim=(2, 3))}
+
+    table = metrics.evaluate(recons=images, images=images, brain_embeddings=embeddings, image_embeddings=embeddings,
+                             extractors={"toy": layers}, distance_extractors={"flat": lambda b: b.flatten(1)})
+    assert table == pytest.approx({"pixcorr": 1.0, "ssim": 1.0, "toy.low": 1.0, "toy.mean": 1.0,
+                                   "flat_distance": 0.0, "image_retrieval": 1.0, "brain_retrieval": 1.0,
+                                   "retrieval_n_way": 5.0}, abs=1e-9)
+    assert metrics.evaluate() == {}
