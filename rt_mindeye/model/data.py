@@ -36,20 +36,19 @@ class ImageTargets:
 
 def image_targets(images: np.ndarray, embedder: ImageEmbedder, blurry_size: int | None = 28,
                   batch_size: int = 32) -> ImageTargets:
-    """Targets of every image (uint8 (N, H, W, 3))."""
+    """Targets of every image (uint8 (N, H, W, 3)); the phantom embedder runs its network once per image."""
     pixels = images_to_tensor(images)
-    tokens = embedder.embed_batched(images, batch_size=batch_size)
     blurry = None
     if blurry_size:
         blurry = F.interpolate(pixels, size=(blurry_size, blurry_size), mode="area") * 2 - 1
-    aux = None
-    if isinstance(embedder, PhantomEmbedder):
-        parts = []
-        for i in range(0, len(pixels), batch_size):
-            fmap = embedder.feature_maps(pixels[i:i + batch_size], [AUX_LAYER])[AUX_LAYER]
-            parts.append(F.adaptive_avg_pool2d(fmap, AUX_GRID).flatten(2).transpose(1, 2).float().cpu())
-        aux = torch.cat(parts)
-    return ImageTargets(tokens=tokens, blurry=blurry, aux=aux)
+    if not isinstance(embedder, PhantomEmbedder):
+        return ImageTargets(tokens=embedder.embed_batched(images, batch_size=batch_size), blurry=blurry, aux=None)
+    tokens, aux = [], []
+    for i in range(0, len(pixels), batch_size):
+        maps = embedder.feature_maps(pixels[i:i + batch_size], [embedder.layer, AUX_LAYER])
+        tokens.append(embedder.pool_tokens(maps[embedder.layer]))
+        aux.append(F.adaptive_avg_pool2d(maps[AUX_LAYER], AUX_GRID).flatten(2).transpose(1, 2).float().cpu())
+    return ImageTargets(tokens=torch.cat(tokens), blurry=blurry, aux=torch.cat(aux))
 
 
 def zscore_stats(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -189,11 +189,14 @@ class PhantomEmbedder(ImageEmbedder):
         features = self.net.features(pixels.to(self.device))
         return {name: features[name] for name in layers}
 
-    @torch.no_grad()
-    def _embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.feature_maps(pixels, [self.layer])[self.layer]
+    def pool_tokens(self, fmap: torch.Tensor) -> torch.Tensor:
+        """(n, c, h, w) feature map -> (n, grid^2, c) tokens."""
         pooled = F.adaptive_avg_pool2d(fmap, self.grid)  # (n, c, g, g)
         return pooled.flatten(2).transpose(1, 2).float().cpu()
+
+    @torch.no_grad()
+    def _embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool_tokens(self.feature_maps(pixels, [self.layer])[self.layer])
 
     def embed(self, images: Any) -> torch.Tensor:
         return self._embed_pixels(images_to_tensor(images))

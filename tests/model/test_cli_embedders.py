@@ -82,6 +82,13 @@ def test_phantom_embedder_tokens():
     assert torch.isfinite(tokens).all() and not torch.equal(tokens[0], tokens[1])
     with pytest.raises(ValueError):
         PhantomEmbedder(layer="stage9")
+    # Training targets: the same tokens from one network pass, the image at 28 px, stage-5 maps as 49 aux tokens.
+    from rt_mindeye.model.data import image_targets
+
+    targets = image_targets(images, embedder, blurry_size=28)
+    torch.testing.assert_close(targets.tokens, tokens)
+    assert targets.blurry.shape == (2, 3, 28, 28) and targets.blurry.min() >= -1 and targets.blurry.max() <= 1
+    assert targets.aux.shape == (2, 49, 112)
 
 
 def test_pretrain_and_finetune_commands_on_npz_data(micro, subject_data, tmp_path):
