@@ -276,8 +276,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="one registration from identity after a jump of +-m mm / +-m deg on all 6 parameters: "
-                        "worst parameter error (mm or deg)")
+    table = Table(title="jump of +-m mm/deg on all 6 params, one registration from identity: worst error")
     for column in ("m", "sitk_tuned", "numba_gn"):
         table.add_column(column)
     for row in robustness:

@@ -28,6 +28,7 @@ from rt_mindeye.preprocess.masks import (
     reliability,
     reliability_mask,
     save_mask,
+    select_voxels,
 )
 from rt_mindeye.preprocess.motion import (
     MotionCorrector,
@@ -57,6 +58,7 @@ __all__ = [
     "reliability_mask",
     "resample_to_target",
     "save_mask",
+    "select_voxels",
     "sitk_to_array",
     "volume_to_sitk",
 ]

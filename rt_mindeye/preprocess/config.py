@@ -30,18 +30,19 @@ class MotionConfig:
         15, "maximum optimizer iterations per volume (gradient steps for sitk, Gauss-Newton steps for numba)", min=1,
         max=1000)
     learning_rate: float = setting(
-        0.5, "first (largest) step of the regular-step gradient descent, in mm of displacement at the head radius",
+        0.5, "sitk: first (largest) step length of the regular-step gradient descent in parameter space (mm for"
+        " the translations)",
         min=1e-4, max=20.0)
     min_step: float = setting(
-        1e-3, "the optimizer stops once its step shrinks below this (mm at the head radius)", min=1e-7, max=1.0)
+        1e-3, "sitk: the optimizer stops once its step length shrinks below this", min=1e-7, max=1.0)
     relaxation_factor: float = setting(
-        0.5, "factor the step is multiplied by when the gradient changes direction", min=0.05, max=0.99)
+        0.5, "sitk: factor the step is multiplied by when the gradient changes direction", min=0.05, max=0.99)
     rotation_scale: float = setting(
-        0.1, "optimizer scale of the rotation (versor) parameters relative to their physical-shift estimate"
+        0.1, "sitk: optimizer scale of the rotation (versor) parameters relative to their physical-shift estimate"
         " (2 x RMS head radius)^2; below 1 lets rotations take larger steps (0.1 converged best in 15 steps)",
         min=1e-4, max=100.0)
     gradient_tolerance: float = setting(
-        1e-8, "the optimizer stops when the scaled gradient magnitude falls below this", min=0.0, max=1.0)
+        1e-8, "sitk: the optimizer stops when the scaled gradient magnitude falls below this", min=0.0, max=1.0)
     threads: int = setting(
         1, "ITK threads for registration and reslice of the sitk engine (1 beat 2 on a loaded 2-core machine);"
         " the numba engine is single-threaded", min=1, max=256)
@@ -98,9 +99,16 @@ class MaskConfig:
     reliability_threshold: float | None = setting(
         None, "keep voxels whose repeat reliability is at least this (none = no reliability selection)", min=-1.0,
         max=1.0)
+    reliability_top_n: int | None = setting(
+        None, "instead of a threshold, keep this many most reliable voxels (e.g. 8627 or 2792 as in real-time"
+        " MindEye)", min=1)
     reliability_method: str = setting(
         "pairwise", "reliability score: mean pairwise correlation between repeats, or split-half correlation",
         choices=("pairwise", "split_half"))
     min_repeats: int = setting(2, "images shown fewer times than this are ignored by the reliability score", min=2)
     resample_order: int = setting(
         0, "interpolation order when carrying a session-space mask into today's space (0 = nearest)", min=0, max=1)
+
+    def __post_init__(self) -> None:
+        if self.reliability_threshold is not None and self.reliability_top_n is not None:
+            raise ValueError("give reliability_threshold or reliability_top_n, not both")

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from rt_mindeye.errors import GeometryMismatchError, SessionError
+from rt_mindeye.preprocess.config import MaskConfig
 from rt_mindeye.volume import Volume
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "reliability",
     "reliability_mask",
     "save_mask",
+    "select_voxels",
 ]
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -181,3 +183,35 @@ def reliability_mask(betas: np.ndarray, trial_types: Sequence[Hashable], thresho
     selected = np.zeros(scores.shape, dtype=bool)
     selected[order] = True
     return selected & eligible
+
+
+def select_voxels(config: MaskConfig, reference: Volume | tuple, betas: np.ndarray | None = None,
+                  trial_types: Sequence[Hashable] | None = None, base_dir: str | Path | None = None) -> np.ndarray:
+    """The boolean ``[i, j, k]`` voxel selection a :class:`MaskConfig` describes, on the reference grid.
+
+    Start from ``config.anatomical_mask`` (relative paths are taken from ``base_dir``; none = every voxel), then,
+    if a reliability threshold or ``top_n`` is configured, keep the reliable voxels among them: ``betas`` must then be
+    ``(n_trials, V)`` calibration betas over the anatomical selection's voxels in C order, with one ``trial_types``
+    label per trial.
+    """
+    shape, _ = _grid_of(reference)
+    if config.anatomical_mask is not None:
+        path = Path(config.anatomical_mask)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        selection = load_mask(path, reference)
+    else:
+        selection = np.ones(shape, dtype=bool)
+    if config.reliability_threshold is None and config.reliability_top_n is None:
+        return selection
+    if betas is None or trial_types is None:
+        raise ValueError("a reliability selection is configured: give the calibration betas and trial_types")
+    betas = np.asarray(betas)
+    if betas.ndim != 2 or betas.shape[1] != int(selection.sum()):
+        raise ValueError(f"betas must be (n_trials, {int(selection.sum())}) over the anatomical selection, got "
+                         f"shape {betas.shape}")
+    keep = reliability_mask(betas, trial_types, config.reliability_threshold, top_n=config.reliability_top_n,
+                            method=config.reliability_method, min_repeats=config.min_repeats)
+    out = np.zeros(shape, dtype=bool)
+    out[tuple(np.argwhere(selection)[keep].T)] = True
+    return out

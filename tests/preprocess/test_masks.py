@@ -14,7 +14,9 @@ from rt_mindeye.preprocess.masks import (
     reliability,
     reliability_mask,
     save_mask,
+    select_voxels,
 )
+from rt_mindeye.preprocess.config import MaskConfig
 from rt_mindeye.preprocess.synthetic import make_affine, make_volume
 
 SHAPE = (6, 5, 4)
@@ -120,3 +122,26 @@ def test_reliability_handles_constant_voxels_and_bad_input():
         reliability_mask(betas, labels)
     # Too few repeated images: nothing can be scored.
     assert np.isnan(reliability(betas[:3], labels[:3])).all()
+
+
+def test_select_voxels_combines_the_anatomical_and_reliability_selections(tmp_path):
+    anatomical = np.zeros(SHAPE, dtype=bool)
+    anatomical.reshape(-1)[:100] = True  # the first 100 voxels in C order
+    save_mask(tmp_path / "visual.nii.gz", anatomical, AFFINE)
+    betas, labels, n_reliable = _synthetic_betas(n_voxels=100)
+    reference = (SHAPE, AFFINE)
+
+    everything = select_voxels(MaskConfig(), reference)
+    assert everything.all()
+    only_anatomical = select_voxels(MaskConfig(anatomical_mask="visual.nii.gz"), reference, base_dir=tmp_path)
+    np.testing.assert_array_equal(only_anatomical, anatomical)
+    config = MaskConfig(anatomical_mask="visual.nii.gz", reliability_threshold=0.5)
+    selected = select_voxels(config, reference, betas, labels, base_dir=tmp_path)
+    np.testing.assert_array_equal(np.flatnonzero(selected.reshape(-1)), np.arange(n_reliable))
+    top = select_voxels(MaskConfig(anatomical_mask="visual.nii.gz", reliability_top_n=5), reference, betas, labels,
+                        base_dir=tmp_path)
+    assert top.sum() == 5 and np.flatnonzero(top.reshape(-1)).max() < n_reliable
+    with pytest.raises(ValueError, match="calibration betas"):
+        select_voxels(config, reference, base_dir=tmp_path)
+    with pytest.raises(ValueError, match="anatomical selection"):
+        select_voxels(config, reference, betas[:, :50], labels, base_dir=tmp_path)
