@@ -30,7 +30,7 @@ LABELS = {name: code for code, name in enumerate(INTENSITY)}
 BRAIN_CENTRE = np.array([0.0, 0.0, 0.0])
 BRAIN_AXES = np.array([68.0, 86.0, 58.0])
 HEAD_CENTRE = np.array([0.0, 4.0, -14.0])
-HEAD_AXES = np.array([80.0, 102.0, 88.0])
+HEAD_AXES = np.array([84.0, 104.0, 92.0])
 CEREBELLUM_CENTRE = np.array([0.0, -55.0, -46.0])
 CEREBELLUM_AXES = np.array([50.0, 30.0, 20.0])
 VENTRICLE_CENTRES = np.array([[-11.0, 4.0, 12.0], [11.0, 4.0, 12.0]])
@@ -38,7 +38,7 @@ VENTRICLE_AXES = np.array([6.0, 24.0, 9.0])
 EYE_CENTRES = np.array([[-32.0, 78.0, -34.0], [32.0, 78.0, -34.0]])
 EYE_RADIUS = 12.0
 OCCIPITAL_POLE = np.array([0.0, -86.0, -2.0])
-CORTEX_DEPTH = 0.11  # grey-matter thickness as a fraction of the brain's normalised radius
+CORTEX_DEPTH = 0.2  # grey-matter depth (gyri included) as a fraction of the brain's normalised radius
 
 
 # --- geometry ---------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def render_anatomy(points_head: np.ndarray, rng: np.random.Generator, ventricle_
     ``rng`` draws the subject's cortical folding and tissue texture. Intensities are blurred by about half a voxel
     so edges are partial-volumed as in a real image.
     """
-    fold = SmoothField(rng, scale_mm=9.0)
+    fold = SmoothField(rng, scale_mm=7.0)
     fold_coarse = SmoothField(rng, scale_mm=25.0)
     texture = SmoothField(rng, scale_mm=4.0)
     r_brain = _ellipsoid_radius(points_head, BRAIN_CENTRE, BRAIN_AXES) * (1 - 0.025 * fold_coarse(points_head))
@@ -157,8 +157,9 @@ def render_anatomy(points_head: np.ndarray, rng: np.random.Generator, ventricle_
     # Sulci: CSF reaching into the outer cortex where the folding field is high.
     cortex = r_brain < 1.0
     labels[cortex] = LABELS["grey"]
-    labels[cortex & (r_brain > 1.0 - CORTEX_DEPTH) & (folds > 1.3)] = LABELS["csf"]
-    white = r_brain < (1.0 - CORTEX_DEPTH) * (1.0 + 0.06 * folds)
+    labels[cortex & (r_brain > 1.0 - 0.7 * CORTEX_DEPTH) & (folds > 1.1)] = LABELS["csf"]
+    # White matter reaches into the gyri (where the folding field is low), so grey and white interdigitate.
+    white = r_brain < (1.0 - CORTEX_DEPTH) * (1.0 + 0.12 * np.clip(-folds, -1.0, 2.0))
     labels[white] = LABELS["white"]
     for centre in VENTRICLE_CENTRES:
         labels[_ellipsoid_radius(points_head, centre, VENTRICLE_AXES * ventricle_scale) < 1.0] = LABELS["ventricle"]

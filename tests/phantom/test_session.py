@@ -113,7 +113,8 @@ def test_true_betas_reproduce_the_noiseless_signal(tiny_session):
     for v in np.flatnonzero(session.subject.responsive)[:15]:
         expected = _fine_response(frame, onsets, betas[:, v], session.config.stim_duration_s,
                                   int(session.hrf_index[v]))
-        np.testing.assert_allclose(response[:, v], expected, atol=0.02 * np.abs(expected).max())
+        # 0.1 s (GLMsingle) vs 0.01 s discretisation of the stimulus boxcar: a few % of the peak at steep flanks.
+        np.testing.assert_allclose(response[:, v], expected, atol=0.035 * np.abs(expected).max())
     # A GLM with each voxel's true HRF on the noiseless series gives back the true betas exactly.
     clean = session.visual_timeseries(run, noise=False).astype(np.float64)
     for hrf in np.unique(session.hrf_index)[:4]:
