@@ -1,0 +1,379 @@
+"""`rt-mindeye demo`: the whole system on the phantom, on one machine.
+
+1. simulate a phantom subject's session and write it as real Siemens mosaic DICOMs;
+2. pretrain the shared tiny MindEye2 model on other phantom subjects (cached for later demos), keeping the new
+   subject's live-run images out of it;
+3. calibrate on the session's first runs (offline GLM, reliability mask, fine-tune within a time budget);
+4. run the remaining runs live: the scanner emulator writes them into an export folder at an accelerated TR, the
+   scanner host and the decoder run as separate processes linked by ZeroMQ, the console follows them;
+5. summarise: retrieval accuracy against chance, a latency table, a PNG grid of seen / retrieved / blurry images,
+   and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from rt_mindeye.errors import SessionError
+
+PRETRAIN_SUBJECTS = (2, 3, 4)
+DEMO_SUBJECT = 1
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path
+    speed: float = 8.0
+    pretrain_budget_min: float = 1.5
+    finetune_budget_min: float = 1.5
+    seed: int = 1
+    live_console: bool | None = None  # None: live view when stdout is a terminal
+    phantom_overrides: tuple[tuple[str, object], ...] = ()
+
+
+def demo_phantom_config(**overrides):
+    """The demo's phantom: the small geometry with more calibration runs and enough repeats for reliability."""
+    from rt_mindeye.phantom.config import phantom_config
+
+    fields = dict(n_runs=6, calibration_runs=4, trials_per_run=25, repeated_images=15, repeats=3)
+    fields.update(overrides)
+    return phantom_config("small", **fields)
+
+
+class Step:
+    """Prints a numbered step and its duration."""
+
+    def __init__(self, console):
+        self.console = console
+        self.times: dict[str, float] = {}
+        self.n = 0
+
+    def __call__(self, name: str):
+        step = self
+
+        class _Ctx:
+            def __enter__(self):
+                step.n += 1
+                step.console.rule(f"[bold]{step.n}. {name}")
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                step.times[name] = time.perf_counter() - self.t0
+                if exc[0] is None:
+                    step.console.print(f"[green]done[/] in {step.times[name]:.1f} s")
+
+        return _Ctx()
+
+
+def run_demo(options: DemoOptions) -> dict:
+    from rich.console import Console
+
+    console = Console()
+    step = Step(console)
+    out = options.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    phantom_dir = out / "phantom"
+    cfg = demo_phantom_config(**dict(options.phantom_overrides))
+
+    with step("phantom session (simulated subject, real DICOM files)"):
+        session = _make_phantom(cfg, phantom_dir, options.seed, console)
+    live_runs = [r for r in range(session.n_runs) if r not in session.calibration_runs]
+    live_images = {t.image_index for r in live_runs for t in session.trials(r)}
+
+    with step("shared model: pretrain tiny MindEye2 on other phantom subjects"):
+        pretrained = _pretrain(cfg, out / "shared_model", live_images, options, console)
+
+    with step(f"calibration on runs 1-{len(session.calibration_runs)}"):
+        bundle_dir = out / "bundle"
+        result = _calibrate(session, phantom_dir, bundle_dir, pretrained, options, console)
+
+    with step(f"live runs {live_runs[0] + 1}-{live_runs[-1] + 1} through the scanner host, decoder and console"):
+        config_path = _write_session_config(out, phantom_dir, bundle_dir, session, len(live_runs))
+        live = _run_live(config_path, out, phantom_dir, session, live_runs, options, console)
+
+    with step("summary"):
+        summary = summarise(out / "session", session, live_runs, phantom_dir, calibration=result, live=live,
+                            step_seconds=step.times)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        grid = make_grid(out / "session", phantom_dir, out / "grid.png")
+        if grid:
+            summary["grid_png"] = str(grid)
+        print_summary(summary, console)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# --- steps ----------------------------------------------------------------------------------------------------------
+
+
+def _make_phantom(cfg, phantom_dir: Path, seed: int, console):
+    from rt_mindeye.phantom.export import write_session
+    from rt_mindeye.phantom.session import simulate_session
+
+    session = simulate_session(cfg, subject=DEMO_SUBJECT, seed=seed)
+    manifest = phantom_dir / "session.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("seed") == seed:
+        console.print(f"reusing {phantom_dir}")
+    else:
+        write_session(session, phantom_dir)
+    console.print(f"subject {DEMO_SUBJECT}: {session.n_runs} runs x {cfg.trials_per_run} trials, TR {session.tr} s, "
+                  f"{session.shape} voxels, {len(session.calibration_runs)} calibration runs")
+    return session
+
+
+def _pretrain(cfg, model_dir: Path, exclude_images: set[int], options: DemoOptions, console) -> Path:
+    checkpoint = model_dir / "last.pth"
+    if checkpoint.exists():
+        console.print(f"reusing {checkpoint}")
+        return checkpoint
+    from rt_mindeye.model.config import MindEyeConfig
+    from rt_mindeye.model.data import image_targets, phantom_subject_data
+    from rt_mindeye.model.embedders import PhantomEmbedder
+    from rt_mindeye.model.mindeye import MindEyeModule
+    from rt_mindeye.model.train import TrainConfig, pretrain
+    from rt_mindeye.cli.model import _tiny_fields as tiny_fields_for
+    from rt_mindeye.phantom.session import simulate_session
+
+    datasets = []
+    targets = None
+    for subject in PRETRAIN_SUBJECTS:
+        other = simulate_session(cfg, subject=subject, seed=100 + subject)
+        if targets is None:
+            targets = image_targets(other.images, PhantomEmbedder())
+        data, _ = phantom_subject_data(other, range(other.n_runs), targets, name=f"phantom{subject:02d}",
+                                       exclude_images=exclude_images)
+        datasets.append(data)
+    seq, dim = datasets[0].image_tokens.shape[1:]
+    fields = dict(token_seq=int(seq), token_dim=int(dim))
+    fields.update(tiny_fields_for(int(dim), datasets[0].blurry_targets, datasets[0].aux_targets))
+    model_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in datasets],
+                                        subject_names=tuple(d.name for d in datasets), **fields)
+    train = TrainConfig(epochs=80, batch_size=16, time_budget_min=options.pretrain_budget_min, seed=options.seed)
+    result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
+                      log=console.print)
+    console.print(f"pretrained on subjects {PRETRAIN_SUBJECTS} ({sum(len(d) for d in datasets)} trials, "
+                  f"{result.epochs} epochs)")
+    return checkpoint
+
+
+def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, options: DemoOptions, console):
+    from rt_mindeye.calibration.config import CalibrationConfig
+    from rt_mindeye.calibration.workflow import calibrate
+    from rt_mindeye.model.train import TrainConfig
+
+    config = CalibrationConfig(
+        subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
+        events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli",
+        anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz", pretrained=pretrained,
+        train=TrainConfig(epochs=60, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed))
+    return calibrate(phantom_dir, bundle_dir, config, dicom_dir=phantom_dir / "dicom", session_id="demo",
+                     progress=console.print)
+
+
+def _write_session_config(out: Path, phantom_dir: Path, bundle_dir: Path, session, n_live: int) -> Path:
+    config = {
+        "session": {"id": "demo", "subject": f"phantom{DEMO_SUBJECT:02d}", "dir": "session", "watch_dir": "export",
+                    "bundle": os.path.relpath(bundle_dir, out), "events_dir": os.path.relpath(phantom_dir / "events", out),
+                    "stimuli_dir": os.path.relpath(phantom_dir / "stimuli", out),
+                    "first_live_run": len(session.calibration_runs) + 1, "live_runs": n_live, "min_free_gb": 0.5},
+        "watcher": {"gap_timeout_tr": 2.0, "existing_files": "process"},
+        "transport": {"journal_fsync": False},
+        "decoder": {"device": "cpu", "idle_timeout_s": 0.0},
+    }
+    path = out / "session.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _spawn(service: str, config_path: Path, log_dir: Path) -> subprocess.Popen:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handle = (log_dir / f"{service}.stdout").open("w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", f"services.{service}", "--config", str(config_path)],
+                            stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_runs: list[int],
+              options: DemoOptions, console) -> dict:
+    from rt_mindeye.replay.emulator import ScannerEmulator
+    from rt_mindeye.runtime.config import load_session_config
+    from rt_mindeye.runtime.services import run_console
+
+    config = load_session_config(config_path)
+    export = out / "export"
+    if export.exists():
+        for stale in export.iterdir():
+            stale.unlink()
+    export.mkdir(parents=True, exist_ok=True)
+    logs = out / "session" / "logs"
+    scanner = _spawn("scanner", config_path, logs)
+    decoder = _spawn("decoder", config_path, logs)
+    live_series = {session.runs[r].series_number for r in live_runs}
+    files = [p for p in sorted((phantom_dir / "dicom").iterdir())
+             if config.watcher.parse_name(p.name) and config.watcher.parse_name(p.name)[0] in live_series]
+    emulator = ScannerEmulator(files, export, tr=session.tr, speed=options.speed, seed=options.seed)
+    stop_console = threading.Event()
+    console_state = {}
+
+    def follow():
+        console_state["state"] = run_console(config, stop_console, headless=not _live_view(options))
+
+    viewer = threading.Thread(target=follow, daemon=True)
+    viewer.start()
+    t0 = time.time()
+    try:
+        time.sleep(1.0)  # let the services bind before the first volume
+        emulator.run()
+        deadline = time.time() + 120 + 3 * len(files) * session.tr / options.speed
+        while scanner.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        if scanner.poll() is None:
+            raise SessionError(out / "session", "the scanner host did not finish the live runs in time (see "
+                                                "session/logs/scanner.log)")
+        _wait_decoder_drained(out / "session", decoder, timeout_s=60)
+    finally:
+        for proc in (scanner, decoder):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        stop_console.set()
+        viewer.join(timeout=10)
+    return {"seconds": time.time() - t0, "scanner_rc": scanner.returncode, "decoder_rc": decoder.returncode,
+            "volumes_sent": len(emulator.sent)}
+
+
+def _live_view(options: DemoOptions) -> bool:
+    return sys.stdout.isatty() if options.live_console is None else options.live_console
+
+
+def _wait_decoder_drained(session_dir: Path, decoder: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until the decoder has recorded a result for every journaled trial estimate."""
+    from rt_mindeye.transport.journal import read_journal
+
+    journal = session_dir / "derivatives" / "rt-mindeye" / "betas" / "trials.journal"
+    results = session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl"
+    sent = sum(1 for _ in read_journal(journal)) if journal.exists() else 0
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and decoder.poll() is None:
+        done = sum(1 for _ in results.open()) if results.exists() else 0
+        if done >= sent:
+            return
+        time.sleep(0.2)
+
+
+# --- summary --------------------------------------------------------------------------------------------------------
+
+
+def _percentiles(values) -> dict:
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if not values.size:
+        return {"p50": None, "p99": None, "n": 0}
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "n": int(values.size)}
+
+
+def read_results(session_dir: Path) -> list[dict]:
+    path = session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl"
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def summarise(session_dir: Path, session, live_runs: list[int], phantom_dir: Path, *, calibration=None, live=None,
+              step_seconds=None) -> dict:
+    results = read_results(session_dir)
+    n_candidates = len(list((phantom_dir / "stimuli").glob("*.png")))
+    total = sum(len(session.trials(r)) for r in live_runs)
+    by_kind: dict[str, list[bool]] = {}
+    first_result: dict[tuple, dict] = {}
+    for rec in results:
+        hit = bool(rec["topk"]) and Path(rec["stim_file"] or "").name == rec["topk"][0]
+        by_kind.setdefault(rec["kind"], []).append(hit)
+        key = (rec["run"], rec["trial"])
+        if key not in first_result:
+            first_result[key] = rec
+    firsts = list(first_result.values())
+    first_hits = [bool(r["topk"]) and Path(r["stim_file"] or "").name == r["topk"][0] for r in firsts]
+    timings_path = session_dir / "derivatives" / "rt-mindeye" / "timings.jsonl"
+    volume_rows = [json.loads(line) for line in timings_path.open()] if timings_path.exists() else []
+    latency = {
+        "volume_processed": _percentiles(r["done"] - r["acquired"] for r in volume_rows),
+        "volume_motion_ms": _percentiles(r.get("motion") for r in volume_rows),
+        "volume_glm_ms": _percentiles(r.get("glm") for r in volume_rows),
+        "first_estimate_retrieval": _percentiles(r["retrieval_done_at"] - r["acquisition_time"] for r in firsts),
+        "retrieval_all_estimates": _percentiles(r["retrieval_done_at"] - r["acquisition_time"] for r in results),
+        "decoder_ms": _percentiles(r["stage_ms"].get("total_ms") for r in results),
+    }
+    summary = {
+        "trials_total": total,
+        "trials_decoded": len(first_result),
+        "estimates_decoded": len(results),
+        "retrieval_top1": float(np.mean(first_hits)) if first_hits else 0.0,
+        "retrieval_top1_by_estimate": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "retrieval_chance": 1.0 / n_candidates if n_candidates else None,
+        "candidates": n_candidates,
+        "latency_s": {k: v for k, v in latency.items() if not k.endswith("_ms")},
+        "latency_ms": {k: v for k, v in latency.items() if k.endswith("_ms")},
+        "seconds": step_seconds or {},
+    }
+    if calibration is not None:
+        summary["calibration"] = {"decoder_voxels": calibration.n_decoder_voxels,
+                                  "holdout_top1": calibration.holdout_top1,
+                                  "reliability_median": calibration.reliability_median}
+    if live is not None:
+        summary["live"] = live
+    return summary
+
+
+def make_grid(session_dir: Path, phantom_dir: Path, path: Path, rows: int = 8) -> Path | None:
+    """seen | top-1 retrieved | blurry reconstruction, for the first ``rows`` trials' final estimates."""
+    from PIL import Image, ImageDraw
+
+    results = [r for r in read_results(session_dir) if r["kind"] == "final"] or read_results(session_dir)
+    if not results:
+        return None
+    cell = 112
+    picked = results[:rows]
+    grid = Image.new("RGB", (3 * cell, len(picked) * cell + 16), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(("seen", "retrieved", "blurry")):
+        draw.text((j * cell + 4, 2), title, fill="black")
+    for i, rec in enumerate(picked):
+        tiles = [phantom_dir / "stimuli" / Path(rec["stim_file"] or "").name,
+                 phantom_dir / "stimuli" / rec["topk"][0] if rec["topk"] else None,
+                 Path(rec["recon"]) if rec.get("recon") else None]
+        for j, tile in enumerate(tiles):
+            if tile is not None and Path(tile).exists():
+                grid.paste(Image.open(tile).convert("RGB").resize((cell, cell)), (j * cell, 16 + i * cell))
+    grid.save(path)
+    return path
+
+
+def print_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="rt-mindeye demo", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("trials decoded / total", f"{summary['trials_decoded']} / {summary['trials_total']}")
+    chance = summary["retrieval_chance"] or 0.0
+    table.add_row("top-1 retrieval (first real-time estimate)", f"{summary['retrieval_top1']:.1%} (chance {chance:.1%})")
+    for kind, value in summary["retrieval_top1_by_estimate"].items():
+        table.add_row(f"  top-1, {kind} estimates", f"{value:.1%}")
+    for name, stats in summary["latency_s"].items():
+        if stats["n"]:
+            table.add_row(f"latency {name} (s) p50 / p99", f"{stats['p50']:.3f} / {stats['p99']:.3f}")
+    for name, stats in summary["latency_ms"].items():
+        if stats["n"]:
+            table.add_row(f"{name} p50 / p99", f"{stats['p50']:.1f} / {stats['p99']:.1f}")
+    console.print(table)

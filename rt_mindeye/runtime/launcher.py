@@ -1,0 +1,115 @@
+"""`rt-mindeye session`: start the scanner host, the decoder and the console on this machine, and supervise them.
+
+The scanner host and the decoder run as child processes (``python -m services.scanner`` / ``services.decoder``);
+the console runs in this process, in the foreground. A decoder that dies is restarted (with a back-off), and catches
+up from the scanner host's journal: nothing the scanner sent is lost. The session ends when the scanner host exits
+(its ``session.live_runs`` are done, or it is stopped with Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rt_mindeye.runtime.config import load_session_config
+from rt_mindeye.runtime.layout import SessionLayout
+
+log = logging.getLogger("rt_mindeye.launcher")
+
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
+MAX_RESTARTS = 20
+STOP_TIMEOUT_S = 20.0
+
+
+def spawn(service: str, config_path: Path, log_dir: Path) -> subprocess.Popen:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = (log_dir / f"{service}.stdout").open("a")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", f"services.{service}", "--config", str(config_path)],
+                            stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+class Supervisor:
+    """Keeps the decoder running while the scanner host runs; restarts it when it dies."""
+
+    def __init__(self, config_path: Path, log_dir: Path):
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.scanner: subprocess.Popen | None = None
+        self.decoder: subprocess.Popen | None = None
+        self.decoder_restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Supervisor":
+        self.decoder = spawn("decoder", self.config_path, self.log_dir)
+        self.scanner = spawn("scanner", self.config_path, self.log_dir)
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            if self.scanner is not None and self.scanner.poll() is not None:
+                return
+            if self.decoder is not None and self.decoder.poll() is not None:
+                if self.decoder_restarts >= MAX_RESTARTS:
+                    log.error("decoder died %d times: not restarting", self.decoder_restarts)
+                    return
+                wait = RESTART_BACKOFF_S[min(self.decoder_restarts, len(RESTART_BACKOFF_S) - 1)]
+                log.warning("decoder exited with status %s: restarting in %.0f s (it catches up from the journal)",
+                            self.decoder.returncode, wait)
+                if self._stop.wait(wait):
+                    return
+                self.decoder_restarts += 1
+                self.decoder = spawn("decoder", self.config_path, self.log_dir)
+
+    def wait_scanner(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.scanner.wait(timeout=timeout) if self.scanner is not None else None
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in (self.scanner, self.decoder):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in (self.scanner, self.decoder):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def run_session(config_path: str | Path, *, headless: bool | None = None) -> int:
+    """Start everything, show the console until the scanner host is done, stop everything."""
+    from rt_mindeye.runtime.services import run_console
+
+    config_path = Path(config_path).resolve()
+    config = load_session_config(config_path)
+    layout = SessionLayout(config.session.dir).create()
+    supervisor = Supervisor(config_path, layout.logs_dir).start()
+    stop_console = threading.Event()
+
+    def stop_when_scanner_ends():
+        supervisor.wait_scanner()
+        time.sleep(2.0)  # let the last results reach the console
+        stop_console.set()
+
+    threading.Thread(target=stop_when_scanner_ends, daemon=True).start()
+    try:
+        run_console(config, stop_console, headless=headless)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.stop()
+    return supervisor.scanner.returncode if supervisor.scanner is not None else 1
