@@ -21,6 +21,7 @@ mis-shaped keys are all errors).
 
 from __future__ import annotations
 
+import pickle  # only for its exception type: nothing here unpickles beyond torch's weights_only loader
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -456,9 +457,18 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise CheckpointError(path, f"cannot read with torch.load(weights_only=True): {exc}") from exc
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        # weights_only refuses pickled training state (optimizer objects, OmegaConf hyper-parameters): never
+        # unpickle arbitrary code here; re-save the tensors once, in a trusted environment.
+        raise CheckpointError(path, f"cannot read with torch.load(weights_only=True) ({exc}); if the file holds "
+                                    "pickled training state, extract its 'state_dict' once in a trusted environment "
+                                    "and save it with safetensors.torch.save_file") from exc
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(path, f"expected a dict, found {type(checkpoint).__name__}")
     return unwrap_state_dict(checkpoint, path)

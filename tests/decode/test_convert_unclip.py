@@ -199,3 +199,21 @@ def test_unknown_missing_and_misshaped_keys_are_errors(unet_pair, vae_pair):
         conv.load_unclip_components({k: v for k, v in checkpoint.items() if k != probe})
     with pytest.raises(CheckpointError, match="no state dict"):
         conv.unwrap_state_dict({"epoch": 3, "optimizer": {"lr": 1}})
+
+
+def test_diffusers_layout_blurry_vae_loads_strictly(tmp_path, vae_pair):
+    vae_config, vae = vae_pair
+    path = tmp_path / "sd_image_var_autoenc.pth"
+    torch.save(vae.state_dict(), path)
+    loaded = conv.load_diffusers_vae(path, vae_config)
+    latent = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(latent).sample, vae.decode(latent).sample)
+    partial = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.conv_out")}
+    torch.save(partial, path)
+    with pytest.raises(CheckpointKeyError) as info:
+        conv.load_diffusers_vae(path, vae_config)
+    assert info.value.missing == ["decoder.conv_out.bias", "decoder.conv_out.weight"]
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        conv.read_checkpoint(tmp_path / "garbage.ckpt")
