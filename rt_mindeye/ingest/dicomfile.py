@@ -33,7 +33,7 @@ from pydicom.uid import (
 )
 
 from rt_mindeye.errors import DicomError, DicomReadError, IncompleteVolumeError, UnsupportedDicomError
-from rt_mindeye.ingest.rawsequence import RawSequenceError, parse_delimited_sequence, parse_sequence
+from rt_mindeye.ingest.rawsequence import RawSequenceError, parse_delimited_sequence
 
 PIXEL_DATA_TAG = 0x7FE00010
 FUNCTIONAL_GROUP_TAGS = (0x52009229, 0x52009230)
@@ -93,9 +93,10 @@ class DicomFile:
     """The native pixel bytes, when :func:`open_dicom` was asked to read them (or had them in memory)."""
     encapsulated: bool = False
     """Compressed (encapsulated) pixel data: complete, but not decodable by rt-mindeye."""
-    functional_groups: dict = dataclasses.field(default_factory=dict)
-    """``{tag: [RawItem, ...]}`` of undefined-length functional group sequences, walked without pydicom (they are
-    then absent from ``dataset``); see :func:`_read_dataset`."""
+    raw_sequences: dict = dataclasses.field(default_factory=dict)
+    """``{tag: [RawItem, ...]}`` of the top-level undefined-length sequences walked without pydicom (they are then
+    absent from ``dataset``): Enhanced MR functional groups, a mosaic's Source Image Sequence, ...; see
+    :func:`_read_dataset`."""
 
     @property
     def deflated(self) -> bool:
@@ -167,7 +168,7 @@ def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
         dataset, groups = _parse_header(fp, path, file_bytes)
         dicom = _locate_pixels(fp, path, dataset, file_bytes)
         if groups:
-            dicom = dataclasses.replace(dicom, functional_groups=groups)
+            dicom = dataclasses.replace(dicom, raw_sequences=groups)
         if with_pixels and dicom.pixel_offset is not None and dicom.pixel_bytes is None:
             fp.seek(dicom.pixel_offset)
             data = fp.read(dicom.expected_pixel_bytes)
@@ -222,60 +223,80 @@ def _parse_header(fp, path: Path, file_bytes: int) -> tuple[pydicom.Dataset, dic
     return dataset, groups
 
 
-def _stop_at_delimited_groups(tag, vr, length) -> bool:
-    return int(tag) in FUNCTIONAL_GROUP_TAGS and length == _UNDEFINED_LENGTH
+def _stop_at_delimited_sequences(tag, vr, length) -> bool:
+    return length == _UNDEFINED_LENGTH and int(tag) != PIXEL_DATA_TAG
+
+
+_FIRST_CHUNK = 65536
 
 
 def _read_dataset(fp, path: Path, file_bytes: int, force: bool) -> tuple[pydicom.Dataset, dict]:
-    """pydicom's parse, except for undefined-length functional group sequences, which we walk ourselves.
+    """pydicom's parse, except for top-level sequences of undefined length, which we walk ourselves.
 
-    pydicom builds a Dataset for every nested item of an undefined-length sequence while parsing; for the per-frame
-    groups of an Enhanced MR volume that is most of the read time. We stop pydicom at those sequences, walk them with
-    :mod:`rt_mindeye.ingest.rawsequence` and let pydicom parse the rest (pixel data deferred as usual). Returns the
-    dataset (without those sequences) and ``{tag: [RawItem, ...]}`` for the ones walked.
+    pydicom builds a Dataset for every nested item of an undefined-length sequence while parsing: the per-frame
+    groups of an Enhanced MR volume, or the per-slice Source/Referenced Image Sequences of a Siemens mosaic, cost more
+    than everything else in the header. We stop pydicom at each such sequence, walk it with
+    :mod:`rt_mindeye.ingest.rawsequence` and let pydicom go on after it (pixel data deferred as usual). Returns the
+    dataset (without the walked sequences) and ``{tag: [RawItem, ...]}`` for them. Big-endian files are left to
+    pydicom entirely.
     """
     fp.seek(0)
-    dataset = read_partial(fp, stop_when=_stop_at_delimited_groups, defer_size=_DEFER_BYTES, force=force)
-    position = fp.tell()
-    head = fp.read(4)
-    if len(head) < 4 or (struct.unpack("<HH", head)[0] << 16 | struct.unpack("<HH", head)[1]) not in FUNCTIONAL_GROUP_TAGS:
-        return dataset, {}
-    syntax = _transfer_syntax(dataset)
-    if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
-        fp.seek(0)
-        return pydicom.dcmread(fp, defer_size=_DEFER_BYTES, force=force), {}
-    explicit = syntax == ExplicitVRLittleEndian
-    fp.seek(position)
-    view = memoryview(fp.read())
-    groups: dict[int, list] = {}
-    offset = 0
-    while offset + 8 <= len(view):
-        group, element = struct.unpack_from("<HH", view, offset)
+    dataset = read_partial(fp, stop_when=_stop_at_delimited_sequences, defer_size=_DEFER_BYTES, force=force)
+    walked: dict[int, list] = {}
+    explicit: bool | None = None
+    while True:
+        position = fp.tell()
+        head = fp.read(12)
+        if len(head) < 8:
+            return dataset, walked
+        if explicit is None:
+            syntax = _transfer_syntax(dataset)
+            if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+                fp.seek(0)
+                return pydicom.dcmread(fp, defer_size=_DEFER_BYTES, force=force), {}
+            explicit = syntax == ExplicitVRLittleEndian
+        group, element = struct.unpack_from("<HH", head)
         tag = (group << 16) | element
-        if tag not in FUNCTIONAL_GROUP_TAGS:
-            break
-        header = 12 if explicit else 8
-        if offset + header > len(view):
-            raise TruncatedFileError(path, "file ends inside a functional group header", file_bytes)
-        (length,) = struct.unpack_from("<I", view, offset + header - 4)
+        vr_bytes = head[4:6]
+        if explicit and vr_bytes.isalpha() and vr_bytes.isupper():
+            if vr_bytes not in (b"SQ", b"UN") or len(head) < 12:
+                return dataset, walked  # pydicom stopped for a reason that is not ours
+            header, length, inner_explicit = 12, struct.unpack_from("<I", head, 8)[0], vr_bytes == b"SQ"
+        else:
+            # Implicit VR, by transfer syntax or because pydicom found the data set implicit despite its syntax.
+            header, length, inner_explicit = 8, struct.unpack_from("<I", head, 4)[0], False
+        if length != _UNDEFINED_LENGTH or tag == PIXEL_DATA_TAG:
+            return dataset, walked  # pydicom read to the end: nothing left to walk
+        walked[tag], consumed = _walk_delimited(fp, path, file_bytes, position + header, inner_explicit, tag)
+        fp.seek(position + header + consumed)
+        rest = read_dataset(
+            fp, is_implicit_VR=header == 8, is_little_endian=True, stop_when=_stop_at_delimited_sequences,
+            defer_size=_DEFER_BYTES,
+        )
+        for rest_tag in rest.keys():
+            dataset[rest_tag] = raw_element(rest, rest_tag)
+
+
+def _walk_delimited(fp, path: Path, file_bytes: int, start: int, explicit: bool, tag: int) -> tuple[list, int]:
+    """Items of the undefined-length sequence whose value starts at ``start``, and the bytes it spans."""
+    chunk = _FIRST_CHUNK
+    while True:
+        fp.seek(start)
+        buffer = fp.read(chunk)
         try:
-            if length == _UNDEFINED_LENGTH:
-                groups[tag], offset = parse_delimited_sequence(view, offset + header, explicit)
-            else:
-                if offset + header + length > len(view):
-                    raise TruncatedFileError(path, "file ends inside a functional group sequence", file_bytes)
-                groups[tag] = parse_sequence(bytes(view[offset + header : offset + header + length]), explicit=explicit)
-                offset += header + length
+            return parse_delimited_sequence(memoryview(buffer), 0, explicit)
         except RawSequenceError as exc:
-            if any(word in str(exc) for word in ("past", "delimiter", "ends inside")):
-                raise TruncatedFileError(path, f"file ends inside the functional groups ({exc})", file_bytes) from None
-            raise DicomReadError(path, f"malformed functional group sequence: {exc}", "PerFrameFunctionalGroupsSequence")
-    view.release()
-    fp.seek(position + offset)
-    rest = read_dataset(fp, is_implicit_VR=not explicit, is_little_endian=True, defer_size=_DEFER_BYTES)
-    for tag in rest.keys():
-        dataset[tag] = raw_element(rest, tag)
-    return dataset, groups
+            at_end_of_file = start + len(buffer) >= file_bytes
+            if not at_end_of_file and any(word in str(exc) for word in ("past", "delimiter", "ends inside")):
+                chunk *= 4  # the sequence is longer than what we read: read more
+                continue
+            if at_end_of_file:
+                raise TruncatedFileError(
+                    path, f"file ends inside sequence ({tag >> 16:04X},{tag & 0xFFFF:04X})", file_bytes
+                ) from None
+            raise DicomReadError(
+                path, f"malformed sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}): {exc}", pydicom.datadict.keyword_for_tag(tag) or None
+            ) from None
 
 
 def _locate_pixels(fp, path: Path, dataset: pydicom.Dataset, file_bytes: int) -> DicomFile:

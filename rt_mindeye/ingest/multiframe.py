@@ -47,8 +47,8 @@ _SHARED_TAG = 0x52009229
 
 def _functional_group_items(dicom: DicomFile, tag: int, keyword: str) -> list:
     """Items of a functional group sequence: walked from raw bytes when possible (fast), else via pydicom."""
-    if tag in dicom.functional_groups:
-        return dicom.functional_groups[tag]
+    if tag in dicom.raw_sequences:
+        return dicom.raw_sequences[tag]
     element = raw_element(dicom.dataset, tag)
     if element is None:
         return []

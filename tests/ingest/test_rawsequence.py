@@ -49,7 +49,7 @@ def philips(tmp_path_factory) -> Path:
 def test_walker_agrees_with_pydicom_on_a_real_enhanced_file(philips):
     # Philips writes the groups with undefined length: open_dicom walks them instead of pydicom.
     dicom = open_dicom(philips)
-    ours = dicom.functional_groups[PER_FRAME]
+    ours = dicom.raw_sequences[PER_FRAME]
     assert "PerFrameFunctionalGroupsSequence" not in dicom.dataset and "PixelData" in dicom.dataset
     reference = pydicom.dcmread(philips, stop_before_pixels=True).PerFrameFunctionalGroupsSequence
     assert len(ours) == len(reference) == FRAMES_KEPT
@@ -69,9 +69,9 @@ def test_fast_and_pydicom_paths_give_the_same_volume(philips, monkeypatch):
 
     fast = read_volume(philips)
     # pydicom parses everything (no stop at the groups) and the groups are read from its Dataset.
-    monkeypatch.setattr(dicomfile, "_stop_at_delimited_groups", lambda tag, vr, length: False)
+    monkeypatch.setattr(dicomfile, "_stop_at_delimited_sequences", lambda tag, vr, length: False)
     monkeypatch.setattr(multiframe, "parse_sequence", lambda *args, **kwargs: (_ for _ in ()).throw(RawSequenceError()))
-    assert open_dicom(philips).functional_groups == {}
+    assert open_dicom(philips).raw_sequences == {}
     slow = read_volume(philips)
     np.testing.assert_array_equal(fast.data, slow.data)
     np.testing.assert_array_equal(fast.affine, slow.affine)
