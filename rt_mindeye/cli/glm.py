@@ -1,7 +1,82 @@
-"""Sub-commands of `rt-mindeye` (glm)."""
+"""``rt-mindeye glm``: the offline calibration fit of single-trial betas.
+
+    rt-mindeye glm fit --bold RUN1.nii.gz RUN2.nii.gz --events RUN1_events.tsv RUN2_events.tsv --tr 1.5 \\
+        [--mask MASK.nii.gz] [--model d] [--motion RUN1_motion.tsv ...] [--config session.yaml] --out DIR
+"""
 
 from __future__ import annotations
 
+import argparse
+import time
+from pathlib import Path
+
 
 def register(subparsers) -> None:
-    """Add this module's sub-commands (none yet)."""
+    glm = subparsers.add_parser("glm", help="single-trial GLM (GLMsingle-style calibration fit)")
+    sub = glm.add_subparsers(dest="glm_command", metavar="GLM_COMMAND")
+    fit = sub.add_parser("fit", help="fit single-trial betas on calibration runs and freeze the choices",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fit.add_argument("--bold", nargs="+", required=True, metavar="RUN.nii.gz", help="4-D BOLD runs")
+    fit.add_argument("--events", nargs="+", required=True, metavar="EVENTS.tsv",
+                     help="BIDS events per run (onset, duration, trial_type); repeats share a condition")
+    fit.add_argument("--tr", type=float, required=True, help="repetition time in seconds")
+    fit.add_argument("--mask", default=None, help="3-D mask of the voxels to fit (default: intensity threshold)")
+    fit.add_argument("--model", choices=("a", "b", "c", "d"), default=None, help="GLMsingle model type (default: "
+                     "the config's, d)")
+    fit.add_argument("--condition-column", default="trial_type",
+                     help="events column naming the condition (repeated images share it)")
+    fit.add_argument("--motion", nargs="+", default=None, metavar="MOTION.tsv",
+                     help="motion parameters per run (one row per volume) used as nuisance regressors")
+    fit.add_argument("--config", default=None, help="YAML file whose 'glm' section configures the fit")
+    fit.add_argument("--out", required=True, help="output directory")
+    fit.add_argument("--quiet", action="store_true", help="no progress display")
+    fit.set_defaults(func=run_fit)
+    glm.set_defaults(func=lambda args: (glm.print_help(), 1)[1])
+
+
+class _RichProgress:
+    """Draws one rich progress bar per fit stage."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.tasks = {}
+
+    def __call__(self, stage: str, completed: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=max(total, 1))
+        self.progress.update(self.tasks[stage], completed=completed, total=max(total, 1))
+
+
+def run_fit(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rt_mindeye.config import from_mapping, load, to_mapping
+    from rt_mindeye.glm.config import GLMConfig
+    from rt_mindeye.glm.design import RunEvents
+    from rt_mindeye.glm.errors import GLMInputError
+    from rt_mindeye.glm.estimator import GLMSingle
+    from rt_mindeye.glm.io import load_motion_tsv, load_runs, write_outputs
+
+    config = load(GLMConfig, args.config, "glm") if args.config else from_mapping(GLMConfig, {})
+    if args.model:
+        config = from_mapping(GLMConfig, {**to_mapping(config), "model": args.model}, source="--model")
+    if len(args.events) != len(args.bold):
+        raise GLMInputError("--events", f"{len(args.events)} events files for {len(args.bold)} runs")
+    if args.motion is not None and len(args.motion) != len(args.bold):
+        raise GLMInputError("--motion", f"{len(args.motion)} motion files for {len(args.bold)} runs")
+    console = Console(stderr=True, quiet=args.quiet)
+    runs, mask, ref = load_runs(args.bold, args.mask, config.brain_fraction, config.brain_percentile)
+    events = [RunEvents.from_tsv(p, condition_column=args.condition_column) for p in args.events]
+    motion = [load_motion_tsv(p) for p in args.motion] if args.motion else None
+    console.print(f"[bold]glm fit[/]: model {config.model}, {len(runs)} runs, {runs[0].shape[1]} voxels, "
+                  f"{sum(len(e) for e in events)} trials, TR {args.tr} s")
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description:<36}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, disable=args.quiet) as progress:
+        estimator = GLMSingle.from_config(config, progress=_RichProgress(progress))
+        estimator.fit(runs, events, args.tr, motion=motion)
+    out = write_outputs(estimator, mask, ref, args.out, to_mapping(config))
+    console.print(f"fitted in {time.perf_counter() - start:.1f} s: {estimator.n_pcs_} noise PCs, median fraction "
+                  f"{float(estimator.frac_.astype(float).mean()):.2f}; wrote {out}")
+    return 0

@@ -15,11 +15,14 @@ class RealtimeConfig:
     """How the live estimator emits, refines and finalises each trial's betas."""
 
     early_volumes: int = setting(
-        6, "post-onset volumes that must have arrived before a trial's first ('early') estimate", min=1, max=60)
+        5, "post-onset volumes that must have arrived before a trial's first ('early') estimate", min=1, max=60)
     refine_every: int = setting(2, "volumes between 'refined' estimates after the early one (0 = never refine)",
                                 min=0, max=60)
     refine_until: int = setting(16, "post-onset volumes after which a trial is no longer refined before the end "
                                     "of the run", min=1, max=200)
+    neighbors: int = setting(0, "trials either side of the estimated one that get their own regressor (LSA "
+                                "locally); all other trials of the run share one regressor (LSS). 0 = pure LSS",
+                             min=0, max=10)
     max_drift_degree: int = setting(
         1, "highest polynomial drift degree used for early/refined estimates (the final one uses the calibration's "
            "degree); low orders keep the newest trial from being absorbed by the drift", min=0, max=10)

@@ -30,11 +30,15 @@ class RunEvents:
         return len(self.onsets)
 
     @classmethod
-    def from_records(cls, records: Iterable[Mapping], *, source: str | None = None) -> "RunEvents":
-        """From rows with ``onset``, ``duration`` and ``trial_type`` (BIDS events); sorted by onset."""
+    def from_records(cls, records: Iterable[Mapping], *, source: str | None = None,
+                     condition_column: str = "trial_type") -> "RunEvents":
+        """From rows with ``onset``, ``duration`` and a condition column (BIDS events); sorted by onset.
+
+        The condition (``trial_type`` by default) identifies repeats: trials of the same condition are the same
+        image shown again."""
         onsets, durations, types = [], [], []
         for i, row in enumerate(records):
-            for key in ("onset", "duration", "trial_type"):
+            for key in ("onset", "duration", condition_column):
                 if key not in row:
                     raise GLMInputError(f"events row {i}", f"missing column {key!r}", source)
             try:
@@ -45,22 +49,26 @@ class RunEvents:
                 raise GLMInputError(f"events row {i}", f"invalid onset {onset} / duration {duration}", source)
             onsets.append(onset)
             durations.append(duration)
-            types.append(str(row["trial_type"]))
+            types.append(str(row[condition_column]))
         order = np.argsort(np.asarray(onsets, dtype=np.float64), kind="stable")
         return cls(np.asarray(onsets, dtype=np.float64)[order], np.asarray(durations, dtype=np.float64)[order],
                    tuple(types[i] for i in order))
 
     @classmethod
-    def from_tsv(cls, path: str | Path) -> "RunEvents":
-        """Read a BIDS ``*_events.tsv``; rows whose trial_type is empty or 'n/a' are ignored."""
+    def from_tsv(cls, path: str | Path, condition_column: str = "trial_type") -> "RunEvents":
+        """Read a BIDS ``*_events.tsv``; rows whose condition is empty or 'n/a' are ignored."""
         path = Path(path)
         try:
             with path.open(newline="") as handle:
-                rows = [r for r in csv.DictReader(handle, delimiter="\t")
-                        if (r.get("trial_type") or "n/a").strip() not in ("", "n/a")]
+                reader = csv.DictReader(handle, delimiter="\t")
+                rows = list(reader)
+                columns = reader.fieldnames or []
         except OSError as exc:
             raise GLMInputError("events", f"cannot read ({exc.strerror})", str(path)) from exc
-        return cls.from_records(rows, source=str(path))
+        if condition_column not in columns:
+            raise GLMInputError("events", f"no column {condition_column!r} (columns: {', '.join(columns)})", str(path))
+        rows = [r for r in rows if (r.get(condition_column) or "n/a").strip() not in ("", "n/a")]
+        return cls.from_records(rows, source=str(path), condition_column=condition_column)
 
     @classmethod
     def coerce(cls, events, *, source: str | None = None) -> "RunEvents":

@@ -220,8 +220,6 @@ class GLMSingle:
         self._report("on-off R2", 0, 1)
         r2_onoff = F.explained_fraction(psc, [F.onoff_regressors(x) for x in can_regs], bases)[0]
         self._report("on-off R2", 1, 1)
-        threshold = (float(self.noise_pool_r2) if self.noise_pool_r2 is not None
-                     else F.gaussian_mixture_threshold(r2_onoff[in_brain]))
 
         if model == "a":
             hrfs, regs = canonical, can_regs
@@ -235,16 +233,22 @@ class GLMSingle:
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
             self._report("HRF library", 1, 1)
 
+        # Voxels split into responsive and noise-pool voxels on the R^2 of the HRF-fitted single-trial model when
+        # there is one (in rapid designs the on-off regressor hardly varies, so on-off R^2 separates them poorly),
+        # else on the on-off R^2.
+        pool_r2 = r2_onoff if hrf_r2 is None else hrf_r2.max(axis=0)
+        threshold = (float(self.noise_pool_r2) if self.noise_pool_r2 is not None
+                     else F.gaussian_mixture_threshold(pool_r2[in_brain], conservative=True))
         cv = F.cross_validation_sets(events)
         n_pcs, pc_scores = 0, np.zeros(1)
-        pool = in_brain & (r2_onoff < threshold)
+        pool = in_brain & (pool_r2 < threshold)
         pool_index = F.subsample_pool(pool, self.max_pool_voxels)
         components = [np.zeros((y.shape[0], 0)) for y in psc]
         if model in ("c", "d") and self.max_pcs > 0 and pool_index.size > 1:
             components = [F.noise_components(y[:, pool_index], b, self.max_pcs) for y, b in zip(psc, bases)]
-            responsive = np.flatnonzero(valid & (r2_onoff >= threshold))
+            responsive = np.flatnonzero(valid & (pool_r2 >= threshold))
             if responsive.size < 10:
-                responsive = np.argsort(-r2_onoff)[:max(10, r2_onoff.size // 20)]
+                responsive = np.argsort(-pool_r2)[:max(10, pool_r2.size // 20)]
             if cv.n_trials:
                 n_max = min(c.shape[1] for c in components)
                 pc_scores = np.zeros(n_max + 1)

@@ -52,8 +52,9 @@ def brain_voxels(means: np.ndarray, percentile: float, fraction: float) -> np.nd
     return means > fraction * np.percentile(means, percentile)
 
 
-def gaussian_mixture_threshold(values: np.ndarray, n_iter: int = 200) -> float:
-    """Crossing point of a two-Gaussian mixture fitted to ``values`` (deterministic EM, quantile start).
+def gaussian_mixture_threshold(values: np.ndarray, n_iter: int = 200, conservative: bool = False) -> float:
+    """Crossing point of a two-Gaussian mixture fitted to ``values`` (deterministic EM, quantile start), or with
+    ``conservative`` the mean of the lower component (fewer weakly responding voxels fall below it).
 
     Used like GLMsingle's tail threshold to split voxels that do not respond (noise pool) from those that do.
     """
@@ -76,6 +77,8 @@ def gaussian_mixture_threshold(values: np.ndarray, n_iter: int = 200) -> float:
             break
         mu = new_mu
     lo, hi = np.argsort(mu)
+    if conservative:
+        return float(mu[lo])
     grid = np.linspace(mu[lo], mu[hi], 512)
     p_lo = w[lo] / sd[lo] * np.exp(-0.5 * ((grid - mu[lo]) / sd[lo]) ** 2)
     p_hi = w[hi] / sd[hi] * np.exp(-0.5 * ((grid - mu[hi]) / sd[hi]) ** 2)
@@ -243,11 +246,28 @@ def cross_validation_sets(events: Sequence[RunEvents]) -> CrossValidation:
                            np.array(ptr, dtype=np.int64), np.array(idx, dtype=np.int64), run_ptr.astype(np.int64))
 
 
-def cv_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, cv: CrossValidation) -> np.ndarray:
-    """Held-out residual sum of squares (F, V) for ridge parameters ``alphas (R, F, V)``."""
+def cv_row_sums(rot: Rotated, cv: CrossValidation) -> tuple[np.ndarray, np.ndarray]:
+    """Per run and HRF: the sum of all rows of ``W`` and of the rows of trials without a repeat elsewhere."""
+    w_sum = rot.W.sum(axis=2)
+    w_rest = w_sum.copy()
+    for i in range(cv.n_trials):
+        w_rest[cv.cv_run[i]] -= rot.W[cv.cv_run[i], :, cv.cv_pos[i], :]
+    return w_sum, w_rest
+
+
+def cv_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, cv: CrossValidation,
+           predict_unrepeated: bool = False) -> np.ndarray:
+    """Held-out residual sum of squares (F, V) for ridge parameters ``alphas (R, F, V)``.
+
+    ``predict_unrepeated``: predict trials without a repeat by the other runs' mean beta (else by zero, so only
+    repeated images inform the choice: on the phantom this picked better fractions for trial-to-trial accuracy).
+    """
+    w_sum, w_rest = cv_row_sums(rot, cv)
+    if not predict_unrepeated:
+        w_rest = np.zeros_like(w_rest)
     return kernels.ridge_cv_sse(hrf_index.astype(np.int64), rot.W, rot.s, rot.Z, np.ascontiguousarray(alphas),
                                 rot.yss, rot.n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr, cv.mates_idx,
-                                cv.run_cv_ptr)
+                                cv.run_cv_ptr, w_sum, w_rest)
 
 
 def choose_pc_count(scores: np.ndarray, stop: float) -> int:

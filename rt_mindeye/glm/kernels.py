@@ -61,13 +61,17 @@ def _gain(s, alpha, smax):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, run_cv_ptr):
+def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, run_cv_ptr,
+                 w_sum, w_rest):
     """Held-out residual sum of squares per (fraction, voxel), leaving one run out at a time.
 
-    Each cross-validation trial's betas in the held-out run are predicted by the mean betas of the same condition
-    (``mates``: its trials in other runs, fitted within their own runs with the same ridge fraction); the prediction
-    is scored against the held-out run's data. Only trials with a repeat in another run take part (``cv_*`` arrays,
-    sorted by run: run ``r`` owns ``run_cv_ptr[r]:run_cv_ptr[r + 1]``). ``alphas (R, F, V)``.
+    Each trial of the held-out run is predicted from the other runs' betas (fitted within their own runs with the
+    same ridge fraction): a trial whose condition is shown in another run by the mean betas of those repeats
+    (``mates``), any other trial by the mean beta of all trials of the other runs (the voxel's typical response).
+    The prediction is scored against the held-out run's data. Repeated trials are listed in the ``cv_*`` arrays,
+    sorted by run (run ``r`` owns ``run_cv_ptr[r]:run_cv_ptr[r + 1]``); ``w_sum[r, h] = W[r, h].sum(0)`` turns
+    ``g * z`` into the sum of a run's betas and ``w_rest[r, h]`` sums the rows of the unrepeated trials.
+    ``alphas (R, F, V)``.
     """
     n_runs, n_frac, n_vox = alphas.shape
     k_max = Z.shape[1]
@@ -78,13 +82,21 @@ def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mate
         beta = np.zeros(n_cv)
         zg = np.zeros(k_max)
         u = np.zeros(k_max)
+        run_sum = np.zeros(n_runs)
         for f in range(n_frac):
+            all_sum = 0.0
+            all_count = 0
             for r in range(n_runs):
                 kr = n_trials[r]
                 smax = s[r, h, 0]
                 alpha = alphas[r, f, v]
+                acc_sum = 0.0
                 for k in range(kr):
                     zg[k] = _gain(s[r, h, k], alpha, smax) * Z[r, k, v]
+                    acc_sum += w_sum[r, h, k] * zg[k]
+                run_sum[r] = acc_sum
+                all_sum += acc_sum
+                all_count += kr
                 for i in range(run_cv_ptr[r], run_cv_ptr[r + 1]):
                     p = cv_pos[i]
                     acc = 0.0
@@ -94,8 +106,10 @@ def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mate
             total = 0.0
             for r in range(n_runs):
                 kr = n_trials[r]
+                others = all_count - kr
+                typical = (all_sum - run_sum[r]) / others if others > 0 else 0.0
                 for k in range(kr):
-                    u[k] = 0.0
+                    u[k] = typical * w_rest[r, h, k]
                 for i in range(run_cv_ptr[r], run_cv_ptr[r + 1]):
                     m0 = mates_ptr[i]
                     m1 = mates_ptr[i + 1]

@@ -99,7 +99,7 @@ class RealtimeGLM:
         self._sy = np.zeros(n_vox)
         self._ny = None
         h = self._hrfs.n_hrfs
-        self._xx = np.zeros((h, k))
+        self._xx = np.zeros((h, k, k))  # only pairs of trials whose responses overlap are ever non-zero
         self._xs = np.zeros((h, k))
         self._xn = None
         self._ss = np.zeros(h)
@@ -158,7 +158,7 @@ class RealtimeGLM:
         nuis = self._nuisance_row(index, psc, motion)
         if self._ny is None:
             p = nuis.size
-            h, k = self._xx.shape
+            h, k = self._xs.shape
             self._ny = np.zeros((p, psc.size))
             self._xn = np.zeros((h, k, p))
             self._sn = np.zeros((h, p))
@@ -174,7 +174,7 @@ class RealtimeGLM:
         if active.size:
             per_voxel = rows[self._hrf_index]  # (V, A): each voxel's own HRF
             self._xy[active] += (per_voxel * psc[:, None]).T
-            self._xx[:, active] += rows ** 2
+            self._xx[:, active[:, None], active[None, :]] += rows[:, :, None] * rows[:, None, :]
             self._xs[:, active] += rows * s_row[:, None]
             self._xn[:, active] += rows[:, :, None] * nuis[None, None, :]
         self._sy += s_row[self._hrf_index] * psc
@@ -227,26 +227,38 @@ class RealtimeGLM:
         cols = self._nuisance_columns()
         p = cols.size
         hs = self._used_hrfs
-        gram = np.zeros((hs.size, 2 + p, 2 + p))
-        a, b = self._xx[hs, j], self._xs[hs, j]
-        xn = self._xn[hs, j][:, cols]
-        sn = self._sn[hs][:, cols]
-        gram[:, 0, 0] = a
-        gram[:, 0, 1] = gram[:, 1, 0] = b - a
-        gram[:, 1, 1] = self._ss[hs] - 2 * b + a
-        gram[:, 0, 2:] = xn
-        gram[:, 2:, 0] = xn
-        gram[:, 1, 2:] = sn - xn
-        gram[:, 2:, 1] = sn - xn
-        gram[:, 2:, 2:] = self._nn[np.ix_(cols, cols)]
-        # First row of the pseudo-inverse per HRF: the weights that turn the right-hand sides into the trial's beta.
-        weights = np.linalg.pinv(gram, rcond=1e-10, hermitian=True)[:, 0, :]
+        # Own columns: the trial and up to ``neighbors`` started trials either side (LSA locally); every other trial
+        # of the run shares one column (LSS), so the system size never depends on the run length.
+        w_n = self.config_.neighbors
+        own = np.arange(max(0, j - w_n), min(len(self.events_), j + w_n + 1))
+        own = own[(self._n_post[own] > 0) | (own == j)]
+        m = own.size
+        at = int(np.flatnonzero(own == j)[0])
+        xx = self._xx[hs][:, own[:, None], own[None, :]]          # (H, m, m)
+        xs = self._xs[hs][:, own]                                  # (H, m)
+        xn = self._xn[hs][:, own][:, :, cols]                      # (H, m, p)
+        sn = self._sn[hs][:, cols]                                 # (H, p)
+        rest_x = xs - xx.sum(axis=2)                               # x_i'(S - sum own)
+        rest_rest = self._ss[hs] - 2 * xs.sum(axis=1) + xx.sum(axis=(1, 2))
+        rest_n = sn - xn.sum(axis=1)
+        size = m + 1 + p
+        gram = np.zeros((hs.size, size, size))
+        gram[:, :m, :m] = xx
+        gram[:, :m, m] = gram[:, m, :m] = rest_x
+        gram[:, m, m] = rest_rest
+        gram[:, :m, m + 1:] = xn
+        gram[:, m + 1:, :m] = xn.transpose(0, 2, 1)
+        gram[:, m, m + 1:] = gram[:, m + 1:, m] = rest_n
+        gram[:, m + 1:, m + 1:] = self._nn[np.ix_(cols, cols)]
+        # Row of the pseudo-inverse per HRF for this trial: the weights that turn right-hand sides into its beta.
+        weights = np.linalg.pinv(gram, rcond=1e-10, hermitian=True)[:, at, :]
         lookup = np.zeros(self._hrfs.n_hrfs, dtype=np.int64)
         lookup[hs] = np.arange(hs.size)
-        w = weights[lookup[self._hrf_index]]  # (V, 2 + p)
-        xy = self._xy[j]
-        beta = w[:, 0] * xy + w[:, 1] * (self._sy - xy) + np.einsum("vp,pv->v", w[:, 2:], self._ny[cols])
-        self.work_["solve_size"].append(2 + p)
+        w = weights[lookup[self._hrf_index]]  # (V, size)
+        xy = self._xy[own]                    # (m, V)
+        beta = (np.einsum("vm,mv->v", w[:, :m], xy) + w[:, m] * (self._sy - xy.sum(axis=0))
+                + np.einsum("vp,pv->v", w[:, m + 1:], self._ny[cols]))
+        self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)
 

@@ -1,0 +1,117 @@
+"""Reading runs/masks from NIfTI and writing the calibration fit's outputs (used by ``rt-mindeye glm fit``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from rt_mindeye.glm.design import write_trials_tsv
+from rt_mindeye.glm.errors import GLMInputError
+
+OUTPUT_FILES = ("betas.nii.gz", "trials.tsv", "hrf_index.nii.gz", "r2.nii.gz", "frac.nii.gz", "noise_pool.nii.gz",
+                "noise_components.npz", "mask.nii.gz", "calibration.npz", "calibration.json", "summary.json")
+
+
+def load_image(path: str | Path, ndim: int) -> nib.Nifti1Image:
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except (OSError, nib.filebasedimages.ImageFileError) as exc:
+        raise GLMInputError("image", f"cannot read NIfTI ({exc})", str(path)) from exc
+    if len(img.shape) != ndim:
+        raise GLMInputError("image", f"expected a {ndim}-D image, got shape {img.shape}", str(path))
+    return img
+
+
+def load_runs(bold_paths: Sequence[str | Path], mask_path: str | Path | None = None,
+              brain_fraction: float = 0.1, brain_percentile: float = 99.0):
+    """Masked (T, V) float32 runs, the 3-D mask and the reference image (for the affine/header of the outputs).
+
+    Without a mask file, voxels whose mean intensity in the first run exceeds ``brain_fraction`` of its
+    ``brain_percentile``-th percentile are used.
+    """
+    images = [load_image(p, 4) for p in bold_paths]
+    ref = images[0]
+    for p, img in zip(bold_paths, images):
+        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
+            raise GLMInputError("bold", f"grid {img.shape[:3]} / affine differs from the first run's", str(p))
+    if mask_path is not None:
+        mimg = load_image(mask_path, 3)
+        if mimg.shape != ref.shape[:3]:
+            raise GLMInputError("mask", f"shape {mimg.shape} differs from the runs' {ref.shape[:3]}", str(mask_path))
+        mask = np.asarray(mimg.dataobj) > 0
+    else:
+        mean = np.asarray(ref.dataobj, dtype=np.float32).mean(axis=3)
+        mask = mean > brain_fraction * np.percentile(mean, brain_percentile)
+    if not mask.any():
+        raise GLMInputError("mask", "selects no voxels", str(mask_path) if mask_path else None)
+    runs = [np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[mask].T) for img in images]
+    return runs, mask, ref
+
+
+def load_motion_tsv(path: str | Path) -> np.ndarray:
+    """Motion parameters, one row per volume (a header row of names is skipped)."""
+    path = Path(path)
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise GLMInputError("motion", f"cannot read ({exc.strerror})", str(path)) from exc
+    rows = [ln.split() for ln in lines]
+    try:
+        float(rows[0][0])
+    except (ValueError, IndexError):
+        rows = rows[1:]
+    try:
+        return np.asarray(rows, dtype=np.float64)
+    except ValueError as exc:
+        raise GLMInputError("motion", f"non-numeric value ({exc})", str(path)) from exc
+
+
+def _unmask(values: np.ndarray, mask: np.ndarray, dtype) -> np.ndarray:
+    """(V,) or (N, V) masked values back onto the grid: (X, Y, Z) or (X, Y, Z, N)."""
+    values = np.asarray(values)
+    if values.ndim == 1:
+        out = np.zeros(mask.shape, dtype=dtype)
+        out[mask] = values
+        return out
+    out = np.zeros(mask.shape + (values.shape[0],), dtype=dtype)
+    out[mask] = values.T
+    return out
+
+
+def _save(data: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
+    img = nib.Nifti1Image(data, ref.affine)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def write_outputs(estimator, mask: np.ndarray, ref: nib.Nifti1Image, out_dir: str | Path,
+                  config_mapping: dict | None = None) -> Path:
+    """Write every output of a fitted :class:`~rt_mindeye.glm.estimator.GLMSingle` to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(_unmask(estimator.betas_, mask, np.float32), ref, out / "betas.nii.gz")
+    write_trials_tsv(out / "trials.tsv", estimator.trials_)
+    _save(_unmask(estimator.hrf_index_.astype(np.int16), mask, np.int16), ref, out / "hrf_index.nii.gz")
+    _save(_unmask(estimator.r2_, mask, np.float32), ref, out / "r2.nii.gz")
+    _save(_unmask(estimator.frac_, mask, np.float32), ref, out / "frac.nii.gz")
+    _save(_unmask(estimator.noise_pool_.astype(np.uint8), mask, np.uint8), ref, out / "noise_pool.nii.gz")
+    _save(mask.astype(np.uint8), ref, out / "mask.nii.gz")
+    components = {f"run{r}": c for r, c in enumerate(estimator.noise_components_)}
+    np.savez(out / "noise_components.npz", n_pcs=np.int64(estimator.n_pcs_), pc_scores=estimator.pc_scores_,
+             pool_index=estimator.noise_pool_index_, loadings=estimator.noise_loadings_,
+             scale=estimator.noise_scale_, **components)
+    estimator.calibration_.save(out)
+    summary = {"model": estimator.model, "n_trials": int(estimator.betas_.shape[0]),
+               "n_voxels": int(estimator.betas_.shape[1]), "n_pcs": estimator.n_pcs_,
+               "pc_scores": [float(x) for x in estimator.pc_scores_],
+               "noise_pool_voxels": int(estimator.noise_pool_.sum()),
+               "noise_pool_threshold": float(estimator.noise_pool_threshold_),
+               "median_r2": float(np.median(estimator.r2_)), "median_frac": float(np.median(estimator.frac_)),
+               "config": config_mapping or {}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out

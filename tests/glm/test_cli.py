@@ -1,0 +1,82 @@
+"""`rt-mindeye glm fit` on NIfTI runs and BIDS events written to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from rt_mindeye.cli import main
+from rt_mindeye.glm.design import read_trials_tsv
+from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle
+
+
+@pytest.fixture(scope="module")
+def bids_runs(tmp_path_factory, synthetic_session):
+    """The synthetic session's voxels placed in a 8x8x6 grid (240 voxels; the rest is dark background)."""
+    s = synthetic_session
+    root = tmp_path_factory.mktemp("glm_cli")
+    shape = (8, 8, 6)
+    mask = np.zeros(shape, bool)
+    mask.reshape(-1)[:240] = True
+    affine = np.diag([3.0, 3.0, 3.5, 1.0])
+    bold, events = [], []
+    for r, run in enumerate(s.runs):
+        vol = np.full(shape + (run.shape[0],), 5.0, np.float32)
+        vol[mask] = run.T
+        path = root / f"run-{r + 1}_bold.nii.gz"
+        nib.save(nib.Nifti1Image(vol, affine), str(path))
+        bold.append(str(path))
+        ev = root / f"run-{r + 1}_events.tsv"
+        # Listed out of onset order on purpose: trials.tsv must come out sorted.
+        order = np.arange(len(s.events[r]))[::-1]
+        lines = ["onset\tduration\ttrial_type"] + [
+            f"{s.events[r].onsets[k]}\t{s.events[r].durations[k]}\t{s.events[r].trial_types[k]}" for k in order]
+        ev.write_text("\n".join(lines) + "\n")
+        events.append(str(ev))
+    mpath = root / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(mpath))
+    return root, bold, events, str(mpath), mask
+
+
+def test_fit_writes_every_output_with_the_right_shapes(bids_runs, synthetic_session):
+    root, bold, events, mask_path, mask = bids_runs
+    out = root / "out"
+    rc = main(["glm", "fit", "--bold", *bold, "--events", *events, "--tr", str(synthetic_session.tr),
+               "--mask", mask_path, "--model", "d", "--out", str(out), "--quiet"])
+    assert rc == 0
+    n_trials = sum(len(e) for e in synthetic_session.events)
+    betas = nib.load(str(out / "betas.nii.gz"))
+    assert betas.shape == mask.shape + (n_trials,)
+    assert np.allclose(betas.affine, np.diag([3.0, 3.0, 3.5, 1.0]))
+    for name in ("hrf_index", "r2", "frac", "noise_pool"):
+        assert nib.load(str(out / f"{name}.nii.gz")).shape == mask.shape
+    trials = read_trials_tsv(out / "trials.tsv")
+    assert len(trials["run"]) == n_trials
+    for r in range(len(synthetic_session.events)):
+        rows = trials["run"] == r
+        assert list(trials["trial"][rows]) == list(range(rows.sum()))
+        assert np.allclose(trials["onset"][rows], synthetic_session.events[r].onsets, atol=1e-4)
+        assert list(trials["trial_type"][rows]) == list(synthetic_session.events[r].trial_types)
+    # The volumes hold the same betas as fitting the arrays directly, in trials.tsv order.
+    direct = GLMSingle(model="d").fit(synthetic_session.runs, synthetic_session.events, synthetic_session.tr)
+    data = np.asarray(betas.dataobj)[mask].T
+    assert np.allclose(data, direct.betas_, atol=1e-4)
+    cal = GLMCalibration.load(out)
+    assert cal.n_voxels == 240 and cal.model == "d"
+    with np.load(out / "noise_components.npz") as nc:
+        assert int(nc["n_pcs"]) == cal.n_pcs and nc["run0"].shape[1] == cal.n_pcs
+    assert json.loads((out / "summary.json").read_text())["n_trials"] == n_trials
+
+
+def test_fit_errors_are_one_line_with_exit_status_2(bids_runs, capsys, tmp_path):
+    root, bold, events, mask_path, _ = bids_runs
+    rc = main(["glm", "fit", "--bold", *bold, "--events", *events[:2], "--tr", "1.5", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "--events" in capsys.readouterr().err
+    rc = main(["glm", "fit", "--bold", bold[0], "--events", str(root / "missing.tsv"), "--tr", "1.5",
+               "--out", str(tmp_path), "--quiet"])
+    assert rc == 2
+    assert "missing.tsv" in capsys.readouterr().err

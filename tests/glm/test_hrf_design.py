@@ -1,0 +1,183 @@
+"""HRFs, design matrices, events and the numba kernels against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import gamma
+
+from rt_mindeye.glm import kernels, kernels_reference
+from rt_mindeye.glm.design import (RunEvents, drift_degree, frame_times, polynomial_drift, read_trials_tsv,
+                                   trial_table, write_trials_tsv)
+from rt_mindeye.glm.errors import GLMInputError
+from rt_mindeye.glm.hrf import HRFSet, load_hrf_library, response_kernel
+
+
+def nilearn_style_regressor(frame_t, onsets, durations, tr, oversampling=50):
+    """nilearn's compute_regressor math: oversampled boxcar * Glover HRF, linear interpolation to frame times."""
+    dt = tr / oversampling
+    hr_times = np.arange(0, frame_t[-1] + 40, dt)
+    box = np.zeros_like(hr_times)
+    for o, d in zip(onsets, durations):
+        box[(hr_times >= o) & (hr_times < o + d)] = 1.0
+    t = np.linspace(0, 32, int(np.rint(32 / dt)))
+    hrf = gamma.pdf(t, 6 / 0.9, loc=dt, scale=0.9) - 0.35 * gamma.pdf(t, 12 / 0.9, loc=dt, scale=0.9)
+    hrf /= hrf.sum()
+    conv = np.convolve(box, hrf)[: hr_times.size]
+    return np.interp(frame_t, hr_times, conv)
+
+
+def test_library_is_glmsingle_shape_and_kernels_peak_at_one():
+    lib = load_hrf_library()
+    assert lib.shape == (501, 20)
+    peaks = np.argmax(lib, axis=0)
+    assert np.all(np.diff(peaks) >= 0), "the library is ordered from early to late peaks"
+    for duration in (0.05, 1.0, 3.0):
+        k = response_kernel(lib[:, 7], duration)
+        assert np.isclose(np.abs(k).max(), 1.0)
+
+
+def test_glover_design_matches_nilearn_math():
+    tr = 1.5
+    ft = frame_times(120, tr)
+    onsets = np.array([3.0, 20.3, 41.7, 77.1, 120.0])
+    durations = np.array([3.0, 3.0, 1.0, 3.0, 2.0])
+    ours = HRFSet.canonical("glover").regressors(ft, onsets, durations)[0]
+    for j in range(onsets.size):
+        ref = nilearn_style_regressor(ft, onsets[j:j + 1], durations[j:j + 1], tr)
+        r = np.corrcoef(ours[:, j], ref)[0, 1]
+        assert r > 0.999, (j, r)
+        # Same shape after peak scaling (ours is peak 1; nilearn's is unit-area): timing agrees to a fraction.
+        assert np.abs(ours[:, j] - ref / ref.max()).max() < 0.08
+
+
+def test_library_regressors_follow_onsets_off_the_tr_grid():
+    lib = HRFSet.library()
+    ft = frame_times(60, 2.0)
+    x = lib.regressors(ft, np.array([10.0, 10.7]), np.array([3.0, 3.0]))
+    assert x.shape == (20, 60, 2)
+    assert np.all(x[:, ft < 10.0, 0] == 0) and np.all(x[:, ft < 10.7, 1] == 0)
+    # The later onset is the same response shifted by 0.7 s: it is smaller just after onset.
+    assert np.all(x[:, 6, 1] <= x[:, 6, 0]) and x[0, 6, 1] < x[0, 6, 0]
+
+
+def test_polynomial_drift_is_unit_norm_legendre_and_degree_rule():
+    p = polynomial_drift(192, 3)
+    assert p.shape == (192, 4)
+    assert np.allclose(np.linalg.norm(p, axis=0), 1.0)
+    assert np.linalg.cond(p) < 3
+    assert np.allclose(p[:, 1] / p[-1, 1], np.linspace(-1, 1, 192))
+    assert drift_degree(192, 1.5) == 2  # 4.8 min -> round(2.4)
+    assert drift_degree(64, 1.5) == 1
+    assert drift_degree(64, 1.5, 0) == 0
+
+
+def test_events_tsv_sorting_na_rows_and_errors(tmp_path):
+    path = tmp_path / "run_events.tsv"
+    path.write_text("onset\tduration\ttrial_type\tstim\n10\t3\tb\tx.png\n2.5\t3\ta\ty.png\n5\t1\tn/a\tz\n")
+    ev = RunEvents.from_tsv(path)
+    assert list(ev.onsets) == [2.5, 10.0] and ev.trial_types == ("a", "b")
+    assert RunEvents.from_tsv(path, condition_column="stim").trial_types == ("y.png", "z", "x.png")
+    with pytest.raises(GLMInputError, match="run_events.tsv"):
+        RunEvents.from_tsv(path, condition_column="image")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("onset\tduration\ttrial_type\nsoon\t3\ta\n")
+    with pytest.raises(GLMInputError, match="row 0"):
+        RunEvents.from_tsv(bad)
+
+
+def test_trials_tsv_round_trip(tmp_path):
+    events = [RunEvents(np.array([1.0, 5.0]), np.array([3.0, 3.0]), ("a", "b")),
+              RunEvents(np.array([2.0]), np.array([3.0]), ("a",))]
+    table = trial_table(events)
+    write_trials_tsv(tmp_path / "t.tsv", table)
+    back = read_trials_tsv(tmp_path / "t.tsv")
+    assert list(back["run"]) == [0, 0, 1] and list(back["trial"]) == [0, 1, 0]
+    assert list(back["trial_type"]) == ["a", "b", "a"]
+
+
+def _random_problem(rng, n_runs=3, n_hrfs=2, k=6, t=30, n_vox=9):
+    """A rotated problem built from explicit designs, returned with the designs for brute-force checks."""
+    designs = rng.normal(size=(n_runs, n_hrfs, t, k))
+    data = rng.normal(size=(n_runs, t, n_vox))
+    hrf_index = rng.integers(0, n_hrfs, size=n_vox)
+    W = np.zeros((n_runs, n_hrfs, k, k))
+    s = np.zeros((n_runs, n_hrfs, k))
+    Z = np.zeros((n_runs, k, n_vox), dtype=np.float32)
+    for r in range(n_runs):
+        for h in range(n_hrfs):
+            u, sv, vt = np.linalg.svd(designs[r, h], full_matrices=False)
+            W[r, h], s[r, h] = vt.T, sv
+            idx = hrf_index == h
+            Z[r][:, idx] = u.T @ data[r][:, idx]
+    yss = np.einsum("rtv,rtv->rv", data, data)
+    return designs, data, hrf_index, W, s, Z, yss
+
+
+def test_ridge_betas_kernel_equals_direct_ridge_solve():
+    rng = np.random.default_rng(0)
+    designs, data, hrf_index, W, s, Z, yss = _random_problem(rng)
+    n_runs, _, t, k = designs.shape
+    alphas = rng.uniform(0, 20, size=(n_runs, data.shape[2]))
+    n_trials = np.full(n_runs, k, dtype=np.int64)
+    offsets = np.arange(n_runs + 1, dtype=np.int64) * k
+    betas, sse = kernels.ridge_betas(hrf_index, W, s, Z, alphas, yss, n_trials, offsets)
+    ref_sse = np.zeros(data.shape[2])
+    for v in range(data.shape[2]):
+        for r in range(n_runs):
+            x = designs[r, hrf_index[v]]
+            b = np.linalg.solve(x.T @ x + alphas[r, v] * np.eye(k), x.T @ data[r][:, v])
+            assert np.allclose(betas[r * k:(r + 1) * k, v], b, atol=1e-4)
+            ref_sse[v] += np.sum((data[r][:, v] - x @ b) ** 2)
+    assert np.allclose(sse, ref_sse, rtol=1e-5)
+    b2, sse2 = kernels_reference.ridge_betas(hrf_index, W, s, Z, alphas, yss, n_trials, offsets)
+    assert np.allclose(b2, betas, atol=1e-5) and np.allclose(sse2, sse)
+
+
+def test_fraction_alphas_reach_the_requested_norm_fraction():
+    rng = np.random.default_rng(1)
+    sv = np.sort(rng.uniform(0.5, 5, size=8))[::-1]
+    z = rng.normal(size=(8, 5))
+    grid = np.concatenate([[0.0], np.logspace(-4, 4, 400)])
+    norms = np.sqrt(((sv[None] / (sv[None] ** 2 + grid[:, None])) ** 2) @ z ** 2)
+    ratio = norms / norms[:1]
+    fractions = np.array([1.0, 0.9, 0.5, 0.2])
+    alphas = kernels.fraction_alphas(ratio, grid, fractions)
+    assert np.all(alphas[0] == 0) and np.all(np.diff(alphas, axis=0) > 0)
+    for f, target in enumerate(fractions):
+        got = np.sqrt(((sv[:, None] / (sv[:, None] ** 2 + alphas[f])) ** 2 * z ** 2).sum(0)) / norms[0]
+        assert np.allclose(got, target, atol=0.01)
+    assert np.allclose(kernels_reference.fraction_alphas(ratio, grid, fractions), alphas)
+
+
+def test_cv_kernel_equals_brute_force_leave_one_run_out():
+    rng = np.random.default_rng(2)
+    designs, data, hrf_index, W, s, Z, yss = _random_problem(rng, n_runs=3, k=4)
+    n_runs, _, t, k = designs.shape
+    # Conditions: trial 0 and 1 of every run repeat across runs; trials 2, 3 are unique.
+    from rt_mindeye.glm.fit import cross_validation_sets
+    events = [RunEvents(np.arange(4.0), np.ones(4), ("a", "b", f"u{r}", f"v{r}")) for r in range(n_runs)]
+    cv = cross_validation_sets(events)
+    alphas = rng.uniform(0, 5, size=(n_runs, 2, data.shape[2]))
+    n_trials = np.full(n_runs, k, dtype=np.int64)
+    w_sum = W.sum(axis=2)
+    w_rest = w_sum - W[:, :, 0, :] - W[:, :, 1, :]
+    got = kernels.ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr,
+                               cv.mates_idx, cv.run_cv_ptr, w_sum, w_rest)
+    for f in range(2):
+        for v in range(data.shape[2]):
+            betas = [np.linalg.solve(designs[r, hrf_index[v]].T @ designs[r, hrf_index[v]]
+                                     + alphas[r, f, v] * np.eye(k),
+                                     designs[r, hrf_index[v]].T @ data[r][:, v]) for r in range(n_runs)]
+            total = 0.0
+            for r in range(n_runs):
+                # Unrepeated trials: the mean beta of all trials of the other runs; repeated: their repeats' mean.
+                pred = np.full(k, np.mean([betas[o] for o in range(n_runs) if o != r]))
+                for trial in (0, 1):
+                    pred[trial] = np.mean([betas[o][trial] for o in range(n_runs) if o != r])
+                resid = data[r][:, v] - designs[r, hrf_index[v]] @ pred
+                total += resid @ resid
+            assert np.isclose(got[f, v], total, rtol=1e-4), (f, v)
+    ref = kernels_reference.ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv.cv_run, cv.cv_pos,
+                                         cv.mates_ptr, cv.mates_idx, cv.run_cv_ptr, w_sum, w_rest)
+    assert np.allclose(ref, got, rtol=1e-6)

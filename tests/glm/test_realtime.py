@@ -1,0 +1,170 @@
+"""The real-time estimator: emission kinds, incremental cost, gaps, and agreement with batch fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rt_mindeye.glm.config import GLMConfig, RealtimeConfig
+from rt_mindeye.glm.errors import GLMInputError, RealtimeStateError
+from rt_mindeye.glm.estimator import GLMSingle, fit_run_frozen
+from rt_mindeye.glm.realtime import RealtimeGLM
+
+
+@pytest.fixture(scope="module")
+def calibrated(synthetic_session):
+    s = synthetic_session
+    return GLMSingle(model="d").fit(s.runs[:3], s.events[:3], s.tr)
+
+
+def run_stream(rt, data, gap=None):
+    out = []
+    for i, row in enumerate(data):
+        if gap is not None and i == gap:
+            out += rt.add_gap(i)
+            continue
+        out += rt.add_volume(i, row)
+    return out
+
+
+def test_kinds_early_refined_final(calibrated, synthetic_session):
+    s = synthetic_session
+    cfg = RealtimeConfig(early_volumes=4, refine_every=3, refine_until=10)
+    rt = RealtimeGLM(calibrated, cfg).start_run(s.events[3], s.tr)
+    live = run_stream(rt, s.runs[3])
+    final = rt.end_run()
+    k = len(s.events[3])
+    early = [e for e in live if e.kind == "early"]
+    refined = [e for e in live if e.kind == "refined"]
+    assert sorted(e.trial for e in early) == list(range(k))
+    assert all(e.n_volumes == 4 for e in early)
+    assert {e.n_volumes for e in refined} == {7, 10}
+    assert [e.kind for e in final] == ["final"] * k and [e.trial for e in final] == list(range(k))
+    for e in live + final:
+        assert e.betas.dtype == np.float32 and e.betas.shape == (s.runs[3].shape[1],)
+        assert e.zscored and e.run == 0 and e.trial_type == s.events[3].trial_types[e.trial]
+    # Early estimates come out in onset order, each one as soon as its 4th post-onset volume arrives.
+    first_volume = [e.last_volume for e in early]
+    assert first_volume == sorted(first_volume)
+    assert early[0].last_volume == int(np.ceil(s.events[3].onsets[0] / s.tr)) + 3
+
+
+def _lss_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, n_pcs):
+    """Batch LSS (numpy lstsq) for one trial on the given frames: trial, sum of the others, drift, noise PCs."""
+    hrfs = calibration.hrf_set()
+    regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
+    psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
+    u = (frames + calibration.slice_time_ref) * tr / time_scale
+    nuis = [u[:, None] ** np.arange(degree + 1)]
+    if n_pcs:
+        pool = psc[:, calibration.noise_pool_index] / calibration.noise_scale
+        nuis.append(pool @ calibration.noise_loadings[:, :n_pcs])
+    nuis = np.concatenate(nuis, axis=1)
+    betas = np.zeros(psc.shape[1])
+    for h in np.unique(calibration.hrf_index):
+        idx = calibration.hrf_index == h
+        x = regs[h]
+        design = np.column_stack([x[:, trial], x.sum(axis=1) - x[:, trial], nuis])
+        coef = np.linalg.lstsq(design, psc[:, idx], rcond=None)[0]
+        betas[idx] = coef[0]
+    return betas
+
+
+def test_estimates_equal_batch_lss_and_gaps_are_dropped_not_zero_filled(calibrated, synthetic_session):
+    s = synthetic_session
+    cal = calibrated.calibration_
+    data, events = s.runs[3], s.events[3]
+    gap = 30
+    cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, max_drift_degree=1)
+    rt = RealtimeGLM(cal, cfg).start_run(events, s.tr, n_volumes=data.shape[0])
+    live = {e.trial: e for e in run_stream(rt, data, gap=gap)}
+    affected = [e for e in live.values() if e.last_volume > gap and e.last_volume - gap < 8]
+    assert affected, "some early estimate must be fitted across the gap"
+    for e in affected:
+        frames = np.array([f for f in range(e.last_volume + 1) if f != gap])
+        degree = min(1, int(round((e.last_volume + 1) * s.tr / 120.0)))
+        ref = _lss_reference(cal, data[frames], frames, events, s.tr, e.trial, rt._time_scale, degree, cal.n_pcs)
+        assert np.allclose(e.betas, ref, atol=1e-3 * max(1.0, np.abs(ref).max())), e.trial
+        # Zero-filling the missing volume would give a different answer.
+        filled = data[:e.last_volume + 1].copy()
+        filled[gap] = 0.0
+        zero = _lss_reference(cal, filled, np.arange(e.last_volume + 1), events, s.tr, e.trial, rt._time_scale,
+                              degree, cal.n_pcs)
+        assert not np.allclose(e.betas, zero, atol=1e-2)
+
+
+def test_cost_per_trial_does_not_grow_with_run_length(calibrated, session_factory):
+    short = session_factory(seed=7, n_runs=2, n_frames=80)
+    long = session_factory(seed=7, n_runs=2, n_frames=320, n_conditions=60)
+    sizes, rows = {}, {}
+    for name, sess in (("short", short), ("long", long)):
+        rt = RealtimeGLM(calibrated, RealtimeConfig(early_volumes=5, refine_every=2, refine_until=12))
+        rt.start_run(sess.events[0], sess.tr)
+        emitted = run_stream(rt, sess.runs[0])
+        assert len(sess.events[0]) > (40 if name == "long" else 5)
+        assert len(emitted) > len(sess.events[0])
+        sizes[name] = set(rt.work_["solve_size"])
+        rows[name] = max(rt.work_["rows_updated"])
+        # Every estimate solves a system of the same size, early in the run or late.
+        assert len(sizes[name]) <= 2  # constant drift degree, or one step of the elapsed-time rule
+    assert max(sizes["long"]) == max(sizes["short"])
+    # Each volume touches only the trials whose response is under way, plus the sum and the nuisance rows.
+    assert rows["long"] <= rows["short"] + 1
+
+
+def test_final_equals_offline_per_run_fit_with_frozen_choices(calibrated, synthetic_session):
+    s = synthetic_session
+    rt = RealtimeGLM(calibrated, RealtimeConfig(zscore=False)).start_run(s.events[0], s.tr)
+    run_stream(rt, s.runs[0])
+    final = np.stack([e.betas for e in rt.end_run()])
+    k0 = len(s.events[0])
+    assert np.allclose(final, calibrated.betas_[:k0], atol=1e-4)  # run 0 was a calibration run
+    frozen = fit_run_frozen(calibrated.calibration_, s.runs[3], s.events[3])
+    rt.start_run(s.events[3], s.tr)
+    run_stream(rt, s.runs[3])
+    assert np.allclose(np.stack([e.betas for e in rt.end_run()]), frozen, atol=1e-4)
+
+
+def test_realtime_accuracy_improves_with_delay_and_final(calibrated, synthetic_session, correlation):
+    s = synthetic_session
+    cfg = RealtimeConfig(early_volumes=3, refine_every=1, refine_until=12, zscore=False)
+    by_n = {3: {}, 6: {}, 12: {}}
+    rt = RealtimeGLM(calibrated, cfg).start_run(s.events[3], s.tr)
+    for e in run_stream(rt, s.runs[3]):
+        if e.n_volumes in by_n:
+            by_n[e.n_volumes][e.trial] = e.betas
+    final = np.stack([e.betas for e in rt.end_run()])
+    k0 = sum(len(e) for e in s.events[:3])
+    truth = s.true_betas[k0:k0 + len(s.events[3])]
+    score = {n: correlation(np.stack([v[t] for t in sorted(v)]), truth[sorted(v)], s.responsive)
+             for n, v in by_n.items()}
+    score["final"] = correlation(final, truth, s.responsive)
+    assert score[6] > score[3] and score["final"] > 0.6, score
+
+
+def test_zscoring_uses_calibration_statistics(calibrated, synthetic_session):
+    s = synthetic_session
+    raw = RealtimeGLM(calibrated, RealtimeConfig(zscore=False)).start_run(s.events[3], s.tr)
+    z = RealtimeGLM(calibrated, GLMConfig()).start_run(s.events[3], s.tr)
+    a, b = run_stream(raw, s.runs[3]), run_stream(z, s.runs[3])
+    cal = calibrated.calibration_
+    assert not a[0].zscored and b[0].zscored
+    assert np.allclose(b[0].betas, (a[0].betas - cal.beta_mean) / cal.beta_std, atol=1e-4)
+
+
+def test_state_and_input_errors(calibrated, synthetic_session):
+    s = synthetic_session
+    rt = RealtimeGLM(calibrated)
+    with pytest.raises(RealtimeStateError):
+        rt.add_volume(0, s.runs[0][0])
+    rt.start_run(s.events[0], s.tr)
+    rt.add_volume(3, s.runs[0][3])
+    with pytest.raises(GLMInputError, match="increasing order"):
+        rt.add_volume(2, s.runs[0][2])
+    with pytest.raises(GLMInputError, match="voxels"):
+        rt.add_volume(4, s.runs[0][4][:10])
+    with pytest.raises(GLMInputError, match="calibration"):
+        RealtimeGLM(object()).start_run(s.events[0], s.tr)
+    rt.end_run()
+    with pytest.raises(RealtimeStateError):
+        rt.end_run()
