@@ -214,3 +214,24 @@ def test_fortran_and_c_ordered_volumes_give_the_same_result(moved_series, engine
     b = corrector.update(fortran)
     np.testing.assert_allclose(a.params, b.params, atol=1e-9)
     np.testing.assert_array_equal(a.volume.data, b.volume.data)
+
+
+@pytest.mark.parametrize("engine", ["numba", "sitk"])
+def test_volumes_on_another_grid_are_resliced_into_the_reference_grid(small_grid, small_head, engine):
+    """Today's prescription differs from the calibration reference's: registration works in world space."""
+    shape, affine = small_grid
+    center = volume_center_ras(shape, affine)
+    calibration = make_volume(small_head.sample(shape, affine), affine)
+    truth = np.array([2.0, -1.5, 1.0, 1.5, -1.0, 2.0])
+    today_affine = make_affine(shape, 4.0, rotation_deg=(4.0, 2.0, -3.0))
+    today = make_volume(small_head.sample(shape, today_affine, RigidTransform.from_params(truth, center)),
+                        today_affine)
+    # Seeded near the answer, as align_reference would leave it.
+    seed = RigidTransform.from_params(truth + np.array([0.3, 0.3, -0.3, 0.3, -0.3, 0.3]), center)
+    corrector = MotionCorrector(MotionConfig(engine=engine, n_iterations=40)).fit(calibration, initial=seed)
+    result = corrector.update(today)
+    trans_err, rot_err = _errors(result.params, truth)
+    assert trans_err.max() <= 0.1 and rot_err.max() <= 0.1, result.params
+    np.testing.assert_array_equal(result.volume.affine, calibration.affine)
+    inner = corrector.mask_ & (calibration.data > 300)
+    assert np.median(np.abs(result.volume.data[inner] - calibration.data[inner])) < 10.0
