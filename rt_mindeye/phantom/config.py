@@ -92,6 +92,9 @@ class PhantomConfig:
 
     # --- stimuli --------------------------------------------------------------------------------------------------
     image_size: int = setting(224, "stimulus size in pixels (square RGB)", min=32, max=1024)
+    stimulus_offset: int = setting(0, "first index of the global stimulus sequence this session uses (sessions with "
+                                      "different offsets show different images, e.g. for multi-subject pretraining)",
+                                   min=0, max=1_000_000)
 
     def __post_init__(self):
         if self.calibration_runs > self.n_runs:

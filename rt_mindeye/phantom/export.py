@@ -34,8 +34,8 @@ from rt_mindeye.phantom.dicom_writer import FILE_PATTERN, SeriesGeometry, Series
 from rt_mindeye.phantom.session import MOTION_COLUMNS, SESSION_DATE, PhantomSession
 from rt_mindeye.phantom.stimuli import save_stimuli
 
-EVENT_COLUMNS = ("onset", "duration", "trial_type", "stim_file", "image_index", "trial", "session_trial", "repeat",
-                 "n_presentations")
+EVENT_COLUMNS = ("onset", "duration", "trial_type", "stim_file", "image_index", "stimulus_index", "trial",
+                 "session_trial", "repeat", "n_presentations")
 
 
 def series_geometry(session: PhantomSession, run: int) -> SeriesGeometry:
@@ -66,7 +66,7 @@ def read_events(path: str | Path) -> list[dict]:
     for row in rows:
         for key in ("onset", "duration"):
             row[key] = float(row[key])
-        for key in ("image_index", "trial", "session_trial", "repeat", "n_presentations"):
+        for key in ("image_index", "stimulus_index", "trial", "session_trial", "repeat", "n_presentations"):
             row[key] = int(row[key])
     return rows
 

@@ -32,7 +32,7 @@ from scipy import ndimage
 from rt_mindeye.phantom import brain
 from rt_mindeye.phantom.config import PhantomConfig, phantom_config
 from rt_mindeye.phantom.features import ImageFeatures, compute_features
-from rt_mindeye.phantom.stimuli import Stimulus, render_all, stimulus_set
+from rt_mindeye.phantom.stimuli import Stimulus, render_all, stimulus
 from rt_mindeye.phantom.subject import N_HRFS, Subject, make_subject
 
 HRF_LIBRARY_PATH = Path(__file__).resolve().parent.parent / "data" / "hrf_library_glmsingle.tsv"
@@ -91,7 +91,8 @@ class Trial:
     """Seconds from the start of the run's first volume."""
     duration: float
     image_index: int
-    """Index into the session's stimulus list (== the global stimulus index)."""
+    """Index into the session's stimulus list ``session.stimuli`` / ``session.images`` (the global stimulus index is
+    ``session.stimuli[image_index].index``)."""
     stim_file: str
     repeat: int
     """0 for the first showing of the image in the session, 1 for the second, ..."""
@@ -181,7 +182,8 @@ class PhantomSession:
     def events(self, run: int) -> list[dict]:
         """BIDS-style events of a run: onset, duration, trial_type, stim_file, image_index, trial, repeat, ..."""
         return [{"onset": t.onset, "duration": t.duration, "trial_type": "image", "stim_file": t.stim_file,
-                 "image_index": t.image_index, "trial": t.trial, "session_trial": t.session_trial,
+                 "image_index": t.image_index, "stimulus_index": self.stimuli[t.image_index].index,
+                 "trial": t.trial, "session_trial": t.session_trial,
                  "repeat": t.repeat, "n_presentations": t.n_presentations} for t in self._run(run).trials]
 
     def frame_times(self, run: int) -> np.ndarray:
@@ -482,7 +484,7 @@ def simulate_session(config: PhantomConfig | str = "small", subject: int | Subje
         raise ValueError(f"subject grid {subj.shape} does not match config matrix {tuple(cfg.matrix)}")
     rng = np.random.default_rng([seed, subj.subject_id, 1])
 
-    stimuli = stimulus_set(cfg.n_images)
+    stimuli = [stimulus(cfg.stimulus_offset + i) for i in range(cfg.n_images)]
     images = render_all(stimuli, cfg.image_size)
     feats: ImageFeatures = compute_features(
         images, progress=(lambda d, n: progress("image features", d, n)) if progress else None)

@@ -131,7 +131,8 @@ def test_events_truth_and_manifest(written_session, tiny_session):
     for got, want in zip(events, expected):
         assert got["onset"] == pytest.approx(want["onset"], abs=5e-4)
         assert got["duration"] == pytest.approx(want["duration"])
-        for key in ("trial_type", "stim_file", "image_index", "trial", "session_trial", "repeat", "n_presentations"):
+        for key in ("trial_type", "stim_file", "image_index", "stimulus_index", "trial", "session_trial", "repeat",
+                    "n_presentations"):
             assert got[key] == want[key], key
         assert (written_session / got["stim_file"]).is_file()
     truth = written_session / "truth"

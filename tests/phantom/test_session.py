@@ -31,6 +31,16 @@ def test_other_seed_other_design_and_noise(tiny_config, tiny_session):
     np.testing.assert_array_equal(other.tuned_responses, tiny_session.tuned_responses)
 
 
+def test_stimulus_offset_selects_other_images(tiny_config, tiny_session):
+    from rt_mindeye.phantom.config import replace
+
+    other = simulate_session(replace(tiny_config, n_runs=1, calibration_runs=1, repeated_images=0,
+                                     stimulus_offset=200), subject=1, seed=0)
+    assert [s.index for s in other.stimuli] == list(range(200, 200 + len(other.stimuli)))
+    assert other.events(0)[0]["stimulus_index"] == 200 + other.events(0)[0]["image_index"]
+    assert not set(s.name for s in other.stimuli) & set(s.name for s in tiny_session.stimuli)
+
+
 def test_subjects_differ_in_anatomy_masks_and_maps(tiny_config, tiny_session):
     s1 = tiny_session.subject
     s2 = make_subject(tiny_config, 2)
