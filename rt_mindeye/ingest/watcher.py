@@ -397,28 +397,43 @@ class FolderWatcher:
     def _work(self) -> None:
         next_rescan = self.clock() + self.config.rescan_interval_s
         while not self._stop_requested.is_set():
-            now = self.clock()
-            gap_deadline = self._assembler.next_deadline()
-            wake = min(next_rescan, self._next_retry(), now + MAX_IDLE_S,
-                       gap_deadline if gap_deadline is not None else float("inf"))
             try:
-                name, kind = self._inbox.get(timeout=max(0.0, wake - now))
-                self._candidate(name, kind, self.clock(), from_rescan=False)
-                self._drain_inbox()
-            except queue.Empty:
-                pass
-            now = self.clock()
-            if now >= next_rescan:
-                self._emit(self._check_observer(now))
-                self._rescan(now)
-                next_rescan = now + self.config.rescan_interval_s
-            self._process_due(self.clock())
-            self._emit(self._assembler.poll(self.clock()))
+                next_rescan = self._work_once(next_rescan)
+            except Exception as exc:  # the worker must outlive any bug: report it, pause briefly, go on
+                log.exception("%s: watcher worker error", self.folder)
+                self.stats.errors += 1
+                self._emit([IngestError(self.folder, "internal", exc, self.clock())])
+                self._stop_requested.wait(MAX_IDLE_S)
         # Final pass: what arrived before stop() is still processed once, then the run is closed.
-        self._drain_inbox()
-        self._rescan(self.clock())
-        self._process_due(self.clock(), final=True)
+        try:
+            self._drain_inbox()
+            self._rescan(self.clock())
+            self._process_due(self.clock(), final=True)
+        except Exception as exc:  # still close the run below
+            log.exception("%s: watcher error in the final pass", self.folder)
+            self._emit([IngestError(self.folder, "internal", exc, self.clock())])
         self._emit(self._assembler.close(self.clock()))
+
+    def _work_once(self, next_rescan: float) -> float:
+        """One turn of the worker: wait for a file event or the next deadline, then act; returns the next rescan."""
+        now = self.clock()
+        gap_deadline = self._assembler.next_deadline()
+        wake = min(next_rescan, self._next_retry(), now + MAX_IDLE_S,
+                   gap_deadline if gap_deadline is not None else float("inf"))
+        try:
+            name, kind = self._inbox.get(timeout=max(0.0, wake - now))
+            self._candidate(name, kind, self.clock(), from_rescan=False)
+            self._drain_inbox()
+        except queue.Empty:
+            pass
+        now = self.clock()
+        if now >= next_rescan:
+            self._emit(self._check_observer(now))
+            self._rescan(now)
+            next_rescan = now + self.config.rescan_interval_s
+        self._process_due(self.clock())
+        self._emit(self._assembler.poll(self.clock()))
+        return next_rescan
 
     def _drain_inbox(self) -> None:
         while True:
@@ -524,13 +539,6 @@ class FolderWatcher:
     def _process(self, name: str, now: float, final: bool) -> None:
         state = self._files[name]
         path = self.folder / name
-        try:
-            stat = os.stat(path)
-        except OSError:
-            del self._files[name]  # vanished (renamed away, cleaned up): nothing arrived
-            self._pending.discard(name)
-            return
-        signature = (stat.st_size, stat.st_mtime_ns)
         state.attempts += 1
         try:
             # read_volume runs the completeness check of check_complete (header parsed to its end, every promised
@@ -538,19 +546,21 @@ class FolderWatcher:
             volume = read_volume(path)
         except IncompleteVolumeError as exc:
             if final or now - state.first_seen >= self.config.complete_timeout_s:
-                self._fail(name, state, signature, "incomplete", exc, now)
+                self._fail(name, state, "incomplete", exc, now)
             else:
                 self.stats.retries += 1
                 state.next_try = now + self.config.complete_retry_s
             return
         except DicomReadError as exc:
-            if not path.exists():
+            if not path.exists():  # vanished (renamed away, cleaned up): nothing arrived
                 del self._files[name]
                 self._pending.discard(name)
                 return
-            self._fail(name, state, signature, "unreadable", exc, now)
+            self._fail(name, state, "unreadable", exc, now)
             return
-        state.status, state.signature = "done", signature
+        # The signature is taken after the read: the file the read saw complete is the one remembered, so the last
+        # chunk of a write landing between a stat and the read does not make the same file look changed later.
+        state.status, state.signature = "done", self._signature(path)
         self._pending.discard(name)
         self.stats.accepted += 1
         events: list[WatcherEvent] = []
@@ -566,8 +576,15 @@ class FolderWatcher:
         events.extend(self._assembler.push(volume, now, recorded_path))
         self._emit(events)
 
-    def _fail(self, name: str, state: _FileState, signature, kind: str, error: RtMindEyeError, now: float) -> None:
-        state.status, state.signature = "failed", signature
+    def _signature(self, path: Path) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return stat.st_size, stat.st_mtime_ns
+
+    def _fail(self, name: str, state: _FileState, kind: str, error: RtMindEyeError, now: float) -> None:
+        state.status, state.signature = "failed", self._signature(self.folder / name)
         self._pending.discard(name)
         self.stats.errors += 1
         log.error("%s (after %d attempts)", error, state.attempts)
