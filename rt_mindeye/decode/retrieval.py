@@ -55,6 +55,8 @@ class Retriever:
         always returned as float32.
     """
 
+    NORMALISE_CHUNK = 256
+
     def __init__(self, candidate_embeddings, ids: Sequence[str] | None = None, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
         candidates = _as_tensor(candidate_embeddings, "candidate_embeddings")
@@ -70,8 +72,13 @@ class Retriever:
         self.token_shape = tuple(candidates.shape[1:])
         self.device = torch.device(device)
         self.dtype = dtype
-        # Normalise in float32 on the target device, then store in the requested precision.
-        self.candidates_ = flatten_normalise(candidates.to(self.device)).to(dtype).contiguous()
+        # Normalise in float32, in chunks straight into the stored matrix: 10,000 x 256 x 1664 candidates are 17 GB
+        # in float32, so a full-size temporary copy would double the peak memory.
+        flat = candidates.reshape(n, -1)
+        self.candidates_ = torch.empty(flat.shape, dtype=dtype, device=self.device)
+        for start in range(0, n, self.NORMALISE_CHUNK):
+            block = flat[start:start + self.NORMALISE_CHUNK].to(self.device)
+            self.candidates_[start:start + self.NORMALISE_CHUNK] = flatten_normalise(block).to(dtype)
 
     @property
     def n_candidates(self) -> int:

@@ -88,3 +88,13 @@ def test_bad_candidates_and_ids():
         Retriever(np.ones((4,), np.float32))
     with pytest.raises(RetrievalError, match="k"):
         Retriever(np.ones((4, 3), np.float32)).topk(np.ones((1, 3), np.float32), k=0)
+
+
+def test_chunked_normalisation_equals_one_shot(monkeypatch):
+    rng = np.random.default_rng(4)
+    candidates = rng.normal(size=(23, 3, 4)).astype(np.float32) * rng.uniform(0.1, 10, size=(23, 1, 1))
+    whole = Retriever(candidates).candidates_
+    monkeypatch.setattr(Retriever, "NORMALISE_CHUNK", 5)
+    chunked = Retriever(candidates).candidates_
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(chunked.norm(dim=1), torch.ones(23))
