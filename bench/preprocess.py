@@ -215,8 +215,10 @@ def print_table(rows, baseline, title):
         table.add_column(column)
     base = next((r["p50_ms"] for r in rows if r["method"] == baseline), None)
     for r in rows:
-        err_t = "-" if r["median_trans_err_mm"] is None else f"{r['median_trans_err_mm']:.3f} / {r['max_trans_err_mm']:.3f}"
-        err_r = "-" if r["median_rot_err_deg"] is None else f"{r['median_rot_err_deg']:.3f} / {r['max_rot_err_deg']:.3f}"
+        err_t, err_r = "-", "-"
+        if r["median_trans_err_mm"] is not None:
+            err_t = f"{r['median_trans_err_mm']:.3f} / {r['max_trans_err_mm']:.3f}"
+            err_r = f"{r['median_rot_err_deg']:.3f} / {r['max_rot_err_deg']:.3f}"
         ratio = f"{r['p50_ms'] / base:.2f}" if base else "-"
         cpu = "-" if r["cpu_per_wall"] is None else f"{r['cpu_per_wall']:.2f}"
         table.add_row(r["method"], str(r["n_volumes"]), f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", ratio, err_t,
@@ -262,7 +264,8 @@ def main(argv=None) -> int:
     rows.append(summarize("numba_gn", params, truth, wall, cpu, note=f"reslice p50 {np.median(reslice) * 1e3:.1f} ms"))
     params, wall, cpu, reslice, _ = run_tuned(volumes, 1, engine="numba", voxel_mask=voxel_mask)
     rows.append(summarize("numba_gn_mask_only", params, truth, wall, cpu,
-                          note=f"reslice of {int(voxel_mask.sum())} mask voxels only, p50 {np.median(reslice) * 1e3:.1f} ms"))
+                          note=f"reslice of {int(voxel_mask.sum())} mask voxels only, "
+                               f"p50 {np.median(reslice) * 1e3:.1f} ms"))
     scipy_times = scipy_reslice_times(volumes, estimates, reference)
     rows.append(summarize("scipy_reslice_only", [], [], scipy_times, note="linear, tuned estimate; reslice only"))
     params, wall, cpu = run_multires(volumes[:n_baseline], threads=2)

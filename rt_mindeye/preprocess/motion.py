@@ -345,7 +345,8 @@ class MotionCorrector:
             data=resliced, affine=self.reference_.affine.copy(), series=volume.series, volume=volume.volume,
             tr=volume.tr, acquisition_time=volume.acquisition_time, slice_times=volume.slice_times,
             sop_instance_uid=volume.sop_instance_uid, source=volume.source, header=volume.header)
-        return MotionResult(params=params, transform=estimate, fd_mm=fd, fd_level=fd_level, volume=out_volume, voxels=voxels,
+        return MotionResult(params=params, transform=estimate, fd_mm=fd, fd_level=fd_level, volume=out_volume,
+                            voxels=voxels,
                             elapsed_s=finished - started, registration_s=registered - started,
                             reslice_s=finished - registered, n_iterations=n_iterations, metric_value=metric_value)
 
