@@ -116,22 +116,43 @@ class _Groups:
         return numbers(item, keyword, count, self.path)
 
 
-def expected_slices(dicom: DicomFile) -> int | None:
-    """``sSliceArray.lSize`` of the Siemens protocol (ASCCONV text) in the file, if present."""
+_SDS_CREATOR = "SIEMENS MR SDS 01"
+
+
+def _protocol_elements(dicom: DicomFile) -> list:
+    """Candidate MrPhoenixProtocol elements: (0021,xx19) at the top level, in the shared functional group item, and
+    inside its (0021,xxFE) private sequence (where Siemens XA puts it)."""
     ds = dicom.dataset
-    candidates = [csa_module.private_element(ds, 0x0021, "SIEMENS MR SDS 01", 0x19)]
+    found = [csa_module.private_element(ds, 0x0021, _SDS_CREATOR, 0x19)]
     shared = _functional_group_items(dicom, _SHARED_TAG, "SharedFunctionalGroupsSequence")
     if shared:
-        candidates.append(csa_module.private_element(shared[0], 0x0021, "SIEMENS MR SDS 01", 0x19))
-    for element in candidates:
-        if element is None or element.value is None:
-            continue
+        found.append(csa_module.private_element(shared[0], 0x0021, _SDS_CREATOR, 0x19))
+        nested = csa_module.private_element(shared[0], 0x0021, _SDS_CREATOR, 0xFE)
+        items = nested.value if nested is not None else None
+        if items is not None and not isinstance(items, (bytes, bytearray, str)):
+            for item in list(items)[:1]:
+                found.append(csa_module.private_element(item, 0x0021, _SDS_CREATOR, 0x19))
+    return [element for element in found if element is not None and element.value is not None]
+
+
+def expected_slices(dicom: DicomFile) -> int | None:
+    """``sSliceArray.lSize`` of the Siemens protocol (ASCCONV text) in the file, if present."""
+    for element in _protocol_elements(dicom):
         value = element.value
         text = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
         match = _SLICE_COUNT.search(text)
         if match:
             return int(match.group(1))
     return None
+
+
+def _is_original_2d(dataset) -> bool:
+    """Short-volume detection applies to original 2-D acquisitions: for 3-D ones lSize counts slabs, and derived
+    images (MPR, ...) carry their source's protocol."""
+    image_type = [str(v).upper() for v in (dataset.get("ImageType") or [])]
+    if image_type and image_type[0] != "ORIGINAL":
+        return False
+    return str(dataset.get("MRAcquisitionType", "2D") or "2D").upper() != "3D"
 
 
 def read_multiframe_volumes(dicom: DicomFile) -> list[Volume]:
@@ -169,7 +190,7 @@ def read_multiframe_volumes(dicom: DicomFile) -> list[Volume]:
     if len(counts) != 1:
         raise DicomReadError(path, f"slice locations occur unequally often ({counts})", "PlanePositionSequence")
     n_volumes, n_slices = counts[0], len(locations)
-    protocol_slices = expected_slices(dicom)
+    protocol_slices = expected_slices(dicom) if _is_original_2d(ds) else None
     if protocol_slices is not None and n_slices < protocol_slices:
         raise ShortVolumeError(path, protocol_slices, n_slices)
 

@@ -251,6 +251,7 @@ def write_multiframe(
     del ds.AcquisitionTime
     ds.AcquisitionDateTime = "20260101" + _time_text(acquisition_time)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.MRAcquisitionType = "2D"
     ds.Rows, ds.Columns = rows, columns
     ds.NumberOfFrames = n_slices
     del ds.RepetitionTime
@@ -272,8 +273,12 @@ def write_multiframe(
         transform.RescaleType = "US"
         shared.PixelValueTransformationSequence = DicomSequence([transform])
     ascconv = f"### ASCCONV BEGIN ###\nsSliceArray.lSize\t = \t{protocol_slices or n_slices}\n### ASCCONV END ###"
+    # As Siemens XA: shared item -> (0021,10FE) private sequence -> item -> (0021,1019) MrPhoenixProtocol.
+    protocol_item = Dataset()
+    protocol_block = protocol_item.private_block(0x0021, "SIEMENS MR SDS 01", create=True)
+    protocol_block.add_new(0x19, "OB", ascconv.encode("latin-1") + b"\0" * (len(ascconv) % 2))
     shared_block = shared.private_block(0x0021, "SIEMENS MR SDS 01", create=True)
-    shared_block.add_new(0x19, "OB", ascconv.encode("latin-1") + b"\0" * (len(ascconv) % 2))
+    shared_block.add_new(0xFE, "SQ", DicomSequence([protocol_item]))
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     frames = []
     for k in range(n_slices):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -145,3 +147,23 @@ def test_mixed_series_stay_apart(tmp_path, volume_data):
     assert [(v.series, v.shape) for v in volumes] == [(3, (18, 14, 9)), (9, (18, 14, 9))]
     np.testing.assert_allclose(volumes[0].affine, volumes[1].affine, atol=1e-5)
     np.testing.assert_array_equal(volumes[0].data, volumes[1].data)
+
+
+def test_protocol_slice_count_is_found_where_siemens_xa_puts_it(tmp_path, volume_data):
+    from rt_mindeye.ingest.dicomfile import open_dicom
+    from rt_mindeye.ingest.multiframe import expected_slices
+
+    path = write_multiframe(tmp_path / "xa.dcm", volume_data, realistic_affine(volume_data.shape), protocol_slices=33)
+    assert expected_slices(open_dicom(path)) == 33
+    # The real XA30 file from heudiconv: protocol nested in the shared group's private sequence (a 3-D MPR: lSize 1).
+    real = Path(__file__).resolve().parents[1] / "data" / "dicom" / "heudiconv"
+    xa30 = next(real.glob("MRI_102TD_*.dcm"))
+    assert expected_slices(open_dicom(xa30)) == 1
+
+
+def test_derived_or_3d_volumes_are_not_called_short(tmp_path, volume_data):
+    path = write_multiframe(tmp_path / "mpr.dcm", volume_data[:, :, :3], realistic_affine(volume_data.shape), protocol_slices=9)
+    dataset = pydicom.dcmread(path)
+    dataset.ImageType = ["DERIVED", "PRIMARY", "MPR"]
+    dataset.save_as(path)
+    assert read_volume(path).shape == (18, 14, 3)
