@@ -48,7 +48,8 @@ class GLMConfig:
     pc_stop: float = setting(0.95, "choose the smallest PC count reaching this fraction of the best "
                                    "cross-validated improvement", min=0.0, max=1.0)
     noise_pool_r2: float | None = setting(
-        None, "on-off R^2 (0..1) below which a voxel joins the noise pool; null = Gaussian-mixture threshold",
+        None, "R^2 (0..1) of the HRF-fitted single-trial model (on-off model for type a) below which a voxel "
+              "joins the noise pool; null = mean of the lower component of a two-Gaussian mixture",
         min=0.0, max=1.0)
     brain_percentile: float = setting(99.0, "percentile of mean intensity used for the brain threshold",
                                       min=0.0, max=100.0)

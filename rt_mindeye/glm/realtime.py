@@ -88,6 +88,10 @@ class RealtimeGLM:
         planned = n_volumes * tr if n_volumes else 0.0
         last = float(np.max(events.onsets + self._support)) if len(events) else 0.0
         self._time_scale = max(planned, last, 60.0)
+        # Every trial's regressor at every planned volume, built once (volumes past the plan are built on arrival).
+        self._n_table = int(np.ceil(self._time_scale / tr)) + 1
+        self._table = self._hrfs.regressors((np.arange(self._n_table) + cal.slice_time_ref) * tr, events.onsets,
+                                            events.durations)
         n_vox = cal.n_voxels
         k = len(events)
         self._n_poly = cfg.max_drift_degree + 1
@@ -166,9 +170,10 @@ class RealtimeGLM:
         t = (index + self.calibration_.slice_time_ref) * self.tr_
         ev = self.events_
         active = np.flatnonzero((ev.onsets <= t) & (t <= ev.onsets + self._support))
-        rows = np.zeros((self._hrfs.n_hrfs, active.size))
-        for col, j in enumerate(active):
-            rows[:, col] = self._hrfs.regressors(np.array([t]), ev.onsets[j:j + 1], ev.durations[j:j + 1])[:, 0, 0]
+        if index < self._n_table:
+            rows = self._table[:, index, active]
+        else:
+            rows = self._hrfs.regressors(np.array([t]), ev.onsets[active], ev.durations[active])[:, 0, :]
         s_row = rows.sum(axis=1)
         # Sufficient statistics: only the active trials' rows, the trial sum and the nuisance rows touch V voxels.
         if active.size:
