@@ -16,7 +16,7 @@ LOW_GRID = 32  # pRF pooling grid for the low-level maps
 MID_STAGE = "stage5"  # 112 channels at 14x14 for 224 px input
 HIGH_KEY = "embedding"  # pooled 1280-d penultimate layer
 
-_CACHE: dict[bytes, "ImageFeatures"] = {}
+_IMAGE_CACHE: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # sha1(image) -> (low, mid, high)
 _CACHE_LOCK = threading.Lock()
 _NET = None
 
@@ -40,7 +40,7 @@ def _network():
     return _NET
 
 
-FEATURE_VERSION = 1  # bump when the feature definition changes (invalidates disk caches)
+FEATURE_VERSION = 2  # bump when the feature definition changes (invalidates disk caches)
 
 
 def cache_dir() -> Path | None:
@@ -81,20 +81,44 @@ def _save_disk(key: bytes, features: ImageFeatures) -> None:
 
 
 def compute_features(images: np.ndarray, batch_size: int = 32, progress=None) -> ImageFeatures:
-    """Features of uint8 images (N, H, W, 3), cached by image content in memory and on disk (:func:`cache_dir`)."""
+    """Features of uint8 images (N, H, W, 3).
+
+    Cached by content: per image in memory (any subset or reordering of already seen images costs nothing) and per
+    image set on disk (:func:`cache_dir`), so a session's features are computed once per machine.
+    """
     import hashlib
 
+    images = np.ascontiguousarray(images)
+    keys = [hashlib.sha1(image.tobytes()).digest() for image in images]
+    set_key = hashlib.sha1(b"".join(keys) + repr(images.shape).encode()).digest()
+    with _CACHE_LOCK:
+        missing = [k for k, key in enumerate(keys) if key not in _IMAGE_CACHE]
+    if missing:
+        cached = _load_disk(set_key)
+        if cached is not None and len(cached.high) == len(images):
+            _remember(keys, cached)
+            missing = []
+    if missing:
+        computed = _compute(images[missing], batch_size, progress)
+        _remember([keys[k] for k in missing], computed)
+    with _CACHE_LOCK:
+        parts = [_IMAGE_CACHE[key] for key in keys]
+    features = ImageFeatures(low=np.stack([p[0] for p in parts]), mid=np.stack([p[1] for p in parts]),
+                             high=np.stack([p[2] for p in parts]))
+    if missing:
+        _save_disk(set_key, features)
+    return features
+
+
+def _remember(keys: list[bytes], features: ImageFeatures) -> None:
+    with _CACHE_LOCK:
+        for k, key in enumerate(keys):
+            _IMAGE_CACHE[key] = (features.low[k], features.mid[k], features.high[k])
+
+
+def _compute(images: np.ndarray, batch_size: int, progress) -> ImageFeatures:
     import torch
 
-    key = hashlib.sha1(np.ascontiguousarray(images).tobytes()).digest()
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-    cached = _load_disk(key)
-    if cached is not None:
-        with _CACHE_LOCK:
-            _CACHE[key] = cached
-        return cached
     net = _network()
     mids, highs = [], []
     with torch.inference_mode():
@@ -105,9 +129,5 @@ def compute_features(images: np.ndarray, batch_size: int = 32, progress=None) ->
             highs.append(out[HIGH_KEY].numpy())
             if progress is not None:
                 progress(min(start + batch_size, len(images)), len(images))
-    features = ImageFeatures(low=image_feature_maps(images, LOW_GRID), mid=np.concatenate(mids).astype(np.float32),
-                             high=np.concatenate(highs).astype(np.float32))
-    with _CACHE_LOCK:
-        _CACHE[key] = features
-    _save_disk(key, features)
-    return features
+    return ImageFeatures(low=image_feature_maps(images, LOW_GRID), mid=np.concatenate(mids).astype(np.float32),
+                         high=np.concatenate(highs).astype(np.float32))
