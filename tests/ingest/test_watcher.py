@@ -174,6 +174,23 @@ def test_file_that_never_completes_is_reported_and_the_run_goes_on(tmp_path, exp
     assert rejected.stat().st_size == (siemens_export_dir / "trunc_001_000013_000005.dcm").stat().st_size
 
 
+def test_a_file_that_is_not_dicom_is_reported_at_once_and_the_run_goes_on(tmp_path, export, volumes):
+    cfg = config(tmp_path, complete_timeout_s=60.0)  # not waited for: it is unreadable, not incomplete
+    junk = b"a report saved under an export name, not a DICOM file\n" * 100
+    with FolderWatcher(export, cfg) as watcher:
+        copy_as(volumes[0], export)
+        (export / "001_000013_000002.tmp").write_bytes(junk)
+        os.replace(export / "001_000013_000002.tmp", export / volumes[1].name)
+        copy_as(volumes[2], export)
+        events = watcher.wait_for(lambda e: isinstance(e, IngestError), WAIT_S, "IngestError")
+        error = events[-1]
+        assert error.kind == "unreadable" and error.path.name == volumes[1].name
+        assert not isinstance(error.error, IncompleteVolumeError)
+        events += wait_ready(watcher, 13, 3)
+    assert slots(events) == [1, 2, 3] and [e.volume for e in events if isinstance(e, VolumeGap)] == [2]
+    assert (DicomRecorder(cfg.record_dir).rejected_dir / volumes[1].name).read_bytes() == junk
+
+
 def test_partial_and_renamed_writes_are_each_accepted_once(tmp_path, export, volumes):
     faults = FaultPlan(partial_writes=1.0, partial_chunks=5, partial_chunk_tr=0.5, rename_writes=0.5)
     emulator = ScannerEmulator(volumes, export, tr=FAST_TR, faults=faults, seed=3)
