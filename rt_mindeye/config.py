@@ -42,6 +42,17 @@ def setting(default: Any = _MISSING, doc: str = "", *, min: float | None = None,
 
 
 def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list):
+        inner = [a for a in args if a is not Ellipsis]
+        return f"list of {_type_name(inner[0])}" if inner else "list"
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
