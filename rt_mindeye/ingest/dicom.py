@@ -31,6 +31,7 @@ from rt_mindeye.ingest.dicomfile import (
     ShortVolumeError,
     TruncatedFileError,
     check_complete,
+    malformed_values_as,
     open_dicom,
 )
 from rt_mindeye.ingest.headers import ENHANCED_MR_SOP_CLASSES
@@ -68,12 +69,13 @@ def read_dicom(dicom: DicomFile) -> Volume:
     from rt_mindeye.ingest import mosaic, multiframe, slices
 
     dataset = dicom.dataset
-    if str(dataset.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
-        return multiframe.read_multiframe(dicom)
-    csa_header = csa_module.read_csa(dataset, "image", dicom.path)
-    if mosaic.is_mosaic(dataset, csa_header):
-        return mosaic.read_mosaic(dicom, csa_header)
-    return slices.read_slice(dicom)
+    with malformed_values_as(dicom.path):
+        if str(dataset.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
+            return multiframe.read_multiframe(dicom)
+        csa_header = csa_module.read_csa(dataset, "image", dicom.path)
+        if mosaic.is_mosaic(dataset, csa_header):
+            return mosaic.read_mosaic(dicom, csa_header)
+        return slices.read_slice(dicom)
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -90,8 +92,9 @@ def read_volumes(path: str | Path) -> list[Volume]:
     from rt_mindeye.ingest import multiframe
 
     dicom = open_dicom(path, with_pixels=True)
-    if volume_kind(dicom) == "multiframe":
-        return multiframe.read_multiframe_volumes(dicom)
+    with malformed_values_as(dicom.path):
+        if volume_kind(dicom) == "multiframe":
+            return multiframe.read_multiframe_volumes(dicom)
     return [read_dicom(dicom)]
 
 

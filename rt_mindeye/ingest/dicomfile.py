@@ -18,12 +18,13 @@ import os
 import struct
 import zlib
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset, read_partial
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -32,7 +33,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from rt_mindeye.errors import DicomError, DicomReadError, IncompleteVolumeError, UnsupportedDicomError
+from rt_mindeye.errors import DicomError, DicomReadError, IncompleteVolumeError, RtMindEyeError, UnsupportedDicomError
 from rt_mindeye.ingest.rawsequence import RawSequenceError, parse_delimited_sequence
 
 PIXEL_DATA_TAG = 0x7FE00010
@@ -166,7 +167,8 @@ def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
     with fp:
         file_bytes = os.fstat(fp.fileno()).st_size
         dataset, groups = _parse_header(fp, path, file_bytes)
-        dicom = _locate_pixels(fp, path, dataset, file_bytes)
+        with malformed_values_as(path):
+            dicom = _locate_pixels(fp, path, dataset, file_bytes)
         if groups:
             dicom = dataclasses.replace(dicom, raw_sequences=groups)
         if with_pixels and dicom.pixel_offset is not None and dicom.pixel_bytes is None:
@@ -176,6 +178,17 @@ def open_dicom(path: str | Path, with_pixels: bool = False) -> DicomFile:
                 raise IncompleteVolumeError(path, dicom.expected_pixel_bytes, len(data))
             dicom = dataclasses.replace(dicom, pixel_bytes=data)
         return dicom
+
+
+@contextmanager
+def malformed_values_as(path: Path):
+    """Turn pydicom's complaints about a value it cannot convert into a DicomReadError naming the file."""
+    try:
+        yield
+    except RtMindEyeError:
+        raise
+    except (BytesLengthException, struct.error, UnicodeDecodeError, ValueError, TypeError, OverflowError) as exc:
+        raise DicomReadError(path, f"malformed header value: {exc}") from None
 
 
 def _parse_header(fp, path: Path, file_bytes: int) -> tuple[pydicom.Dataset, dict]:
@@ -300,15 +313,18 @@ def _walk_delimited(fp, path: Path, file_bytes: int, start: int, explicit: bool,
 
 
 def _locate_pixels(fp, path: Path, dataset: pydicom.Dataset, file_bytes: int) -> DicomFile:
-    expected = expected_pixel_bytes(dataset)
     syntax = _transfer_syntax(dataset)
+    if len(dataset) and syntax != DeflatedExplicitVRLittleEndian:
+        # A cut inside an element value leaves a short value that pydicom only notices when converting it: check
+        # before any value is looked at. (A short PixelData is the ordinary incomplete case, handled below.)
+        last_tag = max(dataset.keys())
+        last_end = _element_end(raw_element(dataset, last_tag))
+        if last_tag != PIXEL_DATA_TAG and last_end is not None and last_end > file_bytes:
+            raise TruncatedFileError(path, "file ends inside a header element", file_bytes)
+    expected = expected_pixel_bytes(dataset)
     byte_order = _NATIVE_SYNTAXES.get(syntax)
     element = raw_element(dataset, PIXEL_DATA_TAG)
     if element is None:
-        last = raw_element(dataset, max(dataset.keys())) if len(dataset) else None
-        last_end = _element_end(last)
-        if last_end is not None and last_end > file_bytes and syntax != DeflatedExplicitVRLittleEndian:
-            raise TruncatedFileError(path, "file ends inside a header element", file_bytes, expected or 0)
         if _is_image_storage(dataset) or dataset.get("Rows") is not None:
             raise TruncatedFileError(path, "file ends before the pixel data element", file_bytes, expected or 0)
         sop = dataset.get("SOPClassUID") or getattr(dataset.file_meta, "MediaStorageSOPClassUID", None)

@@ -124,3 +124,21 @@ def test_corrupted_header_bytes_raise_only_project_errors(siemens_export_dir, tm
             read_volume(broken)
         except RtMindEyeError:
             pass
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "siemens_rt_export/001_000013_000001.dcm",  # VE mosaic: Referenced/Source Image Sequences near the start
+        "dicom/heudiconv/MRI_102TD_PHA_S.MR.Chen_Matthews_1.3.1.2022.11.16.15.50.20.357.31204541.dcm",  # XA30
+    ],
+)
+def test_cuts_through_sequences_and_values_are_always_named(data_dir, tmp_path, source):
+    # Densely through the region with nested sequences and short values (pydicom only notices a cut value when it
+    # converts it), sparsely after: every outcome must be one of our errors, and cuts can never read as complete.
+    raw = (data_dir / source).read_bytes()
+    partial = tmp_path / "partial.dcm"
+    for cut in list(range(300, 9000, 53)) + list(range(9000, len(raw), len(raw) // 25)):
+        partial.write_bytes(raw[:cut])
+        with pytest.raises((IncompleteVolumeError, DicomReadError)):
+            read_volume(partial)
