@@ -111,6 +111,9 @@ class ObserverRestarted:
 
 WatcherEvent = Union[SeriesEvent, IngestError, ObserverRestarted]
 
+# Event fields that hold a time; FolderWatcher moves them onto its ``clock``.
+_TIME_FIELDS = ("at", "received_at", "declared_at")
+
 
 def event_record(event: WatcherEvent) -> dict:
     """A JSON-ready summary of an event, without pixel data: for logs, the console and the session record.
@@ -205,7 +208,9 @@ class FolderWatcher:
         Called from the worker thread with each event. When ``None``, events are queued for :meth:`get`,
         :meth:`drain` and :meth:`events` instead.
     clock:
-        Monotonic clock in seconds (every time in the events comes from it).
+        The clock of the times in the events (``at``, ``received_at``, ``declared_at``): ``time.monotonic`` by
+        default, ``time.time`` to compare them with DICOM acquisition times. Deadlines (retries, gap timeouts,
+        rescans) always run on ``time.monotonic``, so a wall clock that jumps cannot stall or hurry them.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -244,14 +249,14 @@ class FolderWatcher:
                 raise ConfigError(None, "watcher.record_dir", "must not be the export folder itself")
             self._recorder = DicomRecorder(record_dir)
         if self.config.existing_files == "ignore":
-            now = self.clock()
+            now = time.monotonic()
             for name, signature in self._list_folder().items():
                 self._files[name] = _FileState("ignored", signature, now, now)
             log.info("%s: ignoring %d files already there", self.folder, len(self._files))
         self._start_observer()
         # The first scan runs here, in the caller's thread: files already there when start() returns are known, and
         # anything written after it is the observer's (or a later rescan's) to find.
-        self._rescan(self.clock())
+        self._rescan(time.monotonic())
         self._worker = threading.Thread(target=self._work, name=f"folder-watcher:{self.folder.name}", daemon=True)
         self._worker.start()
         return self
@@ -395,44 +400,44 @@ class FolderWatcher:
     # -- worker --------------------------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        next_rescan = self.clock() + self.config.rescan_interval_s
+        next_rescan = time.monotonic() + self.config.rescan_interval_s
         while not self._stop_requested.is_set():
             try:
                 next_rescan = self._work_once(next_rescan)
             except Exception as exc:  # the worker must outlive any bug: report it, pause briefly, go on
                 log.exception("%s: watcher worker error", self.folder)
                 self.stats.errors += 1
-                self._emit([IngestError(self.folder, "internal", exc, self.clock())])
+                self._emit([IngestError(self.folder, "internal", exc, time.monotonic())])
                 self._stop_requested.wait(MAX_IDLE_S)
         # Final pass: what arrived before stop() is still processed once, then the run is closed.
         try:
             self._drain_inbox()
-            self._rescan(self.clock())
-            self._process_due(self.clock(), final=True)
+            self._rescan(time.monotonic())
+            self._process_due(time.monotonic(), final=True)
         except Exception as exc:  # still close the run below
             log.exception("%s: watcher error in the final pass", self.folder)
-            self._emit([IngestError(self.folder, "internal", exc, self.clock())])
-        self._emit(self._assembler.close(self.clock()))
+            self._emit([IngestError(self.folder, "internal", exc, time.monotonic())])
+        self._emit(self._assembler.close(time.monotonic()))
 
     def _work_once(self, next_rescan: float) -> float:
         """One turn of the worker: wait for a file event or the next deadline, then act; returns the next rescan."""
-        now = self.clock()
+        now = time.monotonic()
         gap_deadline = self._assembler.next_deadline()
         wake = min(next_rescan, self._next_retry(), now + MAX_IDLE_S,
                    gap_deadline if gap_deadline is not None else float("inf"))
         try:
             name, kind = self._inbox.get(timeout=max(0.0, wake - now))
-            self._candidate(name, kind, self.clock(), from_rescan=False)
+            self._candidate(name, kind, time.monotonic(), from_rescan=False)
             self._drain_inbox()
         except queue.Empty:
             pass
-        now = self.clock()
+        now = time.monotonic()
         if now >= next_rescan:
             self._emit(self._check_observer(now))
             self._rescan(now)
             next_rescan = now + self.config.rescan_interval_s
-        self._process_due(self.clock())
-        self._emit(self._assembler.poll(self.clock()))
+        self._process_due(time.monotonic())
+        self._emit(self._assembler.poll(time.monotonic()))
         return next_rescan
 
     def _drain_inbox(self) -> None:
@@ -441,7 +446,7 @@ class FolderWatcher:
                 name, kind = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            self._candidate(name, kind, self.clock(), from_rescan=False)
+            self._candidate(name, kind, time.monotonic(), from_rescan=False)
 
     def _list_folder(self) -> dict[str, tuple[int, int]]:
         """Name -> (size, mtime_ns) of every export file in the folder ({} while the folder is unreachable)."""
@@ -514,16 +519,16 @@ class FolderWatcher:
             if not final and self._behind_an_earlier_series(name):
                 # The last volume of the previous run is still being written: a new series would end that run
                 # and turn it into a LateVolume. Wait (at most complete_timeout_s, when that file is given up).
-                self._files[name].next_try = self.clock() + self.config.complete_retry_s
+                self._files[name].next_try = time.monotonic() + self.config.complete_retry_s
                 continue
             try:
-                self._process(name, self.clock(), final)
+                self._process(name, time.monotonic(), final)
             except Exception as exc:  # a bug must not kill the watcher: report it with its traceback and go on
                 log.exception("%s: unexpected error while ingesting %s", self.folder, name)
                 self._files[name].status = "failed"
                 self._pending.discard(name)
                 self.stats.errors += 1
-                self._emit([IngestError(self.folder / name, "internal", exc, self.clock())])
+                self._emit([IngestError(self.folder / name, "internal", exc, time.monotonic())])
 
     def _behind_an_earlier_series(self, name: str) -> bool:
         """True when another pending (incomplete) file belongs to a lower series than ``name``, by file name."""
@@ -596,7 +601,19 @@ class FolderWatcher:
                 events.append(IngestError(self.folder / name, "record_failed", exc, now))
         self._emit(events)
 
+    def _stamp(self, events: list[WatcherEvent]) -> list[WatcherEvent]:
+        """Move the events' times from the internal monotonic clock to ``clock``."""
+        if self.clock is time.monotonic or not events:
+            return events
+        offset = self.clock() - time.monotonic()
+        out = []
+        for event in events:
+            changes = {name: getattr(event, name) + offset for name in _TIME_FIELDS if hasattr(event, name)}
+            out.append(dataclasses.replace(event, **changes) if changes else event)
+        return out
+
     def _emit(self, events: list[WatcherEvent]) -> None:
+        events = self._stamp(events)
         for event in events:
             log.debug("%s", event)
             if self._recorder is not None:

@@ -460,6 +460,28 @@ def test_folder_gone_and_recreated_loses_nothing(tmp_path, export, volumes):
     assert restarts and restarts[0].reason.startswith("folder replaced")
 
 
+def test_event_times_follow_the_given_clock_while_deadlines_stay_monotonic(tmp_path, export, volumes):
+    import threading
+
+    jumped = threading.Event()
+
+    def wall_clock():  # set back by an hour while a volume waits for a missing one
+        return time.time() - (3600.0 if jumped.is_set() else 0.0)
+
+    with FolderWatcher(export, config(tmp_path, tr_s=0.1), clock=wall_clock) as watcher:
+        copy_as(volumes[0], export)
+        first = wait_ready(watcher, 13, 1)[-1]
+        assert abs(first.received_at - time.time()) < 60.0  # on the given clock, not monotonic
+        copy_as(volumes[2], export)  # volume 2 lost
+        deadline = time.monotonic() + WAIT_S
+        while watcher.stats.accepted < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        jumped.set()
+        events = wait_ready(watcher, 13, 3)  # the gap timeout still fires after 2 TR, not an hour later
+    gap = next(e for e in events if isinstance(e, VolumeGap))
+    assert gap.volume == 2 and abs(gap.declared_at - wall_clock()) < 60.0
+
+
 def test_wait_for_timeout_is_named_and_keeps_the_events(tmp_path, export, volumes):
     with FolderWatcher(export, config(tmp_path)) as watcher:
         copy_as(volumes[0], export)
