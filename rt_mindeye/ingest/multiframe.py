@@ -16,6 +16,7 @@ number). A volume with fewer slices than the protocol's ``sSliceArray.lSize`` (S
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -208,6 +209,12 @@ def read_multiframe_volumes(dicom: DicomFile) -> list[Volume]:
 
     pixels = read_pixels(dicom)
     identity = volume_identity(ds, path)
+    if identity.tr is None:
+        timing = groups.item(0, "MRTimingAndRelatedParametersSequence")
+        repetition_ms = number(timing, "RepetitionTime", path) if timing is not None else None
+        if repetition_ms:
+            identity = dataclasses.replace(identity, tr=repetition_ms / 1000.0)
+    enhanced_fields = _enhanced_acquisition_fields(groups, ds)
     volumes = []
     for t in range(n_volumes):
         frames = [members[t] for members in locations]
@@ -238,7 +245,7 @@ def read_multiframe_volumes(dicom: DicomFile) -> list[Volume]:
                 slice_times=slice_times,
                 sop_instance_uid=identity.sop_instance_uid if n_volumes == 1 else f"{identity.sop_instance_uid}#{t + 1}",
                 source=path,
-                header=header_fields(ds, {"layout": "multiframe", "frames": n_frames}),
+                header=header_fields(ds, {"layout": "multiframe", "frames": n_frames, **enhanced_fields}),
             )
         )
     return volumes
@@ -252,6 +259,22 @@ def read_multiframe(dicom: DicomFile) -> Volume:
             dicom.path, f"file holds {len(volumes)} volumes; use read_volumes() for multi-volume files", "NumberOfFrames"
         )
     return volumes[0]
+
+
+def _enhanced_acquisition_fields(groups: _Groups, dataset) -> dict:
+    """EchoTime and FlipAngle, which Enhanced MR keeps in functional groups rather than at the top level."""
+    fields = {}
+    echo = groups.item(0, "MREchoSequence")
+    if dataset.get("EchoTime") in (None, "") and echo is not None:
+        value = number(echo, "EffectiveEchoTime", groups.path)
+        if value is not None:
+            fields["EchoTime"] = value
+    timing = groups.item(0, "MRTimingAndRelatedParametersSequence")
+    if dataset.get("FlipAngle") in (None, "") and timing is not None:
+        value = number(timing, "FlipAngle", groups.path)
+        if value is not None:
+            fields["FlipAngle"] = value
+    return fields
 
 
 def _frame_time(groups: _Groups, frame: int) -> float:

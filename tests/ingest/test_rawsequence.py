@@ -142,3 +142,10 @@ def test_undefined_length_items_and_un_sequences():
     assert private.vr == "SQ" and private.value[0].get("InstanceNumber") == 7
     with pytest.raises(RawSequenceError, match="end delimiter"):
         parse_sequence(item[:-8])
+
+
+def test_enhanced_acquisition_fields_come_from_functional_groups(philips):
+    volume = read_volume(philips)
+    assert volume.tr == pytest.approx(0.0075693, rel=1e-4)  # MRTimingAndRelatedParametersSequence, in s
+    assert volume.header["EchoTime"] == pytest.approx(3.513)  # MREchoSequence EffectiveEchoTime, in ms
+    assert volume.header["FlipAngle"] == pytest.approx(7.0)
