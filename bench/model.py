@@ -6,6 +6,7 @@ Run from the repository root::
     python bench/model.py --quick     # 2 small subjects, short budgets (a smoke run, minutes)
     python bench/model.py --measure-light   # also time one CPU training step of the real-size light model
     python bench/model.py --write-keys      # regenerate docs/mindeye2_keys.md from the model (meta device)
+    python bench/model.py --timing-only --real-size-load   # load a real-size (1.6 GB) light checkpoint: time, memory
 
 Steps
 
@@ -50,7 +51,10 @@ from rt_mindeye.model.mindeye import MindEyeModule, build_model  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 NSD_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense BF16 tensor core peak
-ASSUMED_MFU = (0.25, 0.45)  # achieved fraction of peak for a mid-size transformer/MLP step (range, not measured)
+ASSUMED_MFU = (0.25, 0.45)
+# Phantom image tokens: EfficientNet-Lite0 stage 5 (112 channels; the phantom's voxels are tuned to these maps among
+# others) pooled to 4x4 = 16 tokens. Narrow tokens keep the prior (which dominates a step) cheap on a CPU.
+PHANTOM_LAYER, PHANTOM_GRID, PRIOR_DIM_HEAD = "stage5", 4, 16  # achieved fraction of peak for a mid-size transformer/MLP step (range, not measured)
 
 
 # -- docs/mindeye2_keys.md ---------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def phantom_setup(args, console):
     n_images = max(pre_cfg.n_images, new_cfg.n_images)
     began = time.perf_counter()
     images = render_all(stimulus_set(n_images), pre_cfg.image_size)
-    targets = image_targets(images, PhantomEmbedder(layer="stage7", grid=4))
+    targets = image_targets(images, PhantomEmbedder(layer=PHANTOM_LAYER, grid=PHANTOM_GRID))
     console.print(f"image targets for {n_images} images: {time.perf_counter() - began:.1f} s")
 
     new_id = args.subjects + 1
@@ -202,7 +206,8 @@ def run_phantom(args, console) -> dict:
 
     setup = phantom_setup(args, console)
     seq, dim = setup["targets"].tokens.shape[1:]
-    fields = dict(token_seq=int(seq), token_dim=int(dim), prior_dim_head=32, prior_heads=int(dim) // 32,
+    fields = dict(token_seq=int(seq), token_dim=int(dim), prior_dim_head=PRIOR_DIM_HEAD,
+                  prior_heads=int(dim) // PRIOR_DIM_HEAD,
                   blurry_aux_dim=int(setup["targets"].aux.shape[-1]))
     pre_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in setup["pretrain"]],
                                       subject_names=tuple(d.name for d in setup["pretrain"]), **fields)
@@ -283,7 +288,7 @@ def time_steps(config: MindEyeConfig, batch: int, repeats: int) -> list[float]:
 def run_timing(args, console, tiny_config: MindEyeConfig | None) -> dict:
     out: dict = {}
     if tiny_config is not None:
-        times = time_steps(tiny_config.replace(subject_voxels=(tiny_config.subject_voxels[0],)), 24,
+        times = time_steps(tiny_config.replace(subject_voxels=(tiny_config.subject_voxels[0],), subject_names=()), 24,
                            3 if args.quick else 10)
         flops = sum(training_flops_per_step(tiny_config, 24).values())
         out["tiny_cpu_step"] = {"p50_s": statistics.median(times), "p99_s": max(times), "n": len(times),
@@ -307,6 +312,50 @@ def run_timing(args, console, tiny_config: MindEyeConfig | None) -> dict:
     return out
 
 
+def real_size_load(console) -> dict:
+    """Write a real-size light checkpoint (fp16, uninitialised values) and load it in a child process.
+
+    Reports the file size, the time to check and to load it, and the child's peak resident memory: with memory-mapped
+    reading and meta-device construction the peak stays near the file size instead of twice the fp32 model.
+    """
+    import subprocess
+    import tempfile
+
+    config = MindEyeConfig.preset("light", [NSD_VOXELS[s] for s in range(2, 9)])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "last.pth"
+        model = build_model(config, "meta")
+        state = {k: torch.empty(v.shape, dtype=torch.float16) for k, v in model.state_dict().items()}
+        from rt_mindeye.model.prior import cosine_schedule_tensors
+
+        for name, value in cosine_schedule_tensors(config.prior_timesteps).items():
+            state[f"diffusion_prior.noise_scheduler.{name}"] = value.half()
+        torch.save({"epoch": 0, "model_state_dict": state, "optimizer_state_dict": {}, "lr_scheduler": {},
+                    "train_losses": [], "test_losses": [], "lrs": []}, path)
+        del state
+        size = path.stat().st_size
+        child = (
+            "import resource, sys, time, torch\n"
+            "from rt_mindeye.convert.mindeye2 import check_checkpoint, load_mindeye2\n"
+            f"path = {str(path)!r}\n"
+            "t = time.perf_counter(); report = check_checkpoint(path); check_s = time.perf_counter() - t\n"
+            "t = time.perf_counter(); loaded = load_mindeye2(path, new_subject_voxels=15724)\n"
+            "load_s = time.perf_counter() - t\n"
+            "total = sum(p.numel() for p in loaded.model.parameters())\n"
+            "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            "print(check_s, load_s, total, rss, report.config.hidden_dim)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=REPO, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"real-size load failed: {out.stderr[-2000:]}")
+        check_s, load_s, total, rss, hidden = out.stdout.split()
+    result = {"file_bytes": size, "check_seconds": float(check_s), "load_seconds": float(load_s),
+              "parameters_loaded": int(total), "peak_rss_bytes": int(rss), "inferred_hidden": int(hidden)}
+    console.print(f"real-size light checkpoint: {size / 1e9:.2f} GB file, check {float(check_s):.1f} s, load "
+                  f"{float(load_s):.1f} s, peak RSS {int(rss) / 1e9:.2f} GB")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -316,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-keys", action="store_true", help="regenerate docs/mindeye2_keys.md and exit")
     parser.add_argument("--measure-light", action="store_true", help="time a CPU step of the real light model")
     parser.add_argument("--timing-only", action="store_true", help="skip the phantom experiment")
+    parser.add_argument("--real-size-load", action="store_true",
+                        help="write a real-size light checkpoint (1.6 GB, fp16) and measure check/load time and memory")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
+    parser.add_argument("--finetune-budget-min", type=float, default=None, help="override the fine-tune budget")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     if args.write_keys:
         console.print(f"wrote {write_key_list(REPO / 'docs' / 'mindeye2_keys.md')}")
@@ -328,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     args.pretrain_runs = 4 if quick else 8
     args.trials_per_run = 30 if quick else 40
     args.new_runs, args.calibration_runs = (4, 2) if quick else (6, 3)
-    args.pretrain_epochs = 8 if quick else 60
-    args.pretrain_budget_min = 1.5 if quick else 8.0
-    args.finetune_max_epochs = 30 if quick else 150
-    args.finetune_budget_min = 0.75 if quick else 3.0
+    # --quick trains fixed epochs (results independent of machine speed); the full run plans epochs from budgets.
+    args.pretrain_epochs = 12 if quick else 60
+    args.pretrain_budget_min = 0.0 if quick else 8.0
+    args.finetune_max_epochs = 20 if quick else 150
+    budget = args.finetune_budget_min
+    args.finetune_budget_min = budget if budget is not None else (0.0 if quick else 3.0)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     results: dict = {"quick": quick, "torch_threads": torch.get_num_threads()}
@@ -352,10 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"pretraining: {phantom['pretrain']['subjects']} subjects, {phantom['pretrain']['epochs']} "
                       f"epochs, {phantom['pretrain']['seconds']:.0f} s; grid: {phantom['grid_png']}")
     else:
-        tiny = MindEyeConfig.preset("tiny", [450], token_seq=16, token_dim=320, prior_dim_head=32, prior_heads=10,
+        tiny = MindEyeConfig.preset("tiny", [450], token_seq=PHANTOM_GRID ** 2, token_dim=112,
+                                    prior_dim_head=PRIOR_DIM_HEAD, prior_heads=112 // PRIOR_DIM_HEAD,
                                     blurry_aux_dim=112)
     timing = run_timing(args, console, tiny)
     results["timing"] = timing
+    if args.real_size_load:
+        results["real_size_load"] = real_size_load(console)
     t = Table(title="training step time")
     t.add_column("what")
     t.add_column("value", justify="right")

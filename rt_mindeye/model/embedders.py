@@ -8,8 +8,9 @@ Contract (:class:`ImageEmbedder`): ``tokens_shape`` -> (seq, dim); ``embed(image
   tokens are the transformer's outputs after ``ln_post`` without the CLS token and without the projection, as
   MindEyeV2's ``FrozenOpenCLIPImageEmbedder(output_tokens=True, only_tokens=True)`` returns them.
 - :class:`PhantomEmbedder`: the phantom's real pretrained EfficientNet-Lite0; a chosen feature map average-pooled to
-  a grid x grid token map (default stage 7, 4 x 4 = 16 tokens of 320 channels). Cheap on a CPU, and the phantom's
-  voxels are tuned to the same network's features, so the brain carries information about these tokens.
+  a grid x grid token map (default stage 5, 4 x 4 = 16 tokens of 112 channels). Cheap on a CPU (and narrow tokens
+  keep the prior, which dominates a training step, cheap), and the phantom's voxels are tuned to the same network's
+  features (stage-5 maps among them), so the brain carries information about these tokens.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ PHANTOM_LAYER_CHANNELS = {"stage5": 112, "stage6": 192, "stage7": 320, "head": 1
 class PhantomEmbedder(ImageEmbedder):
     """EfficientNet-Lite0 (real ImageNet weights) feature map pooled to grid x grid tokens."""
 
-    def __init__(self, layer: str = "stage7", grid: int = 4, device: str | torch.device = "cpu"):
+    def __init__(self, layer: str = "stage5", grid: int = 4, device: str | torch.device = "cpu"):
         if layer not in PHANTOM_LAYER_CHANNELS:
             raise ValueError(f"layer must be one of {sorted(PHANTOM_LAYER_CHANNELS)}, got {layer!r}")
         if grid < 1:
