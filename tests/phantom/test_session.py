@@ -208,3 +208,15 @@ def test_true_betas_and_estimates_are_decodable(tiny_session):
         est[rows] = (est[rows] - est[rows].mean(axis=0)) / est[rows].std(axis=0)
     corr = np.corrcoef(est)
     assert corr[same].mean() > corr[different].mean() + 0.08
+
+
+def test_resampling_matches_scipy_with_edge_extension(tiny_session):
+    from rt_mindeye.phantom.session import resample_voxels
+
+    volume = tiny_session.subject.anatomy
+    np.testing.assert_allclose(resample_voxels(volume, np.eye(4)), volume, atol=1e-4)
+    voxel_map = (np.linalg.inv(tiny_session.affine) @ np.linalg.inv(tiny_session.motion_matrix(1, 10))
+                 @ tiny_session.affine)
+    voxel_map[:3, 3] += [0.7, -1.2, 0.4]
+    expected = ndimage.affine_transform(volume, voxel_map[:3, :3], offset=voxel_map[:3, 3], order=1, mode="nearest")
+    np.testing.assert_allclose(resample_voxels(volume, voxel_map, 1), expected, atol=1e-2)
