@@ -139,7 +139,7 @@ def corrected_timeseries(files: Sequence[Path], corrector: MotionCorrector, mask
     series, motion = [], []
     for path in files:
         result = corrector.update(read_volume(path))
-        series.append(result.volume.data[mask])
+        series.append(result.voxels)
         motion.append(result.params)
     return np.asarray(series, dtype=np.float32), np.asarray(motion, dtype=np.float64)
 
@@ -184,7 +184,7 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     anatomical = (load_mask(config.anatomical_mask, reference) if config.anatomical_mask
                   else head_mask(reference.data))
     glm_mask = glm_voxel_mask(reference, anatomical, config.noise_pool_voxels)
-    corrector = MotionCorrector(motion or MotionConfig()).fit(reference)
+    corrector = MotionCorrector(motion or MotionConfig()).fit(reference, voxel_mask=glm_mask)
     series, motion_params = [], []
     for run in calib:
         say(f"motion correction: run {run.ordinal}")

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     faults.add_argument("--pause-at", type=int, default=None, metavar="N",
                         help="the share pauses from volume N (0-based) ...")
     faults.add_argument("--pause-trs", type=int, default=0, metavar="K", help="... for K TRs, then a burst")
+    parser.add_argument("--restamp-acquisition", action="store_true",
+                        help="set each file's acquisition time to when it is written (minus one TR), as a live "
+                             "scanner would, so latency from acquisition is meaningful in the replay")
     parser.add_argument("--plan-json", type=Path, default=None, help="save the planned schedule as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.set_defaults(func=run)
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if tr <= 0:
         raise ConfigError(SOURCE, "tr", f"must be positive, got {tr}")
     emulator = ScannerEmulator(args.src, args.dest, tr=tr, speed=args.speed, faults=_fault_plan(args),
-                               seed=args.seed, pattern=pattern, timing=args.timing)
+                               seed=args.seed, pattern=pattern, timing=args.timing,
+                               restamp_acquisition=args.restamp_acquisition)
     plan = emulator.plan()
     if args.plan_json is not None:
         plan.to_json(args.plan_json)

@@ -215,10 +215,14 @@ class ScannerEmulator:
         ``"tr"``: one file per TR in (series, volume) order. ``"recorded"``: ``src`` is a session recorded by the
         watcher (its ``sourcedata/dicom`` folder, or the session folder); files are sent in the order and at the
         times they arrived then, re-sends included, from ``manifest.jsonl``. Faults apply on top of either.
+    restamp_acquisition:
+        Rewrite each file's AcquisitionDate/AcquisitionTime to one (accelerated) TR before it is written, as a live
+        scanner would have stamped it, so that latency measured from acquisition is meaningful in a replay.
     """
 
     def __init__(self, src, dest: str | Path, tr: float, speed: float = 1.0, faults: FaultPlan | None = None,
-                 seed: int = 0, pattern: str = DEFAULT_PATTERN, timing: str = "tr"):
+                 seed: int = 0, pattern: str = DEFAULT_PATTERN, timing: str = "tr",
+                 restamp_acquisition: bool = False):
         self.src = src
         self.timing = timing
         self.dest = Path(dest)
@@ -227,6 +231,7 @@ class ScannerEmulator:
         self.faults = faults if faults is not None else FaultPlan()
         self.seed = seed
         self.pattern = pattern
+        self.restamp_acquisition = restamp_acquisition
         self._plan: EmulationPlan | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -442,9 +447,11 @@ class ScannerEmulator:
             data = source.read_bytes()
         except OSError as exc:
             raise ReplayError(source, f"cannot read the replay source: {exc.strerror}") from exc
-        if send.new_series is None:
-            return data
-        return rewrite_series(data, source, send.new_series, send.new_sop_uid, self.seed)
+        if send.new_series is not None:
+            data = rewrite_series(data, source, send.new_series, send.new_sop_uid, self.seed)
+        if self.restamp_acquisition:
+            data = restamp_acquisition(data, source, time.time() - self.tr / self.speed)
+        return data
 
     def _execute(self, op: _Operation, handles: dict, payloads: dict) -> bool:
         """Carry out one operation; True when it completed a file."""
@@ -524,6 +531,23 @@ def restart_uid(seed: int, what: str, series: int, volume: int = 0) -> str:
     from pydicom.uid import generate_uid
 
     return str(generate_uid(entropy_srcs=["rt-mindeye-replay", str(seed), what, str(series), str(volume)]))
+
+
+def restamp_acquisition(data: bytes, source: Path, acquired: float) -> bytes:
+    """A copy of the DICOM ``data`` acquired at ``acquired`` (POSIX seconds, this host's local time)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError) as exc:
+        raise DicomReadError(source, f"cannot restamp the acquisition time: {exc}") from exc
+    stamp = time.localtime(acquired)
+    dataset.AcquisitionDate = time.strftime("%Y%m%d", stamp)
+    dataset.AcquisitionTime = time.strftime("%H%M%S", stamp) + f"{acquired % 1.0:.6f}"[1:]
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def rewrite_series(data: bytes, source: Path, new_series: int, new_sop_uid: str | None, seed: int = 0) -> bytes:

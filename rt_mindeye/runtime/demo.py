@@ -205,6 +205,7 @@ def _spawn(service: str, config_path: Path, log_dir: Path) -> subprocess.Popen:
 
 def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_runs: list[int],
               options: DemoOptions, console) -> dict:
+    from rt_mindeye.replay.emulator import ScannerEmulator
     from rt_mindeye.runtime.config import load_session_config
     from rt_mindeye.runtime.services import run_console
 
@@ -217,11 +218,11 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
     logs = out / "session" / "logs"
     scanner = _spawn("scanner", config_path, logs)
     decoder = _spawn("decoder", config_path, logs)
-    RestampingEmulator = _restamping_emulator()
     live_series = {session.runs[r].series_number for r in live_runs}
     files = [p for p in sorted((phantom_dir / "dicom").iterdir())
              if config.watcher.parse_name(p.name) and config.watcher.parse_name(p.name)[0] in live_series]
-    emulator = RestampingEmulator(files, export, tr=session.tr, speed=options.speed, seed=options.seed)
+    emulator = ScannerEmulator(files, export, tr=session.tr, speed=options.speed, seed=options.seed,
+                               restamp_acquisition=True)
     stop_console = threading.Event()
     console_state = {}
 
@@ -253,36 +254,6 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
         viewer.join(timeout=10)
     return {"seconds": time.time() - t0, "scanner_rc": scanner.returncode, "decoder_rc": decoder.returncode,
             "volumes_sent": len(emulator.sent)}
-
-
-def restamp_acquisition(data: bytes, acquired: float) -> bytes:
-    """The DICOM ``data`` with AcquisitionDate/Time set to ``acquired`` (POSIX s, local time), as a live scanner
-    would have written it, so that latency from acquisition is meaningful in a replay."""
-    import io
-
-    import pydicom
-
-    dataset = pydicom.dcmread(io.BytesIO(data))
-    stamp = time.localtime(acquired)
-    fraction = acquired - int(acquired)
-    dataset.AcquisitionDate = time.strftime("%Y%m%d", stamp)
-    dataset.AcquisitionTime = time.strftime("%H%M%S", stamp) + f"{fraction:.6f}"[1:]
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _restamping_emulator():
-    from rt_mindeye.replay.emulator import ScannerEmulator
-
-    class RestampingEmulator(ScannerEmulator):
-        """The scanner emulator, with each volume's acquisition time set to one (accelerated) TR before it is
-        written, as on a live scanner."""
-
-        def _payload(self, send):
-            return restamp_acquisition(super()._payload(send), time.time() - self.tr / self.speed)
-
-    return RestampingEmulator
 
 
 def _live_view(options: DemoOptions) -> bool:

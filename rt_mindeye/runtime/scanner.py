@@ -122,7 +122,7 @@ class ScannerPipeline:
 
     def _ensure_fitted(self) -> None:
         if not self._fitted:
-            self.motion.fit(self.reference)
+            self.motion.fit(self.reference, voxel_mask=self.mask)
             self._fitted = True
 
     def _volume(self, volume: Volume, received_at: float) -> list[Message]:
@@ -133,7 +133,7 @@ class ScannerPipeline:
         t0 = time.perf_counter()
         result = self.motion.update(volume)
         t1 = time.perf_counter()
-        vector = result.volume.data[self.mask]
+        vector = result.voxels  # resampled at the mask's voxels only (see MotionConfig.full_reslice)
         index = volume.volume - run.first_volume
         estimates = self.glm.add_volume(index, vector, motion_params=result.params)
         t2 = time.perf_counter()

@@ -240,3 +240,29 @@ def test_cli_takes_the_tr_from_the_dicom(tmp_path, siemens_export_dir, capsys):
     assert code == 0
     assert "TR 1.5 s" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_restamped_files_carry_the_write_time_as_acquisition_time(tmp_path, siemens_export_dir):
+    """A replay with restamp_acquisition: each file's acquisition time is about one TR before it was written."""
+    import time as _time
+
+    from rt_mindeye.ingest.dicom import read_volume
+    from rt_mindeye.replay.emulator import ScannerEmulator
+    from rt_mindeye.timing import dicom_time_to_seconds
+
+    files = sorted(siemens_export_dir.glob("001_000013_00000[1-3].dcm"))
+    dest = tmp_path / "export"
+    before = _time.time()
+    ScannerEmulator(files, dest, tr=0.2, speed=1.0, restamp_acquisition=True).run()
+    for path in sorted(dest.iterdir()):
+        volume = read_volume(path)
+        written = path.stat().st_mtime
+        stamp = _time.localtime(written)
+        midnight = written - (stamp.tm_hour * 3600 + stamp.tm_min * 60 + stamp.tm_sec + written % 1.0)
+        acquired = midnight + volume.acquisition_time
+        assert before - 0.2 - 0.05 <= acquired <= written
+        assert written - acquired == pytest.approx(0.2, abs=0.15)
+        original = read_volume(siemens_export_dir / path.name)
+        assert original.acquisition_time != volume.acquisition_time
+        assert dicom_time_to_seconds("000001") == 1.0
+        np.testing.assert_array_equal(volume.data, original.data)
