@@ -33,6 +33,8 @@ class SessionSection:
                                      "calibration runs already in the bundle)", min=1)
     live_runs: int = setting(0, "the scanner host stops after this many live runs have ended (0: until stopped)",
                              min=0)
+    run_end_timeout_s: float = setting(15.0, "a run ends (final estimates, next run may start) when no volume has "
+                                             "arrived for this long; a new series number also ends it", min=0.1)
     idle_timeout_s: float = setting(0.0, "the scanner host stops after this long without a new volume once a run "
                                          "has ended (0: never)", min=0.0)
     min_free_gb: float = setting(2.0, "warn on the console when the session disk has less free space than this",

@@ -108,6 +108,14 @@ class ScannerPipeline:
                         event.reason)
         return []
 
+    @property
+    def run_active(self) -> bool:
+        return self._run is not None
+
+    def end_current_run(self) -> list[Message]:
+        """End the run in progress (the scanner stopped sending): its final estimates, or nothing."""
+        return self._end_run(self._run.series) if self._run is not None else []
+
     def _start_run(self, series: int) -> list[Message]:
         if self._run is not None:  # a new series without RunEnded: close the previous run first
             out = self._end_run(self._run.series)

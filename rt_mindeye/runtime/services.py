@@ -71,6 +71,18 @@ class EventsPlanner:
         return RunPlan(run=run, events=events, stim_files=stim)
 
 
+def _send_all(messages, sender, publisher, decoder_index: np.ndarray) -> int:
+    """Journal and send trial estimates (restricted to the decoder's voxels), publish everything; count trials."""
+    trials = 0
+    for msg in messages:
+        if isinstance(msg, TrialBetas):
+            msg = replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index]))
+            sender.send(msg)  # journaled before it is sent
+            trials += 1
+        publisher.publish(msg)
+    return trials
+
+
 def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> dict:
     """Watch the export folder, correct motion, estimate betas, journal and send them. Returns a summary."""
     from rt_mindeye.glm.estimator import GLMCalibration
@@ -122,7 +134,14 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
             event = watcher.get(timeout=POLL_S)
             now = time.time()
             if event is None:
-                if s.idle_timeout_s and runs_ended and now - last_activity > s.idle_timeout_s:
+                if pipeline.run_active and now - last_activity > s.run_end_timeout_s:
+                    log.info("no volume for %.1f s: the run has ended", s.run_end_timeout_s)
+                    _send_all(pipeline.end_current_run(), sender, publisher, decoder_index)
+                    runs_ended += 1
+                    if s.live_runs and runs_ended >= s.live_runs:
+                        log.info("%d live run(s) ended: stopping", runs_ended)
+                        break
+                elif s.idle_timeout_s and runs_ended and now - last_activity > s.idle_timeout_s:
                     log.info("no volume for %.1f s after the last run: stopping", s.idle_timeout_s)
                     break
                 continue
@@ -138,12 +157,7 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                                 layout.free_bytes() / 1e9, s.min_free_gb)
                     publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
                                                 detail=f"low disk: {layout.free_bytes() / 1e9:.1f} GB free"))
-            for msg in pipeline.handle(event):
-                if isinstance(msg, TrialBetas):
-                    msg = replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index]))
-                    sender.send(msg)  # journaled before it is sent
-                    trials_sent += 1
-                publisher.publish(msg)
+            trials_sent += _send_all(pipeline.handle(event), sender, publisher, decoder_index)
             for row in pipeline.timings:
                 timings.write(json.dumps({"service": "scanner", **row}) + "\n")
             pipeline.timings.clear()
@@ -153,9 +167,7 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                 if s.live_runs and runs_ended >= s.live_runs:
                     log.info("%d live run(s) ended: stopping", runs_ended)
                     break
-        for msg in pipeline.handle_close() if hasattr(pipeline, "handle_close") else []:
-            if isinstance(msg, TrialBetas):
-                sender.send(replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index])))
+        trials_sent += _send_all(pipeline.end_current_run(), sender, publisher, decoder_index)
         if not sender.wait_acked(sender.last_seq, ACK_DRAIN_S):
             log.warning("stopping with unacknowledged trials (acked %d of %d): they stay in the journal and are "
                         "re-sent when the scanner host restarts", sender.acked_seq, sender.last_seq)
