@@ -127,7 +127,7 @@ PRESETS: dict[str, PhantomConfig] = {
     # Prisma-like whole-brain 2 mm EPI and the 3T real-time MindEye design (11 runs of 63 trials, TR 1.5 s).
     "realistic": PhantomConfig(
         preset="realistic", matrix=(104, 104, 72), voxel_size_mm=(2.0, 2.0, 2.0), slab_center_mm=(0.0, -12.0, 4.0),
-        head_scale=1.0, n_runs=11, calibration_runs=3, trials_per_run=63, rest_start_s=6.0, rest_end_s=20.0,
+        head_scale=1.0, n_runs=11, calibration_runs=3, trials_per_run=63, rest_start_s=6.0, rest_end_s=30.0,
         repeated_images=50, repeats=3, visual_voxels=20_000, thermal_noise_psc=1.2, physio_components=5),
 }
 

@@ -79,15 +79,20 @@ class Subject:
 
     def tuned_responses(self, features: ImageFeatures) -> np.ndarray:
         """(N_images, V): each voxel's image-specific response, z-scored over the given images."""
-        prf_low = brain.prf_weights(self.prf_centres, self.prf_sizes, LOW_GRID)  # (V, 1024)
-        low_maps = features.low.reshape(len(features.low), 4, -1)  # (N, 4, 1024)
-        low = np.einsum("nmg,vg,vm->nv", low_maps, prf_low, self.low_weights, optimize=True)
+        n_images = len(features.low)
+        # Matrix products per feature map (BLAS), not one big einsum: minutes -> seconds at 20k voxels.
+        prf_low = brain.prf_weights(self.prf_centres, self.prf_sizes, LOW_GRID).T  # (1024, V)
+        low_maps = features.low.reshape(n_images, 4, -1)  # (N, 4, 1024)
+        low = np.zeros((n_images, self.n_voxels), np.float32)
+        for m in range(low_maps.shape[1]):
+            low += (low_maps[:, m] @ prf_low) * self.low_weights[:, m]
         mid_grid = features.mid.shape[-1]
-        prf_mid = brain.prf_weights(self.prf_centres, self.prf_sizes, mid_grid)  # (V, 196)
-        mid_maps = np.einsum("kc,ncg->nkg", self.mid_directions, features.mid.reshape(*features.mid.shape[:2], -1))
-        mid = np.zeros((len(features.mid), self.n_voxels), np.float32)
+        prf_mid = brain.prf_weights(self.prf_centres, self.prf_sizes, mid_grid).T  # (196, V)
+        channels = features.mid.reshape(n_images, features.mid.shape[1], -1)  # (N, 112, 196)
+        mid_maps = np.matmul(self.mid_directions[None], channels)  # (N, K, 196)
+        mid = np.zeros((n_images, self.n_voxels), np.float32)
         for k in range(MID_DIRECTIONS):
-            mid += (mid_maps[:, k] @ prf_mid.T) * self.mid_mix[:, k]
+            mid += (mid_maps[:, k] @ prf_mid) * self.mid_mix[:, k]
         high = features.high @ self.high_projection
         tiers = [_zscore(low), _zscore(mid), _zscore(high)]
         combined = sum(t * self.tier_weights[:, i] for i, t in enumerate(tiers))
