@@ -49,6 +49,8 @@ class TrainConfig:
     batch_size: int = setting(24, "trials per subject per step", min=2)
     max_lr: float = setting(3e-4, "peak learning rate of the OneCycle schedule", min=0.0)
     weight_decay: float = setting(1e-2, "AdamW weight decay (the ridge penalty); biases are not decayed", min=0.0)
+    shared_lr_scale: float = setting(1.0, "learning-rate factor of the shared parts (backbone, prior) relative to the "
+                                          "ridge heads; MindEye2 uses 1", min=0.0, max=1.0)
     warmup_epochs: float = setting(2.0, "OneCycle warm-up length in epochs (capped at half the run)", min=0.0)
     mixup_pct: float = setting(0.33, "fraction of epochs trained with BiMixCo before SoftCLIP", min=0.0, max=1.0)
     mixco_beta: float = setting(0.15, "Beta(a, a) parameter of the MixCo weights", min=1e-3)
@@ -137,17 +139,21 @@ def autocast_dtype(setting_value: str, device: torch.device) -> torch.dtype | No
     return torch.float16
 
 
-def parameter_groups(model: MindEyeModule, weight_decay: float) -> list[dict]:
-    """MindEye2's groups: ridge heads all decayed; elsewhere biases are not."""
-    decay, no_decay = [], []
+def parameter_groups(model: MindEyeModule, weight_decay: float, shared_lr_scale: float = 1.0) -> list[dict]:
+    """MindEye2's groups: ridge heads all decayed; elsewhere biases are not. ``lr_scale`` marks the shared parts."""
+    ridge, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.startswith("ridge.") or "bias" not in name:
+        if name.startswith("ridge."):
+            ridge.append(param)
+        elif "bias" not in name:
             decay.append(param)
         else:
             no_decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": ridge, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": shared_lr_scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": shared_lr_scale}]
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, warmup_fraction: float):
@@ -155,11 +161,14 @@ def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
 
     The warm-up fraction is kept within (2 steps, half the run) so that very short runs still have a valid schedule.
     """
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     if total_steps < 4:
+        for group, scale in zip(optimizer.param_groups, scales):
+            group["lr"] = max_lr * scale
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     pct = min(max(warmup_fraction, 2.0 / total_steps), 0.5)
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               final_div_factor=1000, pct_start=pct)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[max_lr * s for s in scales],
+                                               total_steps=total_steps, final_div_factor=1000, pct_start=pct)
 
 
 def plan_epochs(budget_s: float, step_s: float, steps_per_epoch: int, max_epochs: int) -> int:
@@ -202,7 +211,8 @@ class Trainer:
             self.log(f"measured {step_s * 1000:.0f} ms/step: {epochs} epochs of {steps_per_epoch} steps fit "
                      f"{cfg.time_budget_min:g} min")
 
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.max_lr)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay, cfg.shared_lr_scale),
+                                      lr=cfg.max_lr)
         total_steps = epochs * steps_per_epoch
         scheduler = one_cycle(optimizer, cfg.max_lr, total_steps, cfg.warmup_epochs / epochs)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
