@@ -126,11 +126,12 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
     cal = GLMSingle(model="d").fit([runs[r] for r in cal_runs], [events[r] for r in cal_runs], tr,
                                    motion=None)
     curve = {}
-    variants = [(nb, drift, pcs) for nb in (0, 2) for drift in (1,) for pcs in (True,)]
-    for nb, drift, pcs in variants:
+    variants = {"default (LSA +-6, ridge, drift<=1)": {},
+                "LSS, no ridge (as real-time MindEye)": {"neighbors": 0, "ridge": False},
+                "LSA +-6, ridge, constant drift": {"max_drift_degree": 0}}
+    for key, options in variants.items():
         if True:
-            cfgrt = RealtimeConfig(early_volumes=1, refine_every=1, refine_until=max_delay, zscore=False,
-                                   max_drift_degree=drift, noise_pcs=pcs, neighbors=nb)
+            cfgrt = RealtimeConfig(early_volumes=1, refine_every=1, refine_until=max_delay, zscore=False, **options)
             by_n = {n: {} for n in range(1, max_delay + 1)}
             final = {}
             for r in live_runs:
@@ -140,7 +141,6 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
                         by_n[e.n_volumes][offsets[r] + e.trial] = e.betas
                 for e in rt.end_run():
                     final[offsets[r] + e.trial] = e.betas
-            key = f"nb{nb}_drift{drift}_{'pcs' if pcs else 'nopcs'}"
             row = {}
             for n, got in by_n.items():
                 if len(got) == len(live_rows):

@@ -20,9 +20,11 @@ class RealtimeConfig:
                                 min=0, max=60)
     refine_until: int = setting(16, "post-onset volumes after which a trial is no longer refined before the end "
                                     "of the run", min=1, max=200)
-    neighbors: int = setting(0, "trials either side of the estimated one that get their own regressor (LSA "
+    neighbors: int = setting(6, "trials either side of the estimated one that get their own regressor (LSA "
                                 "locally); all other trials of the run share one regressor (LSS). 0 = pure LSS",
                              min=0, max=10)
+    ridge: bool = setting(True, "shrink the trials' own regressors with each voxel's calibrated ridge parameter in "
+                                "early/refined estimates (voxels grouped by HRF and by alpha in ~12% steps)")
     max_drift_degree: int = setting(
         1, "highest polynomial drift degree used for early/refined estimates (the final one uses the calibration's "
            "degree); low orders keep the newest trial from being absorbed by the drift", min=0, max=10)

@@ -48,6 +48,7 @@ class GLMCalibration:
     beta_mean: np.ndarray          # (V,) z-scoring statistics of the calibration betas
     beta_std: np.ndarray           # (V,)
     n_alpha_grid: int = 120
+    ridge_alpha: np.ndarray | None = None  # (V,) chosen ridge parameter (mean over runs; 0 = OLS)
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
@@ -62,8 +63,12 @@ class GLMCalibration:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez(directory / "calibration.npz", **{k: getattr(self, k) for k in self._ARRAYS})
-        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._ARRAYS}
+        arrays = {k: getattr(self, k) for k in self._ARRAYS}
+        if self.ridge_alpha is not None:
+            arrays["ridge_alpha"] = self.ridge_alpha
+        np.savez(directory / "calibration.npz", **arrays)
+        meta = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in self._ARRAYS and f.name != "ridge_alpha"}
         meta["fractions"] = list(meta["fractions"])
         (directory / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -74,6 +79,7 @@ class GLMCalibration:
             meta = json.loads((directory / "calibration.json").read_text())
             with np.load(directory / "calibration.npz", allow_pickle=False) as arrays:
                 data = {k: arrays[k] for k in cls._ARRAYS}
+                data["ridge_alpha"] = arrays["ridge_alpha"] if "ridge_alpha" in arrays.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise GLMInputError("calibration", f"cannot load ({exc})", str(directory)) from exc
         meta["fractions"] = tuple(meta["fractions"])
@@ -340,7 +346,8 @@ class GLMSingle:
             fractions=tuple(float(f) for f in self.fractions), hrf_index=self.hrf_index_,
             frac=self.frac_.astype(np.float64), mean=self.mean_, noise_pool_index=self.noise_pool_index_,
             noise_loadings=self.noise_loadings_, noise_scale=self.noise_scale_, beta_mean=self.beta_mean_,
-            beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid))
+            beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid),
+            ridge_alpha=self.ridge_alphas_.mean(axis=0))
 
     def zscored_betas(self) -> np.ndarray:
         self._check_fitted()

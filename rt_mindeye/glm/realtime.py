@@ -27,6 +27,7 @@ from rt_mindeye.glm.errors import GLMInputError, RealtimeStateError
 from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle, fit_run_frozen
 
 KINDS = ("early", "refined", "final")
+RIDGE_STEP = 1.25
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,15 @@ class RealtimeGLM:
         self._hrfs = cal.hrf_set()
         self._hrf_index = cal.hrf_index.astype(np.int64)
         self._used_hrfs = np.unique(self._hrf_index)
+        # Voxels share one solve per (HRF, ridge level); ridge parameters are quantised to ~12% steps (ridge
+        # solutions change little within a step) so a handful of small pseudo-inverses serve every voxel.
+        alpha = cal.ridge_alpha if (cfg.ridge and cal.ridge_alpha is not None) else np.zeros(cal.n_voxels)
+        level = np.where(alpha > 0, np.round(np.log(np.maximum(alpha, 1e-300)) / np.log(RIDGE_STEP)), -10 ** 6)
+        keys = np.stack([self._hrf_index, level.astype(np.int64)], axis=1)
+        groups, self._group_of_voxel = np.unique(keys, axis=0, return_inverse=True)
+        self._group_of_voxel = self._group_of_voxel.ravel()
+        self._group_hrf = groups[:, 0]
+        self._group_alpha = np.where(groups[:, 1] > -10 ** 6, RIDGE_STEP ** groups[:, 1].astype(np.float64), 0.0)
         self._support = np.array([self._hrfs.support(d) for d in events.durations])
         planned = n_volumes * tr if n_volumes else 0.0
         last = float(np.max(events.onsets + self._support)) if len(events) else 0.0
@@ -231,7 +241,7 @@ class RealtimeGLM:
         j = int(trial)
         cols = self._nuisance_columns()
         p = cols.size
-        hs = self._used_hrfs
+        hs = self._group_hrf  # one system per (HRF, ridge level) group
         # Own columns: the trial and up to ``neighbors`` started trials either side (LSA locally); every other trial
         # of the run shares one column (LSS), so the system size never depends on the run length.
         w_n = self.config_.neighbors
@@ -255,11 +265,11 @@ class RealtimeGLM:
         gram[:, m + 1:, :m] = xn.transpose(0, 2, 1)
         gram[:, m, m + 1:] = gram[:, m + 1:, m] = rest_n
         gram[:, m + 1:, m + 1:] = self._nn[np.ix_(cols, cols)]
-        # Row of the pseudo-inverse per HRF for this trial: the weights that turn right-hand sides into its beta.
+        # Ridge on the trials' own columns only (drift, noise and the other-trials column stay unpenalised).
+        gram[:, np.arange(m), np.arange(m)] += self._group_alpha[:, None]
+        # Row of the pseudo-inverse per group for this trial: the weights that turn right-hand sides into its beta.
         weights = np.linalg.pinv(gram, rcond=1e-10, hermitian=True)[:, at, :]
-        lookup = np.zeros(self._hrfs.n_hrfs, dtype=np.int64)
-        lookup[hs] = np.arange(hs.size)
-        w = weights[lookup[self._hrf_index]]  # (V, size)
+        w = weights[self._group_of_voxel]  # (V, size)
         xy = self._xy[own]                    # (m, V)
         beta = (np.einsum("vm,mv->v", w[:, :m], xy) + w[:, m] * (self._sy - xy.sum(axis=0))
                 + np.einsum("vp,pv->v", w[:, m + 1:], self._ny[cols]))

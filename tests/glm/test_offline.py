@@ -84,7 +84,7 @@ def test_calibration_round_trip(fits, tmp_path):
     cal.save(tmp_path)
     back = GLMCalibration.load(tmp_path)
     assert back.model == "d" and back.n_pcs == cal.n_pcs and back.fractions == cal.fractions
-    for name in GLMCalibration._ARRAYS:
+    for name in GLMCalibration._ARRAYS + ("ridge_alpha",):
         assert np.array_equal(getattr(back, name), getattr(cal, name)), name
     with pytest.raises(GLMInputError, match="calibration"):
         GLMCalibration.load(tmp_path / "missing")

@@ -75,7 +75,8 @@ def test_estimates_equal_batch_lss_and_gaps_are_dropped_not_zero_filled(calibrat
     cal = calibrated.calibration_
     data, events = s.runs[3], s.events[3]
     gap = 30
-    cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, max_drift_degree=1)
+    cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, max_drift_degree=1, neighbors=0,
+                         ridge=False)
     rt = RealtimeGLM(cal, cfg).start_run(events, s.tr, n_volumes=data.shape[0])
     live = {e.trial: e for e in run_stream(rt, data, gap=gap)}
     affected = [e for e in live.values() if e.last_volume > gap and e.last_volume - gap < 8]
@@ -103,11 +104,16 @@ def test_cost_per_trial_does_not_grow_with_run_length(calibrated, session_factor
         emitted = run_stream(rt, sess.runs[0])
         assert len(sess.events[0]) > (40 if name == "long" else 5)
         assert len(emitted) > len(sess.events[0])
-        sizes[name] = set(rt.work_["solve_size"])
+        sizes[name] = rt.work_["solve_size"]
         rows[name] = max(rt.work_["rows_updated"])
-        # Every estimate solves a system of the same size, early in the run or late.
-        assert len(sizes[name]) <= 2  # constant drift degree, or one step of the elapsed-time rule
+        # Every estimate solves a system of bounded size: the trial and its neighbours, the other-trials column,
+        # drift, motion and noise regressors, early in the run or late.
+        n_nuisance = rt.config_.max_drift_degree + 1 + rt._n_pcs
+        assert max(sizes[name]) <= 2 * rt.config_.neighbors + 2 + n_nuisance
     assert max(sizes["long"]) == max(sizes["short"])
+    # Late in the long run the systems are no larger than early on.
+    half = len(sizes["long"]) // 2
+    assert max(sizes["long"][half:]) <= max(sizes["long"][:half])
     # Each volume touches only the trials whose response is under way, plus the sum and the nuisance rows.
     assert rows["long"] <= rows["short"] + 1
 
@@ -168,3 +174,43 @@ def test_state_and_input_errors(calibrated, synthetic_session):
     rt.end_run()
     with pytest.raises(RealtimeStateError):
         rt.end_run()
+
+
+def _local_ridge_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, neighbors, alpha):
+    """Batch ridge fit for one trial: own columns for the trial and its started neighbours (penalised by alpha),
+    one column for every other trial, drift (unpenalised)."""
+    hrfs = calibration.hrf_set()
+    regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
+    psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
+    u = (frames + calibration.slice_time_ref) * tr / time_scale
+    nuis = u[:, None] ** np.arange(degree + 1)
+    t_last = (frames[-1] + calibration.slice_time_ref) * tr
+    own = [k for k in range(max(0, trial - neighbors), min(len(events), trial + neighbors + 1))
+           if events.onsets[k] <= t_last]
+    betas = np.zeros(psc.shape[1])
+    for v in range(psc.shape[1]):
+        x = regs[calibration.hrf_index[v]]
+        design = np.column_stack([x[:, own], x.sum(axis=1) - x[:, own].sum(axis=1), nuis])
+        penalty = np.zeros(design.shape[1])
+        penalty[:len(own)] = alpha[v]
+        coef = np.linalg.solve(design.T @ design + np.diag(penalty) + 1e-12 * np.eye(design.shape[1]),
+                               design.T @ psc[:, v])
+        betas[v] = coef[own.index(trial)]
+    return betas
+
+
+def test_local_ridge_estimate_equals_batch_ridge_fit(calibrated, synthetic_session):
+    s = synthetic_session
+    cal = calibrated.calibration_
+    cfg = RealtimeConfig(early_volumes=6, refine_every=0, zscore=False, neighbors=2, noise_pcs=False)
+    rt = RealtimeGLM(cal, cfg).start_run(s.events[3], s.tr)
+    emitted = run_stream(rt, s.runs[3])
+    # The estimator quantises each voxel's alpha to its ridge level; the reference uses the same levels.
+    alpha = rt._group_alpha[rt._group_of_voxel]
+    assert np.any(alpha > 0)
+    for e in emitted[3:6]:
+        frames = np.arange(e.last_volume + 1)
+        degree = min(1, int(round((e.last_volume + 1) * s.tr / 120.0)))
+        ref = _local_ridge_reference(cal, s.runs[3][frames], frames, s.events[3], s.tr, e.trial, rt._time_scale,
+                                     degree, 2, alpha)
+        assert np.allclose(e.betas, ref, atol=1e-3 * max(1.0, np.abs(ref).max())), e.trial
