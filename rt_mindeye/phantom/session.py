@@ -305,6 +305,9 @@ class PhantomSession:
             innovations = rng.normal(size=(n_vol, n_vox)).astype(np.float32)
             thermal = rng.normal(size=(n_vol, n_vox)).astype(np.float32) * self._thermal_sd()
             ar = _ar1(innovations, cfg.ar_rho) * (cfg.ar_noise_psc * self.subject.noise_scale)
+            # Keep the noise of the two most recent runs only: a realistic session would hold ~0.3 GB otherwise.
+            for old in [k for k in self._cache if isinstance(k, tuple) and k[0] == "visual_noise"][:-1]:
+                del self._cache[old]
             self._cache[key] = (ar.astype(np.float32), thermal)
         return self._cache[key]
 
