@@ -208,7 +208,12 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     anat_in_glm = anatomical[glm_mask]
     conditions = [str(i) for i in image_ids]
     scores = reliability(z, conditions)
-    if config.reliability_threshold is not None:
+    if not np.isfinite(scores[anat_in_glm]).any():
+        # No image was repeated within the calibration runs: reliability is undefined, keep the anatomical mask.
+        say("no repeated image in the calibration runs: repeat reliability is undefined, keeping every anatomical "
+            "voxel (repeat some images across calibration runs to select voxels)")
+        keep = anat_in_glm.copy()
+    elif config.reliability_threshold is not None:
         keep = reliability_mask(z, conditions, threshold=config.reliability_threshold, anatomical_mask=anat_in_glm)
     else:
         top_n = max(1, int(round(config.reliability_top_fraction * anat_in_glm.sum())))
