@@ -21,6 +21,7 @@ import numpy as np
 from rt_mindeye.glm.realtime import RealtimeGLM, TrialEstimate
 from rt_mindeye.ingest.series import LateVolume, RunEnded, RunStarted, VolumeGap, VolumeReady
 from rt_mindeye.preprocess.motion import MotionCorrector
+from rt_mindeye.errors import RtMindEyeError
 from rt_mindeye.timing import acquisition_epoch
 from rt_mindeye.transport.messages import Message, TrialBetas, VolumeStatus
 from rt_mindeye.volume import Volume
@@ -53,6 +54,8 @@ class _RunState:
     first_volume: int
     motion_rows: list[tuple] = field(default_factory=list)
     trials_sent: int = 0
+    error: str | None = None
+    """Why the run is recorded and motion-corrected but not analysed (e.g. its events file is unusable)."""
 
 
 class ScannerPipeline:
@@ -92,6 +95,7 @@ class ScannerPipeline:
         self._runs_started = 0
         self._fitted = False
         self.timings: list[dict] = []
+        self.run_errors: list[tuple[int, str]] = []
 
     # --- events --------------------------------------------------------------------------------------------------
     def handle(self, event) -> list[Message]:
@@ -122,9 +126,18 @@ class ScannerPipeline:
         else:
             out = []
         self._runs_started += 1
-        plan = self.planner(series, self._runs_started)
+        try:
+            plan = self.planner(series, self._runs_started)
+            self.glm.start_run(plan.events, run=plan.run, n_volumes=plan.n_volumes)
+        except RtMindEyeError as exc:
+            # The volumes are still recorded and motion-corrected; only the betas of this run are lost.
+            run = getattr(self.planner, "first_live_run", 1) + self._runs_started - 1
+            self._run = _RunState(plan=RunPlan(run=run, events=None), series=series, first_volume=self.first_volume,
+                                  error=str(exc))
+            self.run_errors.append((run, str(exc)))
+            log.error("run %d (series %d) cannot be analysed, volumes are still recorded: %s", run, series, exc)
+            return out
         self._run = _RunState(plan=plan, series=series, first_volume=self.first_volume)
-        self.glm.start_run(plan.events, run=plan.run, n_volumes=plan.n_volumes)
         log.info("run %d started (series %d)", plan.run, series)
         return out
 
@@ -143,7 +156,7 @@ class ScannerPipeline:
         t1 = time.perf_counter()
         vector = result.voxels  # resampled at the mask's voxels only (see MotionConfig.full_reslice)
         index = volume.volume - run.first_volume
-        estimates = self.glm.add_volume(index, vector, motion_params=result.params)
+        estimates = [] if run.error else self.glm.add_volume(index, vector, motion_params=result.params)
         t2 = time.perf_counter()
         acquired = self._acquired_epoch(volume)
         stage_ms = {"motion": (t1 - t0) * 1e3, "glm": (t2 - t1) * 1e3}
@@ -163,7 +176,7 @@ class ScannerPipeline:
         if run is None or run.series != series:
             return []
         run.motion_rows.append((number, *([math.nan] * 7), 1))
-        estimates = self.glm.add_gap(number - run.first_volume)
+        estimates = [] if run.error else self.glm.add_gap(number - run.first_volume)
         now = self.wall_clock()
         status = VolumeStatus(session=self.session, run=run.plan.run, volume=number, acquisition_time=now,
                               received_at=now, gap=True, missing=(number,))
@@ -174,7 +187,7 @@ class ScannerPipeline:
         if run is None or run.series != series:
             return []
         self._run = None
-        estimates = self.glm.end_run(n_volumes=run.plan.n_volumes)
+        estimates = [] if run.error else self.glm.end_run(n_volumes=run.plan.n_volumes)
         self._write_motion(run)
         now = self.wall_clock()
         log.info("run %d ended: %d final estimates", run.plan.run, len(estimates))

@@ -157,7 +157,11 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                                 layout.free_bytes() / 1e9, s.min_free_gb)
                     publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
                                                 detail=f"low disk: {layout.free_bytes() / 1e9:.1f} GB free"))
+            errors_before = len(pipeline.run_errors)
             trials_sent += _send_all(pipeline.handle(event), sender, publisher, decoder_index)
+            for run, problem in pipeline.run_errors[errors_before:]:
+                publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
+                                            detail=f"run {run} not analysed: {problem}"))
             for row in pipeline.timings:
                 timings.write(json.dumps({"service": "scanner", **row}) + "\n")
             pipeline.timings.clear()
@@ -180,7 +184,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
         publisher.close()
         timings.close()
     return {"volumes": volumes, "runs_ended": runs_ended, "trials_sent": trials_sent,
-            "acked": sender.acked_seq, "last_seq": sender.last_seq}
+            "acked": sender.acked_seq, "last_seq": sender.last_seq, "run_errors": len(pipeline.run_errors),
+            "low_disk_warning": low_disk_warned}
 
 
 # --- decoder --------------------------------------------------------------------------------------------------------
