@@ -381,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quick = args.quick
     args.subjects = 2 if quick else 4
-    args.pretrain_runs = 4 if quick else 8
+    # Pretraining subjects see more images than the new subject (as NSD subjects did), minus its held-out ones.
+    args.pretrain_runs = 8
     args.trials_per_run = 30 if quick else 40
     args.new_runs, args.calibration_runs = (4, 2) if quick else (6, 3)
     # --quick trains fixed epochs (results independent of machine speed); the full run plans epochs from budgets.
-    args.pretrain_epochs = 12 if quick else 60
+    args.pretrain_epochs = 20 if quick else 60
     args.pretrain_budget_min = 0.0 if quick else 8.0
     args.finetune_max_epochs = 20 if quick else 150
     budget = args.finetune_budget_min
