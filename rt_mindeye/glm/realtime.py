@@ -267,8 +267,14 @@ class RealtimeGLM:
         gram[:, m + 1:, m + 1:] = self._nn[np.ix_(cols, cols)]
         # Ridge on the trials' own columns only (drift, noise and the other-trials column stay unpenalised).
         gram[:, np.arange(m), np.arange(m)] += self._group_alpha[:, None]
-        # Row of the pseudo-inverse per group for this trial: the weights that turn right-hand sides into its beta.
-        weights = np.linalg.pinv(gram, rcond=1e-10, hermitian=True)[:, at, :]
+        # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
+        # the weights that turn the right-hand sides into this trial's beta. A relative 1e-9 ridge on every column
+        # keeps columns that are still empty (e.g. no other trial yet) from making the system singular.
+        scale = np.maximum(np.abs(np.diagonal(gram, axis1=1, axis2=2)).max(axis=1), 1e-300)
+        gram[:, np.arange(size), np.arange(size)] += 1e-9 * scale[:, None]
+        unit = np.zeros((hs.size, size, 1))
+        unit[:, at, 0] = 1.0
+        weights = np.linalg.solve(gram, unit)[:, :, 0]
         w = weights[self._group_of_voxel]  # (V, size)
         xy = self._xy[own]                    # (m, V)
         beta = (np.einsum("vm,mv->v", w[:, :m], xy) + w[:, m] * (self._sy - xy.sum(axis=0))
