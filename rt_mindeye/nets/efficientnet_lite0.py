@@ -106,7 +106,7 @@ def conv_bn(conv: SamePadConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.T
 
 
 class MBConvBlock(nn.Module):
-    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project (no SE in Lite), identity skip when shapes match."""
+    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project (no SE in Lite); identity skip if shapes match."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand: int):
         super().__init__()

@@ -13,7 +13,8 @@ See docs/phantom.md.
 
 from rt_mindeye.phantom.config import PRESETS, PhantomConfig, phantom_config
 from rt_mindeye.phantom.export import read_events, write_session
-from rt_mindeye.phantom.session import PhantomSession, RunInfo, Trial, hrf_library, response_regressors, simulate_session
+from rt_mindeye.phantom.session import (PhantomSession, RunInfo, Trial, hrf_library, response_regressors,
+                                        simulate_session)
 from rt_mindeye.phantom.subject import Subject, make_subject
 
 __all__ = ["PRESETS", "PhantomConfig", "phantom_config", "simulate_session", "PhantomSession", "RunInfo", "Trial",

@@ -134,8 +134,8 @@ def _ellipsoid_radius(points: np.ndarray, centre: np.ndarray, axes: np.ndarray) 
 
 # --- anatomy ----------------------------------------------------------------------------------------------------
 
-def render_anatomy(points_head: np.ndarray, rng: np.random.Generator, ventricle_scale: float = 1.0,
-                   voxel_size_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def render_anatomy(points_head: np.ndarray, rng: np.random.Generator,
+                   ventricle_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Tissue labels and EPI intensity at head-frame points (mm), shape ``points.shape[:-1]``.
 
     ``rng`` draws the subject's cortical folding and tissue texture. Intensities are blurred by about half a voxel

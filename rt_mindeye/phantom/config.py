@@ -8,7 +8,6 @@ through :func:`rt_mindeye.config.from_mapping` and :func:`phantom_config` can ov
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 

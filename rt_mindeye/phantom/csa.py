@@ -77,7 +77,8 @@ def encode(tags: Iterable[CsaTag]) -> bytes:
 
 
 def image_header_tags(*, n_slices: int, slice_normal: Sequence[float], slice_times_ms: Sequence[float],
-                      matrix_rows: int, matrix_cols: int, first_slice_position: Sequence[float], time_after_start_s: float,
+                      matrix_rows: int, matrix_cols: int, first_slice_position: Sequence[float],
+                      time_after_start_s: float,
                       phase_bandwidth_hz: float = 30.0) -> list[CsaTag]:
     """The CSA Image header of an EPI mosaic (the tags readers use, plus common ones left empty as the scanner does)."""
     return [

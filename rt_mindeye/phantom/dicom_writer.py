@@ -416,5 +416,6 @@ def read_back_mosaic(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data.transpose(1, 0, 2)), affine[:, [1, 0, 2, 3]]
 
 
-__all__ = ["SeriesGeometry", "SeriesWriter", "write_volume", "mosaic_dataset", "xa_dataset", "to_mosaic", "quantise", "dicom_time",
+__all__ = ["SeriesGeometry", "SeriesWriter", "write_volume", "mosaic_dataset", "xa_dataset", "to_mosaic", "quantise",
+           "dicom_time",
            "series_uids", "volume_uid", "FILE_PATTERN", "read_back_mosaic"]

@@ -33,7 +33,7 @@ from rt_mindeye.phantom import brain
 from rt_mindeye.phantom.config import PhantomConfig, phantom_config
 from rt_mindeye.phantom.features import ImageFeatures, compute_features
 from rt_mindeye.phantom.stimuli import Stimulus, render_all, stimulus
-from rt_mindeye.phantom.subject import N_HRFS, Subject, make_subject
+from rt_mindeye.phantom.subject import Subject, make_subject
 
 HRF_LIBRARY_PATH = Path(__file__).resolve().parent.parent / "data" / "hrf_library_glmsingle.tsv"
 HRF_DT = 0.1  # sampling of the library (s)
@@ -113,10 +113,6 @@ class RunInfo:
     @property
     def onsets(self) -> np.ndarray:
         return np.array([t.onset for t in self.trials])
-
-    @property
-    def frame_times(self) -> np.ndarray:
-        raise AttributeError("use PhantomSession.frame_times(run)")
 
 
 @dataclass(eq=False)
@@ -493,7 +489,8 @@ def _motion_trace(cfg: PhantomConfig, n_vol: int, rng: np.random.Generator, star
     if not np.any(limits):
         return np.zeros((n_vol, 6))
     t = np.linspace(0, 1, n_vol)[:, None]
-    slow = rng.normal(0, 0.25, size=(1, 6)) * t + rng.normal(0, 0.1, size=(1, 6)) * np.sin(np.pi * t * rng.uniform(1, 3))
+    slow = (rng.normal(0, 0.25, size=(1, 6)) * t
+            + rng.normal(0, 0.1, size=(1, 6)) * np.sin(np.pi * t * rng.uniform(1, 3)))
     walk = ndimage.gaussian_filter1d(np.cumsum(rng.normal(0, 0.03, size=(n_vol, 6)), axis=0), 2.0, axis=0)
     jerks = np.zeros((n_vol, 6))
     for v in np.flatnonzero(rng.random(n_vol) < cfg.jerk_rate):

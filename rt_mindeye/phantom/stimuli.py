@@ -161,7 +161,8 @@ def _render_shapes(stim: Stimulus, size: int) -> Image.Image:
     image = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(1, 6))):
-        colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.4, 1), rng.uniform(0.4, 1)))
+        hsv = (rng.random(), rng.uniform(0.4, 1), rng.uniform(0.4, 1))
+        colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(*hsv))
         r = rng.uniform(0.06, 0.3) * size
         cx, cy = rng.uniform(r, size - r, size=2)
         shape = rng.integers(3)

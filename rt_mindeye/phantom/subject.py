@@ -8,7 +8,8 @@ receptive-field maps and their feature tuning (a random projection of EfficientN
 Voxel tuning has three tiers mixed per voxel, with a posterior-to-anterior gradient as along the visual hierarchy:
 
 * low: a 2-D Gaussian population receptive field (pRF) pooling local contrast energy, luminance and colour
-  opponency (retinotopic: contralateral hemifield, eccentricity growing forwards, the upper bank seeing the lower field);
+  opponency (retinotopic: contralateral hemifield, eccentricity growing forwards, the upper bank seeing the lower
+  field);
 * mid: the same pRF pooling a few random directions of EfficientNet-Lite0 stage-5 channels;
 * high: a random projection of the pooled 1280-d embedding (no spatial selectivity).
 """
@@ -123,10 +124,9 @@ def make_subject(config: PhantomConfig, subject_id: int = 1) -> Subject:
     world = brain.grid_world_coordinates(shape, affine)
     world_to_head = np.linalg.inv(head_to_world)
     points_head = world @ world_to_head[:3, :3].T + world_to_head[:3, 3]
-    # Work in a unit-size head frame: the anatomy tables describe an adult head.
+    # The anatomy tables describe an adult head in its own frame; head_to_world carries the size and pose.
     anatomy_rng = np.random.default_rng([_SUBJECT_SEED, subject_id, 1])
-    labels, anatomy = brain.render_anatomy(points_head, anatomy_rng, ventricle_scale=float(np.exp(rng.normal(0, 0.15))),
-                                           voxel_size_mm=float(np.mean(config.voxel_size_mm)))
+    labels, anatomy = brain.render_anatomy(points_head, anatomy_rng, ventricle_scale=float(np.exp(rng.normal(0, 0.15))))
     coil = brain.coil_shading(world, np.random.default_rng([_SUBJECT_SEED, subject_id, 2]))
     brain_mask = brain.brain_mask_from_labels(labels)
 
