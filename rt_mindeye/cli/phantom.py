@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         session = simulate_session(config, subject=args.subject, seed=args.seed, progress=report)
         progress.update(task, description="writing DICOM", completed=0, total=None)
-        write_session(session, out, xa=args.xa, progress=report)
+        write_session(session, out, xa=args.xa, progress=report, overwrite=args.overwrite)
     elapsed = time.perf_counter() - started
     n_volumes = sum(r.n_volumes for r in session.runs)
     console.print(f"[green]phantom written[/green] to {out}: subject {args.subject}, seed {args.seed}, "
@@ -96,5 +96,6 @@ def register(subparsers) -> None:
     parser.add_argument("--xa", action="store_true", help="write Siemens XA Enhanced MR multi-frame files")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any phantom config field (repeatable), e.g. --set motion_max_mm=0")
+    parser.add_argument("--overwrite", action="store_true", help="replace the DICOM files of an earlier session in OUT")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.set_defaults(func=run)

@@ -30,6 +30,7 @@ import numpy as np
 
 from rt_mindeye import __version__
 from rt_mindeye.config import to_mapping
+from rt_mindeye.errors import SessionError
 from rt_mindeye.phantom.dicom_writer import FILE_PATTERN, SeriesGeometry, SeriesWriter, series_uids, volume_uid
 from rt_mindeye.phantom.session import MOTION_COLUMNS, SESSION_DATE, PhantomSession
 from rt_mindeye.phantom.stimuli import save_stimuli
@@ -121,10 +122,24 @@ def session_manifest(session: PhantomSession, xa: bool = False) -> dict:
     }
 
 
+class OutputExistsError(SessionError):
+    """The output folder already holds DICOM files of another session (mixing two sessions would corrupt both)."""
+
+
 def write_session(session: PhantomSession, out_dir: str | Path, xa: bool = False, runs: list[int] | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write the session (all runs, or the 0-based ``runs``) under ``out_dir`` (see the module docstring)."""
+                  progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> Path:
+    """Write the session (all runs, or the 0-based ``runs``) under ``out_dir`` (see the module docstring).
+
+    Refuses a folder whose ``dicom/`` already holds files (:class:`OutputExistsError`) unless ``overwrite``, which
+    deletes those files first.
+    """
     out = Path(out_dir)
+    existing = sorted((out / "dicom").glob("*.dcm")) if (out / "dicom").is_dir() else []
+    if existing and not overwrite:
+        raise OutputExistsError(out / "dicom", f"already holds {len(existing)} DICOM files; choose an empty folder "
+                                               "or overwrite")
+    for path in existing:
+        path.unlink()
     (out / "dicom").mkdir(parents=True, exist_ok=True)
     save_stimuli(session.stimuli, out / "stimuli", images=session.images)
     write_truth(session, out / "truth")

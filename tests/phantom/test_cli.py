@@ -18,6 +18,13 @@ def test_cli_writes_a_session(tmp_path, capsys):
     assert len(list((out / "dicom").glob("001_*.dcm"))) == summary["volumes"] == sum(
         r["n_volumes"] for r in manifest["runs"])
     assert len(list((out / "events").glob("run-*_events.tsv"))) == 2
+    # A second session into the same folder is refused unless asked to overwrite.
+    assert main(["phantom", str(out), "--runs", "1", "--set", "trials_per_run=2", "--set", "repeated_images=0"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["phantom", str(out), "--runs", "1", "--set", "trials_per_run=2", "--set", "repeated_images=0",
+                 "--overwrite"]) == 0
+    manifest = json.loads((out / "session.json").read_text())
+    assert len(list((out / "dicom").glob("001_*.dcm"))) == manifest["runs"][0]["n_volumes"]
 
 
 def test_cli_rejects_bad_settings(tmp_path, capsys):
