@@ -292,6 +292,10 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
         if kr == 0:
             continue
         z2 = rot.Z[r, :kr].astype(np.float64) ** 2
+        # Each HRF's design has its own singular values, hence its own alpha grid; one kernel call per run.
+        ratio = np.ones((n_grid, n_vox))
+        grids = np.zeros((n_hrfs, n_grid))
+        grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
         for h in range(n_hrfs):
             idx = np.flatnonzero(hrf_index == h)
             sv = rot.s[r, h, :kr]
@@ -301,12 +305,14 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
             sv = sv[ok]
             grid = np.concatenate([[0.0], np.logspace(np.log10(sv[-1] ** 2) - 3, np.log10(sv[0] ** 2) + 4,
                                                       n_grid - 1)])
+            grids[h] = grid
             gain2 = (sv[None, :] / (sv[None, :] ** 2 + grid[:, None])) ** 2
             norms2 = gain2 @ z2[ok][:, idx]
             with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = np.sqrt(norms2 / norms2[:1])
-            ratio[:, norms2[0] == 0] = 1.0
-            alphas[r, :, idx] = kernels.fraction_alphas(np.ascontiguousarray(ratio), grid, fractions).T
+                part = np.sqrt(norms2 / norms2[:1])
+            part[:, norms2[0] == 0] = 1.0
+            ratio[:, idx] = part
+        alphas[r] = kernels.fraction_alphas(ratio, grids, fractions, hrf_index.astype(np.int64))
     return alphas
 
 

@@ -19,17 +19,18 @@ SINGULAR_TOL = 1e-8
 
 
 @njit(cache=True, parallel=True)
-def fraction_alphas(ratio, alpha_grid, fractions):
+def fraction_alphas(ratio, alpha_grid, fractions, grid_index):
     """Ridge parameter per (fraction, voxel) reaching each fraction of the OLS beta norm.
 
-    ``ratio (A, V)``: ||beta(alpha_a)|| / ||beta_OLS|| on ``alpha_grid (A,)`` (increasing, ``alpha_grid[0] == 0``,
-    so ``ratio[0] == 1``). The norm falls monotonically with alpha; between grid points alpha is interpolated
-    linearly in log space (linearly from alpha = 0 for the first interval), as fracridge does.
+    ``ratio (A, V)``: ||beta(alpha_a)|| / ||beta_OLS|| on voxel ``v``'s grid ``alpha_grid[grid_index[v]] (A,)``
+    (increasing, starting at 0, so ``ratio[0] == 1``). The norm falls monotonically with alpha; between grid points
+    alpha is interpolated linearly in log space (linearly from alpha = 0 for the first interval), as fracridge does.
     """
     n_alpha, n_vox = ratio.shape
     n_frac = fractions.shape[0]
     out = np.zeros((n_frac, n_vox))
     for v in prange(n_vox):
+        grid = alpha_grid[grid_index[v]]
         for f in range(n_frac):
             target = fractions[f]
             if target >= 1.0:
@@ -39,16 +40,16 @@ def fraction_alphas(ratio, alpha_grid, fractions):
             while a < n_alpha and ratio[a, v] > target:
                 a += 1
             if a >= n_alpha:
-                out[f, v] = alpha_grid[n_alpha - 1]
+                out[f, v] = grid[n_alpha - 1]
                 continue
             r0 = ratio[a - 1, v]
             r1 = ratio[a, v]
             w = (r0 - target) / (r0 - r1) if r0 > r1 else 1.0
             if a == 1:
-                out[f, v] = w * alpha_grid[1]
+                out[f, v] = w * grid[1]
             else:
-                la = np.log(alpha_grid[a - 1])
-                lb = np.log(alpha_grid[a])
+                la = np.log(grid[a - 1])
+                lb = np.log(grid[a])
                 out[f, v] = np.exp(la + w * (lb - la))
     return out
 

@@ -11,10 +11,11 @@ import numpy as np
 from rt_mindeye.glm.kernels import SINGULAR_TOL
 
 
-def fraction_alphas(ratio, alpha_grid, fractions):
+def fraction_alphas(ratio, alpha_grid, fractions, grid_index):
     n_alpha, n_vox = ratio.shape
     out = np.zeros((len(fractions), n_vox))
     cols = np.arange(n_vox)
+    alpha_grid = alpha_grid[grid_index].T  # (A, V): each voxel's own grid
     for f, target in enumerate(fractions):
         if target >= 1.0:
             continue
@@ -24,10 +25,10 @@ def fraction_alphas(ratio, alpha_grid, fractions):
         r0, r1 = ratio[a - 1, cols], ratio[a, cols]
         with np.errstate(invalid="ignore", divide="ignore"):
             w = np.where(r0 > r1, (r0 - target) / (r0 - r1), 1.0)
-        la = np.log(np.maximum(alpha_grid[a - 1], 1e-300))
-        lb = np.log(alpha_grid[a])
-        value = np.where(a == 1, w * alpha_grid[1], np.exp(la + w * (lb - la)))
-        out[f] = np.where(found, value, alpha_grid[n_alpha - 1])
+        la = np.log(np.maximum(alpha_grid[a - 1, cols], 1e-300))
+        lb = np.log(alpha_grid[a, cols])
+        value = np.where(a == 1, w * alpha_grid[1, cols], np.exp(la + w * (lb - la)))
+        out[f] = np.where(found, value, alpha_grid[n_alpha - 1, cols])
     return out
 
 

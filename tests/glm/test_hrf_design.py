@@ -142,12 +142,13 @@ def test_fraction_alphas_reach_the_requested_norm_fraction():
     norms = np.sqrt(((sv[None] / (sv[None] ** 2 + grid[:, None])) ** 2) @ z ** 2)
     ratio = norms / norms[:1]
     fractions = np.array([1.0, 0.9, 0.5, 0.2])
-    alphas = kernels.fraction_alphas(ratio, grid, fractions)
+    grid_index = np.zeros(ratio.shape[1], dtype=np.int64)
+    alphas = kernels.fraction_alphas(ratio, grid[None, :], fractions, grid_index)
     assert np.all(alphas[0] == 0) and np.all(np.diff(alphas, axis=0) > 0)
     for f, target in enumerate(fractions):
         got = np.sqrt(((sv[:, None] / (sv[:, None] ** 2 + alphas[f])) ** 2 * z ** 2).sum(0)) / norms[0]
         assert np.allclose(got, target, atol=0.01)
-    assert np.allclose(kernels_reference.fraction_alphas(ratio, grid, fractions), alphas)
+    assert np.allclose(kernels_reference.fraction_alphas(ratio, grid[None, :], fractions, grid_index), alphas)
 
 
 def test_cv_kernel_equals_brute_force_leave_one_run_out():
