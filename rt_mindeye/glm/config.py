@@ -24,7 +24,7 @@ class RealtimeConfig:
                                 "locally); all other trials of the run share one regressor (LSS). 0 = pure LSS",
                              min=0, max=10)
     ridge: bool = setting(True, "shrink the trials' own regressors with each voxel's calibrated ridge parameter in "
-                                "early/refined estimates (voxels grouped by HRF and by alpha in ~12% steps)")
+                                "early/refined estimates (voxels grouped by HRF and by alpha in 25% steps)")
     max_drift_degree: int = setting(
         1, "highest polynomial drift degree used for early/refined estimates (the final one uses the calibration's "
            "degree); low orders keep the newest trial from being absorbed by the drift", min=0, max=10)

@@ -1,12 +1,14 @@
 """``RealtimeGLM``: single-trial betas during a live run, with the calibration's frozen choices.
 
-Each trial is estimated LSS-style (Mumford et al. 2012; as real-time MindEye does): its own regressor, one regressor
-for all other trials of the run so far, drift, motion and live noise regressors, each voxel with its calibrated HRF.
+Each trial is estimated with its own regressor and those of up to ``neighbors`` started trials either side (local
+LSA, shrunk by each voxel's calibrated ridge parameter), one regressor for all other trials of the run so far (LSS,
+Mumford et al. 2012, as real-time MindEye), drift, motion and live noise regressors, each voxel with its calibrated
+HRF.
 Nothing is refitted from the whole run: every volume adds its outer products to running sufficient statistics
 (``X'Y`` rows of the few trials whose response is under way, ``S'Y`` for the sum of all trials, ``N'Y`` for the
 nuisance regressors, and small per-HRF Gram terms), so the work per volume is ``(active trials + nuisance) x V`` and
-an estimate is one ``(2 + nuisance)``-sized solve per HRF and a ``(2 + nuisance) x V`` combination, however long
-the run has been going. A missing volume simply never enters the statistics (dropped, not zero-filled).
+an estimate is one batched solve of at most ``2 * neighbors + 2 + nuisance`` unknowns per (HRF, ridge level) group
+and a ``size x V`` combination, however long the run has been going. A missing volume simply never enters the statistics (dropped, not zero-filled).
 
 A trial is first emitted ("early") once ``early_volumes`` volumes at or after its onset have arrived, then
 "refined" every ``refine_every`` further volumes up to ``refine_until``, and "final" at :meth:`end_run`, which
@@ -85,7 +87,7 @@ class RealtimeGLM:
         self._hrfs = cal.hrf_set()
         self._hrf_index = cal.hrf_index.astype(np.int64)
         self._used_hrfs = np.unique(self._hrf_index)
-        # Voxels share one solve per (HRF, ridge level); ridge parameters are quantised to ~12% steps (ridge
+        # Voxels share one solve per (HRF, ridge level); ridge parameters are quantised to 25% steps (ridge
         # solutions change little within a step) so a handful of small pseudo-inverses serve every voxel.
         alpha = cal.ridge_alpha if (cfg.ridge and cal.ridge_alpha is not None) else np.zeros(cal.n_voxels)
         level = np.where(alpha > 0, np.round(np.log(np.maximum(alpha, 1e-300)) / np.log(RIDGE_STEP)), -10 ** 6)
