@@ -267,7 +267,7 @@ def _wait_decoder_drained(session_dir: Path, decoder: subprocess.Popen, timeout_
 
     journal = session_dir / "derivatives" / "rt-mindeye" / "betas" / "trials.journal"
     results = session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl"
-    sent = sum(1 for _ in read_journal(journal)) if journal.exists() else 0
+    sent = sum(1 for m in read_journal(journal) if hasattr(m, "betas")) if journal.exists() else 0
     deadline = time.time() + timeout_s
     while time.time() < deadline and decoder.poll() is None:
         done = sum(1 for _ in results.open()) if results.exists() else 0
@@ -287,8 +287,10 @@ def _percentiles(values) -> dict:
 
 
 def read_results(session_dir: Path) -> list[dict]:
+    """The decoder's results (estimates it superseded by a newer one of the same trial are left out)."""
     path = session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl"
-    return [json.loads(line) for line in path.open()] if path.exists() else []
+    records = [json.loads(line) for line in path.open()] if path.exists() else []
+    return [r for r in records if "superseded_by" not in r]
 
 
 def summarise(session_dir: Path, session, live_runs: list[int], phantom_dir: Path, *, calibration=None, live=None,

@@ -26,6 +26,7 @@ from rt_mindeye.transport.messages import Heartbeat, TrialBetas
 log = logging.getLogger("rt_mindeye.services")
 
 POLL_S = 0.1
+MAX_BATCH = 64
 ACK_DRAIN_S = 10.0
 STATE_SESSION_DONE = "session-done"
 
@@ -224,7 +225,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                                   service="decoder", server_security=server_security(t, "decoder"),
                                   heartbeat_interval_s=t.heartbeat_interval_s)
     results_path = layout.decoder_dir / "results.jsonl"
-    decoded = 0
+    decoded = superseded = 0
     last = time.time()
     try:
         with results_path.open("a") as results:
@@ -235,25 +236,39 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                     if config.decoder.idle_timeout_s and decoded and now - last > config.decoder.idle_timeout_s:
                         break
                     continue
-                if not isinstance(msg, TrialBetas):
-                    continue
                 last = now
-                result = trial_decoder.retrieve(msg, now)
-                record = {"seq": msg.seq, "run": result.run, "trial": result.trial, "kind": result.estimate_kind,
-                          "version": result.estimate_version, "stim_file": result.stim_file,
-                          "topk": list(result.topk_labels), "scores": list(result.topk_scores),
-                          "recon": result.reconstruction_path, "acquisition_time": result.acquisition_time,
-                          "received_at": result.received_at, "retrieval_done_at": result.retrieval_done_at,
-                          "stage_ms": result.stage_ms}
-                results.write(json.dumps(record) + "\n")
+                batch = [msg]
+                while len(batch) < MAX_BATCH and (more := receiver.recv(timeout_s=0.0)) is not None:
+                    batch.append(more)
+                trials = [m for m in batch if isinstance(m, TrialBetas)]
+                # Backpressure: when the decoder has fallen behind, a newer estimate of a trial supersedes the
+                # queued older ones; every trial still gets its retrieval, from its newest estimate.
+                newest = {(m.run, m.trial): m for m in trials}
+                for m in trials:
+                    if newest[(m.run, m.trial)] is not m:
+                        results.write(json.dumps({"seq": m.seq, "run": m.run, "trial": m.trial,
+                                                  "kind": m.estimate_kind, "version": m.estimate_version,
+                                                  "superseded_by": newest[(m.run, m.trial)].seq}) + "\n")
+                        superseded += 1
+                for m in sorted(newest.values(), key=lambda m: m.seq):
+                    result = trial_decoder.retrieve(m, now)
+                    results.write(json.dumps(_result_record(m, result)) + "\n")
+                    publisher.publish(result)
+                    decoded += 1
                 results.flush()  # recorded before it is acknowledged
-                publisher.publish(result)
-                receiver.ack(msg.seq)
-                decoded += 1
+                receiver.ack(max(m.seq for m in batch))
     finally:
         receiver.close()
         publisher.close()
-    return {"decoded": decoded}
+    return {"decoded": decoded, "superseded": superseded}
+
+
+def _result_record(msg: TrialBetas, result) -> dict:
+    return {"seq": msg.seq, "run": result.run, "trial": result.trial, "kind": result.estimate_kind,
+            "version": result.estimate_version, "stim_file": result.stim_file, "topk": list(result.topk_labels),
+            "scores": list(result.topk_scores), "recon": result.reconstruction_path,
+            "acquisition_time": result.acquisition_time, "received_at": result.received_at,
+            "retrieval_done_at": result.retrieval_done_at, "stage_ms": result.stage_ms}
 
 
 # --- console --------------------------------------------------------------------------------------------------------

@@ -92,8 +92,13 @@ def test_live_run_end_to_end(calibrated_phantom, session_yaml, tmp_path):
     seqs = [r["seq"] for r in results(session_dir)]
     assert sorted(seqs) == [m.seq for m in sent]
     n_candidates = len(list((phantom.phantom_dir / "stimuli").glob("*.png")))
+    decoded = [r for r in results(session_dir) if "superseded_by" not in r]
+    assert {(r["run"], r["trial"]) for r in decoded} == {(3, t) for t in range(phantom.live_trials)}
     assert all(len(r["topk"]) == 5 and set(r["topk"]) <= {p.name for p in (phantom.phantom_dir / "stimuli").iterdir()}
-               for r in results(session_dir))
+               for r in decoded)
+    for r in results(session_dir):  # a superseded estimate names a newer estimate of the same trial
+        if "superseded_by" in r:
+            assert r["superseded_by"] > r["seq"]
     assert n_candidates > 5
     # Latency is measured from the (restamped) acquisition time and is positive and bounded.
     rows = [json.loads(line) for line in SessionLayout(session_dir).timings_jsonl.read_text().splitlines()]
