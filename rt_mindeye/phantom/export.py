@@ -122,6 +122,16 @@ def session_manifest(session: PhantomSession, xa: bool = False) -> dict:
     }
 
 
+def _study_uid(path: Path) -> str | None:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+    except (OSError, InvalidDicomError, AttributeError, EOFError):  # unreadable or foreign: "another study"
+        return None
+
+
 class OutputExistsError(SessionError):
     """The output folder already holds DICOM files of another session (mixing two sessions would corrupt both)."""
 
@@ -130,14 +140,16 @@ def write_session(session: PhantomSession, out_dir: str | Path, xa: bool = False
                   progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> Path:
     """Write the session (all runs, or the 0-based ``runs``) under ``out_dir`` (see the module docstring).
 
-    Refuses a folder whose ``dicom/`` already holds files (:class:`OutputExistsError`) unless ``overwrite``, which
-    deletes those files first.
+    DICOM files already in ``dicom/`` are replaced when they come from the same phantom study (same subject and seed,
+    e.g. an interrupted earlier write) or when ``overwrite`` is set; files of any other study make it refuse
+    (:class:`OutputExistsError`), because two sessions mixed in one export folder corrupt both.
     """
     out = Path(out_dir)
     existing = sorted((out / "dicom").glob("*.dcm")) if (out / "dicom").is_dir() else []
-    if existing and not overwrite:
-        raise OutputExistsError(out / "dicom", f"already holds {len(existing)} DICOM files; choose an empty folder "
-                                               "or overwrite")
+    if existing and not overwrite and _study_uid(existing[0]) != series_uids(session.seed, session.subject.subject_id,
+                                                                             0)["study"]:
+        raise OutputExistsError(out / "dicom", f"already holds {len(existing)} DICOM files of another study; choose "
+                                               "an empty folder or overwrite")
     for path in existing:
         path.unlink()
     (out / "dicom").mkdir(parents=True, exist_ok=True)

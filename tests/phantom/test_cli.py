@@ -18,9 +18,14 @@ def test_cli_writes_a_session(tmp_path, capsys):
     assert len(list((out / "dicom").glob("001_*.dcm"))) == summary["volumes"] == sum(
         r["n_volumes"] for r in manifest["runs"])
     assert len(list((out / "events").glob("run-*_events.tsv"))) == 2
-    # A second session into the same folder is refused unless asked to overwrite.
+    # Another study (other seed) into the same folder is refused unless asked to overwrite; the same study is
+    # simply rewritten (an interrupted write can be repeated).
     assert main(["phantom", str(out), "--runs", "1", "--set", "trials_per_run=2", "--set", "repeated_images=0"]) == 2
-    assert "already holds" in capsys.readouterr().err
+    assert "another study" in capsys.readouterr().err
+    assert main(["phantom", str(out), "--runs", "1", "--seed", "4", "--set", "trials_per_run=2", "--set",
+                 "repeated_images=0"]) == 0
+    manifest = json.loads((out / "session.json").read_text())
+    assert len(list((out / "dicom").glob("001_*.dcm"))) == manifest["runs"][0]["n_volumes"]
     assert main(["phantom", str(out), "--runs", "1", "--set", "trials_per_run=2", "--set", "repeated_images=0",
                  "--overwrite"]) == 0
     manifest = json.loads((out / "session.json").read_text())
