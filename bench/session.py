@@ -80,10 +80,9 @@ def write_config(path: Path, demo: Path, session_dir: Path, export: Path, events
 
 
 def spawn(service: str, config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", f"services.{service}", "--config", str(config)]
-                            + (["--headless"] if service == "console" else []),
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            cwd=REPO)
+    from rt_mindeye.runtime.launcher import spawn as spawn_service
+
+    return spawn_service(service, config, log.parent, *(["--headless"] if service == "console" else []))
 
 
 class ResultClock:

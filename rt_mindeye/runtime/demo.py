@@ -196,18 +196,11 @@ def _write_session_config(out: Path, phantom_dir: Path, bundle_dir: Path, sessio
     return path
 
 
-def _spawn(service: str, config_path: Path, log_dir: Path) -> subprocess.Popen:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    handle = (log_dir / f"{service}.stdout").open("w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", f"services.{service}", "--config", str(config_path)],
-                            stdout=handle, stderr=subprocess.STDOUT, env=env)
-
-
 def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_runs: list[int],
               options: DemoOptions, console) -> dict:
     from rt_mindeye.replay.emulator import ScannerEmulator
     from rt_mindeye.runtime.config import load_session_config
+    from rt_mindeye.runtime.launcher import spawn
     from rt_mindeye.runtime.services import run_console
 
     config = load_session_config(config_path)
@@ -217,8 +210,8 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
             stale.unlink()
     export.mkdir(parents=True, exist_ok=True)
     logs = out / "session" / "logs"
-    scanner = _spawn("scanner", config_path, logs)
-    decoder = _spawn("decoder", config_path, logs)
+    scanner = spawn("scanner", config_path, logs)
+    decoder = spawn("decoder", config_path, logs)
     live_series = {session.runs[r].series_number for r in live_runs}
     files = [p for p in sorted((phantom_dir / "dicom").iterdir())
              if config.watcher.parse_name(p.name) and config.watcher.parse_name(p.name)[0] in live_series]

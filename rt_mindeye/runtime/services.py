@@ -27,6 +27,7 @@ log = logging.getLogger("rt_mindeye.services")
 
 POLL_S = 0.1
 MAX_BATCH = 64
+NO_BETAS = np.zeros(0, dtype=np.float32)
 ACK_DRAIN_S = 10.0
 STATE_SESSION_DONE = "session-done"
 
@@ -80,6 +81,8 @@ def _send_all(messages, sender, publisher, decoder_index: np.ndarray) -> int:
             msg = replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index]))
             sender.send(msg)  # journaled before it is sent
             trials += 1
+            # The console needs to know the estimate exists, not its betas: keep its snapshot history small.
+            msg = replace(msg, betas=NO_BETAS)
         publisher.publish(msg)
     return trials
 
