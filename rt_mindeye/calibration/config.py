@@ -16,6 +16,8 @@ class CalibrationConfig:
     calibration_runs: int = setting(2, "the session's first N runs (series) are calibration runs", min=1)
     events_dir: Path | None = setting(None, "folder of planned BIDS events files run-XX_events.tsv (default: "
                                             "SESSION/events, then SESSION/func)")
+    condition_column: str = setting("trial_type", "events column that identifies repeats of the same image (BIDS "
+                                                  "trial_type; stim_file when trial_type is generic)")
     stimuli_dir: Path | None = setting(None, "folder of the stimulus images; every image there is a retrieval "
                                              "candidate (default: SESSION/stimuli)")
     anatomical_mask: Path | None = setting(None, "NIfTI visual-cortex mask in session space (the decoder's voxels "

@@ -198,7 +198,10 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
 
     glm_kwargs = {k: getattr(config.glm, k) for k in _glm_parameters()}
     say(f"GLM type {config.glm.model} on {int(glm_mask.sum())} voxels x {sum(len(s) for s in series)} volumes")
-    glm = GLMSingle(**glm_kwargs).fit(series, events, reference.tr or 1.0, motion=motion_params)
+    from rt_mindeye.glm.design import RunEvents
+
+    run_events = [RunEvents.from_tsv(p, condition_column=config.condition_column) for p in events]
+    glm = GLMSingle(**glm_kwargs).fit(series, run_events, reference.tr or 1.0, motion=motion_params)
     lap("glm")
 
     # 4. decoder voxels: anatomical ∩ reliability

@@ -173,7 +173,7 @@ def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, o
 
     config = CalibrationConfig(
         subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
-        events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli",
+        events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column="stim_file",
         anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz", pretrained=pretrained,
         train=TrainConfig(epochs=60, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed))
     return calibrate(phantom_dir, bundle_dir, config, dicom_dir=phantom_dir / "dicom", session_id="demo",

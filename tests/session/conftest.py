@@ -54,7 +54,7 @@ def calibrated_phantom(tmp_path_factory) -> CalibratedPhantom:
     pretrained = _tiny_pretrained(root / "pretrained" / "last.pth", 50, PhantomEmbedder().tokens_shape)
     bundle_dir = root / "bundle"
     calibrate(phantom_dir, bundle_dir, CalibrationConfig(
-        subject="phantom01", calibration_runs=2, anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz",
+        subject="phantom01", calibration_runs=2, condition_column="stim_file", anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz",
         noise_pool_voxels=300, pretrained=pretrained, holdout_fraction=0.0,
         train=TrainConfig(epochs=1, batch_size=8, time_budget_min=0.0)), dicom_dir=phantom_dir / "dicom",
         session_id="test")
