@@ -32,6 +32,7 @@ def spawn(service: str, config_path: Path, log_dir: Path, *extra_args: str) -> s
     out = (log_dir / f"{service}.stdout").open("a")
     # Few malloc arenas: the services' threads otherwise each grow their own, and resident memory creeps up.
     env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # per-volume work is small: threads only add contention
     return subprocess.Popen([sys.executable, "-m", f"services.{service}", "--config", str(config_path), *extra_args],
                             stdout=out, stderr=subprocess.STDOUT, env=env)
 
