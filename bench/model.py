@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
     parser.add_argument("--finetune-budget-min", type=float, default=None, help="override the fine-tune budget")
+    parser.add_argument("--pretrain-epochs", type=int, default=None,
+                        help="pretrain exactly this many epochs (instead of the planned budget)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -386,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     args.trials_per_run = 30 if quick else 40
     args.new_runs, args.calibration_runs = (4, 2) if quick else (6, 3)
     # --quick trains fixed epochs (results independent of machine speed); the full run plans epochs from budgets.
-    args.pretrain_epochs = 20 if quick else 60
-    args.pretrain_budget_min = 0.0 if quick else 8.0
+    fixed_pretrain = args.pretrain_epochs
+    args.pretrain_epochs = fixed_pretrain or (20 if quick else 60)
+    args.pretrain_budget_min = 0.0 if (quick or fixed_pretrain) else 8.0
     args.finetune_max_epochs = 20 if quick else 150
     budget = args.finetune_budget_min
     args.finetune_budget_min = budget if budget is not None else (0.0 if quick else 3.0)
