@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rt_mindeye import __version__
@@ -35,7 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def single_threaded_numerics() -> None:
+    """Default OpenMP/BLAS to one thread per process unless the user chose otherwise.
+
+    rt-mindeye's per-volume and per-trial work is small and several of its processes share the machine: measured
+    on 2 cores, a tiny-model training step took 0.74 s with one torch thread and 8.9 s with two (OpenMP threads
+    spinning against the other processes). Set OMP_NUM_THREADS to use more threads on a larger machine. Must run
+    before torch or numpy are imported.
+    """
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    single_threaded_numerics()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -350,7 +350,7 @@ def make_grid(session_dir: Path, phantom_dir: Path, path: Path, rows: int = 8) -
                  phantom_dir / "stimuli" / rec["topk"][0] if rec["topk"] else None,
                  Path(rec["recon"]) if rec.get("recon") else None]
         for j, tile in enumerate(tiles):
-            if tile is not None and Path(tile).exists():
+            if tile is not None and Path(tile).is_file():
                 grid.paste(Image.open(tile).convert("RGB").resize((cell, cell)), (j * cell, 16 + i * cell))
     grid.save(path)
     return path

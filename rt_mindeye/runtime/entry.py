@@ -11,6 +11,9 @@ from rt_mindeye.errors import RtMindEyeError
 
 
 def service_main(service: str, argv: list[str] | None = None) -> int:
+    from rt_mindeye.cli import single_threaded_numerics
+
+    single_threaded_numerics()
     parser = argparse.ArgumentParser(prog=f"rt-mindeye-{service}",
                                      description=f"Run the rt-mindeye {service} service alone.")
     parser.add_argument("--config", required=True, help="session YAML (see docs/configuration.md)")

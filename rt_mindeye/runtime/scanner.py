@@ -169,7 +169,7 @@ class ScannerPipeline:
         status = VolumeStatus(session=self.session, run=run.plan.run, volume=volume.volume,
                               acquisition_time=acquired, received_at=received_at, motion=rad, fd=fd,
                               stage_ms=stage_ms)
-        return [status, *(self._trial_message(e, acquired) for e in estimates)]
+        return [status, *(self._trial_message(run.plan, e, acquired) for e in estimates)]
 
     def _gap(self, series: int, number: int) -> list[Message]:
         run = self._run
@@ -180,7 +180,7 @@ class ScannerPipeline:
         now = self.wall_clock()
         status = VolumeStatus(session=self.session, run=run.plan.run, volume=number, acquisition_time=now,
                               received_at=now, gap=True, missing=(number,))
-        return [status, *(self._trial_message(e, now) for e in estimates)]
+        return [status, *(self._trial_message(run.plan, e, now) for e in estimates)]
 
     def _end_run(self, series: int) -> list[Message]:
         run = self._run
@@ -191,14 +191,12 @@ class ScannerPipeline:
         self._write_motion(run)
         now = self.wall_clock()
         log.info("run %d ended: %d final estimates", run.plan.run, len(estimates))
-        return [self._trial_message(e, now) for e in estimates]
+        return [self._trial_message(run.plan, e, now) for e in estimates]
 
     # --- helpers -------------------------------------------------------------------------------------------------
-    def _trial_message(self, estimate: TrialEstimate, acquired: float) -> TrialBetas:
-        run = self._run
-        plan = run.plan if run is not None else None
+    def _trial_message(self, plan: RunPlan, estimate: TrialEstimate, acquired: float) -> TrialBetas:
         stim = None
-        if plan is not None and estimate.trial < len(plan.stim_files):
+        if estimate.trial < len(plan.stim_files):
             stim = plan.stim_files[estimate.trial] or None
         return TrialBetas(session=self.session, run=estimate.run, trial=estimate.trial,
                           trial_type=str(estimate.trial_type), onset=float(estimate.onset),
