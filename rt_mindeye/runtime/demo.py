@@ -34,8 +34,8 @@ DEMO_SUBJECT = 1
 class DemoOptions:
     out: Path
     speed: float = 8.0
-    pretrain_budget_min: float = 1.5
-    finetune_budget_min: float = 1.5
+    pretrain_budget_min: float = 3.0
+    finetune_budget_min: float = 2.0
     seed: int = 1
     live_console: bool | None = None  # None: live view when stdout is a terminal
     phantom_overrides: tuple[tuple[str, object], ...] = ()
@@ -158,7 +158,7 @@ def _pretrain(cfg, model_dir: Path, exclude_images: set[int], options: DemoOptio
     fields.update(tiny_fields_for(int(dim), datasets[0].blurry_targets, datasets[0].aux_targets))
     model_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in datasets],
                                         subject_names=tuple(d.name for d in datasets), **fields)
-    train = TrainConfig(epochs=80, batch_size=16, time_budget_min=options.pretrain_budget_min, seed=options.seed)
+    train = TrainConfig(epochs=150, batch_size=16, time_budget_min=options.pretrain_budget_min, seed=options.seed)
     result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
                       log=console.print)
     console.print(f"pretrained on subjects {PRETRAIN_SUBJECTS} ({sum(len(d) for d in datasets)} trials, "
@@ -175,7 +175,7 @@ def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, o
         subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
         events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column="stim_file",
         anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz", pretrained=pretrained,
-        train=TrainConfig(epochs=60, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed))
+        train=TrainConfig(epochs=150, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed))
     return calibrate(phantom_dir, bundle_dir, config, dicom_dir=phantom_dir / "dicom", session_id="demo",
                      progress=console.print)
 

@@ -141,6 +141,15 @@ class ScannerPipeline:
         log.info("run %d started (series %d)", plan.run, series)
         return out
 
+    def warm_up(self) -> float:
+        """Fit the motion corrector and run one registration on the reference, so the first live volume does not
+        pay for compiling the kernels. Returns the seconds it took."""
+        began = time.perf_counter()
+        self._ensure_fitted()
+        self.motion.update(self.reference)
+        self.motion.reset()
+        return time.perf_counter() - began
+
     def _ensure_fitted(self) -> None:
         if not self._fitted:
             self.motion.fit(self.reference, voxel_mask=self.mask)

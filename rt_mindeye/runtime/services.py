@@ -132,6 +132,7 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     timings = layout.timings_jsonl.open("a")
     low_disk_warned = False
     try:
+        log.info("warm-up (motion-correction kernels) took %.1f s", pipeline.warm_up())
         watcher.start()
         log.info("scanner host watching %s", s.watch_dir)
         while not stop.is_set():
