@@ -52,13 +52,6 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def percentiles(values) -> dict:
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if not values.size:
-        return {"p50": None, "p99": None, "n": 0}
-    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "n": int(values.size)}
-
-
 def write_config(path: Path, demo: Path, session_dir: Path, export: Path, events: Path, first_live_run: int,
                  live_runs: int, port_base: int) -> Path:
     import yaml
@@ -77,6 +70,10 @@ def write_config(path: Path, demo: Path, session_dir: Path, export: Path, events
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+from rt_mindeye.runtime.launcher import terminate  # noqa: E402
+from rt_mindeye.timing import percentiles  # noqa: E402
 
 
 def spawn(service: str, config: Path, log: Path) -> subprocess.Popen:
@@ -143,10 +140,7 @@ def run_latency(demo: Path, work: Path, tr_speed: float, port_base: int) -> dict
     emulator.run()
     scanner.wait(timeout=120 + len(files) * tr / tr_speed)
     time.sleep(3.0)
-    for proc in (decoder, scanner):
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
+    terminate((decoder, scanner))
     clock.close()
     step = tr / tr_speed
     written = [(t, m) for t, m in clock.arrivals]
@@ -235,13 +229,7 @@ def run_memory(demo: Path, work: Path, hours: float, speed: float, port_base: in
     time.sleep(3.0)
     stop.set()
     sampler.join(5)
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    terminate(list(procs.values()))
     report = {"session_hours": n_volumes * tr / 3600, "volumes": n_volumes, "runs": n_runs, "speed": speed,
               "wall_s": wall, "processes": {}}
     for name, series in samples.items():

@@ -51,3 +51,13 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return time.monotonic() >= self._end
+
+
+def percentiles(values) -> dict:
+    """``{"p50", "p99", "n"}`` of the finite values (None when there are none): how latencies are reported."""
+    import numpy as np
+
+    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if not array.size:
+        return {"p50": None, "p99": None, "n": 0}
+    return {"p50": float(np.percentile(array, 50)), "p99": float(np.percentile(array, 99)), "n": int(array.size)}

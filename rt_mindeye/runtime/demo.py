@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import yaml
 
 from rt_mindeye.errors import SessionError
+from rt_mindeye.timing import percentiles
 
 PRETRAIN_SUBJECTS = (2, 3, 4)
 DEMO_SUBJECT = 1
@@ -200,7 +200,7 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
               options: DemoOptions, console) -> dict:
     from rt_mindeye.replay.emulator import ScannerEmulator
     from rt_mindeye.runtime.config import load_session_config
-    from rt_mindeye.runtime.launcher import spawn
+    from rt_mindeye.runtime.launcher import spawn, terminate
     from rt_mindeye.runtime.services import run_console
 
     config = load_session_config(config_path)
@@ -237,13 +237,7 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
                                                 "session/logs/scanner.log)")
         _wait_decoder_drained(out / "session", decoder, timeout_s=60)
     finally:
-        for proc in (scanner, decoder):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        terminate((scanner, decoder))
         stop_console.set()
         viewer.join(timeout=10)
     return {"seconds": time.time() - t0, "scanner_rc": scanner.returncode, "decoder_rc": decoder.returncode,
@@ -254,7 +248,7 @@ def _live_view(options: DemoOptions) -> bool:
     return sys.stdout.isatty() if options.live_console is None else options.live_console
 
 
-def _wait_decoder_drained(session_dir: Path, decoder: subprocess.Popen, timeout_s: float) -> None:
+def _wait_decoder_drained(session_dir: Path, decoder, timeout_s: float) -> None:
     """Wait until the decoder has recorded a result for every journaled trial estimate."""
     from rt_mindeye.transport.journal import read_journal
 
@@ -270,13 +264,6 @@ def _wait_decoder_drained(session_dir: Path, decoder: subprocess.Popen, timeout_
 
 
 # --- summary --------------------------------------------------------------------------------------------------------
-
-
-def _percentiles(values) -> dict:
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    if not values.size:
-        return {"p50": None, "p99": None, "n": 0}
-    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "n": int(values.size)}
 
 
 def read_results(session_dir: Path) -> list[dict]:
@@ -304,12 +291,12 @@ def summarise(session_dir: Path, session, live_runs: list[int], phantom_dir: Pat
     timings_path = session_dir / "derivatives" / "rt-mindeye" / "timings.jsonl"
     volume_rows = [json.loads(line) for line in timings_path.open()] if timings_path.exists() else []
     latency = {
-        "volume_processed": _percentiles(r["done"] - r["acquired"] for r in volume_rows),
-        "volume_motion_ms": _percentiles(r.get("motion") for r in volume_rows),
-        "volume_glm_ms": _percentiles(r.get("glm") for r in volume_rows),
-        "first_estimate_retrieval": _percentiles(r["retrieval_done_at"] - r["acquisition_time"] for r in firsts),
-        "retrieval_all_estimates": _percentiles(r["retrieval_done_at"] - r["acquisition_time"] for r in results),
-        "decoder_ms": _percentiles(r["stage_ms"].get("total_ms") for r in results),
+        "volume_processed": percentiles(r["done"] - r["acquired"] for r in volume_rows),
+        "volume_motion_ms": percentiles(r.get("motion") for r in volume_rows),
+        "volume_glm_ms": percentiles(r.get("glm") for r in volume_rows),
+        "first_estimate_retrieval": percentiles(r["retrieval_done_at"] - r["acquisition_time"] for r in firsts),
+        "retrieval_all_estimates": percentiles(r["retrieval_done_at"] - r["acquisition_time"] for r in results),
+        "decoder_ms": percentiles(r["stage_ms"].get("total_ms") for r in results),
     }
     summary = {
         "trials_total": total,

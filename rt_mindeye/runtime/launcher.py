@@ -37,6 +37,21 @@ def spawn(service: str, config_path: Path, log_dir: Path, *extra_args: str) -> s
                             stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+def terminate(processes, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM every process still running, wait up to ``timeout_s`` for each, then kill it."""
+    for proc in processes:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        if proc is None:
+            continue
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+
 class Supervisor:
     """Keeps the decoder running while the scanner host runs; restarts it when it dies."""
 
@@ -80,15 +95,7 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
-        for proc in (self.scanner, self.decoder):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        for proc in (self.scanner, self.decoder):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        terminate((self.scanner, self.decoder))
         if self._thread is not None:
             self._thread.join(timeout=5)
 
