@@ -227,7 +227,9 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
     viewer.start()
     t0 = time.time()
     try:
-        time.sleep(1.0)  # let the services bind before the first volume
+        # The scanner starts sending when the services are up, as an operator starts the run after preflight.
+        _wait_for_log(out / "session" / "logs" / "scanner.log", "scanner host watching", scanner, 120)
+        _wait_for_log(out / "session" / "logs" / "decoder.log", "decoder ready", decoder, 120)
         emulator.run()
         deadline = time.time() + 120 + 3 * len(files) * session.tr / options.speed
         while scanner.poll() is None and time.time() < deadline:
@@ -246,6 +248,17 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
 
 def _live_view(options: DemoOptions) -> bool:
     return sys.stdout.isatty() if options.live_console is None else options.live_console
+
+
+def _wait_for_log(path: Path, text: str, process, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if process.poll() is not None:
+            raise SessionError(path, f"the service exited (status {process.returncode}) before it was ready")
+        time.sleep(0.2)
+    raise SessionError(path, f"the service was not ready within {timeout_s:.0f} s")
 
 
 def _wait_decoder_drained(session_dir: Path, decoder, timeout_s: float) -> None:

@@ -228,6 +228,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     publisher = SnapshotPublisher(t.bind_endpoint("decoder_pub"), t.bind_endpoint("decoder_snapshot"), session=s.id,
                                   service="decoder", server_security=server_security(t, "decoder"),
                                   heartbeat_interval_s=t.heartbeat_interval_s)
+    log.info("decoder ready: %d candidates, model on %s", len(decoder.retriever.ids), _device(config.decoder.device))
     results_path = layout.decoder_dir / "results.jsonl"
     decoded = superseded = 0
     last = time.time()
