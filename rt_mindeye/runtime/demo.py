@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -204,6 +205,8 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
     from rt_mindeye.runtime.services import run_console
 
     config = load_session_config(config_path)
+    if config.session.dir.exists():  # a new demo session: the previous one's record would mix into the summary
+        shutil.rmtree(config.session.dir)
     export = out / "export"
     if export.exists():
         for stale in export.iterdir():
