@@ -152,7 +152,7 @@ def _write_log(out: Path, result, extra: dict) -> None:
 def run_pretrain(args) -> int:
     from rich.console import Console
 
-    from rt_mindeye.model.config import MindEyeConfig
+    from rt_mindeye.model.config import MindEyeConfig, tiny_fields_for
     from rt_mindeye.model.data import load_npz, phantom_subject_data
     from rt_mindeye.model.mindeye import MindEyeModule
     from rt_mindeye.model.train import pretrain
@@ -174,7 +174,7 @@ def run_pretrain(args) -> int:
     blurry = datasets[0].blurry_targets
     preset_fields = dict(token_seq=int(seq), token_dim=int(dim))
     if args.preset == "tiny":
-        preset_fields.update(_tiny_fields(int(dim), blurry, datasets[0].aux_targets))
+        preset_fields.update(tiny_fields_for(int(dim), blurry, datasets[0].aux_targets))
     preset_fields.update(overrides)
     config = MindEyeConfig.preset(args.preset, [d.voxels.shape[1] for d in datasets],
                                   subject_names=tuple(d.name for d in datasets), **preset_fields)
@@ -186,19 +186,6 @@ def run_pretrain(args) -> int:
     _write_log(args.out, result, {"model": config.to_dict(), "train": train_cfg.to_dict()})
     console.print(f"pretrained {len(datasets)} subjects for {result.epochs} epochs: {result.checkpoint}")
     return 0
-
-
-def _tiny_fields(token_dim: int, blurry, aux) -> dict:
-    """Tiny-model sizes that fit the data: prior heads from the token width, low-level head from the targets."""
-    dim_head = 32 if token_dim % 32 == 0 else 16 if token_dim % 16 == 0 else 2
-    fields = dict(prior_dim_head=dim_head, prior_heads=max(1, token_dim // dim_head))
-    if blurry is None:
-        fields["blurry_recon"] = False
-    else:
-        fields.update(blurry_out_channels=int(blurry.shape[1]))
-        if aux is not None:
-            fields["blurry_aux_dim"] = int(aux.shape[-1])
-    return fields
 
 
 def run_finetune(args) -> int:

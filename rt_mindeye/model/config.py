@@ -117,3 +117,16 @@ class MindEyeConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> "MindEyeConfig":
         """Validated inverse of :meth:`to_dict` (unknown keys and bad values raise ConfigError)."""
         return from_mapping(cls, data, source=source, prefix="model")
+
+
+def tiny_fields_for(token_dim: int, blurry, aux) -> dict:
+    """Tiny-model sizes that fit the data: prior heads from the token width, low-level head from the targets."""
+    dim_head = 32 if token_dim % 32 == 0 else 16 if token_dim % 16 == 0 else 2
+    fields = dict(prior_dim_head=dim_head, prior_heads=max(1, token_dim // dim_head))
+    if blurry is None:
+        fields["blurry_recon"] = False
+    else:
+        fields.update(blurry_out_channels=int(blurry.shape[1]))
+        if aux is not None:
+            fields["blurry_aux_dim"] = int(aux.shape[-1])
+    return fields

@@ -142,7 +142,7 @@ def _pretrain(cfg, model_dir: Path, exclude_images: set[int], options: DemoOptio
     from rt_mindeye.model.embedders import PhantomEmbedder
     from rt_mindeye.model.mindeye import MindEyeModule
     from rt_mindeye.model.train import TrainConfig, pretrain
-    from rt_mindeye.cli.model import _tiny_fields as tiny_fields_for
+    from rt_mindeye.model.config import tiny_fields_for
     from rt_mindeye.phantom.session import simulate_session
 
     datasets = []

@@ -22,7 +22,7 @@ class CalibratedPhantom:
 def _tiny_pretrained(path: Path, n_voxels: int, token_shape: tuple[int, int]) -> Path:
     import torch
 
-    from rt_mindeye.cli.model import _tiny_fields
+    from rt_mindeye.model.config import tiny_fields_for
     from rt_mindeye.convert.mindeye2 import save_container
     from rt_mindeye.model.config import MindEyeConfig
     from rt_mindeye.model.mindeye import MindEyeModule
@@ -30,7 +30,7 @@ def _tiny_pretrained(path: Path, n_voxels: int, token_shape: tuple[int, int]) ->
     torch.manual_seed(0)
     seq, dim = token_shape
     fields = dict(token_seq=seq, token_dim=dim)
-    fields.update(_tiny_fields(dim, torch.zeros(1, 3, 28, 28), None))
+    fields.update(tiny_fields_for(dim, torch.zeros(1, 3, 28, 28), None))
     fields["blurry_recon"] = False
     config = MindEyeConfig.preset("tiny", [n_voxels], subject_names=("pretrain",), **fields)
     return save_container(path, MindEyeModule(config))
