@@ -139,3 +139,18 @@ class Agent:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class InboxAgent(Agent):
+    """An agent whose thread hands what it receives (messages, deliveries) to the caller, in order."""
+
+    def __init__(self, context: zmq.Context | None, name: str):
+        super().__init__(context, name)
+        self._inbox: queue.Queue = queue.Queue()
+
+    def recv(self, timeout_s: float):
+        """The next item the agent received, or None after ``timeout_s``."""
+        try:
+            return self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -34,7 +33,7 @@ import zmq
 
 from rt_mindeye.errors import MessageError, SessionError
 from rt_mindeye.transport import protocol, security
-from rt_mindeye.transport.agent import STOP, WAKE, Agent, Liveness, PeerEvent
+from rt_mindeye.transport.agent import STOP, WAKE, Agent, InboxAgent, Liveness, PeerEvent
 from rt_mindeye.transport.journal import Journal
 from rt_mindeye.transport.messages import Ack, Heartbeat, Message, decode, encode
 
@@ -228,7 +227,7 @@ class ReliableSender(Agent):
 # --- receiver -------------------------------------------------------------------------------------------------------
 
 
-class ReliableReceiver(Agent):
+class ReliableReceiver(InboxAgent):
     """Decoder side of the reliable stream: in-order, duplicate-free delivery with acknowledgements.
 
     ``recv(timeout_s)`` returns the next message or None. With ``auto_ack`` (default) a message is acknowledged as it
@@ -252,7 +251,6 @@ class ReliableReceiver(Agent):
         self.reconnect_init_s = reconnect_init_s
         self.reconnect_max_s = reconnect_max_s
         self._client_security = client_security
-        self._inbox: queue.Queue[Message] = queue.Queue()
         self._liveness = Liveness(heartbeat_interval_s, heartbeat_liveness)
         self.acked_seq = self._load_state()
         self.delivered_seq = self.acked_seq
@@ -266,10 +264,7 @@ class ReliableReceiver(Agent):
 
     def recv(self, timeout_s: float) -> Message | None:
         """The next message in seq order, or None after ``timeout_s``."""
-        try:
-            return self._inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        return super().recv(timeout_s)
 
     def ack(self, seq: int) -> None:
         """Acknowledge everything up to and including ``seq`` (only needed with ``auto_ack=False``)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ import zmq
 
 from rt_mindeye.errors import MessageError
 from rt_mindeye.transport import protocol, security
-from rt_mindeye.transport.agent import STOP, WAKE, Agent, Liveness, PeerEvent
+from rt_mindeye.transport.agent import STOP, WAKE, Agent, InboxAgent, Liveness, PeerEvent
 from rt_mindeye.transport.messages import Heartbeat, Message, decode, encode
 
 __all__ = ["SnapshotPublisher", "SnapshotSubscriber", "Source", "Delivery"]
@@ -161,7 +160,7 @@ class _SourceState:
     gaps: int = 0
 
 
-class SnapshotSubscriber(Agent):
+class SnapshotSubscriber(InboxAgent):
     """Follows several :class:`SnapshotPublisher` sources; ``recv(timeout_s)`` returns the next :class:`Delivery`."""
 
     def __init__(self, sources: list[Source], *, heartbeat_interval_s: float = protocol.HEARTBEAT_INTERVAL_S,
@@ -169,15 +168,8 @@ class SnapshotSubscriber(Agent):
                  snapshot_timeout_s: float = protocol.REQUEST_TIMEOUT_S, context: zmq.Context | None = None):
         super().__init__(context, "subscriber")
         self.snapshot_timeout_s = snapshot_timeout_s
-        self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._states = [_SourceState(s, Liveness(heartbeat_interval_s, heartbeat_liveness)) for s in sources]
         self._start_thread()
-
-    def recv(self, timeout_s: float) -> Delivery | None:
-        try:
-            return self._inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
 
     def _open(self, state: _SourceState) -> None:
         self._close_source(state)

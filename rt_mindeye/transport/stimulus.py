@@ -10,7 +10,6 @@ uses ``event.onset`` directly, since the first volume starts at the trigger.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ import zmq
 
 from rt_mindeye.errors import MessageError
 from rt_mindeye.transport import protocol, security
-from rt_mindeye.transport.agent import STOP, Agent
-from rt_mindeye.transport.messages import Ack, Message, RunTrigger, StimulusEvent, decode, encode
+from rt_mindeye.transport.agent import STOP, InboxAgent
+from rt_mindeye.transport.messages import Ack, RunTrigger, StimulusEvent, decode, encode
 
 __all__ = ["StimulusEventServer", "RunClock"]
 
@@ -36,7 +35,7 @@ class RunClock:
     source: str  # "first_volume" or "trigger_message"
 
 
-class StimulusEventServer(Agent):
+class StimulusEventServer(InboxAgent):
     """ROUTER socket on the scanner host; ``recv(timeout_s)`` returns StimulusEvent / RunTrigger in arrival order.
 
     Every message is acknowledged to its client by seq. A re-sent event (same run and trial) replaces the earlier
@@ -53,19 +52,12 @@ class StimulusEventServer(Agent):
         self._socket.linger = 0
         security.bind(self.context, self._socket, endpoint, server_security)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._inbox: queue.Queue[Message] = queue.Queue()
         self._lock = threading.Lock()
         self._events: dict[int, dict[int, StimulusEvent]] = {}
         self._clocks: dict[int, RunClock] = {}
         self._start_thread()
 
     # --- caller API -------------------------------------------------------------------------------------------------
-
-    def recv(self, timeout_s: float) -> Message | None:
-        try:
-            return self._inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
 
     def set_run_anchor(self, run: int, acquisition_time: float) -> None:
         """Anchor ``run`` at its first volume's acquisition time (POSIX s); overrides the trigger-message estimate."""
