@@ -23,7 +23,6 @@ Prints a table and writes ``bench/results/session.json``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

@@ -73,18 +73,29 @@ class BundleInfo:
 
 
 @dataclass(frozen=True)
-class CalibrationBundle:
-    root: Path
-    info: BundleInfo
+class BundlePaths:
+    """Where each part of a bundle lives; the calibration workflow writes through it, the services read."""
 
-    # --- paths ---------------------------------------------------------------------------------------------------
+    root: Path
+
     @property
     def reference_path(self) -> Path:
         return self.root / "reference.nii.gz"
 
     @property
     def mask_path(self) -> Path:
+        """The decoder's voxels."""
         return self.root / "mask.nii.gz"
+
+    @property
+    def glm_mask_path(self) -> Path:
+        """The voxels the real-time GLM runs on (decoder voxels plus noise-pool candidates)."""
+        return self.root / "glm_mask.nii.gz"
+
+    @property
+    def decoder_index_path(self) -> Path:
+        """Positions of the decoder's voxels within the GLM voxels."""
+        return self.glm_dir / "decoder_index.npy"
 
     @property
     def glm_dir(self) -> Path:
@@ -101,6 +112,11 @@ class CalibrationBundle:
     @property
     def report_path(self) -> Path:
         return self.root / "report.md"
+
+
+@dataclass(frozen=True)
+class CalibrationBundle(BundlePaths):
+    info: BundleInfo
 
     # --- reading -------------------------------------------------------------------------------------------------
     @classmethod
@@ -124,6 +140,12 @@ class CalibrationBundle:
 
     def mask(self) -> np.ndarray:
         return np.asarray(nib.load(str(self.mask_path)).dataobj) > 0
+
+    def glm_mask(self) -> np.ndarray:
+        return np.asarray(nib.load(str(self.glm_mask_path)).dataobj) > 0
+
+    def decoder_index(self) -> np.ndarray:
+        return np.load(self.decoder_index_path, allow_pickle=False)
 
     def candidates(self) -> dict[str, np.ndarray]:
         with np.load(self.candidates_path, allow_pickle=False) as data:

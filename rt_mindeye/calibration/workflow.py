@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rt_mindeye.calibration.bundle import BundleInfo, CalibrationBundle, save_volume_nifti, write_bundle_info
+from rt_mindeye.calibration.bundle import (BundleInfo, BundlePaths, CalibrationBundle, save_volume_nifti,
+                                           write_bundle_info)
 from rt_mindeye.calibration.config import CalibrationConfig
 from rt_mindeye.errors import SessionError
 from rt_mindeye.ingest.config import WatcherConfig
@@ -238,12 +239,12 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     lap("finetune")
 
     # 6. bundle
-    out.mkdir(parents=True, exist_ok=True)
-    save_volume_nifti(out / "reference.nii.gz", reference.data, reference.affine)
-    save_volume_nifti(out / "mask.nii.gz", decoder_mask.astype(np.uint8), reference.affine)
-    save_volume_nifti(out / "glm_mask.nii.gz", glm_mask.astype(np.uint8), reference.affine)
-    glm.calibration_.save(out / "glm")
-    np.save(out / "glm" / "decoder_index.npy", decoder_index)
+    paths = BundlePaths(out)
+    save_volume_nifti(paths.reference_path, reference.data, reference.affine)
+    save_volume_nifti(paths.mask_path, decoder_mask.astype(np.uint8), reference.affine)
+    save_volume_nifti(paths.glm_mask_path, glm_mask.astype(np.uint8), reference.affine)
+    glm.calibration_.save(paths.glm_dir)
+    np.save(paths.decoder_index_path, decoder_index)
     info = BundleInfo(
         subject=config.subject, session=session_id or session_dir.name, shape=tuple(reference.shape),
         voxel_size=tuple(float(v) for v in reference.voxel_sizes),
@@ -298,7 +299,7 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     import torch
 
     from rt_mindeye.model.data import image_targets, subject_data
-    from rt_mindeye.model.train import Trainer, finetune
+    from rt_mindeye.model.train import finetune
 
     embedder = make_embedder(config)
     images = load_images(stimuli)
@@ -312,7 +313,8 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     stats = (np.zeros(betas.shape[1], np.float32), np.ones(betas.shape[1], np.float32))  # already z-scored
     train = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=~holdout)
     val = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=holdout) if holdout.any() else None
-    model_dir = out / "model"
+    paths = BundlePaths(out)
+    model_dir = paths.model_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     if config.pretrained is None:
         raise SessionError(None, "calibration.pretrained: a shared MindEye2 checkpoint is needed (run "
@@ -321,7 +323,7 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     model, result = finetune(config.pretrained, train, config.train, checkpoint_path=model_dir / "last.pth",
                              validation=val, progress=False, log=say)
     candidates = targets.tokens.numpy().astype(np.float32)
-    np.savez(out / "candidates.npz", tokens=candidates, ids=np.arange(len(stimuli)),
+    np.savez(paths.candidates_path, tokens=candidates, ids=np.arange(len(stimuli)),
              files=np.array([p.name for p in stimuli]))
     top1 = None
     chance = None

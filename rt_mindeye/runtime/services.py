@@ -18,7 +18,7 @@ import numpy as np
 
 from rt_mindeye.calibration.bundle import CalibrationBundle
 from rt_mindeye.config import to_mapping
-from rt_mindeye.errors import RtMindEyeError, SessionError
+from rt_mindeye.errors import SessionError
 from rt_mindeye.runtime.config import SessionConfig
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.transport.messages import Heartbeat, TrialBetas
@@ -109,8 +109,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     bundle = CalibrationBundle.open(s.bundle)
     bundle.check(subject=s.subject, volume=None)
     calibration = GLMCalibration.load(bundle.glm_dir)
-    decoder_index = np.load(bundle.glm_dir / "decoder_index.npy")
-    glm_mask = np.asarray(__import__("nibabel").load(str(bundle.root / "glm_mask.nii.gz")).dataobj) > 0
+    decoder_index = bundle.decoder_index()
+    glm_mask = bundle.glm_mask()
     pipeline = ScannerPipeline(reference=bundle.reference(), mask=glm_mask,
                                glm=RealtimeGLM(calibration, config.glm), motion=MotionCorrector(config.motion),
                                planner=EventsPlanner(s.events_dir, s.first_live_run), session=s.id,
@@ -310,7 +310,3 @@ def run_console(config: SessionConfig, stop: threading.Event | None = None, *, h
         return console.run(duration_s=duration_s, headless=headless)
     finally:
         console.close()
-
-
-def describe_failure(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, RtMindEyeError) else f"{type(exc).__name__}: {exc}"
