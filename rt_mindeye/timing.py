@@ -24,7 +24,19 @@ def dicom_time_to_seconds(value: str) -> float:
 
 def acquisition_epoch(date: str | None, time_of_day: str) -> float:
     """POSIX seconds (local time zone of this host) for a DICOM DA + TM pair; without a date, today's."""
-    seconds = dicom_time_to_seconds(time_of_day)
+    return epoch_from_seconds(date, dicom_time_to_seconds(time_of_day))
+
+
+def volume_epoch(volume) -> float | None:
+    """POSIX acquisition time of a :class:`~rt_mindeye.volume.Volume` (None when it has no AcquisitionTime)."""
+    if volume.acquisition_time is None:
+        return None
+    header = volume.header or {}
+    return epoch_from_seconds(header.get("AcquisitionDate") or header.get("StudyDate"), volume.acquisition_time)
+
+
+def epoch_from_seconds(date: str | None, seconds: float) -> float:
+    """POSIX seconds for a DICOM date (or today) plus ``seconds`` since its midnight, local time."""
     if date:
         day = _dt.datetime.strptime(date.strip()[:8], "%Y%m%d")
     else:

@@ -143,7 +143,7 @@ def check_watch_folder(config) -> Check:
 def check_clock(config) -> Check:
     """The newest DICOM in the watch folder was acquired in the past, and recently if it is fresh."""
     from rt_mindeye.ingest.dicom import read_volume
-    from rt_mindeye.timing import acquisition_epoch
+    from rt_mindeye.timing import volume_epoch
 
     folder = Path(config.session.watch_dir)
     files = sorted((p for p in folder.glob("*.dcm")), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
@@ -152,12 +152,9 @@ def check_clock(config) -> Check:
                      "re-run preflight after the localizer/first export, or check NTP on both hosts")
     newest = files[-1]
     volume = read_volume(newest)
-    if volume.acquisition_time is None:
+    acquired = volume_epoch(volume)
+    if acquired is None:
         return Check("scanner clock", WARN, f"{newest.name} has no AcquisitionTime")
-    seconds = volume.acquisition_time
-    hours, rem = divmod(seconds, 3600.0)
-    minutes, secs = divmod(rem, 60.0)
-    acquired = acquisition_epoch(volume.header.get("AcquisitionDate"), f"{int(hours):02d}{int(minutes):02d}{secs:09.6f}")
     written = newest.stat().st_mtime
     offset = written - acquired
     if offset < -CLOCK_TOLERANCE_S:

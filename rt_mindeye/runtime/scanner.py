@@ -22,7 +22,7 @@ from rt_mindeye.glm.realtime import RealtimeGLM, TrialEstimate
 from rt_mindeye.ingest.series import LateVolume, RunEnded, RunStarted, VolumeGap, VolumeReady
 from rt_mindeye.preprocess.motion import MotionCorrector
 from rt_mindeye.errors import RtMindEyeError
-from rt_mindeye.timing import acquisition_epoch
+from rt_mindeye.timing import volume_epoch
 from rt_mindeye.transport.messages import Message, TrialBetas, VolumeStatus
 from rt_mindeye.volume import Volume
 
@@ -215,13 +215,8 @@ class ScannerPipeline:
 
     def _acquired_epoch(self, volume: Volume) -> float:
         """POSIX acquisition time of ``volume`` (DICOM AcquisitionDate/Time); receipt time when absent."""
-        if volume.acquisition_time is None:
-            return self.wall_clock()
-        date = volume.header.get("AcquisitionDate") or volume.header.get("StudyDate") if volume.header else None
-        seconds = volume.acquisition_time
-        hours, rem = divmod(seconds, 3600.0)
-        minutes, secs = divmod(rem, 60.0)
-        return acquisition_epoch(date, f"{int(hours):02d}{int(minutes):02d}{secs:09.6f}")
+        acquired = volume_epoch(volume)
+        return self.wall_clock() if acquired is None else acquired
 
     def _write_motion(self, run: _RunState) -> None:
         if self.motion_dir is None:
