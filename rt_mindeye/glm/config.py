@@ -28,6 +28,19 @@ class RealtimeConfig:
     max_drift_degree: int = setting(
         1, "highest polynomial drift degree used for early/refined estimates (the final one uses the calibration's "
            "degree); low orders keep the newest trial from being absorbed by the drift", min=0, max=10)
+    drift_shrinkage: float = setting(
+        0.01, "ridge on the non-constant drift columns of early/refined estimates, as a fraction of the constant "
+              "column's weight (the volumes so far): early in the run the slope is mostly shrunk away (3 x this / "
+              "(elapsed fraction of the run)^2 relative to its own information), once the run is long it is almost "
+              "free, so the drift is not extrapolated into the newest trial's rising response. 0 = no penalty",
+        min=0.0, max=100.0)
+    ar_rho: float = setting(
+        0.2, "AR(1) coefficient of the noise used to prewhiten early/refined estimates: every volume's data and "
+             "regressors minus ar_rho times the previous volume's (after a missing volume the chain restarts). "
+             "One value for all voxels (0.2: SPM's classic global AR(1)); 0 = no prewhitening", min=0.0, max=0.9)
+    ridge_prior_mean: bool = setting(
+        True, "shrink the trials' own columns toward each voxel's calibration mean beta (its typical response to "
+              "any image) instead of toward zero, so partially seen neighbours are not pulled to no response")
     noise_pcs: bool = setting(True, "use the calibration's noise components (frozen spatial loadings applied to "
                                     "the live noise pool) as nuisance regressors in early/refined estimates")
     use_motion: bool = setting(True, "use motion parameters passed to add_volume as nuisance regressors")

@@ -10,6 +10,19 @@ nuisance regressors, and small per-HRF Gram terms), so the work per volume is ``
 an estimate is one batched solve of at most ``2 * neighbors + 2 + nuisance`` unknowns per (HRF, ridge level) group
 and a ``size x V`` combination, however long the run has been going. A missing volume simply never enters the statistics (dropped, not zero-filled).
 
+Three choices keep the newest trial's estimate from being confounded while only the rising part of its response has
+been seen (measured on the phantom and the synthetic sessions, see docs/glm.md):
+
+* AR(1) prewhitening (``ar_rho``): each volume enters the sums as ``row_t - rho * row_{t-1}`` (data, trial, sum and
+  nuisance columns alike), so the work per volume stays bounded; after a missing volume the chain restarts with the
+  stationary scaling ``sqrt(1 - rho^2) * row_t``.
+* Drift shrinkage (``drift_shrinkage``): the non-constant drift columns get a ridge proportional to the constant
+  column's weight, so a slope that the elapsed part of the run cannot pin down is not extrapolated into the newest
+  volumes.
+* Ridge toward the prior mean (``ridge_prior_mean``): the trials' own columns are shrunk toward the voxel's
+  calibration mean beta rather than toward zero, so a neighbour whose response has barely started is assumed to
+  respond as usual rather than not at all.
+
 A trial is first emitted ("early") once ``early_volumes`` volumes at or after its onset have arrived, then
 "refined" every ``refine_every`` further volumes up to ``refine_until``, and "final" at :meth:`end_run`, which
 refits the run exactly as the offline calibration fit would (:func:`~rt_mindeye.glm.estimator.fit_run_frozen`:
@@ -124,6 +137,7 @@ class RealtimeGLM:
         self._n_post = np.zeros(k, dtype=np.int64)
         self._emitted = np.zeros(k, dtype=np.int64)  # n_post of the last emitted estimate (0 = none yet)
         self._frames: list[int] = []
+        self._previous = None  # (index, psc, nuisance row, active trials) of the last volume, for prewhitening
         self._rows: list[np.ndarray] = []
         self._motion_rows: list[np.ndarray] = []
         self._last_motion = None
@@ -182,29 +196,50 @@ class RealtimeGLM:
         t = (index + self.calibration_.slice_time_ref) * self.tr_
         ev = self.events_
         active = np.flatnonzero((ev.onsets <= t) & (t <= ev.onsets + self._support))
-        if index < self._n_table:
-            rows = self._table[:, index, active]
-        else:
-            rows = self._hrfs.regressors(np.array([t]), ev.onsets[active], ev.durations[active])[:, 0, :]
+        rows, psc_w, nuis_w, touched = self._whitened(index, psc, nuis, active)
         s_row = rows.sum(axis=1)
         # Sufficient statistics: only the active trials' rows, the trial sum and the nuisance rows touch V voxels.
-        if active.size:
+        if touched.size:
             per_voxel = rows[self._hrf_index]  # (V, A): each voxel's own HRF
-            self._xy[active] += (per_voxel * psc[:, None]).T
-            self._xx[:, active[:, None], active[None, :]] += rows[:, :, None] * rows[:, None, :]
-            self._xs[:, active] += rows * s_row[:, None]
-            self._xn[:, active] += rows[:, :, None] * nuis[None, None, :]
-        self._sy += s_row[self._hrf_index] * psc
-        self._ny += nuis[:, None] * psc[None, :]
+            self._xy[touched] += (per_voxel * psc_w[:, None]).T
+            self._xx[:, touched[:, None], touched[None, :]] += rows[:, :, None] * rows[:, None, :]
+            self._xs[:, touched] += rows * s_row[:, None]
+            self._xn[:, touched] += rows[:, :, None] * nuis_w[None, None, :]
+        self._sy += s_row[self._hrf_index] * psc_w
+        self._ny += nuis_w[:, None] * psc_w[None, :]
         self._ss += s_row ** 2
-        self._sn += s_row[:, None] * nuis[None, :]
-        self._nn += np.outer(nuis, nuis)
-        self.work_["rows_updated"].append(int(active.size + 1 + nuis.size))
+        self._sn += s_row[:, None] * nuis_w[None, :]
+        self._nn += np.outer(nuis_w, nuis_w)
+        self.work_["rows_updated"].append(int(touched.size + 1 + nuis.size))
         self._frames.append(index)
         self._rows.append(y_raw)
         self._motion_rows.append(motion if motion is not None else np.zeros(0))
         self._n_post[ev.onsets <= t] += 1
         return self._emit_due(index)
+
+    def _trial_rows(self, index: int, trials: np.ndarray) -> np.ndarray:
+        """(H, len(trials)) regressor values of ``trials`` at volume ``index`` under every HRF."""
+        if index < self._n_table:
+            return self._table[:, index, trials]
+        t = (index + self.calibration_.slice_time_ref) * self.tr_
+        ev = self.events_
+        return self._hrfs.regressors(np.array([t]), ev.onsets[trials], ev.durations[trials])[:, 0, :]
+
+    def _whitened(self, index: int, psc: np.ndarray, nuis: np.ndarray, active: np.ndarray):
+        """This volume's rows after AR(1) prewhitening: (trial rows (H, A'), data (V,), nuisance (p,), the A'
+        trials they belong to). With rho = 0 they are the raw rows of the active trials."""
+        rho = self.config_.ar_rho
+        previous, self._previous = self._previous, (index, psc, nuis, active)
+        if not rho:
+            return self._trial_rows(index, active), psc, nuis, active
+        if previous is None or previous[0] != index - 1:
+            # First volume, or the previous one is missing: restart the chain at its stationary scale.
+            c = np.sqrt(1.0 - rho * rho)
+            return c * self._trial_rows(index, active), c * psc, c * nuis, active
+        # A trial whose response ended at the previous volume still has a (small) whitened row now.
+        touched = np.union1d(active, previous[3])
+        rows = self._trial_rows(index, touched) - rho * self._trial_rows(index - 1, touched)
+        return rows, psc - rho * previous[1], nuis - rho * previous[2], touched
 
     def add_gap(self, index: int) -> list[TrialEstimate]:
         """Record that volume ``index`` will never arrive: it is left out of every fit (nothing else changes)."""
@@ -267,8 +302,12 @@ class RealtimeGLM:
         gram[:, m + 1:, :m] = xn.transpose(0, 2, 1)
         gram[:, m, m + 1:] = gram[:, m + 1:, m] = rest_n
         gram[:, m + 1:, m + 1:] = self._nn[np.ix_(cols, cols)]
-        # Ridge on the trials' own columns only (drift, noise and the other-trials column stay unpenalised).
+        # Ridge on the trials' own columns only (noise and the other-trials column stay unpenalised).
         gram[:, np.arange(m), np.arange(m)] += self._group_alpha[:, None]
+        # Drift slope(s): a ridge proportional to the constant column's weight (see ``drift_shrinkage``).
+        sloped = m + 1 + np.flatnonzero((cols >= 1) & (cols < self._n_poly))
+        if self.config_.drift_shrinkage and sloped.size:
+            gram[:, sloped, sloped] += self.config_.drift_shrinkage * self._nn[0, 0]
         # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
         # the weights that turn the right-hand sides into this trial's beta. A relative 1e-9 ridge on every column
         # keeps columns that are still empty (e.g. no other trial yet) from making the system singular.
@@ -281,6 +320,10 @@ class RealtimeGLM:
         xy = self._xy[own]                    # (m, V)
         beta = (np.einsum("vm,mv->v", w[:, :m], xy) + w[:, m] * (self._sy - xy.sum(axis=0))
                 + np.einsum("vp,pv->v", w[:, m + 1:], self._ny[cols]))
+        if self.config_.ridge_prior_mean:
+            # Penalty alpha * |b_own - mu|^2 adds alpha * mu to each own column's right-hand side.
+            alpha = self._group_alpha[self._group_of_voxel]
+            beta = beta + alpha * self.calibration_.beta_mean * w[:, :m].sum(axis=1)
         self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)

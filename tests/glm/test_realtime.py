@@ -76,7 +76,7 @@ def test_estimates_equal_batch_lss_and_gaps_are_dropped_not_zero_filled(calibrat
     data, events = s.runs[3], s.events[3]
     gap = 30
     cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, max_drift_degree=1, neighbors=0,
-                         ridge=False)
+                         ridge=False, ar_rho=0.0, drift_shrinkage=0.0)
     rt = RealtimeGLM(cal, cfg).start_run(events, s.tr, n_volumes=data.shape[0])
     live = {e.trial: e for e in run_stream(rt, data, gap=gap)}
     affected = [e for e in live.values() if e.last_volume > gap and e.last_volume - gap < 8]
@@ -202,7 +202,8 @@ def _local_ridge_reference(calibration, data_rows, frames, events, tr, trial, ti
 def test_local_ridge_estimate_equals_batch_ridge_fit(calibrated, synthetic_session):
     s = synthetic_session
     cal = calibrated.calibration_
-    cfg = RealtimeConfig(early_volumes=6, refine_every=0, zscore=False, neighbors=2, noise_pcs=False)
+    cfg = RealtimeConfig(early_volumes=6, refine_every=0, zscore=False, neighbors=2, noise_pcs=False, ar_rho=0.0,
+                         drift_shrinkage=0.0, ridge_prior_mean=False)
     rt = RealtimeGLM(cal, cfg).start_run(s.events[3], s.tr)
     emitted = run_stream(rt, s.runs[3])
     # The estimator quantises each voxel's alpha to its ridge level; the reference uses the same levels.
@@ -218,3 +219,94 @@ def test_local_ridge_estimate_equals_batch_ridge_fit(calibrated, synthetic_sessi
         close = np.abs(e.betas - ref) <= 1e-3 * max(1.0, np.abs(ref).max())
         assert close.mean() > 0.98 and np.all(close | (alpha == 0)), e.trial
         assert np.allclose(e.betas, ref, atol=0.05 * max(1.0, np.abs(ref).max()))
+
+
+def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, neighbors, alpha,
+                              rho, drift_shrinkage, n_pcs):
+    """Batch fit of the full early-estimate model for one trial, straight from its definition: own columns for the
+    trial and its started neighbours (ridge alpha toward the calibration mean beta), one column for every other
+    trial, drift (slope ridge = drift_shrinkage x the constant column's weight) and noise components, every row
+    AR(1)-prewhitened (a row whose previous volume is missing restarts at scale sqrt(1 - rho^2))."""
+    hrfs = calibration.hrf_set()
+    regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
+    psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
+    u = (frames + calibration.slice_time_ref) * tr / time_scale
+    nuis = [u[:, None] ** np.arange(degree + 1)]
+    if n_pcs:
+        pool = psc[:, calibration.noise_pool_index] / calibration.noise_scale
+        nuis.append(pool @ calibration.noise_loadings[:, :n_pcs])
+    nuis = np.concatenate(nuis, axis=1)
+    whiten = np.zeros((frames.size, frames.size))
+    for i, f in enumerate(frames):
+        if i and frames[i - 1] == f - 1:
+            whiten[i, i], whiten[i, i - 1] = 1.0, -rho
+        else:
+            whiten[i, i] = np.sqrt(1.0 - rho ** 2)
+    t_last = (frames[-1] + calibration.slice_time_ref) * tr
+    own = [k for k in range(max(0, trial - neighbors), min(len(events), trial + neighbors + 1))
+           if events.onsets[k] <= t_last]
+    n_own = len(own)
+    betas = np.zeros(psc.shape[1])
+    for v in range(psc.shape[1]):
+        x = regs[calibration.hrf_index[v]]
+        design = whiten @ np.column_stack([x[:, own], x.sum(axis=1) - x[:, own].sum(axis=1), nuis])
+        penalty = np.zeros(design.shape[1])
+        penalty[:n_own] = alpha[v]
+        constant = n_own + 1
+        penalty[constant + 1:constant + 1 + degree] = drift_shrinkage * (design[:, constant] ** 2).sum()
+        prior = np.zeros(design.shape[1])
+        prior[:n_own] = calibration.beta_mean[v]
+        coef = np.linalg.solve(design.T @ design + np.diag(penalty) + 1e-12 * np.eye(design.shape[1]),
+                               design.T @ (whiten @ psc[:, v]) + penalty * prior)
+        betas[v] = coef[own.index(trial)]
+    return betas
+
+
+def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_across_a_gap(calibrated,
+                                                                                        session_factory):
+    s = session_factory(seed=7, n_runs=2, n_frames=160, n_conditions=40)  # long enough for the linear drift term
+    cal = calibrated.calibration_
+    gap = 65
+    cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, neighbors=2, ar_rho=0.3, drift_shrinkage=0.05)
+    assert cfg.ridge_prior_mean and cfg.max_drift_degree == 1
+    rt = RealtimeGLM(cal, cfg).start_run(s.events[0], s.tr)
+    emitted = run_stream(rt, s.runs[0], gap=gap)
+    alpha = rt._group_alpha[rt._group_of_voxel]
+    # Estimates fitted across the gap, late enough for the linear drift term (round(minutes / 2) >= 1).
+    across = [e for e in emitted if gap < e.last_volume < gap + 10]
+    assert across and all((e.last_volume + 1) * s.tr >= 90.0 for e in across)
+    for e in across[:2]:
+        frames = np.array([f for f in range(e.last_volume + 1) if f != gap])
+        ref = _whitened_ridge_reference(cal, s.runs[0][frames], frames, s.events[0], s.tr, e.trial, rt._time_scale,
+                                        1, 2, alpha, 0.3, 0.05, rt._n_pcs)
+        close = np.abs(e.betas - ref) <= 1e-3 * max(1.0, np.abs(ref).max())
+        assert close.mean() > 0.98 and np.all(close | (alpha == 0)), e.trial
+    # Each of the three changes the estimate (so the reference above checks all three).
+    base = dict(early_volumes=5, refine_every=0, zscore=False, neighbors=2)
+    full = {e.trial: e.betas for e in emitted}
+    for off in ({"ar_rho": 0.0, "drift_shrinkage": 0.05}, {"ar_rho": 0.3, "drift_shrinkage": 0.0},
+                {"ar_rho": 0.3, "drift_shrinkage": 0.05, "ridge_prior_mean": False}):
+        other = RealtimeGLM(cal, RealtimeConfig(**base, **off)).start_run(s.events[0], s.tr)
+        changed = {e.trial: e.betas for e in run_stream(other, s.runs[0], gap=gap)}
+        assert not np.allclose(changed[across[0].trial], full[across[0].trial], atol=1e-3), off
+
+
+def test_early_model_choices_raise_accuracy_at_the_default_delay(session_factory, correlation):
+    """At 5 post-onset volumes, prewhitening + drift shrinkage + prior-mean ridge beat the plain local ridge fit."""
+    sess = session_factory(seed=3, n_runs=5, n_frames=150, n_vox=300, n_conditions=30, repeats=3)
+    cal = GLMSingle(model="d").fit(sess.runs[:3], sess.events[:3], sess.tr)
+    k0 = sum(len(e) for e in sess.events[:3])
+    plain = dict(ar_rho=0.0, drift_shrinkage=0.0, ridge_prior_mean=False)
+    score = {}
+    for name, options in (("plain", plain), ("default", {})):
+        cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, **options)
+        got, rows = [], []
+        start = k0
+        for r in (3, 4):
+            rt = RealtimeGLM(cal, cfg).start_run(sess.events[r], sess.tr)
+            for e in run_stream(rt, sess.runs[r]):
+                got.append(e.betas)
+                rows.append(start + e.trial)
+            start += len(sess.events[r])
+        score[name] = correlation(np.stack(got), sess.true_betas[rows], sess.responsive)
+    assert score["default"] > score["plain"] + 0.01, score
