@@ -126,9 +126,17 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
     cal = GLMSingle(model="d").fit([runs[r] for r in cal_runs], [events[r] for r in cal_runs], tr,
                                    motion=None)
     curve = {}
-    variants = {"default (LSA +-6, ridge, drift<=1)": {},
-                "LSS, no ridge (as real-time MindEye)": {"neighbors": 0, "ridge": False},
-                "LSA +-6, ridge, constant drift": {"max_drift_degree": 0}}
+    # The previous default: no prewhitening, unshrunk drift slope, own columns shrunk toward zero.
+    previous = {"ar_rho": 0.0, "drift_shrinkage": 0.0, "ridge_prior_mean": False}
+    # default: local LSA +-6, ridge toward the calibration mean beta, AR(1) 0.2 prewhitening, drift <= 1 with the
+    # slope shrunk; previous: the same without prewhitening, slope shrinkage and prior mean.
+    variants = {"default": {},
+                "previous default": previous,
+                "previous, constant drift": {**previous, "max_drift_degree": 0},
+                "default, ar_rho 0": {"ar_rho": 0.0},
+                "default, drift_shrinkage 0": {"drift_shrinkage": 0.0},
+                "default, ridge toward 0": {"ridge_prior_mean": False},
+                "LSS, no ridge (rt-MindEye)": {"neighbors": 0, "ridge": False}}
     for key, options in variants.items():
         if True:
             cfgrt = RealtimeConfig(early_volumes=1, refine_every=1, refine_until=max_delay, zscore=False, **options)
@@ -148,6 +156,10 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
             row["final"] = score(np.stack([final[i] for i in live_rows]), live_rows)
             curve[key] = row
     results["realtime_live_runs"] = curve
+    default_delay = RealtimeConfig().early_volumes
+    results["realtime_over_offline_d_at_default_delay"] = {
+        "delay_volumes": default_delay,
+        **{k: row.get(default_delay, float("nan")) / results["offline_live_runs"]["d"] for k, row in curve.items()}}
     results["calibration"] = {"n_pcs": cal.n_pcs_, "median_frac": float(np.median(cal.frac_))}
     return results
 
@@ -263,14 +275,18 @@ def _print_accuracy(acc: dict) -> None:
         table.add_row(k.replace("_", " "), "", f"{v:.3f}")
     console.print(table)
     curve = Table(title="real-time estimator: accuracy vs post-onset volumes (real-time runs)")
-    curve.add_column("volumes after onset")
-    variants = list(acc["realtime_live_runs"])
-    for key in variants:
-        curve.add_column(key, justify="right")
-    rows = list(next(iter(acc["realtime_live_runs"].values())))
-    for n in rows:
-        curve.add_row(str(n), *[f"{acc['realtime_live_runs'][k].get(n, float('nan')):.3f}" for k in variants])
-    console.print(curve)
+    curve.add_column("variant", no_wrap=True)
+    realtime = acc["realtime_live_runs"]
+    shown = [n for n in (3, 4, 5, 6, 8, 12, 16) if n in next(iter(realtime.values()))] + ["final"]
+    for n in shown:
+        curve.add_column(str(n), justify="right")
+    ratio = acc.get("realtime_over_offline_d_at_default_delay")
+    if ratio:
+        curve.add_column(f"x offline d at {ratio['delay_volumes']}", justify="right")
+    for key, row in realtime.items():
+        cells = [f"{row.get(n, float('nan')):.3f}" for n in shown]
+        curve.add_row(key, *cells, *([f"{ratio[key]:.3f}"] if ratio else []))
+    Console(width=max(console.width, 120)).print(curve)  # the variant names stay on one line
 
 
 def _print_timing(tim: dict) -> None:

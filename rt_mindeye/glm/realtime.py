@@ -242,7 +242,8 @@ class RealtimeGLM:
         return rows, psc - rho * previous[1], nuis - rho * previous[2], touched
 
     def add_gap(self, index: int) -> list[TrialEstimate]:
-        """Record that volume ``index`` will never arrive: it is left out of every fit (nothing else changes)."""
+        """Record that volume ``index`` will never arrive: it is left out of every fit (with prewhitening the next
+        volume restarts the AR(1) chain, as it would after any missing volume)."""
         self._require_run()
         return []
 
