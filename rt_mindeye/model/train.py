@@ -51,6 +51,11 @@ class TrainConfig:
     weight_decay: float = setting(1e-2, "AdamW weight decay (the ridge penalty); biases are not decayed", min=0.0)
     shared_lr_scale: float = setting(1.0, "learning-rate factor of the shared parts (backbone, prior) relative to the "
                                           "ridge heads; MindEye2 uses 1", min=0.0, max=1.0)
+    head_only_pct: float = setting(0.0, "fraction of the epochs, from the start, in which only the ridge heads train "
+                                        "(backbone and prior frozen; 'linear probe, then fine-tune'). Used for a new "
+                                        "subject, whose fresh head would otherwise send noise into the pretrained "
+                                        "parts; 0 = MindEye2's fine-tune of everything from the start",
+                                   min=0.0, max=1.0)
     warmup_epochs: float = setting(2.0, "OneCycle warm-up length in epochs (capped at half the run)", min=0.0)
     mixup_pct: float = setting(0.33, "fraction of epochs trained with BiMixCo before SoftCLIP", min=0.0, max=1.0)
     mixco_beta: float = setting(0.15, "Beta(a, a) parameter of the MixCo weights", min=1e-3)
@@ -230,9 +235,12 @@ class Trainer:
             losses, lrs = list(resume_state["train_losses"]), list(resume_state["lrs"])
 
         mix_epochs = int(cfg.mixup_pct * epochs)
+        head_only_epochs = int(round(cfg.head_only_pct * epochs))
+        self._trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
         with _progress(self.progress, epochs, start_epoch) as (bar, task):
             for epoch in range(start_epoch, epochs):
                 began = time.perf_counter()
+                self._freeze_shared(epoch < head_only_epochs)
                 sums = self._train_epoch(datasets, epoch, epochs, mix_epochs, steps_per_epoch, optimizer, scheduler,
                                          scaler, device, amp_dtype, losses, lrs)
                 entry = EpochLog(epoch=epoch, lr=lrs[-1], seconds=time.perf_counter() - began,
@@ -249,7 +257,16 @@ class Trainer:
                     if entry.val_top1 is not None:
                         desc += f" val {entry.val_top1:.2f}"
                     bar.update(task, advance=1, description=desc)
+        self._freeze_shared(False)
         return result
+
+    def _freeze_shared(self, frozen: bool) -> None:
+        """Stop (or restart) gradients into everything but the ridge heads. AdamW skips parameters without a
+        gradient, so frozen parts are neither stepped nor decayed, and the optimizer state needs no rebuilding.
+        Parameters the caller had frozen before training stay frozen."""
+        for name, param in self.model.named_parameters():
+            if not name.startswith("ridge."):
+                param.requires_grad_(self._trainable.get(name, True) and not frozen)
 
     def _train_epoch(self, datasets, epoch, epochs, mix_epochs, steps_per_epoch, optimizer, scheduler, scaler,
                      device, amp_dtype, losses, lrs) -> dict[str, float]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rt_mindeye.convert.mindeye2 import save_container
+from rt_mindeye.convert.mindeye2 import load_mindeye2, save_container
 from rt_mindeye.errors import ConfigError
 from rt_mindeye.model.losses import mixco, mixco_nce, soft_clip_loss, soft_clip_temperature
 from rt_mindeye.model.mindeye import MindEyeModule
@@ -99,6 +99,30 @@ def test_finetune_a_new_subject_from_a_pretrained_checkpoint(micro, subject_data
     shared = pretrained.state_dict()
     tuned = model.state_dict()
     assert not torch.equal(shared["backbone.backbone_linear.weight"], tuned["backbone.backbone_linear.weight"])
+
+
+def test_head_only_epochs_train_the_new_ridge_head_and_leave_the_shared_parts_untouched(micro, subject_data, tmp_path):
+    config, data = _setup(micro, subject_data, n=32)
+    torch.manual_seed(0)
+    pretrained = MindEyeModule(config)
+    path = save_container(tmp_path / "pre.pth", pretrained)
+    shared = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("ridge.")}
+    new = subject_data(32, 30, 9, config, "new")
+
+    frozen, _ = finetune(path, new, dataclasses.replace(FAST, epochs=2, head_only_pct=1.0), progress=False)
+    after = frozen.state_dict()
+    assert all(torch.equal(shared[k], after[k]) for k in shared)
+    untrained = load_mindeye2(path, new_subject_voxels=30, new_subject_name="new", seed=FAST.seed).model
+    assert not torch.equal(untrained.state_dict()["ridge.linears.0.weight"], after["ridge.linears.0.weight"])
+    # The freeze is undone after training; parameters frozen by design (rotary frequencies) stay frozen.
+    assert {k: p.requires_grad for k, p in frozen.named_parameters()} == \
+        {k: p.requires_grad for k, p in untrained.named_parameters()}
+    assert any(p.requires_grad for k, p in frozen.named_parameters() if k.startswith("backbone."))
+
+    partly, result = finetune(path, new, dataclasses.replace(FAST, epochs=4, head_only_pct=0.5), progress=False)
+    after = partly.state_dict()
+    assert not torch.equal(shared["backbone.backbone_linear.weight"], after["backbone.backbone_linear.weight"])
+    assert result.history[-1].loss < result.history[0].loss
 
 
 def test_time_budget_plans_epochs_from_a_measured_step(micro, subject_data):
