@@ -49,6 +49,8 @@ from rt_mindeye.model.config import MindEyeConfig  # noqa: E402
 from rt_mindeye.model.mindeye import MindEyeModule, build_model  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
+PRETRAIN_GLOBAL_BATCH = 32  # trials per pretraining step, split evenly across the subjects
+FINETUNE_HEAD_ONLY_PCT = 0.33  # the calibration workflow's default (rt_mindeye.calibration.config)
 NSD_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense BF16 tensor core peak
 ASSUMED_MFU = (0.25, 0.45)
@@ -128,18 +130,24 @@ def training_flops_per_step(config: MindEyeConfig, batch: int) -> dict[str, floa
 
 
 def phantom_setup(args, console):
-    from rt_mindeye.model.data import image_targets, phantom_subject_data
+    """Images, targets and data: the new subject sees stimuli 0..n-1, each pretraining subject its own next block.
+
+    As in NSD (where MindEye2's pretraining subjects saw ~9,000 mostly distinct images each), the shared model must
+    learn a brain-to-image map that generalises to images it never saw, not memorise a few hundred: pretraining
+    subjects therefore see images that neither the new subject nor the other pretraining subjects see.
+    """
+    from rt_mindeye.model.data import image_targets, phantom_subject_data, subject_data, trial_arrays, zscore_stats
     from rt_mindeye.model.embedders import PhantomEmbedder
     from rt_mindeye.phantom import phantom_config, simulate_session
     from rt_mindeye.phantom.stimuli import render_all, stimulus_set
 
-    pre_cfg = phantom_config("small", n_runs=args.pretrain_runs, calibration_runs=0,
-                             trials_per_run=args.trials_per_run, repeated_images=0)
     new_cfg = phantom_config("small", n_runs=args.new_runs, calibration_runs=args.calibration_runs,
                              trials_per_run=args.trials_per_run, repeated_images=0)
-    n_images = max(pre_cfg.n_images, new_cfg.n_images)
+    per_subject = args.pretrain_runs * args.trials_per_run
+    offsets = [new_cfg.n_images + k * per_subject for k in range(args.subjects)]
+    n_images = new_cfg.n_images + args.subjects * per_subject
     began = time.perf_counter()
-    images = render_all(stimulus_set(n_images), pre_cfg.image_size)
+    images = render_all(stimulus_set(n_images), new_cfg.image_size)
     targets = image_targets(images, PhantomEmbedder(layer=PHANTOM_LAYER, grid=PHANTOM_GRID))
     console.print(f"image targets for {n_images} images: {time.perf_counter() - began:.1f} s")
 
@@ -149,19 +157,18 @@ def phantom_setup(args, console):
         raise RuntimeError("phantom images differ between sessions: image indices would not match")
     calib = new.calibration_runs
     held_out = [r for r in range(new.n_runs) if r not in calib]
-    test_images = {t.image_index for r in held_out for t in new.trials(r)}
-    calib_images = {t.image_index for r in calib for t in new.trials(r)}
     pretrain = []
-    for subject in range(1, args.subjects + 1):
-        session = simulate_session(pre_cfg, subject=subject, seed=subject)
-        data, _ = phantom_subject_data(session, range(session.n_runs), targets, name=f"phantom{subject:02d}",
-                                       exclude_images=test_images)
-        pretrain.append(data)
+    for subject, offset in zip(range(1, args.subjects + 1), offsets):
+        cfg = phantom_config("small", n_runs=args.pretrain_runs, calibration_runs=0, repeated_images=0,
+                             trials_per_run=args.trials_per_run, stimulus_offset=offset)
+        session = simulate_session(cfg, subject=subject, seed=subject)
+        betas, index = trial_arrays(session, range(session.n_runs))
+        pretrain.append(subject_data(betas, index + offset, targets, zscore_stats(betas), name=f"phantom{subject:02d}"))
     finetune_data, _ = phantom_subject_data(new, calib, targets, name=f"phantom{new_id:02d}", stats_runs=calib)
     test_data, test_index = phantom_subject_data(new, held_out, targets, name=f"phantom{new_id:02d}",
                                                  stats_runs=calib)
     return dict(images=images, targets=targets, pretrain=pretrain, finetune=finetune_data, test=test_data,
-                test_index=test_index, overlap=len(test_images & calib_images))
+                test_index=test_index, pretrain_images=args.subjects * per_subject)
 
 
 @torch.no_grad()
@@ -213,7 +220,10 @@ def run_phantom(args, console) -> dict:
                                       subject_names=tuple(d.name for d in setup["pretrain"]), **fields)
     torch.manual_seed(args.seed)
     shared = MindEyeModule(pre_config)
-    pre_settings = TrainConfig(epochs=args.pretrain_epochs, batch_size=24, max_lr=1e-3, seed=args.seed,
+    # MindEye2 splits one global batch across the pretraining subjects (42 over 7 subjects: 6 each); so do we, which
+    # also keeps the auxiliary loss's (batch x 49)^2 similarity matrices small on a CPU.
+    pre_settings = TrainConfig(epochs=args.pretrain_epochs, batch_size=max(4, PRETRAIN_GLOBAL_BATCH // args.subjects),
+                               max_lr=1e-3, seed=args.seed,
                                time_budget_min=args.pretrain_budget_min)
     began = time.perf_counter()
     pre = pretrain(shared, setup["pretrain"], pre_settings, progress=not args.no_progress, log=console.print)
@@ -221,6 +231,7 @@ def run_phantom(args, console) -> dict:
     checkpoint = save_container(RESULTS / "model_pretrained_tiny.pth", shared)
 
     fine_settings = TrainConfig(epochs=args.finetune_max_epochs, batch_size=24, max_lr=1e-3, seed=args.seed,
+                                head_only_pct=args.head_only_pct,
                                 time_budget_min=args.finetune_budget_min)
     began = time.perf_counter()
     tuned, fine = finetune(checkpoint, setup["finetune"], fine_settings, progress=not args.no_progress,
@@ -249,7 +260,7 @@ def run_phantom(args, console) -> dict:
                      "measured_step_seconds": fine.step_seconds},
         "scratch": {"epochs": fine.epochs, "seconds": scratch_s},
         "test": {"trials": tuned_r["n_trials"], "candidates": tuned_r["n_candidates"], "chance": tuned_r["chance"],
-                 "calibration_test_image_overlap": setup["overlap"]},
+                 "pretraining_images": setup["pretrain_images"], "shared_with_new_subject": 0},
         "top1_pretrained_finetuned": tuned_r["top1"],
         "top1_from_scratch": scratch_r["top1"],
         "grid_png": str(grid.relative_to(REPO)),
@@ -372,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
     parser.add_argument("--finetune-budget-min", type=float, default=None, help="override the fine-tune budget")
+    parser.add_argument("--head-only-pct", type=float, default=FINETUNE_HEAD_ONLY_PCT,
+                        help="fraction of the fine-tune in which only the new ridge head trains (0 = MindEye2's recipe)")
     parser.add_argument("--pretrain-epochs", type=int, default=None,
                         help="pretrain exactly this many epochs (instead of the planned budget)")
     args = parser.parse_args(argv)
@@ -384,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     args.subjects = 2 if quick else 4
     # Pretraining subjects see more images than the new subject (as NSD subjects did), minus its held-out ones.
-    args.pretrain_runs = 8
+    args.pretrain_runs = 4 if quick else 12
     args.trials_per_run = 30 if quick else 40
     args.new_runs, args.calibration_runs = (4, 2) if quick else (6, 3)
     # --quick trains fixed epochs (results independent of machine speed); the full run plans epochs from budgets.

@@ -1,8 +1,8 @@
 """`rt-mindeye demo`: the whole system on the phantom, on one machine.
 
 1. simulate a phantom subject's session and write it as real Siemens mosaic DICOMs;
-2. pretrain the shared tiny MindEye2 model on other phantom subjects (cached for later demos), keeping the new
-   subject's live-run images out of it;
+2. pretrain the shared tiny MindEye2 model on other phantom subjects who saw other images (cached for later
+   demos);
 3. calibrate on the session's first runs (offline GLM, reliability mask, fine-tune within a time budget);
 4. run the remaining runs live: the scanner emulator writes them into an export folder at an accelerated TR, the
    scanner host and the decoder run as separate processes linked by ZeroMQ, the console follows them;
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ from rt_mindeye.errors import SessionError
 from rt_mindeye.timing import percentiles
 
 PRETRAIN_SUBJECTS = (2, 3, 4)
+PRETRAIN_RUNS = 8  # x 40 trials: 320 images per pretraining subject, none of them seen by the demo subject
+PRETRAIN_TRIALS_PER_RUN = 40
 DEMO_SUBJECT = 1
 
 
@@ -89,10 +92,9 @@ def run_demo(options: DemoOptions) -> dict:
     with step("phantom session (simulated subject, real DICOM files)"):
         session = _make_phantom(cfg, phantom_dir, options.seed, console)
     live_runs = [r for r in range(session.n_runs) if r not in session.calibration_runs]
-    live_images = {t.image_index for r in live_runs for t in session.trials(r)}
 
     with step("shared model: pretrain tiny MindEye2 on other phantom subjects"):
-        pretrained = _pretrain(cfg, out / "shared_model", live_images, options, console)
+        pretrained = _pretrain(cfg, out / "shared_model", options, console)
 
     with step(f"calibration on runs 1-{len(session.calibration_runs)}"):
         bundle_dir = out / "bundle"
@@ -132,51 +134,66 @@ def _make_phantom(cfg, phantom_dir: Path, seed: int, console):
     return session
 
 
-def _pretrain(cfg, model_dir: Path, exclude_images: set[int], options: DemoOptions, console) -> Path:
+def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
+    """The shared model, pretrained on other phantom subjects who each saw their own images.
+
+    As in NSD, pretraining subjects see images that the demo subject never sees (stimuli after the session's own),
+    so what the shared model learns must generalise to new images, which is what the live runs need. The checkpoint
+    is reused by later demos while the recipe is unchanged.
+    """
     checkpoint = model_dir / "last.pth"
-    if checkpoint.exists():
+    recipe = {"version": 2, "subjects": list(PRETRAIN_SUBJECTS), "runs": PRETRAIN_RUNS,
+              "trials_per_run": PRETRAIN_TRIALS_PER_RUN, "first_stimulus": cfg.n_images, "seed": options.seed,
+              "budget_min": options.pretrain_budget_min}
+    recipe_path = model_dir / "recipe.json"
+    if checkpoint.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == recipe:
         console.print(f"reusing {checkpoint}")
         return checkpoint
-    from rt_mindeye.model.config import MindEyeConfig
+    from rt_mindeye.model.config import MindEyeConfig, tiny_fields_for
     from rt_mindeye.model.data import image_targets, phantom_subject_data
     from rt_mindeye.model.embedders import PhantomEmbedder
     from rt_mindeye.model.mindeye import MindEyeModule
     from rt_mindeye.model.train import TrainConfig, pretrain
-    from rt_mindeye.model.config import tiny_fields_for
     from rt_mindeye.phantom.session import simulate_session
 
     datasets = []
-    targets = None
-    for subject in PRETRAIN_SUBJECTS:
-        other = simulate_session(cfg, subject=subject, seed=100 + subject)
-        if targets is None:
-            targets = image_targets(other.images, PhantomEmbedder())
-        data, _ = phantom_subject_data(other, range(other.n_runs), targets, name=f"phantom{subject:02d}",
-                                       exclude_images=exclude_images)
+    per_subject = PRETRAIN_RUNS * PRETRAIN_TRIALS_PER_RUN
+    for k, subject in enumerate(PRETRAIN_SUBJECTS):
+        other_cfg = dataclasses.replace(cfg, n_runs=PRETRAIN_RUNS, calibration_runs=0, repeated_images=0,
+                                        trials_per_run=PRETRAIN_TRIALS_PER_RUN,
+                                        stimulus_offset=cfg.stimulus_offset + cfg.n_images + k * per_subject)
+        other = simulate_session(other_cfg, subject=subject, seed=100 + subject)
+        targets = image_targets(other.images, PhantomEmbedder())
+        data, _ = phantom_subject_data(other, range(other.n_runs), targets, name=f"phantom{subject:02d}")
         datasets.append(data)
     seq, dim = datasets[0].image_tokens.shape[1:]
     fields = dict(token_seq=int(seq), token_dim=int(dim))
     fields.update(tiny_fields_for(int(dim), datasets[0].blurry_targets, datasets[0].aux_targets))
     model_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in datasets],
                                         subject_names=tuple(d.name for d in datasets), **fields)
-    train = TrainConfig(epochs=150, batch_size=16, time_budget_min=options.pretrain_budget_min, seed=options.seed)
+    # One global batch of 32 split across the subjects, as MindEye2 splits its batch of 42 across 7 subjects.
+    train = TrainConfig(epochs=150, batch_size=max(4, 32 // len(datasets)), max_lr=1e-3,
+                        time_budget_min=options.pretrain_budget_min, seed=options.seed)
     result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
                       log=console.print)
-    console.print(f"pretrained on subjects {PRETRAIN_SUBJECTS} ({sum(len(d) for d in datasets)} trials, "
-                  f"{result.epochs} epochs)")
+    recipe_path.write_text(json.dumps(recipe))
+    console.print(f"pretrained on subjects {PRETRAIN_SUBJECTS} ({sum(len(d) for d in datasets)} trials of their own "
+                  f"images, {result.epochs} epochs)")
     return checkpoint
 
 
 def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, options: DemoOptions, console):
     from rt_mindeye.calibration.config import CalibrationConfig
     from rt_mindeye.calibration.workflow import calibrate
+    from rt_mindeye.calibration.config import FINETUNE_HEAD_ONLY_PCT
     from rt_mindeye.model.train import TrainConfig
 
     config = CalibrationConfig(
         subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
         events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column="stim_file",
         anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz", pretrained=pretrained,
-        train=TrainConfig(epochs=150, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed))
+        train=TrainConfig(epochs=150, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed,
+                          head_only_pct=FINETUNE_HEAD_ONLY_PCT))
     return calibrate(phantom_dir, bundle_dir, config, dicom_dir=phantom_dir / "dicom", session_id="demo",
                      progress=console.print)
 
