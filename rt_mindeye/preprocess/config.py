@@ -60,6 +60,11 @@ class MotionConfig:
         0.15, "head mask for sampling: voxels above this fraction of the reference's 98th percentile", min=0.0,
         max=1.0)
     seed: int = setting(20240601, "seed of the random metric sample (fixed so runs are reproducible)", min=0)
+    align_session_start: str = setting(
+        "auto", "before the first live volume, register the calibration reference to it with a careful "
+                "multi-resolution fit (align_reference) and start motion correction from that pose, so masks and "
+                "calibration choices carry over to a session on another day: 'auto' = when the calibration bundle "
+                "comes from another session, 'always', 'never'", choices=("auto", "always", "never"))
     fd_radius_mm: float = setting(
         50.0, "head radius turning rotations into displacement for framewise displacement (Power et al.)", min=1.0,
         max=200.0)

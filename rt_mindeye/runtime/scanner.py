@@ -20,7 +20,7 @@ import numpy as np
 
 from rt_mindeye.glm.realtime import RealtimeGLM, TrialEstimate
 from rt_mindeye.ingest.series import LateVolume, RunEnded, RunStarted, VolumeGap, VolumeReady
-from rt_mindeye.preprocess.motion import MotionCorrector
+from rt_mindeye.preprocess.motion import MotionCorrector, RigidTransform, align_reference
 from rt_mindeye.errors import RtMindEyeError
 from rt_mindeye.timing import volume_epoch
 from rt_mindeye.transport.messages import Message, TrialBetas, VolumeStatus
@@ -77,11 +77,16 @@ class ScannerPipeline:
         Number of a run's first volume as the scanner counts it (GLM indices are relative to it).
     motion_dir:
         Where ``run-XX_motion.tsv`` is written as each run ends (None: not written).
+    align_session_start:
+        Register the reference to the first volume with :func:`~rt_mindeye.preprocess.motion.align_reference`
+        and start motion correction from that pose: the calibration was made on another day, when the head sat
+        elsewhere in the scanner, further than the real-time registration's warm start can reach. Every volume is
+        still resampled into the reference grid, so the calibration's masks apply unchanged.
     """
 
     def __init__(self, *, reference: Volume, mask: np.ndarray, glm: RealtimeGLM, motion: MotionCorrector,
                  planner: RunPlanner, session: str, first_volume: int = 1, motion_dir: Path | None = None,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, align_session_start: bool = False):
         self.reference = reference
         self.mask = np.asarray(mask, dtype=bool)
         self.glm = glm
@@ -91,6 +96,8 @@ class ScannerPipeline:
         self.first_volume = first_volume
         self.motion_dir = motion_dir
         self.wall_clock = wall_clock
+        self.align_session_start = align_session_start
+        self.session_transform: RigidTransform | None = None  # reference head -> today's head, once aligned
         self._run: _RunState | None = None
         self._runs_started = 0
         self._fitted = False
@@ -160,6 +167,15 @@ class ScannerPipeline:
             self._start_run(volume.series)
         run = self._run
         self._ensure_fitted()
+        stage_ms = {}
+        if self.align_session_start and self.session_transform is None:
+            began = time.perf_counter()
+            self.session_transform = align_reference(self.reference, volume)
+            self.motion.reset(self.session_transform)
+            stage_ms["align"] = (time.perf_counter() - began) * 1e3
+            shift = np.linalg.norm(self.session_transform.params[:3])
+            log.info("calibration reference aligned to today's first volume in %.1f s: %.1f mm, rotation %s deg",
+                     stage_ms["align"] / 1e3, shift, np.round(self.session_transform.params[3:], 2).tolist())
         t0 = time.perf_counter()
         result = self.motion.update(volume)
         t1 = time.perf_counter()
@@ -168,7 +184,7 @@ class ScannerPipeline:
         estimates = [] if run.error else self.glm.add_volume(index, vector, motion_params=result.params)
         t2 = time.perf_counter()
         acquired = self._acquired_epoch(volume)
-        stage_ms = {"motion": (t1 - t0) * 1e3, "glm": (t2 - t1) * 1e3}
+        stage_ms.update(motion=(t1 - t0) * 1e3, glm=(t2 - t1) * 1e3)
         fd = float(result.fd_mm)
         params = tuple(float(p) for p in result.params)
         run.motion_rows.append((volume.volume, *params, fd, 0))

@@ -87,6 +87,12 @@ def _send_all(messages, sender, publisher, decoder_index: np.ndarray) -> int:
     return trials
 
 
+def _align_session_start(config: SessionConfig, bundle: CalibrationBundle) -> bool:
+    """Whether the first live volume gets the careful reference alignment (motion.align_session_start)."""
+    mode = config.motion.align_session_start
+    return mode == "always" or (mode == "auto" and bundle.info.session != config.session.id)
+
+
 def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> dict:
     """Watch the export folder, correct motion, estimate betas, journal and send them. Returns a summary."""
     from rt_mindeye.glm.estimator import GLMCalibration
@@ -114,7 +120,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     pipeline = ScannerPipeline(reference=bundle.reference(), mask=glm_mask,
                                glm=RealtimeGLM(calibration, config.glm), motion=MotionCorrector(config.motion),
                                planner=EventsPlanner(s.events_dir, s.first_live_run), session=s.id,
-                               first_volume=config.watcher.first_volume, motion_dir=layout.derivatives / "motion")
+                               first_volume=config.watcher.first_volume, motion_dir=layout.derivatives / "motion",
+                               align_session_start=_align_session_start(config, bundle))
     t = config.transport
     sender = ReliableSender(t.bind_endpoint("trials"), layout.betas_dir / "trials.journal", session=s.id,
                             service="scanner", server_security=server_security(t, "scanner"),
