@@ -150,3 +150,29 @@ def vector_condition(unet_config: Mapping[str, Any], batch: int, original_size: 
 def vae_downsampling(vae_config: Mapping[str, Any]) -> int:
     """Pixels per latent cell of an AutoencoderKL (8 for the SD/SDXL VAEs)."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def write_tiny_unclip_checkpoint(path, *, cross_attention_dim: int, seed: int = 0):
+    """Write a tiny SDXL-unCLIP checkpoint in the generative-models layout (random weights, Lightning container)
+    that the converter loads with MindEye2's own settings (64-channel heads, 256 Fourier features per vector-condition
+    scalar, 32 norm groups), as the decoder service loads ``decoder.unclip_checkpoint``: for tests and CPU smoke runs.
+
+    ``cross_attention_dim`` must be the token width of the model whose prior conditions it. Returns the path.
+    """
+    from pathlib import Path
+
+    from rt_mindeye.convert.unclip import LDM_UNET_PREFIX, LDM_VAE_PREFIX, unet_to_ldm, vae_to_ldm
+
+    unet_config = tiny_unet_config(block_out_channels=(32, 64), attention_head_dim=(1, 1),
+                                   transformer_layers_per_block=(1, 1), norm_num_groups=32,
+                                   cross_attention_dim=int(cross_attention_dim), addition_time_embed_dim=256,
+                                   projection_class_embeddings_input_dim=4 * 256)
+    vae_config = tiny_vae_config(block_out_channels=(32, 64), norm_num_groups=32)
+    unet = build_unet(unet_config, seed=seed)
+    vae = build_vae(vae_config, seed=seed + 1)
+    state_dict = {LDM_UNET_PREFIX + k: v.contiguous() for k, v in unet_to_ldm(unet.state_dict(), unet_config).items()}
+    state_dict.update({LDM_VAE_PREFIX + k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict(), vae_config).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state_dict}, path)
+    return path

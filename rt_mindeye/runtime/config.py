@@ -45,8 +45,12 @@ class SessionSection:
 class DecoderSection:
     device: str = setting("auto", "'auto' (cuda when present), 'cpu' or 'cuda:N'")
     decode: DecodeConfig = field(default_factory=DecodeConfig, metadata={"doc": "retrieval and reconstruction"})
-    unclip_checkpoint: Path | None = setting(None, "SDXL-unCLIP checkpoint (generative-models .ckpt) for full "
-                                                   "reconstructions; null: retrieval and blurry images only")
+    unclip_checkpoint: Path | None = setting(None, "SDXL-unCLIP checkpoint (generative-models .ckpt, e.g. MindEye2's "
+                                                   "unclip6_epoch0_step110000.ckpt) for full reconstructions, run by "
+                                                   "one worker under transport.recon_policy; null: retrieval and "
+                                                   "blurry images only")
+    recon_stop_timeout_s: float = setting(30.0, "on shutdown, wait this long for the reconstruction in progress "
+                                                "(trials still waiting are recorded as skipped)", min=0.0)
     idle_timeout_s: float = setting(0.0, "stop after this long without a trial once the scanner host has said "
                                          "the session ended (0: never)", min=0.0)
 

@@ -1,38 +1,142 @@
 """The decoder side: trial estimates in, retrieval and reconstructions out.
 
-:class:`TrialDecoder` holds no sockets: it turns one :class:`~rt_mindeye.transport.messages.TrialBetas` into one
-or two :class:`~rt_mindeye.transport.messages.DecodeResult` messages (retrieval first, reconstruction when the
-policy lets it through). The decoder service wraps it with the reliable receiver and the result publisher.
+:class:`TrialDecoder` holds no sockets: it turns one :class:`~rt_mindeye.transport.messages.TrialBetas` into its
+retrieval :class:`~rt_mindeye.transport.messages.DecodeResult` at once and, when a reconstructor is configured, hands
+the estimate to a :class:`~rt_mindeye.transport.policy.ReconstructionQueue`; :class:`ReconstructionWorker` is the one
+thread that takes trials from that queue and reconstructs them, each ending as a :class:`ReconOutcome`
+(``reconstructed``, ``skipped`` by the policy, ``superseded`` by a newer estimate of the same trial, or ``failed``).
+The decoder service (:func:`rt_mindeye.runtime.services.run_decoder`) wraps both with the reliable receiver, the
+result publisher and the results record.
 
 The model is the calibration bundle's fine-tuned MindEye2; retrieval searches the bundle's candidate image
-embeddings; the blurry image comes from the model's low-level head (when it has one); unCLIP reconstruction runs when
-a reconstructor is configured (GPU host with the SDXL-unCLIP weights).
+embeddings; the blurry image comes from the model's low-level head (when it has one); unCLIP reconstruction runs
+from the diffusion prior's sampled tokens when ``decoder.unclip_checkpoint`` names MindEye2's SDXL-unCLIP checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from rt_mindeye.calibration.bundle import CalibrationBundle
-from rt_mindeye.decode.config import DecodeConfig
+from rt_mindeye.decode.config import DecodeConfig, ReconstructConfig
 from rt_mindeye.decode.decoder import Decoder
 from rt_mindeye.decode.retrieval import Retriever
+from rt_mindeye.errors import CheckpointError, RtMindEyeError
 from rt_mindeye.transport.messages import DecodeResult, TrialBetas
-from rt_mindeye.transport.policy import ReconstructionQueue
+from rt_mindeye.transport.policy import QUEUED, SKIPPED, ReconstructionQueue
 
 log = logging.getLogger("rt_mindeye.decoder")
 
 THUMBNAIL_PX = 96
+RECONSTRUCTED = "reconstructed"
+SUPERSEDED = "superseded"
+FAILED = "failed"
+RETRIEVAL_ONLY = "retrieval_only"
+CONFIG_KEY = "decoder.unclip_checkpoint"
+
+
+class UnclipCheckpointError(CheckpointError):
+    """``decoder.unclip_checkpoint`` is missing, unreadable, not an unCLIP checkpoint or does not fit the model."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        super().__init__(path, f"{CONFIG_KEY}: {problem}")
+
+
+# --- the unCLIP checkpoint --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnclipCheckpointInfo:
+    path: Path
+    cross_attention_dim: int
+    n_keys: int
+
+
+def inspect_unclip_checkpoint(path: str | Path) -> UnclipCheckpointInfo:
+    """Read the checkpoint's keys (memory-mapped: cheap even for the 10 GB file) and its cross-attention width.
+
+    Raises :class:`UnclipCheckpointError` naming the file when it is missing, unreadable or not a generative-models
+    unCLIP checkpoint.
+    """
+    from rt_mindeye.convert.unclip import LDM_UNET_PREFIX, UNCLIP_PROBE_KEYS, is_unclip_checkpoint, read_checkpoint
+
+    path = Path(path)
+    try:
+        state_dict = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise UnclipCheckpointError(path, exc.problem) from exc
+    if not is_unclip_checkpoint(state_dict):
+        missing = [key for key in UNCLIP_PROBE_KEYS if key not in state_dict]
+        raise UnclipCheckpointError(path, f"not a generative-models unCLIP checkpoint (probe keys {missing} absent)")
+    widths = {int(v.shape[1]) for k, v in state_dict.items()
+              if k.startswith(LDM_UNET_PREFIX) and k.endswith(".attn2.to_k.weight") and v.ndim == 2}
+    if len(widths) != 1:
+        raise UnclipCheckpointError(path, f"expected one cross-attention width in the UNet, found {sorted(widths)}")
+    return UnclipCheckpointInfo(path, widths.pop(), len(state_dict))
+
+
+def check_unclip_fits(info: UnclipCheckpointInfo, token_dim: int, use_prior: bool) -> None:
+    """The UNet attends to the diffusion prior's tokens: the model needs a prior and the widths must agree."""
+    if not use_prior:
+        raise UnclipCheckpointError(info.path, "the bundle's model has no diffusion prior, whose sampled tokens "
+                                               "condition the reconstruction (set it to null, or calibrate a model "
+                                               "with use_prior)")
+    if info.cross_attention_dim != token_dim:
+        raise UnclipCheckpointError(info.path, f"the UNet's cross-attention width {info.cross_attention_dim} does "
+                                               f"not match the bundle model's token width {token_dim}")
+
+
+def load_reconstructor(path: str | Path, config: ReconstructConfig, *, token_dim: int | None = None,
+                       use_prior: bool = True):
+    """An :class:`~rt_mindeye.decode.reconstruct.UnclipReconstructor` from MindEye2's unCLIP checkpoint.
+
+    The weights are converted from the generative-models layout (:mod:`rt_mindeye.convert.unclip`, with MindEye2's
+    head width, Fourier width and group count) in the UNet's precision, so the 10 GB checkpoint is never held in
+    float32 on a GPU host. Every failure raises :class:`UnclipCheckpointError` naming the file.
+    """
+    import torch
+
+    from rt_mindeye.convert.unclip import load_unclip_components
+    from rt_mindeye.decode.reconstruct import UnclipReconstructor, resolve_device, resolve_dtype
+
+    info = inspect_unclip_checkpoint(path)
+    if token_dim is not None:
+        check_unclip_fits(info, token_dim, use_prior)
+    device = resolve_device(config.device)
+    unet_dtype = resolve_dtype(config.unet_dtype, device, gpu_default=torch.float16)
+    vae_dtype = resolve_dtype(config.vae_dtype, device, gpu_default=torch.bfloat16)
+    load_dtype = torch.float32 if torch.float32 in (unet_dtype, vae_dtype) else unet_dtype
+    started = time.perf_counter()
+    try:
+        unet, vae, dropped = load_unclip_components(info.path, sample_size=max(config.image_size // 8, 1),
+                                                    dtype=load_dtype)
+    except CheckpointError as exc:
+        raise UnclipCheckpointError(info.path, exc.problem) from exc
+    reconstructor = UnclipReconstructor(unet, vae, config=config)
+    log.info("unCLIP reconstructor from %s on %s (%d keys dropped on purpose) in %.1f s", info.path,
+             reconstructor.device, len(dropped), time.perf_counter() - started)
+    return reconstructor
+
+
+# --- the model and the Decoder ----------------------------------------------------------------------------------------
 
 
 class BundleModel:
-    """The bundle's fine-tuned model as the :class:`Decoder`'s ``model_forward`` callable."""
+    """The bundle's fine-tuned model as the :class:`Decoder`'s ``model_forward`` callable.
+
+    With ``sample_prior`` the diffusion prior samples image tokens from the backbone tokens (MindEye2's unCLIP
+    condition); :meth:`with_prior` gives such a view of the same loaded model for the reconstruction worker, so
+    retrieval never waits for the prior.
+    """
 
     def __init__(self, bundle: CalibrationBundle, device: str = "cpu", sample_prior: bool = False):
         import torch
@@ -45,6 +149,12 @@ class BundleModel:
         self.device = device
         self.sample_prior = sample_prior
         self.n_voxels = int(self.model.config.subject_voxels[0])
+
+    def with_prior(self) -> "BundleModel":
+        view = object.__new__(BundleModel)
+        view.__dict__.update(self.__dict__)
+        view.sample_prior = True
+        return view
 
     def __call__(self, betas):
         torch = self.torch
@@ -72,15 +182,13 @@ class PixelBlurryDecoder:
         return F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
-@dataclass
-class DecodedTrial:
-    messages: list[DecodeResult]
-    recon_image: np.ndarray | None
-
-
 def build_decoder(bundle: CalibrationBundle, config: DecodeConfig, device: str = "cpu",
                   reconstructor=None) -> tuple[Decoder, list[str]]:
-    """A :class:`Decoder` over the bundle's model and candidates; returns it with the candidate file names."""
+    """A :class:`Decoder` over the bundle's model and candidates; returns it with the candidate file names.
+
+    With a ``reconstructor`` the model samples the diffusion prior on every call (retrieval and reconstruction in one
+    call); the decoder service instead keeps retrieval prior-free and adds :func:`reconstruction_decoder`.
+    """
     model = BundleModel(bundle, device=device, sample_prior=reconstructor is not None)
     candidates = bundle.candidates()
     files = [str(f) for f in candidates["files"]]
@@ -91,23 +199,81 @@ def build_decoder(bundle: CalibrationBundle, config: DecodeConfig, device: str =
     return Decoder(config, model, retriever, reconstructor=reconstructor, blurry_decoder=blurry), files
 
 
+def reconstruction_decoder(decoder: Decoder, reconstructor) -> Decoder:
+    """A :class:`Decoder` sharing ``decoder``'s model, candidates and blurry decoder, sampling the prior and
+    reconstructing with ``reconstructor`` (the reconstruction worker's)."""
+    model = decoder.model_forward.with_prior() if isinstance(decoder.model_forward, BundleModel) \
+        else decoder.model_forward
+    return Decoder(decoder.config, model, decoder.retriever, reconstructor=reconstructor,
+                   blurry_decoder=decoder.blurry_decoder)
+
+
+# --- estimates -> results ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconOutcome:
+    """How one estimate's reconstruction ended.
+
+    ``decision``: ``reconstructed`` (``message`` carries the PNG path and thumbnail), ``skipped`` (dropped by the
+    policy; ``message`` tells the console), ``superseded`` (a newer estimate of the same trial took its place in the
+    queue: recorded only, the console already shows the newer one) or ``failed`` (``reason`` says why).
+    """
+
+    estimate: TrialBetas
+    decision: str
+    message: DecodeResult | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """:meth:`TrialDecoder.retrieve`'s answer: the estimate's result and what became of earlier waiting estimates."""
+
+    result: DecodeResult
+    outcomes: tuple[ReconOutcome, ...] = ()
+
+
+@dataclass
+class _Waiting:
+    estimate: TrialBetas
+    result: DecodeResult
+    queued_at: float
+
+
 class TrialDecoder:
     """TrialBetas -> DecodeResult messages, with PNGs written under ``recon_dir``.
 
-    Which estimates are decoded: every estimate gets retrieval; reconstruction (or the blurry image, on a CPU
-    decoder) follows the :class:`ReconstructionQueue` policy so a slow reconstructor never delays retrieval.
+    Every estimate gets retrieval at once (:meth:`retrieve`). With a ``reconstruction`` decoder (one holding an
+    :class:`~rt_mindeye.decode.reconstruct.UnclipReconstructor`) the estimate's trial is also offered to the
+    :class:`ReconstructionQueue` (policy ``newest``, ``skip`` or ``fifo``, at most ``max_pending`` waiting), and
+    :meth:`reconstruct_next`, called by the one :class:`ReconstructionWorker`, reconstructs what the policy picks, so a
+    slow reconstructor never delays retrieval. The queue holds trials: a newer estimate of a trial that is still
+    waiting takes the older one's place (which is ``superseded``) instead of queueing the trial twice.
     """
 
     def __init__(self, decoder: Decoder, *, session: str, recon_dir: Path | None, policy: str = "newest",
-                 max_pending: int = 2, stimuli_dir: Path | None = None):
+                 max_pending: int = 2, stimuli_dir: Path | None = None, reconstruction: Decoder | None = None):
         self.decoder = decoder
         self.session = session
         self.recon_dir = recon_dir
         self.queue: ReconstructionQueue = ReconstructionQueue(policy=policy, max_pending=max_pending)
         self.policy = policy
         self.stimuli_dir = stimuli_dir
+        self.reconstruction = reconstruction
+        self._waiting: dict[tuple[int, int], _Waiting] = {}
+        self._work = threading.Condition()
 
-    def retrieve(self, msg: TrialBetas, received_at: float) -> DecodeResult:
+    @property
+    def reconstructs(self) -> bool:
+        r = self.reconstruction
+        return r is not None and r.reconstructor is not None and r.config.reconstruct
+
+    @property
+    def backlog(self) -> int:
+        return self.queue.backlog
+
+    def retrieve(self, msg: TrialBetas, received_at: float) -> Retrieval:
         started = time.time()
         result = self.decoder.decode(msg.betas)
         done = time.time()
@@ -117,15 +283,99 @@ class TrialDecoder:
         image_path, thumb = None, None
         if result.blurry is not None and self.recon_dir is not None:
             image_path, thumb = self._save_png(msg, result.blurry[0], "blurry")
-        return DecodeResult(
+        message = DecodeResult(
             session=self.session, run=msg.run, trial=msg.trial, trial_type=msg.trial_type,
             estimate_kind=msg.estimate_kind, estimate_version=msg.estimate_version, stim_file=msg.stim_file,
             topk_ids=ids, topk_scores=tuple(float(s) for s in result.scores[0]), topk_labels=labels,
             topk_images=images, reconstruction_path=image_path, thumbnail_png=thumb,
             acquisition_time=msg.acquisition_time, received_at=received_at, retrieval_done_at=done,
             stage_ms={k: float(v) for k, v in result.timings_ms.items()} | {"decode_wait": (started - received_at) * 1e3},
-            policy=self.policy, policy_decision="retrieval_only" if image_path is None else "reconstructed",
+            policy=self.policy, policy_decision=RETRIEVAL_ONLY if image_path is None else RECONSTRUCTED,
             backlog=self.queue.backlog)
+        if not self.reconstructs:
+            return Retrieval(message)
+        return self._offer(msg, message)
+
+    def _offer(self, msg: TrialBetas, message: DecodeResult) -> Retrieval:
+        key = (msg.run, msg.trial)
+        outcomes: list[ReconOutcome] = []
+        with self._work:
+            earlier = self._waiting.get(key)
+            if earlier is not None:
+                outcomes.append(ReconOutcome(earlier.estimate, SUPERSEDED, None,
+                                             f"a newer estimate ({msg.estimate_kind} v{msg.estimate_version}) "
+                                             "took its place in the queue"))
+                decision = QUEUED
+            else:
+                decisions = self.queue.submit(key)
+                decision = decisions[0].decision
+                for evicted in decisions[1:]:  # 'newest' drops the oldest waiting trials
+                    gone = self._waiting.pop(evicted.item)
+                    outcomes.append(ReconOutcome(gone.estimate, SKIPPED, self._notice(gone.result, SKIPPED),
+                                                 f"policy {self.policy}: more than {self.queue.max_pending} waiting"))
+            message = replace(message, policy_decision=decision, backlog=self.queue.backlog)
+            if decision == QUEUED:
+                self._waiting[key] = _Waiting(msg, message, time.time())
+                self._work.notify_all()
+        return Retrieval(message, tuple(outcomes))
+
+    def _notice(self, result: DecodeResult, decision: str, *, reconstruction_path: str | None = None,
+                thumbnail_png: np.ndarray | None = None, reconstruction_done_at: float | None = None,
+                stage_ms: dict[str, float] | None = None) -> DecodeResult:
+        """A follow-up result for the console. The retrieval result already carried the latencies up to retrieval
+        and the retrieval stage times, so they are left out here (the console would count them twice)."""
+        return replace(result, seq=0, created_at=time.time(), betas_sent_at=None, received_at=None,
+                       retrieval_done_at=None, reconstruction_path=reconstruction_path, thumbnail_png=thumbnail_png,
+                       reconstruction_done_at=reconstruction_done_at, stage_ms=stage_ms or {},
+                       policy_decision=decision, backlog=self.queue.backlog)
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        with self._work:
+            if not self._waiting:
+                self._work.wait(timeout_s)
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def reconstruct_next(self) -> ReconOutcome | None:
+        """Reconstruct the trial the policy picks now (None when nothing waits). Runs in the worker thread."""
+        import torch
+
+        with self._work:
+            key = self.queue.next()
+            if key is None:
+                return None
+            waiting = self._waiting.pop(key)
+        msg = waiting.estimate
+        started = time.time()
+        seed = self.reconstruction.config.seed + msg.trial
+        try:
+            # The prior samples with torch's default generator: seeding it with the trial makes an estimate's
+            # reconstruction reproducible (retrieval draws no random numbers, so the main thread is unaffected).
+            torch.manual_seed(seed)
+            output = self.reconstruction.decode(msg.betas, seed=seed)
+            path, thumb = self._save_png(msg, output.image[0], "recon")
+        except (RtMindEyeError, RuntimeError, ValueError, OSError) as exc:
+            log.exception("reconstruction of run %d trial %d (%s v%d) failed", msg.run, msg.trial,
+                          msg.estimate_kind, msg.estimate_version)
+            return ReconOutcome(msg, FAILED, self._notice(waiting.result, FAILED), f"{type(exc).__name__}: {exc}")
+        done = time.time()
+        stage_ms = {k: float(v) for k, v in output.timings_ms.items() if k.startswith("reconstruct")}
+        stage_ms["recon_prior_model_ms"] = float(output.timings_ms.get("model_ms", 0.0))
+        stage_ms["recon_wait"] = (started - waiting.queued_at) * 1e3
+        message = self._notice(waiting.result, RECONSTRUCTED, reconstruction_path=path, thumbnail_png=thumb,
+                               reconstruction_done_at=done, stage_ms=stage_ms)
+        return ReconOutcome(msg, RECONSTRUCTED, message)
+
+    def drop_waiting(self, reason: str) -> list[ReconOutcome]:
+        """Everything still waiting, as ``skipped`` (the service is stopping)."""
+        with self._work:
+            outcomes = []
+            while (key := self.queue.next()) is not None:
+                gone = self._waiting.pop(key)
+                outcomes.append(ReconOutcome(gone.estimate, SKIPPED, self._notice(gone.result, SKIPPED), reason))
+            return outcomes
 
     def _save_png(self, msg: TrialBetas, image: np.ndarray, kind: str) -> tuple[str, np.ndarray]:
         from PIL import Image
@@ -137,3 +387,64 @@ class TrialDecoder:
         buffer = io.BytesIO()
         picture.resize((THUMBNAIL_PX, THUMBNAIL_PX)).save(buffer, format="PNG")
         return str(path), np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()
+
+
+# --- the worker -------------------------------------------------------------------------------------------------------
+
+
+class ReconstructionWorker:
+    """The one thread that reconstructs: takes trials from ``trial_decoder``'s queue and hands every
+    :class:`ReconOutcome` to ``sink`` (the service records and publishes it).
+
+    On a GPU it runs on its own CUDA stream, so the retrieval kernels of the service's main thread are not queued
+    behind a reconstruction's. :meth:`stop` waits for the reconstruction in progress up to a deadline; a failure
+    other than a failed reconstruction stops the worker and is kept in ``failure`` for the service to raise.
+    """
+
+    POLL_S = 0.1
+
+    def __init__(self, trial_decoder: TrialDecoder, sink: Callable[[ReconOutcome], None]):
+        self.trial_decoder = trial_decoder
+        self.sink = sink
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rtm-reconstruct", daemon=True)
+
+    def start(self) -> "ReconstructionWorker":
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Ask the worker to stop after the reconstruction in progress; True when it stopped within ``timeout_s``."""
+        self._stop.set()
+        self.trial_decoder.wake()
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _stream(self):
+        reconstructor = self.trial_decoder.reconstruction.reconstructor
+        device = getattr(reconstructor, "device", None)
+        if device is not None and getattr(device, "type", "") == "cuda":
+            import torch
+
+            torch.cuda.synchronize(device)  # the weights were placed on the default stream
+            return torch.cuda.stream(torch.cuda.Stream(device=device))
+        return contextlib.nullcontext()
+
+    def _run(self) -> None:
+        try:
+            with self._stream():
+                while not self._stop.is_set():
+                    outcome = self.trial_decoder.reconstruct_next()
+                    if outcome is None:
+                        self.trial_decoder.wait_for_work(self.POLL_S)
+                        continue
+                    self.sink(outcome)
+        except BaseException as exc:  # kept for the service to raise: a dead worker must not go unnoticed
+            log.exception("reconstruction worker stopped")
+            self.failure = exc

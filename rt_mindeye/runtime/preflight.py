@@ -91,6 +91,29 @@ def check_accelerator(config) -> list[Check]:
     return [gpu, trt]
 
 
+def check_reconstruction(config) -> Check:
+    """``decoder.unclip_checkpoint``: readable, an unCLIP checkpoint, and conditioned on the bundle model's tokens."""
+    from rt_mindeye.runtime.decoder import check_unclip_fits, inspect_unclip_checkpoint
+
+    path = config.decoder.unclip_checkpoint
+    if path is None:
+        return Check("unCLIP checkpoint", PASS, "not configured: retrieval and blurry images only")
+    if not config.decoder.decode.reconstruct:
+        return Check("unCLIP checkpoint", WARN, f"{path} is set but decoder.decode.reconstruct is off: not loaded")
+    info = inspect_unclip_checkpoint(path)  # raises UnclipCheckpointError naming the file
+    try:
+        from rt_mindeye.calibration.bundle import CalibrationBundle
+        from rt_mindeye.convert.mindeye2 import check_checkpoint
+
+        model = check_checkpoint(CalibrationBundle.open(config.session.bundle).model_dir / "last.pth", None).config
+    except RtMindEyeError:  # the bundle checks above report it; the file itself is readable
+        return Check("unCLIP checkpoint", WARN, f"{path} reads ({info.n_keys} keys) but the bundle's model could not "
+                                                "be read to check the token width")
+    check_unclip_fits(info, int(model.token_dim), bool(model.use_prior))
+    return Check("unCLIP checkpoint", PASS, f"{path}: {info.n_keys} keys, cross-attention on the model's "
+                                            f"{info.cross_attention_dim}-d prior tokens")
+
+
 def _port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -170,6 +193,9 @@ def run_preflight(config_path: str | Path) -> list[Check]:
         return checks
     checks.extend(check_bundle(config))
     checks.extend(check_accelerator(config))
+    checks.append(_guard("unCLIP checkpoint", lambda: check_reconstruction(config),
+                         "set decoder.unclip_checkpoint to MindEye2's unclip6_epoch0_step110000.ckpt, or null for "
+                         "retrieval and blurry images only"))
     checks.extend(check_ports(config))
     checks.append(_guard("session disk", lambda: check_disk(config), "fix session.dir"))
     checks.append(_guard("watch folder", lambda: check_watch_folder(config), "fix session.watch_dir"))
