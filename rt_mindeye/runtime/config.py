@@ -52,7 +52,8 @@ class DecoderSection:
     recon_stop_timeout_s: float = setting(30.0, "on shutdown, wait this long for the reconstruction in progress "
                                                 "(trials still waiting are recorded as skipped)", min=0.0)
     idle_timeout_s: float = setting(0.0, "stop after this long without a trial once the scanner host has said "
-                                         "the session ended (0: never)", min=0.0)
+                                         "the session ended (0: never); waiting reconstructions are done first",
+                                    min=0.0)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,15 @@ def load_reconstructor(path: str | Path, config: ReconstructConfig, *, token_dim
     return reconstructor
 
 
+def warm_up_reconstructor(reconstructor, token_seq: int) -> float:
+    """One 1-step reconstruction of zero tokens at the real shapes, so CUDA initialisation, kernel selection and any
+    compilation (``compile: torch / tensorrt``) happen at start-up, not on the first live trial. Returns seconds."""
+    started = time.perf_counter()
+    dim = int(reconstructor.unet.config.cross_attention_dim)
+    reconstructor.reconstruct(np.zeros((1, int(token_seq), dim), dtype=np.float32), steps=1)
+    return time.perf_counter() - started
+
+
 # --- the model and the Decoder ----------------------------------------------------------------------------------------
 
 
@@ -263,6 +272,7 @@ class TrialDecoder:
         self.reconstruction = reconstruction
         self._waiting: dict[tuple[int, int], _Waiting] = {}
         self._work = threading.Condition()
+        self._reconstructing = 0
 
     @property
     def reconstructs(self) -> bool:
@@ -272,6 +282,12 @@ class TrialDecoder:
     @property
     def backlog(self) -> int:
         return self.queue.backlog
+
+    @property
+    def busy(self) -> bool:
+        """A reconstruction is waiting or in progress."""
+        with self._work:
+            return bool(self._waiting) or self._reconstructing > 0
 
     def retrieve(self, msg: TrialBetas, received_at: float) -> Retrieval:
         started = time.time()
@@ -340,13 +356,21 @@ class TrialDecoder:
 
     def reconstruct_next(self) -> ReconOutcome | None:
         """Reconstruct the trial the policy picks now (None when nothing waits). Runs in the worker thread."""
-        import torch
-
         with self._work:
             key = self.queue.next()
             if key is None:
                 return None
             waiting = self._waiting.pop(key)
+            self._reconstructing += 1
+        try:
+            return self._reconstruct(waiting)
+        finally:
+            with self._work:
+                self._reconstructing -= 1
+
+    def _reconstruct(self, waiting: _Waiting) -> ReconOutcome:
+        import torch
+
         msg = waiting.estimate
         started = time.time()
         seed = self.reconstruction.config.seed + msg.trial

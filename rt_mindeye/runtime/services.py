@@ -221,7 +221,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     not redone).
     """
     from rt_mindeye.runtime.decoder import (ReconstructionWorker, TrialDecoder, build_decoder, load_reconstructor,
-                                            reconstruction_decoder)
+                                            reconstruction_decoder, warm_up_reconstructor)
     from rt_mindeye.transport.channel import ReliableReceiver
     from rt_mindeye.transport.config import client_security, server_security
     from rt_mindeye.transport.pubsub import SnapshotPublisher
@@ -238,8 +238,10 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     if d.unclip_checkpoint is not None and d.decode.reconstruct:
         model_config = decoder.model_forward.model.config
         reconstructor = load_reconstructor(d.unclip_checkpoint, d.decode.reconstruction,
-                                           token_dim=int(model_config.token_dim), use_prior=bool(model_config.use_prior))
+                                           token_dim=int(model_config.token_dim),
+                                           use_prior=bool(model_config.use_prior))
         reconstruction = reconstruction_decoder(decoder, reconstructor)
+        log.info("reconstructor warm-up took %.1f s", warm_up_reconstructor(reconstructor, model_config.token_seq))
     elif d.unclip_checkpoint is not None:
         log.info("decoder.decode.reconstruct is off: %s is not loaded", d.unclip_checkpoint)
     t = config.transport
@@ -280,7 +282,9 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
             msg = receiver.recv(timeout_s=POLL_S)
             now = time.time()
             if msg is None:
-                if d.idle_timeout_s and counts["decoded"] and now - last > d.idle_timeout_s:
+                if trial_decoder.busy:  # idle means no trial and no reconstruction left to do
+                    last = now
+                elif d.idle_timeout_s and counts["decoded"] and now - last > d.idle_timeout_s:
                     break
                 continue
             last = now

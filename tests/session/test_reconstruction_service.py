@@ -65,7 +65,7 @@ def estimate(bundle, trial: int, kind: str = "early", version: int = 0, seq: int
                       acquisition_time=time.time(), betas=rng.standard_normal(n).astype(np.float32))
 
 
-# --- the policy and the worker's steps, one at a time ------------------------------------------------------------------
+# --- the policy and the worker's steps, one at a time -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy, decisions, skipped, order", [
@@ -117,6 +117,18 @@ def test_a_newer_estimate_takes_the_waiting_ones_place(bundle, decoders, tmp_pat
     assert trials.reconstruct_next() is None
 
 
+def test_a_reconstruction_is_reproducible_from_its_estimate(bundle, decoders, tmp_path):
+    decoder, reconstruction = decoders
+    images = []
+    for n, trial in enumerate((2, 2, 3)):  # prior sample and unCLIP noise are seeded with the trial
+        trials = TrialDecoder(decoder, session="test", recon_dir=tmp_path / str(n), reconstruction=reconstruction)
+        trials.retrieve(estimate(bundle, trial), time.time())
+        outcome = trials.reconstruct_next()
+        assert outcome.decision == "reconstructed" and "recon_prior_model_ms" in outcome.message.stage_ms
+        images.append(np.asarray(Image.open(outcome.message.reconstruction_path)))
+    assert np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
+
+
 # --- the service on loopback ---------------------------------------------------------------------------------------
 
 
@@ -143,12 +155,12 @@ class Decoder(threading.Thread):
 
 
 def service_config(phantom, session_yaml, tmp_path: Path, port_base: int, *, policy: str, max_pending: int,
-                   checkpoint: Path | None):
+                   checkpoint: Path | None, steps: int = RECON["steps"], **decoder):
     path = session_yaml(tmp_path / "s.yaml", phantom, tmp_path / "session", tmp_path / "export", port_base)
     data = yaml.safe_load(path.read_text())
     data["transport"].update(recon_policy=policy, recon_max_pending=max_pending)
     data["decoder"].update(unclip_checkpoint=None if checkpoint is None else str(checkpoint),
-                           decode={"reconstruction": RECON})
+                           decode={"reconstruction": RECON | {"steps": steps}}, **decoder)
     path.write_text(yaml.safe_dump(data))
     return load_session_config(path), path
 
@@ -173,9 +185,12 @@ def finished(rows: list[dict], n_estimates: int) -> bool:
     return sum(1 for r in rows if "topk" in r) == n_estimates and ended == queued
 
 
-def run_burst(config, bundle, estimates: list[TrialBetas]) -> tuple[list[dict], list[DecodeResult], dict]:
+def run_burst(config, bundle, estimates: list[TrialBetas], stop_after_retrieval: bool = False
+              ) -> tuple[list[dict], list[DecodeResult], dict]:
     """Journal ``estimates`` first, then start the decoder: they arrive in one burst, faster than it reconstructs.
-    Returns the decoder's records, the results it published and its summary."""
+    Returns the decoder's records, the results it published and its summary. With ``stop_after_retrieval`` the
+    decoder is stopped as soon as every retrieval result is recorded; with ``decoder.idle_timeout_s`` it stops by
+    itself."""
     t = config.transport
     sender = ReliableSender(t.bind_endpoint("trials"), Path(config.session.dir) / "trials.journal", session="test",
                             fsync=False, heartbeat_interval_s=t.heartbeat_interval_s)
@@ -186,10 +201,19 @@ def run_burst(config, bundle, estimates: list[TrialBetas]) -> tuple[list[dict], 
         for msg in estimates:
             sender.send(msg)
         decoder.start()
+        if stop_after_retrieval:
+            wait_for(lambda: sum(1 for r in records(config) if "topk" in r) == len(estimates), DEADLINE_S,
+                     "every estimate's retrieval")
+            decoder.stop_event.set()
+        if stop_after_retrieval or config.decoder.idle_timeout_s:
+            decoder.join(DEADLINE_S)
+            assert not decoder.is_alive(), "the decoder did not stop within its deadline"
         # Done when every estimate has its retrieval record and every queued one its reconstruction record.
         wait_for(lambda: finished(records(config), len(estimates)) or decoder.error is not None, DEADLINE_S,
                  "every estimate's retrieval and reconstruction")
         assert sender.wait_acked(sender.last_seq, 10.0), "retrieval results were not acknowledged"
+        if not decoder.is_alive():  # stopped: nothing left to subscribe to, its record says it all
+            return records(config), [], decoder.finish()
         with SnapshotSubscriber([source], heartbeat_interval_s=t.heartbeat_interval_s) as sub:
             end = time.monotonic() + 10.0
             while time.monotonic() < end and len(published) < len(records(config)):
@@ -261,6 +285,30 @@ def test_service_skip_and_fifo_policies(calibrated_phantom, session_yaml, bundle
             assert all(r["policy_decision"] == "reconstructed" for r in recon)
         else:
             assert made == set(range(len(estimates))) and summary["recon_skipped"] == 0
+
+
+def test_idle_timeout_waits_for_the_queued_reconstructions(calibrated_phantom, session_yaml, bundle, unclip_ckpt,
+                                                            tmp_path):
+    config, _ = service_config(calibrated_phantom, session_yaml, tmp_path, 48600, policy="fifo", max_pending=8,
+                               checkpoint=unclip_ckpt, idle_timeout_s=0.5)
+    rows, _, summary = run_burst(config, bundle, [estimate(bundle, trial) for trial in range(4)])
+    made = {r["trial"] for r in rows if r.get("event") == "reconstruction" and r["policy_decision"] == "reconstructed"}
+    assert made == {0, 1, 2, 3} and summary["recon_skipped"] == 0
+
+
+def test_stop_ends_the_worker_and_records_what_was_waiting(calibrated_phantom, session_yaml, bundle, unclip_ckpt,
+                                                           tmp_path):
+    config, _ = service_config(calibrated_phantom, session_yaml, tmp_path, 48620, policy="fifo", max_pending=8,
+                               checkpoint=unclip_ckpt, steps=10, recon_stop_timeout_s=20.0)
+    estimates = [estimate(bundle, trial) for trial in range(BURST)]
+    rows, _, summary = run_burst(config, bundle, estimates, stop_after_retrieval=True)
+    recon = [r for r in rows if r.get("event") == "reconstruction"]
+    # Stopped long before eight 10-step reconstructions could be done: the one in progress finished, every trial
+    # still waiting was recorded as skipped because the decoder stopped, and nothing ended twice.
+    assert sorted(r["trial"] for r in recon) == list(range(BURST))
+    skipped = [r for r in recon if r["policy_decision"] == "skipped"]
+    assert skipped and all(r["reason"] == "the decoder stopped" for r in skipped)
+    assert summary["reconstructed"] + summary["recon_skipped"] == BURST
 
 
 def test_service_without_checkpoint_does_retrieval_only(calibrated_phantom, session_yaml, bundle, tmp_path):
