@@ -346,3 +346,57 @@ def test_bad_checkpoint_fails_at_start_up_naming_the_file(calibrated_phantom, se
     _, ok = service_config(calibrated_phantom, session_yaml, tmp_path / "ok", 48500, policy="newest", max_pending=1,
                            checkpoint=unclip_ckpt)
     assert preflight_row(ok).status == PASS
+
+
+# --- a live run end to end ------------------------------------------------------------------------------------------
+
+
+def test_live_run_with_reconstructions_reaches_the_console(calibrated_phantom, session_yaml, unclip_ckpt, tmp_path):
+    from rt_mindeye.replay.emulator import ScannerEmulator
+    from rt_mindeye.runtime.services import run_console, run_scanner
+    from rt_mindeye.transport.journal import read_journal
+
+    phantom = calibrated_phantom
+    config, _ = service_config(phantom, session_yaml, tmp_path, 48700, policy="newest", max_pending=2,
+                               checkpoint=unclip_ckpt)
+    layout = SessionLayout(config.session.dir)
+    stop = threading.Event()
+    scanner = threading.Thread(target=run_scanner, args=(config, stop), daemon=True)
+    decoder = Decoder(config)
+    decoder.start()
+    scanner.start()
+    time.sleep(0.5)
+    ScannerEmulator(phantom.live_files, tmp_path / "export", tr=phantom.session.tr, speed=15.0,
+                    restamp_acquisition=True).run()
+    scanner.join(DEADLINE_S)
+    assert not scanner.is_alive(), "the scanner host did not end the live run"
+    sent = [m for m in read_journal(layout.betas_dir / "trials.journal") if isinstance(m, TrialBetas)]
+
+    def done() -> bool:
+        rows = records(config)
+        answered = sum(1 for r in rows if "topk" in r or "superseded_by" in r)
+        queued = sum(1 for r in rows if "topk" in r and r["policy_decision"] == "queued")
+        ended = sum(1 for r in rows if r.get("event") == "reconstruction")
+        return answered == len(sent) and ended == queued
+
+    wait_for(done, DEADLINE_S, "the decoder to answer every estimate and end every queued reconstruction")
+    console = run_console(config, headless=True, duration_s=2.0)  # joins late: the decoder's snapshot has it all
+    decoder.finish()
+    rows = records(config)
+    retrieval = [r for r in rows if "topk" in r]
+    made = [r for r in rows if r.get("event") == "reconstruction" and r["policy_decision"] == "reconstructed"]
+    # Every trial got retrieval; the last estimate sent was reconstructed ('newest' never drops the latest).
+    assert {r["trial"] for r in retrieval} == set(range(phantom.live_trials))
+    assert made and (sent[-1].trial, sent[-1].estimate_kind) in {(r["trial"], r["kind"]) for r in made}
+    for r in made:
+        assert Path(r["recon"]).name == f"run-03_trial-{r['trial']:03d}_{r['kind']}_recon.png"
+        assert Image.open(r["recon"]).size == (IMAGE_PX, IMAGE_PX)
+    # The console merged the second results into its trial rows and counted what the policy skipped.
+    shown = {(row.run, row.trial): row for row in console.trials}
+    last_made = {}
+    for r in made:
+        last_made[(r["run"], r["trial"])] = r["recon"]
+    assert all(shown[key].reconstruction_path for key in last_made)
+    assert console.recon_policy == "newest"
+    skipped = sum(1 for r in rows if r.get("policy_decision") == "skipped")
+    assert console.recon_skipped == skipped
