@@ -219,10 +219,14 @@ def _apply_result(state: ConsoleState, msg: DecodeResult, now: float, thumbnail_
     topk = tuple(Retrieved(int(i), float(s), str(label), msg.topk_images[n] if msg.topk_images else "")
                  for n, (i, s, label) in enumerate(zip(msg.topk_ids, msg.topk_scores, msg.topk_labels)))
     acq = msg.acquisition_time
-    changes = dict(trial_type=msg.trial_type or row.trial_type, estimate_kind=msg.estimate_kind,
-                   estimate_version=msg.estimate_version, stim_file=msg.stim_file or row.stim_file,
-                   policy_decision=msg.policy_decision)
-    if topk:
+    # A result for an older estimate than the row shows (a reconstruction finishing late, a decoder catching up)
+    # adds its images but does not take the row back to that estimate's kind and top-k.
+    stale = msg.estimate_version < row.estimate_version
+    changes = dict(trial_type=msg.trial_type or row.trial_type, stim_file=msg.stim_file or row.stim_file)
+    if not stale:
+        changes.update(estimate_kind=msg.estimate_kind, estimate_version=msg.estimate_version,
+                       policy_decision=msg.policy_decision)
+    if topk and not stale:
         if not msg.topk_images and [r.id for r in row.topk] == [r.id for r in topk]:
             topk = tuple(dataclasses.replace(new, image=old.image) for new, old in zip(topk, row.topk))
         changes["topk"] = topk

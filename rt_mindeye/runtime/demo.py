@@ -290,7 +290,7 @@ def _wait_decoder_drained(session_dir: Path, decoder, timeout_s: float) -> None:
     sent = sum(1 for m in read_journal(journal) if hasattr(m, "betas")) if journal.exists() else 0
     deadline = time.time() + timeout_s
     while time.time() < deadline and decoder.poll() is None:
-        done = sum(1 for _ in results.open()) if results.exists() else 0
+        done = len(_estimate_rows(results))
         if done >= sent:
             return
         time.sleep(0.2)
@@ -299,11 +299,16 @@ def _wait_decoder_drained(session_dir: Path, decoder, timeout_s: float) -> None:
 # --- summary --------------------------------------------------------------------------------------------------------
 
 
-def read_results(session_dir: Path) -> list[dict]:
-    """The decoder's results (estimates it superseded by a newer one of the same trial are left out)."""
-    path = session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl"
+def _estimate_rows(path: Path) -> list[dict]:
+    """One row per trial estimate the decoder received (reconstruction events are extra rows, left out)."""
     records = [json.loads(line) for line in path.open()] if path.exists() else []
-    return [r for r in records if "superseded_by" not in r]
+    return [r for r in records if "event" not in r]
+
+
+def read_results(session_dir: Path) -> list[dict]:
+    """The decoder's retrieval results (estimates it superseded by a newer one of the same trial are left out)."""
+    rows = _estimate_rows(session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl")
+    return [r for r in rows if "superseded_by" not in r]
 
 
 def summarise(session_dir: Path, session, live_runs: list[int], phantom_dir: Path, *, calibration=None, live=None,

@@ -78,6 +78,18 @@ def test_retrieval_then_reconstruction_merge_into_one_trial(factories):
     assert state.recon_policy == "newest" and state.recon_backlog == 1
 
 
+def test_a_late_result_of_an_older_estimate_adds_its_image_but_keeps_the_newer_estimate(factories):
+    newer = dataclasses.replace(factories.result(3, labels=("cat", "dog", "car", "tree", "boat")),
+                                estimate_kind="refined", estimate_version=2, policy_decision="retrieval_only")
+    state = apply(ConsoleState(), newer, now=factories.T0 + 33)
+    late = dataclasses.replace(factories.result(3, recon=True), estimate_kind="early", estimate_version=1)
+    state = apply(state, late, now=factories.T0 + 36, thumbnail_path="/g/t3.png")
+    row = state.trial(1, 3)
+    assert row.estimate_kind == "refined" and row.estimate_version == 2
+    assert [r.label for r in row.topk][:2] == ["cat", "dog"] and row.policy_decision == "retrieval_only"
+    assert row.reconstruction_path.endswith("recon_3.png") and row.thumbnail_path == "/g/t3.png"
+
+
 def test_peer_liveness(factories):
     state = apply(ConsoleState(), Heartbeat(session="s", service="decoder", state="busy"), now=100.0,
                   source="decoder")
