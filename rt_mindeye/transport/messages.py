@@ -141,8 +141,8 @@ class DecodeResult(Message):
     """What the decoder made of one trial estimate (decoder -> console).
 
     A trial gets a result as soon as retrieval is done (``reconstruction_path`` None, ``policy_decision`` says what
-    happens to its reconstruction: ``queued``, ``skipped``, ``reconstructed``, ``failed`` or ``retrieval_only``) and, when the
-    reconstruction policy lets it through, a second result with the reconstruction. ``thumbnail_png`` optionally
+    happens to its reconstruction: ``queued``, ``skipped``, ``reconstructed``, ``failed`` or ``retrieval_only``)
+    and, when the reconstruction policy lets it through, a second result with the reconstruction. ``thumbnail_png`` optionally
     carries a small PNG of the reconstruction as uint8 bytes, so a console on another host can show it.
     Timestamps are POSIX seconds; ``stage_ms`` maps decoder stages to milliseconds.
     """
