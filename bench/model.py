@@ -2,24 +2,26 @@
 
 Run from the repository root::
 
-    python bench/model.py             # 4 pretraining subjects, 3-minute fine-tune budget, light-model projection
-    python bench/model.py --quick     # 2 small subjects, short budgets (a smoke run, minutes)
+    python bench/model.py             # 4 pretraining subjects, 2 fine-tune seeds, light-model projection (~30 min)
+    python bench/model.py --quick     # 2 small subjects, short runs, 1 seed (a smoke run, minutes)
     python bench/model.py --measure-light   # also time one CPU training step of the real-size light model
     python bench/model.py --write-keys      # regenerate docs/mindeye2_keys.md from the model (meta device)
     python bench/model.py --timing-only --real-size-load   # load a real-size (1.6 GB) light checkpoint: time, memory
 
 Steps
 
-1. Phantom subjects 1..K (``small`` phantom, more runs) give pretraining data: their true single-trial betas (the
-   phantom's ground truth, not GLM estimates) z-scored per subject, and the tokens of the images they saw from the
-   phantom embedder (EfficientNet-Lite0 stage 7 pooled to 4x4 = 16 tokens x 320). The new subject's held-out
-   images are removed from every pretraining set.
-2. ``tiny`` is pretrained on all K subjects, then fine-tuned on a new subject's calibration runs within a time
-   budget (a fresh ridge head, everything trained), and a model of the same size is trained from scratch on the
-   same calibration data for the same number of epochs.
-3. Both decode the new subject's held-out runs from its true betas: top-1 image retrieval among the held-out images
-   (cosine of flattened, L2-normalised tokens, MindEye2's metric; chance = 1 / number of candidates), and a PNG grid
-   of seen / retrieved / blurry-reconstructed images (the tiny model's low-level head predicts a 28x28 RGB image).
+1. Phantom subjects 1..K (``small`` phantom, 12 runs x 40 trials) give pretraining data: their true single-trial
+   betas (the phantom's ground truth, not GLM estimates) z-scored per subject, and the tokens of the images they saw
+   from the phantom embedder (EfficientNet-Lite0 stage 5 pooled to 4x4 = 16 tokens x 112). Each pretraining subject
+   sees 480 images of its own that neither the new subject nor the other subjects see (as NSD subjects did).
+2. ``tiny`` is pretrained on all K subjects (20 epochs, one global batch of 32 split across them), then fine-tuned on
+   a new subject's 3 calibration runs with a fresh ridge head within a time budget, up to the calibration workflow's
+   60 epochs: with the workflow's recipe (the head alone for the first third) and with MindEye2's (all parts from
+   the start). A model of the same size is trained from scratch on the same data, for the same epochs and for 150.
+3. All decode the new subject's 3 held-out runs from its true betas: top-1 image retrieval among the 120 held-out
+   images (cosine of flattened, L2-normalised tokens, MindEye2's metric; chance = 1 / number of candidates), per
+   seed, and a PNG grid of seen / retrieved / blurry-reconstructed images (the tiny model's low-level head predicts a
+   28x28 RGB image).
 4. Timing: the measured CPU step time of ``tiny``, and for ``light`` on 750 trials (MindEye2's 1-hour fine-tune:
    batch 24, 150 epochs) a FLOP count per step and the projected H100 time (no GPU here); ``--measure-light`` adds a
    measured CPU step of the real-size light model (needs ~8 GB of memory).
@@ -45,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from rt_mindeye.calibration.config import CalibrationConfig  # noqa: E402
 from rt_mindeye.model.config import MindEyeConfig  # noqa: E402
 from rt_mindeye.model.mindeye import MindEyeModule, build_model  # noqa: E402
 
@@ -141,8 +144,11 @@ def phantom_setup(args, console):
     from rt_mindeye.phantom import phantom_config, simulate_session
     from rt_mindeye.phantom.stimuli import render_all, stimulus_set
 
+    # GLM betas: a few images repeat across the new subject's runs (the type-d fit chooses its ridge fractions by
+    # cross-validating repeats, as in a real calibration); repeated images are then left out of the test set.
+    repeats = dict(repeated_images=10, repeats=3) if args.betas == "glm" else dict(repeated_images=0)
     new_cfg = phantom_config("small", n_runs=args.new_runs, calibration_runs=args.calibration_runs,
-                             trials_per_run=args.trials_per_run, repeated_images=0)
+                             trials_per_run=args.trials_per_run, **repeats)
     per_subject = args.pretrain_runs * args.trials_per_run
     offsets = [new_cfg.n_images + k * per_subject for k in range(args.subjects)]
     n_images = new_cfg.n_images + args.subjects * per_subject
@@ -164,11 +170,39 @@ def phantom_setup(args, console):
         session = simulate_session(cfg, subject=subject, seed=subject)
         betas, index = trial_arrays(session, range(session.n_runs))
         pretrain.append(subject_data(betas, index + offset, targets, zscore_stats(betas), name=f"phantom{subject:02d}"))
-    finetune_data, _ = phantom_subject_data(new, calib, targets, name=f"phantom{new_id:02d}", stats_runs=calib)
-    test_data, test_index = phantom_subject_data(new, held_out, targets, name=f"phantom{new_id:02d}",
-                                                 stats_runs=calib)
+    if args.betas == "glm":
+        finetune_data, test_data, test_index = _glm_subject_data(new, calib, held_out, targets, console)
+    else:
+        finetune_data, _ = phantom_subject_data(new, calib, targets, name=f"phantom{new_id:02d}", stats_runs=calib)
+        test_data, test_index = phantom_subject_data(new, held_out, targets, name=f"phantom{new_id:02d}",
+                                                     stats_runs=calib)
     return dict(images=images, targets=targets, pretrain=pretrain, finetune=finetune_data, test=test_data,
                 test_index=test_index, pretrain_images=args.subjects * per_subject)
+
+
+def _glm_subject_data(session, calib, held_out, targets, console):
+    """The new subject's betas from the offline type-d GLM of its runs (no ground truth), z-scored with the
+    calibration runs' statistics; the test set keeps only images never shown in a calibration run."""
+    from rt_mindeye.glm.design import RunEvents
+    from rt_mindeye.glm.estimator import GLMSingle
+    from rt_mindeye.model.data import subject_data, trial_arrays, zscore_stats
+
+    began = time.perf_counter()
+    runs = [session.visual_timeseries(r) for r in range(session.n_runs)]
+    events = [RunEvents.from_records(session.events(r), condition_column="stim_file") for r in range(session.n_runs)]
+    fit = GLMSingle(model="d").fit(runs, events, tr=session.tr)
+    betas = np.asarray(fit.betas_, dtype=np.float32)
+    truth, index = trial_arrays(session, range(session.n_runs))
+    run_of = np.concatenate([[r] * len(session.trials(r)) for r in range(session.n_runs)])
+    in_calib = np.isin(run_of, calib)
+    held = np.isin(run_of, held_out) & ~np.isin(index, index[in_calib])
+    r = np.median([np.corrcoef(betas[:, v], truth[:, v])[0, 1] for v in np.flatnonzero(session.subject.responsive)])
+    console.print(f"offline GLM type d of the new subject: {time.perf_counter() - began:.0f} s, median correlation "
+                  f"with the true betas over responsive voxels {r:.3f}")
+    stats = zscore_stats(betas[in_calib])
+    name = "glm"
+    return (subject_data(betas, index, targets, stats, name=name, keep=in_calib),
+            subject_data(betas, index, targets, stats, name=name, keep=held), index[held])
 
 
 @torch.no_grad()
@@ -230,39 +264,59 @@ def run_phantom(args, console) -> dict:
     pretrain_s = time.perf_counter() - began
     checkpoint = save_container(RESULTS / "model_pretrained_tiny.pth", shared)
 
-    fine_settings = TrainConfig(epochs=args.finetune_max_epochs, batch_size=24, max_lr=1e-3, seed=args.seed,
-                                head_only_pct=args.head_only_pct,
-                                time_budget_min=args.finetune_budget_min)
-    began = time.perf_counter()
-    tuned, fine = finetune(checkpoint, setup["finetune"], fine_settings, progress=not args.no_progress,
-                           log=console.print)
-    finetune_s = time.perf_counter() - began
+    # Per seed: the calibration workflow's fine-tune (head alone first), MindEye2's fine-tune (everything from the
+    # start), and the same model trained from scratch on the same data, for as many epochs as the fine-tune got and
+    # for the full 150 (scratch training gains from longer runs; the comparison gives it that chance).
+    variants: dict[str, dict] = {}
 
-    # From scratch: the same architecture and data, the same number of epochs as the fine-tune got.
-    torch.manual_seed(args.seed)
-    scratch = MindEyeModule(pre_config.replace(subject_voxels=(setup["finetune"].voxels.shape[1],),
-                                               subject_names=()))
-    scratch_settings = TrainConfig(epochs=fine.epochs, batch_size=24, max_lr=1e-3, seed=args.seed)
-    began = time.perf_counter()
-    Trainer(scratch, scratch_settings, progress=not args.no_progress).fit([setup["finetune"]])
-    scratch_s = time.perf_counter() - began
+    def record(name: str, model, epochs: int, seconds: float, seed: int) -> dict:
+        result = retrieval(model, setup["test"], setup["test_index"], setup["targets"])
+        entry = variants.setdefault(name, {"epochs": epochs, "seconds": [], "top1": [], "seeds": []})
+        entry["seconds"].append(seconds)
+        entry["top1"].append(result["top1"])
+        entry["seeds"].append(seed)
+        console.print(f"seed {seed}: {name}: top-1 {result['top1']:.1%} ({epochs} epochs, {seconds:.0f} s)")
+        return result
 
-    tuned_r = retrieval(tuned, setup["test"], setup["test_index"], setup["targets"])
-    scratch_r = retrieval(scratch, setup["test"], setup["test_index"], setup["targets"])
-    grid = save_grid(RESULTS / "model_grid.png", setup["images"], setup["test_index"], tuned_r)
+    grid_result = None
+    scratch_config = pre_config.replace(subject_voxels=(setup["finetune"].voxels.shape[1],), subject_names=())
+    for seed in range(args.seed, args.seed + args.seeds):
+        for name, head_only in (("pretrained + fine-tuned (head alone first)", args.head_only_pct),
+                                ("pretrained + fine-tuned (MindEye2: all parts from the start)", 0.0)):
+            settings = TrainConfig(epochs=args.finetune_max_epochs, batch_size=24, max_lr=1e-3, seed=seed,
+                                   head_only_pct=head_only, time_budget_min=args.finetune_budget_min)
+            began = time.perf_counter()
+            tuned, fine = finetune(checkpoint, setup["finetune"], settings, progress=not args.no_progress,
+                                   log=console.print)
+            result = record(name, tuned, fine.epochs, time.perf_counter() - began, seed)
+            if grid_result is None:
+                grid_result, fine_epochs, step_s = result, fine.epochs, fine.step_seconds
+        for name, epochs in (("from scratch, same data, same epochs", fine_epochs),
+                             (f"from scratch, same data, {args.scratch_long_epochs} epochs", args.scratch_long_epochs)):
+            torch.manual_seed(seed)
+            scratch = MindEyeModule(scratch_config)
+            began = time.perf_counter()
+            Trainer(scratch, TrainConfig(epochs=epochs, batch_size=24, max_lr=1e-3, seed=seed),
+                    progress=not args.no_progress).fit([setup["finetune"]])
+            record(name, scratch, epochs, time.perf_counter() - began, seed)
+
+    grid = save_grid(RESULTS / ("model_grid.png" if args.betas == "true" else "model_grid_glm.png"), setup["images"], setup["test_index"], grid_result)
+    for entry in variants.values():
+        entry["mean_top1"] = float(np.mean(entry["top1"]))
     return {
-        "betas": "phantom ground-truth betas (not GLM estimates), z-scored with calibration-run statistics",
+        "betas": ("new subject: offline type-d GLM betas (no ground truth); pretraining subjects: true betas"
+                  if args.betas == "glm" else "phantom ground-truth betas (not GLM estimates)")
+                 + ", z-scored with calibration-run statistics",
         "pretrain": {"subjects": len(setup["pretrain"]), "trials": [len(d) for d in setup["pretrain"]],
                      "epochs": pre.epochs, "seconds": pretrain_s, "step_seconds": pre.step_seconds,
                      "final_loss": pre.history[-1].loss},
-        "finetune": {"trials": len(setup["finetune"]), "epochs": fine.epochs, "steps_per_epoch": fine.steps_per_epoch,
-                     "budget_min": args.finetune_budget_min, "seconds": finetune_s,
-                     "measured_step_seconds": fine.step_seconds},
-        "scratch": {"epochs": fine.epochs, "seconds": scratch_s},
-        "test": {"trials": tuned_r["n_trials"], "candidates": tuned_r["n_candidates"], "chance": tuned_r["chance"],
-                 "pretraining_images": setup["pretrain_images"], "shared_with_new_subject": 0},
-        "top1_pretrained_finetuned": tuned_r["top1"],
-        "top1_from_scratch": scratch_r["top1"],
+        "finetune": {"trials": len(setup["finetune"]), "max_epochs": args.finetune_max_epochs,
+                     "budget_min": args.finetune_budget_min, "head_only_pct": args.head_only_pct,
+                     "measured_step_seconds": step_s},
+        "test": {"trials": grid_result["n_trials"], "candidates": grid_result["n_candidates"],
+                 "chance": grid_result["chance"], "pretraining_images": setup["pretrain_images"],
+                 "shared_with_new_subject": 0},
+        "variants": variants,
         "grid_png": str(grid.relative_to(REPO)),
         "model": pre_config.to_dict(),
     }
@@ -380,31 +434,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a real-size light checkpoint (1.6 GB, fp16) and measure check/load time and memory")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--betas", choices=("true", "glm"), default="true",
+                        help="new subject's betas: the phantom's ground truth, or the offline type-d GLM of its runs")
+    parser.add_argument("--seeds", type=int, default=None, help="fine-tune / scratch seeds (default 2; --quick 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
     parser.add_argument("--finetune-budget-min", type=float, default=None, help="override the fine-tune budget")
     parser.add_argument("--head-only-pct", type=float, default=FINETUNE_HEAD_ONLY_PCT,
                         help="fraction of the fine-tune in which only the new ridge head trains (0 = MindEye2's recipe)")
     parser.add_argument("--pretrain-epochs", type=int, default=None,
-                        help="pretrain exactly this many epochs (instead of the planned budget)")
+                        help="pretraining epochs (default 20)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=150)
     if args.write_keys:
         console.print(f"wrote {write_key_list(REPO / 'docs' / 'mindeye2_keys.md')}")
         return 0
     quick = args.quick
     args.subjects = 2 if quick else 4
+    args.seeds = args.seeds or (1 if quick else 2)
+    args.scratch_long_epochs = 40 if quick else 150
     # Pretraining subjects see more images than the new subject (as NSD subjects did), minus its held-out ones.
     args.pretrain_runs = 4 if quick else 12
     args.trials_per_run = 30 if quick else 40
     args.new_runs, args.calibration_runs = (4, 2) if quick else (6, 3)
-    # --quick trains fixed epochs (results independent of machine speed); the full run plans epochs from budgets.
+    # Pretraining runs fixed epochs; the fine-tune plans its epochs from the budget up to the calibration default.
     fixed_pretrain = args.pretrain_epochs
-    args.pretrain_epochs = fixed_pretrain or (20 if quick else 60)
-    args.pretrain_budget_min = 0.0 if (quick or fixed_pretrain) else 8.0
-    args.finetune_max_epochs = 20 if quick else 150
+    args.pretrain_epochs = fixed_pretrain or 20  # fixed, so the accuracy does not depend on the machine's speed
+    args.pretrain_budget_min = 0.0
+    args.finetune_max_epochs = 20 if quick else CalibrationConfig().train.epochs  # what a session's fine-tune gets
     budget = args.finetune_budget_min
     args.finetune_budget_min = budget if budget is not None else (0.0 if quick else 3.0)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -415,14 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         phantom = run_phantom(args, console)
         results["phantom"] = phantom
         tiny = MindEyeConfig.from_dict(phantom["model"])
-        table = Table(title="new phantom subject: held-out top-1 retrieval (true betas)")
-        for column in ("model", "epochs", "train s", "top-1", "chance", "x chance"):
+        table = Table(title=f"new phantom subject: held-out top-1 retrieval ({args.betas} betas)")
+        for column in ("model", "epochs", "train s", "top-1 per seed", "mean", "x chance"):
             table.add_column(column, justify="right" if column != "model" else "left")
         chance = phantom["test"]["chance"]
-        for label, key, part in (("pretrained + fine-tuned", "top1_pretrained_finetuned", "finetune"),
-                                 ("from scratch (same data)", "top1_from_scratch", "scratch")):
-            table.add_row(label, str(phantom[part]["epochs"]), f"{phantom[part]['seconds']:.0f}",
-                          f"{phantom[key]:.1%}", f"{chance:.1%}", f"{phantom[key] / chance:.1f}")
+        for label, entry in phantom["variants"].items():
+            table.add_row(label, str(entry["epochs"]), f"{np.median(entry['seconds']):.0f}",
+                          " / ".join(f"{t:.1%}" for t in entry["top1"]), f"{entry['mean_top1']:.1%}",
+                          f"{entry['mean_top1'] / chance:.1f}")
         console.print(table)
         console.print(f"pretraining: {phantom['pretrain']['subjects']} subjects, {phantom['pretrain']['epochs']} "
                       f"epochs, {phantom['pretrain']['seconds']:.0f} s; grid: {phantom['grid_png']}")
@@ -449,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         s = timing["light_cpu_step_batch4"]
         t.add_row("light, CPU step, batch 4 (measured)", f"{s['seconds']:.1f} s ({s['achieved_gflops']:.0f} GFLOP/s)")
     console.print(t)
-    out = RESULTS / "model.json"
+    out = RESULTS / ("model.json" if args.betas == "true" else "model_glm.json")
     out.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {out.relative_to(REPO)}")
     return 0

@@ -185,15 +185,15 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
 def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, options: DemoOptions, console):
     from rt_mindeye.calibration.config import CalibrationConfig
     from rt_mindeye.calibration.workflow import calibrate
-    from rt_mindeye.calibration.config import FINETUNE_HEAD_ONLY_PCT
-    from rt_mindeye.model.train import TrainConfig
 
+    # The calibration workflow's own fine-tune settings (epochs, head-only start), with the demo's budget and seed.
+    train = dataclasses.replace(CalibrationConfig().train, time_budget_min=options.finetune_budget_min,
+                                seed=options.seed)
     config = CalibrationConfig(
         subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
         events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column="stim_file",
         anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz", pretrained=pretrained,
-        train=TrainConfig(epochs=150, batch_size=16, time_budget_min=options.finetune_budget_min, seed=options.seed,
-                          head_only_pct=FINETUNE_HEAD_ONLY_PCT))
+        train=train)
     return calibrate(phantom_dir, bundle_dir, config, dicom_dir=phantom_dir / "dicom", session_id="demo",
                      progress=console.print)
 
