@@ -26,6 +26,33 @@ MAX_RESTARTS = 20
 STOP_TIMEOUT_S = 20.0
 
 
+class ServiceThread(threading.Thread):
+    """A service entry point (``run_scanner(config, stop)``, ``run_decoder``, ...) on a thread of this process:
+    for embedding a service (a notebook, a test) instead of spawning it. ``finish`` stops it through its stop event,
+    waits at most ``timeout_s`` and re-raises what the service raised."""
+
+    def __init__(self, target, config):
+        super().__init__(daemon=True, name=getattr(target, "__name__", "service"))
+        self.stop_event = threading.Event()
+        self.target_fn, self.config = target, config
+        self.result, self.error = None, None
+
+    def run(self):
+        try:
+            self.result = self.target_fn(self.config, self.stop_event)
+        except BaseException as exc:  # handed to the caller by finish()
+            self.error = exc
+
+    def finish(self, timeout_s: float = 30.0):
+        self.stop_event.set()
+        self.join(timeout_s)
+        if self.is_alive():
+            raise TimeoutError(f"{self.name} did not stop within {timeout_s:g} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 def spawn(service: str, config_path: Path, log_dir: Path, *extra_args: str) -> subprocess.Popen:
     """Start ``python -m services.<service> --config FILE`` with its output in ``log_dir/<service>.stdout``."""
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ the middle of a run, and a replay of the recorded session that must reproduce th
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from rt_mindeye.replay.emulator import ScannerEmulator
 from rt_mindeye.runtime.config import load_session_config
+from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.services import run_decoder, run_scanner
 from rt_mindeye.transport.journal import read_journal
@@ -20,28 +20,6 @@ from rt_mindeye.transport.messages import TrialBetas
 
 SPEED = 15.0
 DEADLINE_S = 120.0
-
-
-class Service(threading.Thread):
-    def __init__(self, target, config):
-        super().__init__(daemon=True)
-        self.stop_event = threading.Event()
-        self.target_fn, self.config = target, config
-        self.result, self.error = None, None
-
-    def run(self):
-        try:
-            self.result = self.target_fn(self.config, self.stop_event)
-        except BaseException as exc:  # re-raised by finish()
-            self.error = exc
-
-    def finish(self, timeout=30.0):
-        self.stop_event.set()
-        self.join(timeout)
-        assert not self.is_alive(), "service did not stop within its deadline"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def journal_trials(session_dir: Path) -> list[TrialBetas]:
@@ -67,8 +45,8 @@ def test_live_run_end_to_end(calibrated_phantom, session_yaml, tmp_path):
     phantom = calibrated_phantom
     session_dir = tmp_path / "session"
     config = load_session_config(session_yaml(tmp_path / "s.yaml", phantom, session_dir, tmp_path / "export", 47000))
-    scanner = Service(run_scanner, config)
-    decoder = Service(run_decoder, config)
+    scanner = ServiceThread(run_scanner, config)
+    decoder = ServiceThread(run_decoder, config)
     decoder.start()
     scanner.start()
     time.sleep(0.5)
@@ -113,8 +91,8 @@ def test_decoder_killed_mid_run_catches_up_without_loss(calibrated_phantom, sess
     phantom = calibrated_phantom
     session_dir = tmp_path / "session"
     config = load_session_config(session_yaml(tmp_path / "s.yaml", phantom, session_dir, tmp_path / "export", 47100))
-    scanner = Service(run_scanner, config)
-    first = Service(run_decoder, config)
+    scanner = ServiceThread(run_scanner, config)
+    first = ServiceThread(run_decoder, config)
     first.start()
     scanner.start()
     time.sleep(0.5)
@@ -123,7 +101,7 @@ def test_decoder_killed_mid_run_catches_up_without_loss(calibrated_phantom, sess
     first.finish()  # the decoder dies in the middle of the run
     decoded_before = len(results(session_dir))
     time.sleep(1.0)  # the scanner host goes on journaling while no decoder is there
-    second = Service(run_decoder, config)
+    second = ServiceThread(run_decoder, config)
     second.start()
     assert emulator.join(DEADLINE_S)
     scanner.join(DEADLINE_S)
@@ -142,7 +120,7 @@ def test_replay_of_the_recorded_session_reproduces_the_betas_bit_for_bit(calibra
     phantom = calibrated_phantom
     live_dir, replay_dir = tmp_path / "live", tmp_path / "replay"
     live = load_session_config(session_yaml(tmp_path / "a.yaml", phantom, live_dir, tmp_path / "export1", 47200))
-    scanner = Service(run_scanner, live)
+    scanner = ServiceThread(run_scanner, live)
     scanner.start()
     time.sleep(0.5)
     ScannerEmulator(phantom.live_files, tmp_path / "export1", tr=phantom.session.tr, speed=SPEED,
@@ -151,7 +129,7 @@ def test_replay_of_the_recorded_session_reproduces_the_betas_bit_for_bit(calibra
     scanner.finish()
     # Offline: replay what the live scanner host recorded, through the same stack, as fast as it goes.
     replay = load_session_config(session_yaml(tmp_path / "b.yaml", phantom, replay_dir, tmp_path / "export2", 47300))
-    scanner = Service(run_scanner, replay)
+    scanner = ServiceThread(run_scanner, replay)
     scanner.start()
     time.sleep(0.5)
     ScannerEmulator(SessionLayout(live_dir).dicom_dir, tmp_path / "export2", tr=phantom.session.tr,

@@ -20,6 +20,7 @@ from rt_mindeye.decode.unclip import write_tiny_unclip_checkpoint
 from rt_mindeye.runtime.config import load_session_config
 from rt_mindeye.runtime.decoder import (TrialDecoder, UnclipCheckpointError, build_decoder, load_reconstructor,
                                         reconstruction_decoder)
+from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.preflight import FAIL, PASS, run_preflight
 from rt_mindeye.runtime.services import run_decoder
@@ -132,28 +133,6 @@ def test_a_reconstruction_is_reproducible_from_its_estimate(bundle, decoders, tm
 # --- the service on loopback ---------------------------------------------------------------------------------------
 
 
-class Decoder(threading.Thread):
-    def __init__(self, config):
-        super().__init__(daemon=True)
-        self.stop_event = threading.Event()
-        self.config = config
-        self.result, self.error = None, None
-
-    def run(self):
-        try:
-            self.result = run_decoder(self.config, self.stop_event)
-        except BaseException as exc:  # re-raised by finish()
-            self.error = exc
-
-    def finish(self, timeout=30.0):
-        self.stop_event.set()
-        self.join(timeout)
-        assert not self.is_alive(), "the decoder did not stop within its deadline"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
 def service_config(phantom, session_yaml, tmp_path: Path, port_base: int, *, policy: str, max_pending: int,
                    checkpoint: Path | None, steps: int = RECON["steps"], **decoder):
     path = session_yaml(tmp_path / "s.yaml", phantom, tmp_path / "session", tmp_path / "export", port_base)
@@ -195,7 +174,7 @@ def run_burst(config, bundle, estimates: list[TrialBetas], stop_after_retrieval:
     sender = ReliableSender(t.bind_endpoint("trials"), Path(config.session.dir) / "trials.journal", session="test",
                             fsync=False, heartbeat_interval_s=t.heartbeat_interval_s)
     source = Source("decoder", t.connect_endpoint("decoder_pub"), t.connect_endpoint("decoder_snapshot"))
-    decoder = Decoder(config)
+    decoder = ServiceThread(run_decoder, config)
     published: list[DecodeResult] = []
     try:
         for msg in estimates:
@@ -362,7 +341,7 @@ def test_live_run_with_reconstructions_reaches_the_console(calibrated_phantom, s
     layout = SessionLayout(config.session.dir)
     stop = threading.Event()
     scanner = threading.Thread(target=run_scanner, args=(config, stop), daemon=True)
-    decoder = Decoder(config)
+    decoder = ServiceThread(run_decoder, config)
     decoder.start()
     scanner.start()
     time.sleep(0.5)
