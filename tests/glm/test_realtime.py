@@ -49,8 +49,9 @@ def test_kinds_early_refined_final(calibrated, synthetic_session):
     assert early[0].last_volume == int(np.ceil(s.events[3].onsets[0] / s.tr)) + 3
 
 
-def _lss_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, n_pcs):
-    """Batch LSS (numpy lstsq) for one trial on the given frames: trial, sum of the others, drift, noise PCs."""
+def _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs):
+    """Per-HRF trial regressors, % signal change and the nuisance columns (polynomial drift on the run's time scale,
+    the frozen noise components) of the given frames, written from the definitions for the batch references."""
     hrfs = calibration.hrf_set()
     regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
     psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
@@ -59,7 +60,12 @@ def _lss_reference(calibration, data_rows, frames, events, tr, trial, time_scale
     if n_pcs:
         pool = psc[:, calibration.noise_pool_index] / calibration.noise_scale
         nuis.append(pool @ calibration.noise_loadings[:, :n_pcs])
-    nuis = np.concatenate(nuis, axis=1)
+    return regs, psc, np.concatenate(nuis, axis=1)
+
+
+def _lss_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, n_pcs):
+    """Batch LSS (numpy lstsq) for one trial on the given frames: trial, sum of the others, drift, noise PCs."""
+    regs, psc, nuis = _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs)
     betas = np.zeros(psc.shape[1])
     for h in np.unique(calibration.hrf_index):
         idx = calibration.hrf_index == h
@@ -179,11 +185,7 @@ def test_state_and_input_errors(calibrated, synthetic_session):
 def _local_ridge_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, neighbors, alpha):
     """Batch ridge fit for one trial: own columns for the trial and its started neighbours (penalised by alpha),
     one column for every other trial, drift (unpenalised)."""
-    hrfs = calibration.hrf_set()
-    regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
-    psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
-    u = (frames + calibration.slice_time_ref) * tr / time_scale
-    nuis = u[:, None] ** np.arange(degree + 1)
+    regs, psc, nuis = _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs=0)
     t_last = (frames[-1] + calibration.slice_time_ref) * tr
     own = [k for k in range(max(0, trial - neighbors), min(len(events), trial + neighbors + 1))
            if events.onsets[k] <= t_last]
@@ -227,15 +229,7 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
     trial and its started neighbours (ridge alpha toward the calibration mean beta), one column for every other
     trial, drift (slope ridge = drift_shrinkage x the constant column's weight) and noise components, every row
     AR(1)-prewhitened (a row whose previous volume is missing restarts at scale sqrt(1 - rho^2))."""
-    hrfs = calibration.hrf_set()
-    regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
-    psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
-    u = (frames + calibration.slice_time_ref) * tr / time_scale
-    nuis = [u[:, None] ** np.arange(degree + 1)]
-    if n_pcs:
-        pool = psc[:, calibration.noise_pool_index] / calibration.noise_scale
-        nuis.append(pool @ calibration.noise_loadings[:, :n_pcs])
-    nuis = np.concatenate(nuis, axis=1)
+    regs, psc, nuis = _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs)
     whiten = np.zeros((frames.size, frames.size))
     for i, f in enumerate(frames):
         if i and frames[i - 1] == f - 1:
