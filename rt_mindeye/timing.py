@@ -65,6 +65,15 @@ class Deadline:
         return time.monotonic() >= self._end
 
 
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Poll ``predicate()`` until it is true; ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    deadline = Deadline(timeout_s)
+    while not predicate():
+        if deadline.expired:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+
+
 def percentiles(values) -> dict:
     """``{"p50", "p99", "n"}`` of the finite values (None when there are none): how latencies are reported."""
     import numpy as np

@@ -286,11 +286,10 @@ def _wait_decoder_drained(session_dir: Path, decoder, timeout_s: float) -> None:
     from rt_mindeye.transport.journal import read_journal
 
     journal = session_dir / "derivatives" / "rt-mindeye" / "betas" / "trials.journal"
-    results = session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl"
     sent = sum(1 for m in read_journal(journal) if hasattr(m, "betas")) if journal.exists() else 0
     deadline = time.time() + timeout_s
     while time.time() < deadline and decoder.poll() is None:
-        done = len(_estimate_rows(results))
+        done = len(_estimate_rows(session_dir))
         if done >= sent:
             return
         time.sleep(0.2)
@@ -299,15 +298,16 @@ def _wait_decoder_drained(session_dir: Path, decoder, timeout_s: float) -> None:
 # --- summary --------------------------------------------------------------------------------------------------------
 
 
-def _estimate_rows(path: Path) -> list[dict]:
+def _estimate_rows(session_dir: Path) -> list[dict]:
     """One row per trial estimate the decoder received (reconstruction events are extra rows, left out)."""
-    records = [json.loads(line) for line in path.open()] if path.exists() else []
-    return [r for r in records if "event" not in r]
+    from rt_mindeye.runtime.layout import SessionLayout
+
+    return [r for r in SessionLayout(session_dir).read_decoder_results() if "event" not in r]
 
 
 def read_results(session_dir: Path) -> list[dict]:
     """The decoder's retrieval results (estimates it superseded by a newer one of the same trial are left out)."""
-    rows = _estimate_rows(session_dir / "derivatives" / "rt-mindeye" / "decoder" / "results.jsonl")
+    rows = _estimate_rows(session_dir)
     return [r for r in rows if "superseded_by" not in r]
 
 

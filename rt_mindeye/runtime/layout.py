@@ -76,6 +76,23 @@ class SessionLayout:
         return self.derivatives / "decoder"
 
     @property
+    def decoder_results(self) -> Path:
+        return self.decoder_dir / "results.jsonl"
+
+    def read_decoder_results(self) -> list[dict[str, Any]]:
+        """Every record the decoder wrote so far (retrieval per estimate, superseded estimates, reconstruction
+        events), in order; a line still being written is left for the next read."""
+        if not self.decoder_results.exists():
+            return []
+        records = []
+        for line in self.decoder_results.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return records
+
+    @property
     def recon_dir(self) -> Path:
         return self.derivatives / "recon"
 

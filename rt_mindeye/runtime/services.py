@@ -255,7 +255,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     publisher = SnapshotPublisher(t.bind_endpoint("decoder_pub"), t.bind_endpoint("decoder_snapshot"), session=s.id,
                                   service="decoder", server_security=server_security(t, "decoder"),
                                   heartbeat_interval_s=t.heartbeat_interval_s)
-    results = ResultsLog(layout.decoder_dir / "results.jsonl")
+    results = ResultsLog(layout.decoder_results)
     counts = {"decoded": 0, "superseded": 0, "reconstructed": 0, "recon_skipped": 0, "recon_superseded": 0,
               "recon_failed": 0}
 

@@ -16,6 +16,7 @@ from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.services import run_decoder, run_scanner
 from rt_mindeye.transport.journal import read_journal
+from rt_mindeye.timing import wait_until
 from rt_mindeye.transport.messages import TrialBetas
 
 SPEED = 15.0
@@ -28,17 +29,7 @@ def journal_trials(session_dir: Path) -> list[TrialBetas]:
 
 
 def results(session_dir: Path) -> list[dict]:
-    path = SessionLayout(session_dir).decoder_dir / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return SessionLayout(session_dir).read_decoder_results()
 
 
 def test_live_run_end_to_end(calibrated_phantom, session_yaml, tmp_path):
@@ -56,7 +47,7 @@ def test_live_run_end_to_end(calibrated_phantom, session_yaml, tmp_path):
     assert not scanner.is_alive(), "the scanner host did not end the live run"
     summary = scanner.finish()
     sent = journal_trials(session_dir)
-    wait_for(lambda: len(results(session_dir)) >= len(sent), 60, "the decoder to catch up")
+    wait_until(lambda: len(results(session_dir)) >= len(sent), 60, "the decoder to catch up")
     decoder.finish()
 
     # Every volume arrived, was recorded and analysed; every trial got a final estimate, decoded exactly once.
@@ -97,7 +88,7 @@ def test_decoder_killed_mid_run_catches_up_without_loss(calibrated_phantom, sess
     scanner.start()
     time.sleep(0.5)
     emulator = ScannerEmulator(phantom.live_files, tmp_path / "export", tr=phantom.session.tr, speed=SPEED).start()
-    wait_for(lambda: len(results(session_dir)) >= 3, DEADLINE_S, "the first decoded trials")
+    wait_until(lambda: len(results(session_dir)) >= 3, DEADLINE_S, "the first decoded trials")
     first.finish()  # the decoder dies in the middle of the run
     decoded_before = len(results(session_dir))
     time.sleep(1.0)  # the scanner host goes on journaling while no decoder is there
@@ -107,7 +98,7 @@ def test_decoder_killed_mid_run_catches_up_without_loss(calibrated_phantom, sess
     scanner.join(DEADLINE_S)
     scanner.finish()
     sent = journal_trials(session_dir)
-    wait_for(lambda: len(results(session_dir)) >= len(sent), 60, "the restarted decoder to catch up")
+    wait_until(lambda: len(results(session_dir)) >= len(sent), 60, "the restarted decoder to catch up")
     second.finish()
     seqs = [r["seq"] for r in results(session_dir)]
     assert decoded_before < len(sent)

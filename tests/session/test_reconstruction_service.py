@@ -4,7 +4,6 @@ sockets on loopback. Retrieval goes out for every estimate; one worker reconstru
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from rt_mindeye.runtime.decoder import (TrialDecoder, UnclipCheckpointError, bui
 from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.preflight import FAIL, PASS, run_preflight
+from rt_mindeye.timing import wait_until
 from rt_mindeye.runtime.services import run_decoder
 from rt_mindeye.transport.channel import ReliableSender
 from rt_mindeye.transport.messages import DecodeResult, TrialBetas
@@ -145,17 +145,7 @@ def service_config(phantom, session_yaml, tmp_path: Path, port_base: int, *, pol
 
 
 def records(config) -> list[dict]:
-    path = SessionLayout(config.session.dir).decoder_dir / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return SessionLayout(config.session.dir).read_decoder_results()
 
 
 def finished(rows: list[dict], n_estimates: int) -> bool:
@@ -181,14 +171,14 @@ def run_burst(config, bundle, estimates: list[TrialBetas], stop_after_retrieval:
             sender.send(msg)
         decoder.start()
         if stop_after_retrieval:
-            wait_for(lambda: sum(1 for r in records(config) if "topk" in r) == len(estimates), DEADLINE_S,
+            wait_until(lambda: sum(1 for r in records(config) if "topk" in r) == len(estimates), DEADLINE_S,
                      "every estimate's retrieval")
             decoder.stop_event.set()
         if stop_after_retrieval or config.decoder.idle_timeout_s:
             decoder.join(DEADLINE_S)
             assert not decoder.is_alive(), "the decoder did not stop within its deadline"
         # Done when every estimate has its retrieval record and every queued one its reconstruction record.
-        wait_for(lambda: finished(records(config), len(estimates)) or decoder.error is not None, DEADLINE_S,
+        wait_until(lambda: finished(records(config), len(estimates)) or decoder.error is not None, DEADLINE_S,
                  "every estimate's retrieval and reconstruction")
         assert sender.wait_acked(sender.last_seq, 10.0), "retrieval results were not acknowledged"
         if not decoder.is_alive():  # stopped: nothing left to subscribe to, its record says it all
@@ -358,7 +348,7 @@ def test_live_run_with_reconstructions_reaches_the_console(calibrated_phantom, s
         ended = sum(1 for r in rows if r.get("event") == "reconstruction")
         return answered == len(sent) and ended == queued
 
-    wait_for(done, DEADLINE_S, "the decoder to answer every estimate and end every queued reconstruction")
+    wait_until(done, DEADLINE_S, "the decoder to answer every estimate and end every queued reconstruction")
     console = run_console(config, headless=True, duration_s=2.0)  # joins late: the decoder's snapshot has it all
     decoder.finish()
     rows = records(config)
