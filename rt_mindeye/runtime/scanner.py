@@ -79,9 +79,10 @@ class ScannerPipeline:
         Where ``run-XX_motion.tsv`` is written as each run ends (None: not written).
     align_session_start:
         Register the reference to the first volume with :func:`~rt_mindeye.preprocess.motion.align_reference`
-        and start motion correction from that pose: the calibration was made on another day, when the head sat
-        elsewhere in the scanner, further than the real-time registration's warm start can reach. Every volume is
-        still resampled into the reference grid, so the calibration's masks apply unchanged.
+        and start motion correction from that pose: the calibration was made on another day, with the head elsewhere
+        in the scanner and the images differing in contrast and distortion, and the careful mutual-information fit
+        gives the fast intensity-based real-time registration a start it can trust. Every volume is still resampled
+        into the reference grid, so the calibration's masks apply unchanged.
     """
 
     def __init__(self, *, reference: Volume, mask: np.ndarray, glm: RealtimeGLM, motion: MotionCorrector,
