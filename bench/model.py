@@ -243,7 +243,7 @@ def save_grid(path: Path, images: np.ndarray, test_index: np.ndarray, result: di
 
 def run_phantom(args, console) -> dict:
     from rt_mindeye.convert.mindeye2 import save_container
-    from rt_mindeye.model.train import TrainConfig, Trainer, finetune, pretrain
+    from rt_mindeye.model.train import TrainConfig, Trainer, finetune, pretrain, split_global_batch
 
     setup = phantom_setup(args, console)
     seq, dim = setup["targets"].tokens.shape[1:]
@@ -254,9 +254,8 @@ def run_phantom(args, console) -> dict:
                                       subject_names=tuple(d.name for d in setup["pretrain"]), **fields)
     torch.manual_seed(args.seed)
     shared = MindEyeModule(pre_config)
-    # MindEye2 splits one global batch across the pretraining subjects (42 over 7 subjects: 6 each); so do we, which
-    # also keeps the auxiliary loss's (batch x 49)^2 similarity matrices small on a CPU.
-    pre_settings = TrainConfig(epochs=args.pretrain_epochs, batch_size=max(4, PRETRAIN_GLOBAL_BATCH // args.subjects),
+    pre_settings = TrainConfig(epochs=args.pretrain_epochs,
+                               batch_size=split_global_batch(PRETRAIN_GLOBAL_BATCH, args.subjects),
                                max_lr=1e-3, seed=args.seed,
                                time_budget_min=args.pretrain_budget_min)
     began = time.perf_counter()

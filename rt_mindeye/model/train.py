@@ -176,6 +176,12 @@ def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
                                                total_steps=total_steps, final_div_factor=1000, pct_start=pct)
 
 
+def split_global_batch(global_batch: int, n_subjects: int, minimum: int = 4) -> int:
+    """Per-subject batch when one global batch is split across the pretraining subjects, as MindEye2 splits its 42
+    over 7 subjects (6 each); it also keeps the auxiliary loss's (batch x tokens)^2 similarities small on a CPU."""
+    return max(minimum, int(global_batch) // max(1, int(n_subjects)))
+
+
 def plan_epochs(budget_s: float, step_s: float, steps_per_epoch: int, max_epochs: int) -> int:
     """Whole epochs that fit ``BUDGET_SAFETY`` of the budget at the measured step time (at least 1)."""
     per_epoch = max(step_s * steps_per_epoch, 1e-9)

@@ -153,7 +153,7 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     from rt_mindeye.model.data import image_targets, phantom_subject_data
     from rt_mindeye.model.embedders import PhantomEmbedder
     from rt_mindeye.model.mindeye import MindEyeModule
-    from rt_mindeye.model.train import TrainConfig, pretrain
+    from rt_mindeye.model.train import TrainConfig, pretrain, split_global_batch
     from rt_mindeye.phantom.session import simulate_session
 
     datasets = []
@@ -171,8 +171,7 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     fields.update(tiny_fields_for(int(dim), datasets[0].blurry_targets, datasets[0].aux_targets))
     model_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in datasets],
                                         subject_names=tuple(d.name for d in datasets), **fields)
-    # One global batch of 32 split across the subjects, as MindEye2 splits its batch of 42 across 7 subjects.
-    train = TrainConfig(epochs=150, batch_size=max(4, 32 // len(datasets)), max_lr=1e-3,
+    train = TrainConfig(epochs=150, batch_size=split_global_batch(32, len(datasets)), max_lr=1e-3,
                         time_budget_min=options.pretrain_budget_min, seed=options.seed)
     result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
                       log=console.print)

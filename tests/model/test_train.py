@@ -12,7 +12,7 @@ from rt_mindeye.convert.mindeye2 import load_mindeye2, save_container
 from rt_mindeye.errors import ConfigError
 from rt_mindeye.model.losses import mixco, mixco_nce, soft_clip_loss, soft_clip_temperature
 from rt_mindeye.model.mindeye import MindEyeModule
-from rt_mindeye.model.train import TrainConfig, Trainer, finetune, plan_epochs, pretrain
+from rt_mindeye.model.train import TrainConfig, Trainer, finetune, plan_epochs, pretrain, split_global_batch
 
 FAST = TrainConfig(epochs=6, batch_size=16, max_lr=3e-3, seed=7, warmup_epochs=1.0)
 
@@ -139,6 +139,11 @@ def test_time_budget_plans_epochs_from_a_measured_step(micro, subject_data):
     assert plan_epochs(60.0, 0.1, 10, 500) == 51
     assert plan_epochs(60.0, 0.1, 10, 20) == 20
     assert plan_epochs(0.01, 1.0, 10, 20) == 1
+
+
+def test_a_global_batch_is_split_across_the_pretraining_subjects():
+    assert split_global_batch(42, 7) == 6  # MindEye2's multisubject setting
+    assert split_global_batch(32, 4) == 8 and split_global_batch(32, 16) == 4  # never below the minimum
 
 
 def test_loss_functions():
