@@ -329,8 +329,7 @@ def test_live_run_with_reconstructions_reaches_the_console(calibrated_phantom, s
     config, _ = service_config(phantom, session_yaml, tmp_path, 48700, policy="newest", max_pending=2,
                                checkpoint=unclip_ckpt)
     layout = SessionLayout(config.session.dir)
-    stop = threading.Event()
-    scanner = threading.Thread(target=run_scanner, args=(config, stop), daemon=True)
+    scanner = ServiceThread(run_scanner, config)
     decoder = ServiceThread(run_decoder, config)
     decoder.start()
     scanner.start()
@@ -339,6 +338,7 @@ def test_live_run_with_reconstructions_reaches_the_console(calibrated_phantom, s
                     restamp_acquisition=True).run()
     scanner.join(DEADLINE_S)
     assert not scanner.is_alive(), "the scanner host did not end the live run"
+    scanner.finish()
     sent = [m for m in read_journal(layout.betas_dir / "trials.journal") if isinstance(m, TrialBetas)]
 
     def done() -> bool:

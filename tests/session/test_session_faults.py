@@ -4,11 +4,11 @@ dropped and comes back. Real services on loopback, a real watcher, the scanner e
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 from rt_mindeye.replay.emulator import FaultPlan, ScannerEmulator
 from rt_mindeye.runtime.config import load_session_config
+from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.services import run_console, run_scanner
 from rt_mindeye.transport.journal import read_journal
@@ -19,17 +19,12 @@ DEADLINE_S = 120.0
 
 
 def _scan(config, phantom, export, faults=None) -> dict:
-    stop = threading.Event()
-    box = {}
-    worker = threading.Thread(target=lambda: box.update(run_scanner(config, stop)), daemon=True)
+    worker = ServiceThread(run_scanner, config)
     worker.start()
     time.sleep(0.5)
     ScannerEmulator(phantom.live_files, export, tr=phantom.session.tr, speed=SPEED, faults=faults).run()
     worker.join(DEADLINE_S)
-    stop.set()
-    worker.join(10)
-    assert not worker.is_alive()
-    return box
+    return worker.finish(timeout_s=10)
 
 
 def _trials(session_dir):
@@ -83,9 +78,7 @@ def test_console_dropped_and_restarted_gets_the_session_so_far(calibrated_phanto
     session_dir = tmp_path / "session"
     config = load_session_config(session_yaml(tmp_path / "s.yaml", calibrated_phantom, session_dir,
                                               tmp_path / "export", 47700))
-    stop = threading.Event()
-    box = {}
-    scanner = threading.Thread(target=lambda: box.update(run_scanner(config, stop)), daemon=True)
+    scanner = ServiceThread(run_scanner, config)
     scanner.start()
     first = run_console(config, headless=True, duration_s=1.0)  # a console that goes away early
     emulator = ScannerEmulator(calibrated_phantom.live_files, tmp_path / "export", tr=calibrated_phantom.session.tr,
@@ -93,10 +86,9 @@ def test_console_dropped_and_restarted_gets_the_session_so_far(calibrated_phanto
     assert emulator.join(DEADLINE_S)
     late = run_console(config, headless=True, duration_s=2.0)  # a new console joins after the run
     scanner.join(DEADLINE_S)
-    stop.set()
-    scanner.join(10)
+    summary = scanner.finish(timeout_s=10)
     assert any(p.name == "scanner" for p in first.peers)  # the first console saw the scanner host alive
-    assert box["volumes"] == len(calibrated_phantom.live_files)
+    assert summary["volumes"] == len(calibrated_phantom.live_files)
     # The console that joined late was given the whole run from the scanner host's snapshot.
     assert late.run == 3
     assert late.volumes_total == len(calibrated_phantom.live_files)
