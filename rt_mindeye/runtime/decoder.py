@@ -5,7 +5,7 @@ retrieval :class:`~rt_mindeye.transport.messages.DecodeResult` at once and, when
 the estimate to a :class:`~rt_mindeye.transport.policy.ReconstructionQueue`; :class:`ReconstructionWorker` is the one
 thread that takes trials from that queue and reconstructs them, each ending as a :class:`ReconOutcome`
 (``reconstructed``, ``skipped`` by the policy, ``superseded`` by a newer estimate of the same trial, or ``failed``).
-The decoder service (:func:`rt_mindeye.runtime.services.run_decoder`) wraps both with the reliable receiver, the
+The decoder service (:func:`rt_mindeye.runtime.decoder_service.run_decoder`) wraps both with the reliable receiver, the
 result publisher and the results record.
 
 The model is the calibration bundle's fine-tuned MindEye2; retrieval searches the bundle's candidate image

@@ -8,22 +8,20 @@ import sys
 import threading
 
 from rt_mindeye.errors import RtMindEyeError
+from rt_mindeye.process import cli_path, single_threaded_numerics
 
 
 def service_main(service: str, argv: list[str] | None = None) -> int:
-    from rt_mindeye.cli import single_threaded_numerics
-
     single_threaded_numerics()
     parser = argparse.ArgumentParser(prog=f"rt-mindeye-{service}",
                                      description=f"Run the rt-mindeye {service} service alone.")
-    parser.add_argument("--config", required=True, help="session YAML (see docs/configuration.md)")
+    parser.add_argument("--config", type=cli_path, required=True, help="session YAML (see docs/configuration.md)")
     parser.add_argument("--headless", action="store_true", help="console: log lines instead of the live view")
     args = parser.parse_args(argv)
     return run_service(service, args.config, headless=args.headless)
 
 
 def run_service(service: str, config_path, *, headless: bool = False) -> int:
-    from rt_mindeye.runtime import services
     from rt_mindeye.runtime.config import load_session_config
 
     stop = threading.Event()
@@ -32,11 +30,17 @@ def run_service(service: str, config_path, *, headless: bool = False) -> int:
     try:
         config = load_session_config(config_path)
         if service == "scanner":
-            summary = services.run_scanner(config, stop)
+            from rt_mindeye.runtime.scanner_service import run_scanner
+
+            summary = run_scanner(config, stop)
         elif service == "decoder":
-            summary = services.run_decoder(config, stop)
+            from rt_mindeye.runtime.decoder_service import run_decoder
+
+            summary = run_decoder(config, stop)
         elif service == "console":
-            services.run_console(config, stop, headless=headless or None)
+            from rt_mindeye.runtime.console_service import run_console
+
+            run_console(config, stop, headless=headless or None)
             summary = {}
         else:
             raise ValueError(f"unknown service {service!r}")

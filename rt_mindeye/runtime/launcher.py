@@ -129,7 +129,7 @@ class Supervisor:
 
 def run_session(config_path: str | Path, *, headless: bool | None = None) -> int:
     """Start everything, show the console until the scanner host is done, stop everything."""
-    from rt_mindeye.runtime.services import run_console
+    from rt_mindeye.runtime.console_service import run_console
 
     config_path = Path(config_path).resolve()
     config = load_session_config(config_path)

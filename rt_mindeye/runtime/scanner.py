@@ -1,7 +1,7 @@
 """The scanner-host pipeline: watcher events in, volume status and trial estimates out.
 
 :class:`ScannerPipeline` holds no sockets and no threads, so a test drives it event by event; the scanner service
-(:mod:`rt_mindeye.runtime.services`) feeds it from a :class:`~rt_mindeye.ingest.watcher.FolderWatcher`, journals and
+(:mod:`rt_mindeye.runtime.scanner_service`) feeds it from a :class:`~rt_mindeye.ingest.watcher.FolderWatcher`, journals and
 sends what it returns. Per volume: rigid motion correction to the calibration reference, masking to the decoder's
 voxels, and the real-time GLM update, which yields any trial estimates that volume completes.
 """

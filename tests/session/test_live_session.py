@@ -14,7 +14,8 @@ from rt_mindeye.replay.emulator import ScannerEmulator
 from rt_mindeye.runtime.config import load_session_config
 from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
-from rt_mindeye.runtime.services import run_decoder, run_scanner
+from rt_mindeye.runtime.decoder_service import run_decoder
+from rt_mindeye.runtime.scanner_service import run_scanner
 from rt_mindeye.transport.journal import read_journal
 from rt_mindeye.timing import wait_until
 from rt_mindeye.transport.messages import TrialBetas

@@ -23,7 +23,7 @@ from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.preflight import FAIL, PASS, run_preflight
 from rt_mindeye.timing import wait_until
-from rt_mindeye.runtime.services import run_decoder
+from rt_mindeye.runtime.decoder_service import run_decoder
 from rt_mindeye.transport.channel import ReliableSender
 from rt_mindeye.transport.messages import DecodeResult, TrialBetas
 from rt_mindeye.transport.pubsub import SnapshotSubscriber, Source
@@ -322,7 +322,8 @@ def test_bad_checkpoint_fails_at_start_up_naming_the_file(calibrated_phantom, se
 
 def test_live_run_with_reconstructions_reaches_the_console(calibrated_phantom, session_yaml, unclip_ckpt, tmp_path):
     from rt_mindeye.replay.emulator import ScannerEmulator
-    from rt_mindeye.runtime.services import run_console, run_scanner
+    from rt_mindeye.runtime.console_service import run_console
+    from rt_mindeye.runtime.scanner_service import run_scanner
     from rt_mindeye.transport.journal import read_journal
 
     phantom = calibrated_phantom

@@ -16,7 +16,7 @@ from rt_mindeye.preprocess.config import MotionConfig
 from rt_mindeye.preprocess.geometry import RigidTransform
 from rt_mindeye.preprocess.motion import MotionCorrector, resample_to_target
 from rt_mindeye.runtime.scanner import ScannerPipeline
-from rt_mindeye.runtime.services import EventsPlanner
+from rt_mindeye.runtime.events_planner import EventsPlanner
 from rt_mindeye.transport.messages import TrialBetas, VolumeStatus
 
 # Between sessions the head can sit a centimetre or more away and turned by several degrees.

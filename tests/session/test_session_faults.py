@@ -10,7 +10,8 @@ from rt_mindeye.replay.emulator import FaultPlan, ScannerEmulator
 from rt_mindeye.runtime.config import load_session_config
 from rt_mindeye.runtime.launcher import ServiceThread
 from rt_mindeye.runtime.layout import SessionLayout
-from rt_mindeye.runtime.services import run_console, run_scanner
+from rt_mindeye.runtime.console_service import run_console
+from rt_mindeye.runtime.scanner_service import run_scanner
 from rt_mindeye.transport.journal import read_journal
 from rt_mindeye.transport.messages import TrialBetas
 

@@ -1,0 +1,45 @@
+"""The console service: subscribe to the scanner host and the decoder and show the operator view.
+
+``python -m services.console`` is its process entry point; ``rt-mindeye session`` runs it in the foreground.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+from rt_mindeye.runtime.config import SessionConfig
+from rt_mindeye.runtime.layout import SessionLayout
+
+
+def console_sources(config: SessionConfig):
+    from rt_mindeye.transport.config import client_security
+    from rt_mindeye.transport.pubsub import Source
+
+    t = config.transport
+    return [Source("scanner", t.connect_endpoint("scanner_pub"), t.connect_endpoint("scanner_snapshot"),
+                   client_security(t, "console", "scanner")),
+            Source("decoder", t.connect_endpoint("decoder_pub"), t.connect_endpoint("decoder_snapshot"),
+                   client_security(t, "console", "decoder"))]
+
+
+def run_console(config: SessionConfig, stop: threading.Event | None = None, *, headless: bool | None = None,
+                duration_s: float | None = None):
+    from rt_mindeye.console.runner import OperatorConsole
+
+    s = config.session
+    layout = SessionLayout(s.dir)
+    console_config = config.console
+    if console_config.gallery_dir is None:
+        console_config = replace(console_config, gallery_dir=layout.gallery_dir)
+    if console_config.stimulus_dir is None and s.stimuli_dir is not None:
+        console_config = replace(console_config, stimulus_dir=s.stimuli_dir.parent)
+    console = OperatorConsole(console_config, console_sources(config),
+                              heartbeat_interval_s=config.transport.heartbeat_interval_s,
+                              heartbeat_liveness=config.transport.heartbeat_liveness)
+    if stop is not None:
+        threading.Thread(target=lambda: (stop.wait(), console.stop()), daemon=True).start()
+    try:
+        return console.run(duration_s=duration_s, headless=headless)
+    finally:
+        console.close()

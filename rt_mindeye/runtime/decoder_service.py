@@ -1,0 +1,193 @@
+"""The decoder service: receive trial estimates, decode them, record and publish the results, acknowledge.
+
+:func:`run_decoder` runs in the calling process until its stop condition (or ``stop`` is set) and reads only its own
+sections of the :class:`SessionConfig`; ``python -m services.decoder`` is its process entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from rt_mindeye.calibration.bundle import CalibrationBundle
+from rt_mindeye.runtime.config import SessionConfig
+from rt_mindeye.runtime.layout import SessionLayout
+from rt_mindeye.runtime.service_support import POLL_S, setup_logging
+from rt_mindeye.transport.messages import TrialBetas
+
+log = logging.getLogger("rt_mindeye.services")
+
+MAX_BATCH = 64
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> dict:
+    """Receive trial estimates, decode them, record and publish the results, acknowledge.
+
+    Every estimate gets its retrieval result at once. With ``decoder.unclip_checkpoint`` set, its trial is also
+    offered to the reconstruction queue (``transport.recon_policy`` / ``recon_max_pending``); one worker thread
+    reconstructs what the policy keeps and publishes a second result per reconstruction. Estimates are acknowledged
+    once their retrieval result is recorded (reconstructions are not waited for: after a restart, pending ones are
+    not redone).
+    """
+    from rt_mindeye.runtime.decoder import (ReconstructionWorker, TrialDecoder, build_decoder, load_reconstructor,
+                                            reconstruction_decoder, warm_up_reconstructor)
+    from rt_mindeye.transport.channel import ReliableReceiver
+    from rt_mindeye.transport.config import client_security, server_security
+    from rt_mindeye.transport.pubsub import SnapshotPublisher
+
+    stop = stop or threading.Event()
+    s = config.session
+    d = config.decoder
+    layout = SessionLayout(s.dir).create()
+    setup_logging(layout, "decoder")
+    bundle = CalibrationBundle.open(s.bundle)
+    bundle.check(subject=s.subject, volume=None)
+    decoder, _ = build_decoder(bundle, d.decode, device=_device(d.device))
+    reconstruction = None
+    if d.unclip_checkpoint is not None and d.decode.reconstruct:
+        model_config = decoder.model_forward.model.config
+        reconstructor = load_reconstructor(d.unclip_checkpoint, d.decode.reconstruction,
+                                           token_dim=int(model_config.token_dim),
+                                           use_prior=bool(model_config.use_prior))
+        reconstruction = reconstruction_decoder(decoder, reconstructor)
+        log.info("reconstructor warm-up took %.1f s", warm_up_reconstructor(reconstructor, model_config.token_seq))
+    elif d.unclip_checkpoint is not None:
+        log.info("decoder.decode.reconstruct is off: %s is not loaded", d.unclip_checkpoint)
+    t = config.transport
+    trial_decoder = TrialDecoder(decoder, session=s.id, recon_dir=layout.recon_dir, policy=t.recon_policy,
+                                 max_pending=t.recon_max_pending, stimuli_dir=s.stimuli_dir,
+                                 reconstruction=reconstruction)
+    receiver = ReliableReceiver(t.connect_endpoint("trials"), session=s.id, service="decoder",
+                                client_security=client_security(t, "decoder", "scanner"),
+                                state_path=layout.decoder_dir / "receiver.state", auto_ack=False,
+                                heartbeat_interval_s=t.heartbeat_interval_s, heartbeat_liveness=t.heartbeat_liveness)
+    publisher = SnapshotPublisher(t.bind_endpoint("decoder_pub"), t.bind_endpoint("decoder_snapshot"), session=s.id,
+                                  service="decoder", server_security=server_security(t, "decoder"),
+                                  heartbeat_interval_s=t.heartbeat_interval_s)
+    results = ResultsLog(layout.decoder_results)
+    counts = {"decoded": 0, "superseded": 0, "reconstructed": 0, "recon_skipped": 0, "recon_superseded": 0,
+              "recon_failed": 0}
+
+    counts_lock = threading.Lock()
+
+    def deliver(outcome) -> None:
+        """Record and publish what became of one estimate's reconstruction (worker and main thread)."""
+        results.write(_outcome_record(outcome), flush=True)
+        if outcome.message is not None:
+            publisher.publish(outcome.message)
+        key = "reconstructed" if outcome.decision == "reconstructed" else f"recon_{outcome.decision}"
+        with counts_lock:
+            counts[key] = counts.get(key, 0) + 1
+
+    worker = ReconstructionWorker(trial_decoder, deliver).start() if trial_decoder.reconstructs else None
+    log.info("decoder ready: %d candidates, model on %s, reconstruction %s", len(decoder.retriever.ids),
+             _device(d.device), f"on {reconstruction.reconstructor.device} ({t.recon_policy}, "
+                                f"{t.recon_max_pending} waiting at most)" if worker else "off")
+    last = time.time()
+    try:
+        while not stop.is_set():
+            if worker is not None and worker.failure is not None:
+                raise worker.failure
+            msg = receiver.recv(timeout_s=POLL_S)
+            now = time.time()
+            if msg is None:
+                if trial_decoder.busy:  # idle means no trial and no reconstruction left to do
+                    last = now
+                elif d.idle_timeout_s and counts["decoded"] and now - last > d.idle_timeout_s:
+                    break
+                continue
+            last = now
+            batch = [msg]
+            while len(batch) < MAX_BATCH and (more := receiver.recv(timeout_s=0.0)) is not None:
+                batch.append(more)
+            trials = [m for m in batch if isinstance(m, TrialBetas)]
+            # Backpressure: when the decoder has fallen behind, a newer estimate of a trial supersedes the
+            # queued older ones; every trial still gets its retrieval, from its newest estimate.
+            newest = {(m.run, m.trial): m for m in trials}
+            for m in trials:
+                if newest[(m.run, m.trial)] is not m:
+                    results.write({"seq": m.seq, "run": m.run, "trial": m.trial, "kind": m.estimate_kind,
+                                   "version": m.estimate_version, "superseded_by": newest[(m.run, m.trial)].seq})
+                    counts["superseded"] += 1
+            for m in sorted(newest.values(), key=lambda m: m.seq):
+                retrieval = trial_decoder.retrieve(m, now)
+                for outcome in retrieval.outcomes:  # earlier estimates the policy dropped or this one replaced
+                    deliver(outcome)
+                results.write(_result_record(m, retrieval.result))
+                publisher.publish(retrieval.result)
+                counts["decoded"] += 1
+            results.flush()  # recorded before it is acknowledged
+            receiver.ack(max(m.seq for m in batch))
+    finally:
+        if worker is not None:
+            if not worker.stop(d.recon_stop_timeout_s):
+                log.warning("the reconstruction in progress did not finish within %.1f s: left behind",
+                            d.recon_stop_timeout_s)
+            for outcome in trial_decoder.drop_waiting("the decoder stopped"):
+                deliver(outcome)
+        results.close()
+        receiver.close()
+        publisher.close()
+    return counts
+
+
+class ResultsLog:
+    """The decoder's ``results.jsonl``: one JSON record per line, written by the main thread and the
+    reconstruction worker; records arriving after :meth:`close` (a worker past its deadline) are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = path.open("a")
+        self._lock = threading.Lock()
+
+    def write(self, record: dict, flush: bool = False) -> None:
+        with self._lock:
+            if self._file.closed:
+                log.warning("result recorded after the decoder stopped, dropped: %s", record)
+                return
+            self._file.write(json.dumps(record) + "\n")
+            if flush:
+                self._file.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _result_record(msg: TrialBetas, result) -> dict:
+    return {"seq": msg.seq, "run": result.run, "trial": result.trial, "kind": result.estimate_kind,
+            "version": result.estimate_version, "stim_file": result.stim_file, "topk": list(result.topk_labels),
+            "scores": list(result.topk_scores), "recon": result.reconstruction_path,
+            "acquisition_time": result.acquisition_time, "received_at": result.received_at,
+            "retrieval_done_at": result.retrieval_done_at, "stage_ms": result.stage_ms,
+            "policy_decision": result.policy_decision}
+
+
+def _outcome_record(outcome) -> dict:
+    """A reconstruction record: ``event`` tells it apart from the retrieval records (one per estimate)."""
+    m = outcome.estimate
+    record = {"event": "reconstruction", "seq": m.seq, "run": m.run, "trial": m.trial, "kind": m.estimate_kind,
+              "version": m.estimate_version, "policy_decision": outcome.decision}
+    if outcome.reason:
+        record["reason"] = outcome.reason
+    if outcome.message is not None and outcome.message.reconstruction_path is not None:
+        record.update(recon=outcome.message.reconstruction_path,
+                      reconstruction_done_at=outcome.message.reconstruction_done_at,
+                      stage_ms=outcome.message.stage_ms, backlog=outcome.message.backlog)
+    return record

@@ -1,0 +1,155 @@
+"""The scanner-host service: watch the export folder, correct motion, estimate betas, journal and send them.
+
+:func:`run_scanner` runs in the calling process until its stop condition (or ``stop`` is set) and reads only its own
+sections of the :class:`SessionConfig`; ``python -m services.scanner`` is its process entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from rt_mindeye.calibration.bundle import CalibrationBundle
+from rt_mindeye.errors import SessionError
+from rt_mindeye.runtime.config import SessionConfig
+from rt_mindeye.runtime.events_planner import EventsPlanner
+from rt_mindeye.runtime.layout import SessionLayout
+from rt_mindeye.runtime.service_support import POLL_S, STATE_SESSION_DONE, save_resolved_config, setup_logging
+from rt_mindeye.transport.messages import Heartbeat, TrialBetas
+
+log = logging.getLogger("rt_mindeye.services")
+
+NO_BETAS = np.zeros(0, dtype=np.float32)
+ACK_DRAIN_S = 10.0
+
+
+def _send_all(messages, sender, publisher, decoder_index: np.ndarray) -> int:
+    """Journal and send trial estimates (restricted to the decoder's voxels), publish everything; count trials."""
+    trials = 0
+    for msg in messages:
+        if isinstance(msg, TrialBetas):
+            msg = replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index]))
+            sender.send(msg)  # journaled before it is sent
+            trials += 1
+            # The console needs to know the estimate exists, not its betas: keep its snapshot history small.
+            msg = replace(msg, betas=NO_BETAS)
+        publisher.publish(msg)
+    return trials
+
+
+def _align_session_start(config: SessionConfig, bundle: CalibrationBundle) -> bool:
+    """Whether the first live volume gets the careful reference alignment (motion.align_session_start)."""
+    mode = config.motion.align_session_start
+    return mode == "always" or (mode == "auto" and bundle.info.session != config.session.id)
+
+
+def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> dict:
+    """Watch the export folder, correct motion, estimate betas, journal and send them. Returns a summary."""
+    from rt_mindeye.glm.estimator import GLMCalibration
+    from rt_mindeye.glm.realtime import RealtimeGLM
+    from rt_mindeye.ingest.series import RunEnded, VolumeReady
+    from rt_mindeye.ingest.watcher import FolderWatcher
+    from rt_mindeye.preprocess.motion import MotionCorrector
+    from rt_mindeye.runtime.scanner import ScannerPipeline
+    from rt_mindeye.transport.channel import ReliableSender
+    from rt_mindeye.transport.config import server_security
+    from rt_mindeye.transport.pubsub import SnapshotPublisher
+
+    stop = stop or threading.Event()
+    s = config.session
+    layout = SessionLayout(s.dir).create()
+    setup_logging(layout, "scanner")
+    save_resolved_config(config, layout)
+    if s.events_dir is None:
+        raise SessionError(None, "session.events_dir: the real-time GLM needs the run's planned events file")
+    bundle = CalibrationBundle.open(s.bundle)
+    bundle.check(subject=s.subject, volume=None)
+    calibration = GLMCalibration.load(bundle.glm_dir)
+    decoder_index = bundle.decoder_index()
+    glm_mask = bundle.glm_mask()
+    pipeline = ScannerPipeline(reference=bundle.reference(), mask=glm_mask,
+                               glm=RealtimeGLM(calibration, config.glm), motion=MotionCorrector(config.motion),
+                               planner=EventsPlanner(s.events_dir, s.first_live_run), session=s.id,
+                               first_volume=config.watcher.first_volume, motion_dir=layout.derivatives / "motion",
+                               align_session_start=_align_session_start(config, bundle))
+    t = config.transport
+    sender = ReliableSender(t.bind_endpoint("trials"), layout.betas_dir / "trials.journal", session=s.id,
+                            service="scanner", server_security=server_security(t, "scanner"),
+                            fsync=t.journal_fsync, heartbeat_interval_s=t.heartbeat_interval_s,
+                            heartbeat_liveness=t.heartbeat_liveness, send_hwm=t.send_hwm)
+    publisher = SnapshotPublisher(t.bind_endpoint("scanner_pub"), t.bind_endpoint("scanner_snapshot"), session=s.id,
+                                  service="scanner", server_security=server_security(t, "scanner"),
+                                  heartbeat_interval_s=t.heartbeat_interval_s)
+    watcher = FolderWatcher(s.watch_dir, replace(config.watcher, record_dir=layout.root), clock=time.time)
+    runs_ended = 0
+    trials_sent = 0
+    volumes = 0
+    checked_geometry = False
+    last_activity = time.time()
+    timings = layout.timings_jsonl.open("a")
+    low_disk_warned = False
+    try:
+        log.info("warm-up (motion-correction kernels) took %.1f s", pipeline.warm_up())
+        watcher.start()
+        log.info("scanner host watching %s", s.watch_dir)
+        while not stop.is_set():
+            event = watcher.get(timeout=POLL_S)
+            now = time.time()
+            if event is None:
+                if pipeline.run_active and now - last_activity > s.run_end_timeout_s:
+                    log.info("no volume for %.1f s: the run has ended", s.run_end_timeout_s)
+                    _send_all(pipeline.end_current_run(), sender, publisher, decoder_index)
+                    runs_ended += 1
+                    if s.live_runs and runs_ended >= s.live_runs:
+                        log.info("%d live run(s) ended: stopping", runs_ended)
+                        break
+                elif s.idle_timeout_s and runs_ended and now - last_activity > s.idle_timeout_s:
+                    log.info("no volume for %.1f s after the last run: stopping", s.idle_timeout_s)
+                    break
+                continue
+            last_activity = now
+            if isinstance(event, VolumeReady):
+                volumes += 1
+                if not checked_geometry:
+                    bundle.check(subject=None, volume=event.volume)
+                    checked_geometry = True
+                if not low_disk_warned and layout.free_bytes() < s.min_free_gb * 1e9:
+                    low_disk_warned = True
+                    log.warning("session disk has %.1f GB free (< %.1f GB): free space before data is lost",
+                                layout.free_bytes() / 1e9, s.min_free_gb)
+                    publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
+                                                detail=f"low disk: {layout.free_bytes() / 1e9:.1f} GB free"))
+            errors_before = len(pipeline.run_errors)
+            trials_sent += _send_all(pipeline.handle(event), sender, publisher, decoder_index)
+            for run, problem in pipeline.run_errors[errors_before:]:
+                publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
+                                            detail=f"run {run} not analysed: {problem}"))
+            for row in pipeline.timings:
+                timings.write(json.dumps({"service": "scanner", **row}) + "\n")
+            pipeline.timings.clear()
+            timings.flush()
+            if isinstance(event, RunEnded):
+                runs_ended += 1
+                if s.live_runs and runs_ended >= s.live_runs:
+                    log.info("%d live run(s) ended: stopping", runs_ended)
+                    break
+        trials_sent += _send_all(pipeline.end_current_run(), sender, publisher, decoder_index)
+        if not sender.wait_acked(sender.last_seq, ACK_DRAIN_S):
+            log.warning("stopping with unacknowledged trials (acked %d of %d): they stay in the journal and are "
+                        "re-sent when the scanner host restarts", sender.acked_seq, sender.last_seq)
+        publisher.publish(Heartbeat(session=s.id, service="scanner", state=STATE_SESSION_DONE,
+                                    detail=f"trials={trials_sent}"))
+        time.sleep(2 * t.heartbeat_interval_s)
+    finally:
+        watcher.stop()
+        sender.close()
+        publisher.close()
+        timings.close()
+    return {"volumes": volumes, "runs_ended": runs_ended, "trials_sent": trials_sent,
+            "acked": sender.acked_seq, "last_seq": sender.last_seq, "run_errors": len(pipeline.run_errors),
+            "low_disk_warning": low_disk_warned}
