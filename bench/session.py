@@ -71,6 +71,7 @@ def write_config(path: Path, demo: Path, session_dir: Path, export: Path, events
     return path
 
 
+from rt_mindeye.process import cli_path  # noqa: E402
 from rt_mindeye.runtime.launcher import terminate  # noqa: E402
 from rt_mindeye.timing import percentiles  # noqa: E402
 
@@ -86,7 +87,7 @@ class ResultClock:
 
     def __init__(self, config_path: Path):
         from rt_mindeye.runtime.config import load_session_config
-        from rt_mindeye.runtime.services import console_sources
+        from rt_mindeye.runtime.console_service import console_sources
         from rt_mindeye.transport.pubsub import SnapshotSubscriber
 
         self.subscriber = SnapshotSubscriber(console_sources(load_session_config(config_path)))
@@ -243,17 +244,21 @@ def run_memory(demo: Path, work: Path, hours: float, speed: float, port_base: in
     return report
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-dir", type=Path, default=REPO / "runs" / "demo",
+    parser.add_argument("--demo-dir", type=cli_path, default=REPO / "runs" / "demo",
                         help="output of `rt-mindeye demo` (its phantom and bundle are reused)")
     parser.add_argument("--hours", type=float, default=2.0, help="session length of the memory replay")
     parser.add_argument("--speed", type=float, default=40.0, help="replay speed of the memory run")
     parser.add_argument("--latency-speed", type=float, default=1.0, help="1 = real time at the TR")
     parser.add_argument("--quick", action="store_true", help="latency at 4x, a 20-minute session at 40x")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "session.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=cli_path, default=REPO / "bench" / "results" / "session.json")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.latency_speed, args.hours = 4.0, 1 / 3
     if not (args.demo_dir / "bundle" / "bundle.json").exists():

@@ -1,7 +1,8 @@
 """The ``rt-mindeye`` command line.
 
 Each command group lives in its own module under :mod:`rt_mindeye.cli` exposing ``register(subparsers)``; the
-module adds its sub-commands and sets ``func`` on each parser. Expected failures raise
+module adds its sub-commands and sets ``func`` on each parser; path arguments use
+:func:`~rt_mindeye.process.cli_path` (relative to the working directory). Expected failures raise
 :class:`~rt_mindeye.errors.RtMindEyeError` and are printed as one line (exit status 2), never as a traceback.
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from rt_mindeye import __version__
 from rt_mindeye.errors import RtMindEyeError
+from rt_mindeye.process import single_threaded_numerics
 
 # Modules that contribute sub-commands, in help order.
 COMMAND_MODULES = (
@@ -34,18 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
-
-
-def single_threaded_numerics() -> None:
-    """Default OpenMP/BLAS to one thread per process unless the user chose otherwise.
-
-    rt-mindeye's per-volume and per-trial work is small and several of its processes share the machine: measured
-    on 2 cores, a tiny-model training step took 0.74 s with one torch thread and 8.9 s with two (OpenMP threads
-    spinning against the other processes). Set OMP_NUM_THREADS to use more threads on a larger machine. Must run
-    before torch or numpy are imported.
-    """
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from rt_mindeye.process import cli_path
 
 
 def register(subparsers) -> None:
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
         description="Run the whole system on a simulated subject: make the phantom session, pretrain (or reuse) the "
                     "shared tiny model, calibrate on the first runs, run the remaining runs live through the scanner "
                     "host, decoder and console at an accelerated TR, and write DIR/summary.json and DIR/grid.png.")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--out", type=cli_path, default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--speed", type=float, default=8.0, help="replay speed of the live runs (x real time)")
     parser.add_argument("--pretrain-minutes", type=float, default=3.0, help="time budget of the pretraining")
     parser.add_argument("--finetune-minutes", type=float, default=2.0, help="time budget of the fine-tuning")

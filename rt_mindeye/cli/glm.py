@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+
+from rt_mindeye.process import cli_path
 
 
 def register(subparsers) -> None:
@@ -16,19 +17,20 @@ def register(subparsers) -> None:
     sub = glm.add_subparsers(dest="glm_command", metavar="GLM_COMMAND")
     fit = sub.add_parser("fit", help="fit single-trial betas on calibration runs and freeze the choices",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fit.add_argument("--bold", nargs="+", required=True, metavar="RUN.nii.gz", help="4-D BOLD runs")
-    fit.add_argument("--events", nargs="+", required=True, metavar="EVENTS.tsv",
+    fit.add_argument("--bold", nargs="+", type=cli_path, required=True, metavar="RUN.nii.gz", help="4-D BOLD runs")
+    fit.add_argument("--events", nargs="+", type=cli_path, required=True, metavar="EVENTS.tsv",
                      help="BIDS events per run (onset, duration, trial_type); repeats share a condition")
     fit.add_argument("--tr", type=float, required=True, help="repetition time in seconds")
-    fit.add_argument("--mask", default=None, help="3-D mask of the voxels to fit (default: intensity threshold)")
+    fit.add_argument("--mask", type=cli_path, default=None,
+                     help="3-D mask of the voxels to fit (default: intensity threshold)")
     fit.add_argument("--model", choices=("a", "b", "c", "d"), default=None, help="GLMsingle model type (default: "
                      "the config's, d)")
     fit.add_argument("--condition-column", default="trial_type",
                      help="events column naming the condition (repeated images share it)")
-    fit.add_argument("--motion", nargs="+", default=None, metavar="MOTION.tsv",
+    fit.add_argument("--motion", nargs="+", type=cli_path, default=None, metavar="MOTION.tsv",
                      help="motion parameters per run (one row per volume) used as nuisance regressors")
-    fit.add_argument("--config", default=None, help="YAML file whose 'glm' section configures the fit")
-    fit.add_argument("--out", required=True, help="output directory")
+    fit.add_argument("--config", type=cli_path, default=None, help="YAML file whose 'glm' section configures the fit")
+    fit.add_argument("--out", type=cli_path, required=True, help="output directory")
     fit.add_argument("--quiet", action="store_true", help="no progress display")
     fit.set_defaults(func=run_fit)
     glm.set_defaults(func=lambda args: (glm.print_help(), 1)[1])

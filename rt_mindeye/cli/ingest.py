@@ -22,6 +22,8 @@ from pathlib import Path
 
 from rt_mindeye.errors import DicomReadError, RtMindEyeError
 from rt_mindeye.volume import Volume
+from rt_mindeye.process import cli_path
+
 
 
 class ConvertError(RtMindEyeError):
@@ -36,9 +38,9 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", type=Path, help="DICOM files or folders")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", type=cli_path, help="DICOM files or folders")
     parser.add_argument(
-        "-o", "--output", required=True, type=Path, help="OUT.nii[.gz], or a folder for one file per series"
+        "-o", "--output", required=True, type=cli_path, help="OUT.nii[.gz], or a folder for one file per series"
     )
     parser.add_argument("--series", type=int, default=None, help="convert only this SeriesNumber")
     parser.add_argument("--json", action="store_true", help="also write a BIDS-style JSON sidecar per NIfTI")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rt_mindeye.config import read_yaml
 from rt_mindeye.errors import ConfigError
+from rt_mindeye.process import cli_path
+
 
 CHECKPOINT_NAME = "last.pth"
 LOG_NAME = "train_log.json"
@@ -27,7 +29,7 @@ def register(subparsers) -> None:
     model = subparsers.add_parser("model", help="inspect MindEye2 checkpoints")
     model_sub = model.add_subparsers(dest="model_command", metavar="COMMAND")
     check = model_sub.add_parser("check", help="infer a checkpoint's configuration and check every key and shape")
-    check.add_argument("checkpoint", type=Path)
+    check.add_argument("checkpoint", type=cli_path)
     check.add_argument("--new-subject-voxels", type=int, default=None,
                        help="check it as the starting point of a new subject with this many voxels "
                             "(old ridge heads dropped)")
@@ -40,22 +42,22 @@ def register(subparsers) -> None:
     pre.add_argument("--preset", default="tiny", choices=("tiny", "light", "full"), help="model size")
     source = pre.add_mutually_exclusive_group(required=True)
     source.add_argument("--phantom-subjects", type=int, nargs="+", help="simulate these phantom subjects")
-    source.add_argument("--data", type=Path, nargs="+", help="one .npz per subject (voxels, image_tokens, ...)")
+    source.add_argument("--data", type=cli_path, nargs="+", help="one .npz per subject (voxels, image_tokens, ...)")
     pre.set_defaults(func=run_pretrain)
 
     fine = subparsers.add_parser("finetune", help="fit a new subject from a pretrained checkpoint")
-    fine.add_argument("checkpoint", type=Path, help="pretrained MindEye2 checkpoint (published or rt-mindeye's)")
+    fine.add_argument("checkpoint", type=cli_path, help="pretrained MindEye2 checkpoint (published or rt-mindeye's)")
     _common_training_args(fine)
     source = fine.add_mutually_exclusive_group(required=True)
     source.add_argument("--phantom-subject", type=int, help="simulate this phantom subject; use its calibration runs")
-    source.add_argument("--data", type=Path, help=".npz of the new subject's calibration trials")
+    source.add_argument("--data", type=cli_path, help=".npz of the new subject's calibration trials")
     fine.add_argument("--budget-min", type=float, default=None, help="plan epochs to finish within this many minutes")
     fine.set_defaults(func=run_finetune)
 
 
 def _common_training_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="output folder (last.pth, train_log.json)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML with 'train:' and 'model:' sections")
+    parser.add_argument("--out", type=cli_path, required=True, help="output folder (last.pth, train_log.json)")
+    parser.add_argument("--config", type=cli_path, default=None, help="YAML with 'train:' and 'model:' sections")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)

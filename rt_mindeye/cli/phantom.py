@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from rt_mindeye.errors import ConfigError
+from rt_mindeye.process import cli_path
+
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -86,7 +88,7 @@ def register(subparsers) -> None:
         description="Simulate a subject's fMRI session (images, BOLD responses, noise, head motion) and write it "
                     "as a Siemens real-time export (one DICOM per volume) with events, stimuli and ground truth. "
                     "Layout: see docs/phantom.md.")
-    parser.add_argument("out", help="output folder (created)")
+    parser.add_argument("out", type=cli_path, help="output folder (created)")
     parser.add_argument("--preset", default="small", choices=["small", "realistic"], help="size preset (default small)")
     parser.add_argument("--subject", type=int, default=1, help="subject number: anatomy, masks, tuning (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="session seed: design, noise, motion (default 0)")

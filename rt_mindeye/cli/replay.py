@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 
 from rt_mindeye.config import from_mapping
+from rt_mindeye.process import cli_path
+
 
 SOURCE = "command line"
 
@@ -24,8 +26,8 @@ def register(subparsers) -> None:
                     "real-time export does, optionally injecting deterministic faults. Files are ordered by "
                     "(series, volume) parsed from the file name pattern.",
     )
-    parser.add_argument("src", type=Path, help="folder of recorded export files (e.g. <session>/sourcedata/dicom)")
-    parser.add_argument("dest", type=Path, help="folder to write into (the one the watcher observes)")
+    parser.add_argument("src", type=cli_path, help="folder of recorded export files (e.g. <session>/sourcedata/dicom)")
+    parser.add_argument("dest", type=cli_path, help="folder to write into (the one the watcher observes)")
     parser.add_argument("--tr", type=float, default=None,
                         help="repetition time in seconds (default: RepetitionTime of the first file)")
     parser.add_argument("--speed", type=float, default=1.0, help="replay speed factor (default 1)")
@@ -55,7 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--restamp-acquisition", action="store_true",
                         help="set each file's acquisition time to when it is written (minus one TR), as a live "
                              "scanner would, so latency from acquisition is meaningful in the replay")
-    parser.add_argument("--plan-json", type=Path, default=None, help="save the planned schedule as JSON here")
+    parser.add_argument("--plan-json", type=cli_path, default=None, help="save the planned schedule as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.set_defaults(func=run)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from rt_mindeye.process import cli_path
 
 
 def register(subparsers) -> None:
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
         description="Start all three services from one session YAML and show the operator console until the scanner "
                     "host is done. Each service also runs alone: python -m services.scanner|decoder|console "
                     "--config FILE.")
-    session.add_argument("--config", type=Path, required=True, help="session YAML (docs/configuration.md)")
+    session.add_argument("--config", type=cli_path, required=True, help="session YAML (docs/configuration.md)")
     session.add_argument("--headless", action="store_true", default=None, help="log lines instead of the live view")
     session.set_defaults(func=run_session)
 
@@ -21,15 +22,15 @@ def register(subparsers) -> None:
         description="Fit the offline GLM on the session's first runs, choose the decoder's voxels (anatomical mask and "
                     "repeat reliability), fine-tune the pretrained shared model within the time budget, and write a "
                     "versioned calibration bundle with a report.")
-    calibrate.add_argument("session_dir", type=Path, help="session folder (sourcedata/dicom or dicom/, events/, "
+    calibrate.add_argument("session_dir", type=cli_path, help="session folder (sourcedata/dicom or dicom/, events/, "
                                                           "stimuli/)")
-    calibrate.add_argument("--config", type=Path, help="session YAML; its 'calibration', 'motion' and 'watcher' "
+    calibrate.add_argument("--config", type=cli_path, help="session YAML; its 'calibration', 'motion' and 'watcher' "
                                                        "sections are used")
-    calibrate.add_argument("--out", type=Path, help="bundle folder (default: the config's session.bundle, else "
+    calibrate.add_argument("--out", type=cli_path, help="bundle folder (default: the config's session.bundle, else "
                                                     "SESSION_DIR/bundle)")
-    calibrate.add_argument("--dicom-dir", type=Path, help="where the calibration DICOMs are (default: found in "
+    calibrate.add_argument("--dicom-dir", type=cli_path, help="where the calibration DICOMs are (default: found in "
                                                           "SESSION_DIR)")
-    calibrate.add_argument("--pretrained", type=Path, help="shared checkpoint to fine-tune (overrides the config)")
+    calibrate.add_argument("--pretrained", type=cli_path, help="shared checkpoint to fine-tune (overrides the config)")
     calibrate.add_argument("--runs", type=int, help="number of calibration runs (overrides the config)")
     calibrate.add_argument("--budget-min", type=float, help="fine-tuning time budget in minutes")
     calibrate.set_defaults(func=run_calibrate)
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
         "preflight", help="check everything before the subject goes in",
         description="Config valid, calibration bundle matches the subject, checkpoint loads, GPU and torch-tensorrt, "
                     "ports free, disk space, watch folder visible and writable, scanner clock in step.")
-    preflight.add_argument("--config", type=Path, required=True)
+    preflight.add_argument("--config", type=cli_path, required=True)
     preflight.set_defaults(func=run_preflight)
 
 

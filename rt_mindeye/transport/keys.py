@@ -7,14 +7,14 @@ One pair per service (default: scanner, decoder, console, stimulus) and every pu
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from rt_mindeye.process import cli_path
 from rt_mindeye.transport.security import SERVICES, generate_service_keys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("directory", type=Path)
+    parser.add_argument("directory", type=cli_path)
     parser.add_argument("services", nargs="*", default=list(SERVICES))
     args = parser.parse_args(argv)
     generate_service_keys(args.directory, tuple(args.services))
