@@ -355,3 +355,191 @@ class RealtimeGLM:
                                motion=motion, tr=self.tr_)
         return [self._package(j, "final", int(self._n_post[j]), betas[j].astype(np.float64))
                 for j in np.flatnonzero(self._n_post > 0)]
+
+    # --- live revisions of the run's events ----------------------------------------------------------------------
+
+    def revise_events(self, run_events, origin=None) -> list[TrialEstimate]:
+        """Replace the events of the run in progress, e.g. with the onsets the stimulus computer reported.
+
+        ``run_events``: the run's trials in onset order (anything :meth:`RunEvents.coerce` accepts). ``origin[i]``:
+        the index, in the current events, of the trial that new trial ``i`` is (``-1``: a trial that is not among
+        them, e.g. shown but not planned); by default trials with the same onset, duration and type are the same
+        trial and all others are new. Current trials that no new trial comes from are dropped (planned, not shown).
+
+        The running sums that involve trials are rebuilt from the run's retained volumes: rows of trials whose
+        timing did not change are carried over, those of moved and new trials are recomputed over the volumes their
+        regressors reach, and the trial-by-trial terms (small) are recomputed; the nuisance sums do not depend on
+        the events and stay. The result equals a run started with the new events (same volumes, same drift scale).
+
+        Returns ``"revised"`` estimates (from all volumes so far) of the trials whose last emitted estimate used a
+        volume that the change reaches, so that estimate would be different now, and ``"early"`` estimates of
+        trials that are due and never had one (e.g. an event reported after its volumes). Trial indices are those
+        of the new events; dropped trials get nothing (the caller withdraws what they were sent).
+        """
+        self._require_run()
+        new = RunEvents.coerce(run_events)
+        if np.any(np.diff(new.onsets) < 0):
+            raise GLMInputError("run_events", "trials must be in onset order")
+        old = self.events_
+        origin = self._match_origin(old, new) if origin is None else np.asarray(origin, dtype=np.int64).ravel()
+        if origin.size != len(new):
+            raise GLMInputError("origin", f"has {origin.size} entries for {len(new)} trials")
+        linked = origin[origin >= 0]
+        if np.any(origin >= len(old)) or np.any(origin < -1) or np.unique(linked).size != linked.size:
+            raise GLMInputError("origin", f"must be distinct indices into the {len(old)} current trials, or -1")
+        same = origin >= 0
+        same[same] = (np.isclose(old.onsets[origin[same]], new.onsets[same], rtol=0.0, atol=1e-9)
+                      & np.isclose(old.durations[origin[same]], new.durations[same], rtol=0.0, atol=1e-9))
+        gone = np.setdiff1d(np.arange(len(old)), origin[same])  # moved or dropped: their old rows leave the sums
+        if not gone.size and same.all() and len(new) == len(old):
+            self.events_ = new  # only labels changed
+            return []
+        frames = np.asarray(self._frames, dtype=np.int64)
+        touched = self._frames_reached(frames, old, gone) | self._frames_reached(frames, new, np.flatnonzero(~same))
+        # An emitted estimate is out of date when a volume it used is one that the change reaches (a regressor
+        # there moved, appeared or went); estimates made before that volume are what the new events give too.
+        first_touched = frames[touched][0] if touched.any() else None
+        stale = [j for j in np.flatnonzero(self._emitted > 0)
+                 if first_touched is not None and self._last_emitted_volume(frames, old, j) >= first_touched]
+        self._install_events(new, origin, same, gone, frames)
+        new_index = {int(o): i for i, o in enumerate(origin) if o >= 0}
+        out = [self.estimate(new_index[j], "revised") for j in stale if j in new_index]  # dropped ones get none
+        for i in np.flatnonzero((self._emitted == 0) & (self._n_post >= self.config_.early_volumes)):
+            out.append(self.estimate(int(i), "early"))
+        return sorted(out, key=lambda e: e.trial)
+
+    def _last_emitted_volume(self, frames: np.ndarray, events: RunEvents, j: int) -> int:
+        """Index of the newest volume in trial ``j``'s last emitted estimate (the ``_emitted[j]``-th retained volume
+        at or after its onset)."""
+        after = frames[(frames + self.calibration_.slice_time_ref) * self.tr_ >= events.onsets[j]]
+        n = int(self._emitted[j])
+        return int(after[n - 1]) if 0 < n <= after.size else int(frames[-1])
+
+    @staticmethod
+    def _match_origin(old: RunEvents, new: RunEvents) -> np.ndarray:
+        """Each new trial's index among the old ones with the same onset, duration and type (-1: none)."""
+        free = {}
+        for j in range(len(old)):
+            free.setdefault((round(float(old.onsets[j]), 9), round(float(old.durations[j]), 9),
+                             old.trial_types[j]), []).append(j)
+        origin = np.full(len(new), -1, dtype=np.int64)
+        for i in range(len(new)):
+            key = (round(float(new.onsets[i]), 9), round(float(new.durations[i]), 9), new.trial_types[i])
+            if free.get(key):
+                origin[i] = free[key].pop(0)
+        return origin
+
+    def _raw_rows(self, frames: np.ndarray, events: RunEvents, table: np.ndarray | None,
+                  trials: np.ndarray | None = None) -> np.ndarray:
+        """(H, len(frames), trials) regressors at volume indices ``frames`` (table rows where it reaches)."""
+        trials = np.arange(len(events)) if trials is None else trials
+        out = np.zeros((self._hrfs.n_hrfs, frames.size, trials.size))
+        inside = frames < self._n_table
+        if table is not None and inside.any():
+            out[:, inside] = table[:, frames[inside]][:, :, trials]
+        rest = ~inside if table is not None else np.ones(frames.size, dtype=bool)
+        if rest.any():
+            t = (frames[rest] + self.calibration_.slice_time_ref) * self.tr_
+            out[:, rest] = self._hrfs.regressors(t, events.onsets[trials], events.durations[trials])
+        return out
+
+    def _chain(self, frames: np.ndarray) -> tuple[np.ndarray, float]:
+        """Which retained volumes follow their predecessor (AR(1) chain continues) and the restart scale."""
+        rho = self.config_.ar_rho
+        follows = np.zeros(frames.size, dtype=bool)
+        follows[1:] = np.diff(frames) == 1
+        return follows, (np.sqrt(1.0 - rho * rho) if rho else 1.0)
+
+    def _whitened_rows(self, frames: np.ndarray, events: RunEvents, table: np.ndarray | None,
+                       trials: np.ndarray | None = None) -> np.ndarray:
+        """The trial rows every retained volume added to the sums under ``events`` (prewhitened as in add_volume)."""
+        rows = self._raw_rows(frames, events, table, trials)
+        rho = self.config_.ar_rho
+        if not rho:
+            return rows
+        follows, c = self._chain(frames)
+        previous = self._raw_rows(frames[follows] - 1, events, table, trials)
+        out = c * rows
+        out[:, follows] = rows[:, follows] - rho * previous
+        return out
+
+    def _frames_reached(self, frames: np.ndarray, events: RunEvents, trials: np.ndarray) -> np.ndarray:
+        """Retained volumes whose (whitened) rows of ``trials`` are not all zero."""
+        if not trials.size or not frames.size:
+            return np.zeros(frames.size, dtype=bool)
+        table = self._table if events is self.events_ else None
+        return np.any(self._whitened_rows(frames, events, table, trials) != 0, axis=(0, 2))
+
+    def _whitened_data(self, frames: np.ndarray, positions: np.ndarray,
+                       with_nuisance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(% signal change rows, nuisance rows or None) of the retained volumes at ``positions`` (indices into
+        ``frames``), prewhitened as they entered the sums in :meth:`add_volume`."""
+        rho = self.config_.ar_rho
+        follows, c = self._chain(frames)
+
+        def psc(p: int) -> np.ndarray:
+            return self._rows[p].astype(np.float64) * self._scale - 100.0 * (self._scale > 0)
+
+        def nuisance(p: int, value: np.ndarray) -> np.ndarray:
+            return self._nuisance_row(int(frames[p]), value, self._motion_rows[p] if self._n_motion else None)
+
+        data = np.zeros((positions.size, self.calibration_.n_voxels))
+        nuis = np.zeros((positions.size, self._ny.shape[0])) if with_nuisance else None
+        for n, p in enumerate(positions):
+            current = psc(p)
+            if rho and follows[p]:
+                before = psc(p - 1)
+                data[n] = current - rho * before
+                if with_nuisance:
+                    nuis[n] = nuisance(p, current) - rho * nuisance(p - 1, before)
+            else:
+                scale = c if rho else 1.0
+                data[n] = scale * current
+                if with_nuisance:
+                    nuis[n] = scale * nuisance(p, current)
+        return data, nuis
+
+    def _install_events(self, new: RunEvents, origin: np.ndarray, same: np.ndarray, gone: np.ndarray,
+                        frames: np.ndarray) -> None:
+        cal = self.calibration_
+        k = len(new)
+        table = self._hrfs.regressors((np.arange(self._n_table) + cal.slice_time_ref) * self.tr_, new.onsets,
+                                      new.durations)
+        xy = np.zeros((k, cal.n_voxels))
+        xy[same] = self._xy[origin[same]]
+        emitted = np.zeros(k, dtype=np.int64)
+        emitted[origin >= 0] = self._emitted[origin[origin >= 0]]
+        h = self._hrfs.n_hrfs
+        if self._ny is None:  # no volume yet: nothing to rebuild
+            self._xx, self._xs, self._ss = np.zeros((h, k, k)), np.zeros((h, k)), np.zeros(h)
+            self._sy = np.zeros(cal.n_voxels)
+        else:
+            rows = self._whitened_rows(frames, new, table)  # (H, T, K)
+            total = rows.sum(axis=2)
+            _, nuis = self._whitened_data(frames, np.arange(frames.size), with_nuisance=True)
+            sy = self._sy - self._xy[gone].sum(axis=0)
+            for j in np.flatnonzero(~same):
+                reached = np.flatnonzero(np.any(rows[:, :, j] != 0, axis=0))
+                if reached.size:
+                    data, _ = self._whitened_data(frames, reached)
+                    per_voxel = rows[:, reached, j][self._hrf_index]  # (V, n): each voxel's own HRF
+                    xy[j] = np.einsum("vn,nv->v", per_voxel, data)
+                sy += xy[j]
+            self._sy = sy
+            self._xx = np.einsum("htj,htk->hjk", rows, rows)
+            self._xs = np.einsum("htj,ht->hj", rows, total)
+            self._ss = (total ** 2).sum(axis=1)
+            self._xn = np.einsum("htj,tp->hjp", rows, nuis)
+            self._sn = total @ nuis
+        self._xy = xy
+        self._table = table
+        self._support = np.array([self._hrfs.support(d) for d in new.durations])
+        self.events_ = new
+        t = (frames + cal.slice_time_ref) * self.tr_
+        self._n_post = (t[None, :] >= new.onsets[:, None]).sum(axis=1).astype(np.int64)
+        self._emitted = emitted
+        if self._previous is not None:
+            index, psc, nuis_row, _ = self._previous
+            t_last = (index + cal.slice_time_ref) * self.tr_
+            active = np.flatnonzero((new.onsets <= t_last) & (t_last <= new.onsets + self._support))
+            self._previous = (index, psc, nuis_row, active)
