@@ -16,10 +16,37 @@ from typing import Any, Callable
 
 import numpy as np
 
+import inspect
+
 from rt_mindeye.decode.config import DecodeConfig
 from rt_mindeye.errors import RtMindEyeError
 
-ModelForward = Callable[[Any], tuple[Any, Any, Any]]
+ModelForward = Callable[..., tuple[Any, Any, Any]]
+SEED_BITS = 63  # torch.Generator.manual_seed takes up to 64-bit seeds; keep them positive int64
+
+
+def trial_seed(base: int, run: int, trial: int) -> int:
+    """The reconstruction seed of one trial: a hash of (base seed, run, trial), the same for every estimate of that
+    trial and different for every trial of a session (runs restart their trial numbers)."""
+    state = np.random.SeedSequence([int(base), int(run), int(trial)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << SEED_BITS) - 1)
+
+
+def prior_seed(seed: int) -> int:
+    """The diffusion prior's seed for a trial whose unCLIP seed is ``seed``: a separate stream, so the prior's first
+    noise draw is not the same numbers as the unCLIP's unconditional tokens."""
+    state = np.random.SeedSequence([int(seed), 1]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << SEED_BITS) - 1)
+
+
+def _accepts_seed(function: Callable) -> bool:
+    # A torch module's __call__ takes **kwargs whatever its forward does: look at forward.
+    target = getattr(function, "forward", function)
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == "seed" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class DecodeInputError(RtMindEyeError):
@@ -65,7 +92,8 @@ class Decoder:
         :class:`~rt_mindeye.decode.config.DecodeConfig`.
     model_forward:
         callable ``betas (B, V) -> (clip_tokens (B, seq, dim), prior_tokens (B, seq, dim), blurry_latent (B, 4, h, w)
-        or None)``.
+        or None)``. When it takes a ``seed`` keyword, it gets :func:`prior_seed` of the call's seed, to seed the
+        diffusion prior's own generator.
     retriever:
         candidate set to search with ``clip_tokens``.
     reconstructor, blurry_decoder:
@@ -79,10 +107,14 @@ class Decoder:
         self.retriever = retriever
         self.reconstructor = reconstructor
         self.blurry_decoder = blurry_decoder
+        self._forward_takes_seed = _accepts_seed(model_forward)
         self.calls_ = 0
 
     def decode(self, betas, *, seed: int | None = None) -> DecodeResult:
-        """Decode one trial (V,) or a batch (B, V) of betas."""
+        """Decode one trial (V,) or a batch (B, V) of betas.
+
+        ``seed`` (default ``config.seed`` + the number of earlier calls) seeds the prior's and the unCLIP's
+        generators: the same betas and seed give the same images on the same device."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
         if hasattr(betas, "ndim") and betas.ndim == 1:
@@ -91,8 +123,12 @@ class Decoder:
             raise DecodeInputError("betas", f"expected (V,) or (B, V), got {getattr(betas, 'shape', type(betas))}")
         batch = int(betas.shape[0])
 
+        base_seed = self.config.seed + self.calls_ if seed is None else int(seed)
         tick = time.perf_counter()
-        outputs = self.model_forward(betas)
+        if self._forward_takes_seed:
+            outputs = self.model_forward(betas, seed=prior_seed(base_seed))
+        else:
+            outputs = self.model_forward(betas)
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
             raise DecodeInputError("model_forward", "must return (clip_tokens, prior_tokens, blurry_latent or None)")
         clip_tokens, prior_tokens, blurry_latent = outputs
@@ -118,7 +154,6 @@ class Decoder:
             if prior_tokens is None:
                 raise DecodeInputError("prior_tokens", "model_forward returned None but a reconstructor is set")
             tick = time.perf_counter()
-            base_seed = self.config.seed + self.calls_ if seed is None else seed
             output = self.reconstructor.reconstruct(prior_tokens, blurry=blurry_images, seed=base_seed)
             image = _images_to_uint8(output.images)
             timings["reconstruct_ms"] = (time.perf_counter() - tick) * 1e3

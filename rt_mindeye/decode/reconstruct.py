@@ -6,9 +6,11 @@
 1. check inputs;  2. conditioning (prior tokens, unconditional tokens, vector condition);  3. timesteps;
 4. initial noise;  5. denoising loop with classifier-free guidance;  6. VAE decode;  7. blend with the blurry image.
 
-MindEye2 (``utils.unclip_recon``) samples 38 Euler steps at CFG 5 and maps the VAE output with ``0.8 x + 0.2``; the
-defaults here use a second-order multistep solver with fewer steps to fit the real-time budget, and every MindEye2
-choice stays available through :class:`~rt_mindeye.decode.config.ReconstructConfig`.
+MindEye2 (``utils.unclip_recon``) samples 38 Euler steps at CFG 5 with random-normal unconditional tokens and maps
+the VAE output with ``0.8 x + 0.2``: the ``mindeye2`` preset of :mod:`rt_mindeye.decode.config`; ``fast`` swaps the
+solver for a second-order multistep one with 16 steps. Every random draw of a call (unconditional tokens, initial
+noise, offset noise) comes, in that order, from one CPU generator seeded with the call's ``seed``, so a seed gives
+the same image on every call on the same device.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rt_mindeye.decode import accel
-from rt_mindeye.decode.config import ReconstructConfig
+from rt_mindeye.decode.config import DEFAULT_PRESET, ReconstructConfig
 from rt_mindeye.decode.schedulers import make_scheduler
 from rt_mindeye.decode.unclip import vae_downsampling, vector_condition
 from rt_mindeye.errors import ConfigError, RtMindEyeError
@@ -95,14 +97,15 @@ class UnclipDenoiser(torch.nn.Module):
 class ReconstructionOutput:
     """Result of :meth:`UnclipReconstructor.reconstruct`.
 
-    ``images``: (B, 3, H, W) float32 in [0, 1] on the CPU, blended with the blurry images when they were given;
-    ``unblended``: the unCLIP images alone; ``latents``: the final (unscaled) latents, float32 on the CPU;
+    ``images``: (B, 3, H, W) float32 in [0, 1] on the CPU, blended with the blurry images when they were given and
+    ``config.blend`` asks for it; ``unblended``: the unCLIP images alone; ``blended``: whether ``images`` is a blend; ``latents``: the final (unscaled) latents, float32 on the CPU;
     ``timings_ms``: milliseconds per step of the pipeline.
     """
 
     images: torch.Tensor
     unblended: torch.Tensor
     latents: torch.Tensor | None = None
+    blended: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -154,12 +157,12 @@ class UnclipReconstructor:
         any diffusers scheduler; ``None`` builds ``config.scheduler`` by name. A fresh copy is made per call
         (schedulers keep per-run state), so one reconstructor can serve calls one after another safely.
     config:
-        :class:`~rt_mindeye.decode.config.ReconstructConfig`.
+        :class:`~rt_mindeye.decode.config.ReconstructConfig`; sampling settings left null take the default preset's.
     """
 
     def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, scheduler: Any = None,
                  config: ReconstructConfig | None = None):
-        self.config = config if config is not None else ReconstructConfig()
+        self.config = (config if config is not None else ReconstructConfig()).with_preset(DEFAULT_PRESET)
         self.device = resolve_device(self.config.device)
         self.unet_dtype = resolve_dtype(self.config.unet_dtype, self.device, gpu_default=torch.float16)
         self.vae_dtype = resolve_dtype(self.config.vae_dtype, self.device, gpu_default=torch.bfloat16)
@@ -214,9 +217,14 @@ class UnclipReconstructor:
         self._compiled_for = shapes
 
     def reconstruct(self, prior_tokens, blurry=None, *, steps: int | None = None, guidance: float | None = None,
-                    seed: int | None = None, scheduler: Any = None) -> ReconstructionOutput:
-        """Reconstruct B images from prior tokens (B, seq, dim); ``blurry`` (B, 3, h, w) in [0, 1] is blended in
-        with ``config.blurry_weight``. ``seed`` makes the noise reproducible across devices (drawn on the CPU)."""
+                    seed: int | None = None, scheduler: Any = None, refined: bool = False) -> ReconstructionOutput:
+        """Reconstruct B images from prior tokens (B, seq, dim).
+
+        ``blurry`` (B, 3, h, w) in [0, 1] is blended in with ``config.blurry_weight`` when ``config.blend`` is
+        ``always``, or ``refined`` and the images are refined ones (``refined``; MindEye2's evaluation blends only
+        those). ``seed`` seeds the one CPU generator every random draw comes from, so the noise is the same on every
+        device.
+        """
         cfg = self.config
         steps = cfg.steps if steps is None else int(steps)
         guidance = cfg.guidance if guidance is None else float(guidance)
@@ -258,16 +266,7 @@ class UnclipReconstructor:
         loop_start = time.perf_counter()
         with torch.no_grad():
             for t in sched.timesteps:
-                model_input = torch.cat([latents, latents]) if use_cfg else latents
-                model_input = sched.scale_model_input(model_input, t).to(self.unet_dtype)
-                timestep = t.reshape(1).expand(model_input.shape[0]).to(self.device)
-                example = (model_input, timestep, cond, added["text_embeds"], added["time_ids"])
-                self._maybe_compile_trt(example)
-                eps = self._denoiser(*example).to(torch.float32)
-                if use_cfg:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                latents = sched.step(eps, t, latents, return_dict=False)[0]
+                latents = self.denoise_step(sched, latents, t, cond, added, guidance)
             _synchronize(self.device)
             timings["denoise_ms"] = (time.perf_counter() - loop_start) * 1e3
 
@@ -282,17 +281,35 @@ class UnclipReconstructor:
             images = images.cpu()
             timings["vae_ms"] = (time.perf_counter() - vae_start) * 1e3
 
-        # 7. Blend with the blurry reconstruction
-        result = blend(images, blurry_images, cfg.blurry_weight) if blurry_images is not None else images
+        # 7. Blend with the blurry reconstruction (MindEye2's evaluation: refined images only, 0.75 / 0.25)
+        do_blend = blurry_images is not None and (cfg.blend == "always" or (cfg.blend == "refined" and refined))
+        result = blend(images, blurry_images, cfg.blurry_weight) if do_blend else images
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         return ReconstructionOutput(images=result, unblended=images, latents=latents.to(torch.float32).cpu(),
-                                    timings_ms=timings)
+                                    blended=do_blend, timings_ms=timings)
+
+    def denoise_step(self, sched, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                     added: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
+        """One solver step at timestep ``t``: the UNet on the scaled latents (unconditional and conditional halves
+        in one batch when ``guidance != 1``, ``cond`` = [uncond; cond]), guidance ``u + g (c - u)`` as sgm's
+        ``VanillaCFG``, then the scheduler's update."""
+        use_cfg = guidance != 1.0
+        model_input = torch.cat([latents, latents]) if use_cfg else latents
+        model_input = sched.scale_model_input(model_input, t).to(self.unet_dtype)
+        timestep = t.reshape(1).expand(model_input.shape[0]).to(self.device)
+        example = (model_input, timestep, cond, added["text_embeds"], added["time_ids"])
+        self._maybe_compile_trt(example)
+        eps = self._denoiser(*example).to(torch.float32)
+        if use_cfg:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        return sched.step(eps, t, latents, return_dict=False)[0]
 
     def with_config(self, **changes: Any) -> "UnclipReconstructor":
         """A reconstructor sharing these modules with some settings changed (device and precision stay)."""
         new = object.__new__(UnclipReconstructor)
         new.__dict__.update(self.__dict__)
-        new.config = replace(self.config, **changes)
+        new.config = replace(self.config, **changes).with_preset(DEFAULT_PRESET)
         if "scheduler" in changes:
             new.scheduler = make_scheduler(new.config.scheduler)
         return new

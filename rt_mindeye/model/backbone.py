@@ -1,11 +1,17 @@
-"""The shared backbone: residual MLP blocks, then a linear map to image tokens.
+"""The shared backbone: MindEye2's mixer blocks, then a linear map to image tokens.
 
 Layout (key names are those of MindEyeV2 ``models.BrainNetwork`` with ``seq_len=1``, so published weights load as-is):
 
-- ``mixer_blocks1.{i}``: LayerNorm(h) -> [Linear(h, h), GELU, Dropout, Linear(h, h)], added to its input.
+- ``mixer_blocks1.{i}``: LayerNorm(h) -> [Linear(h, h), GELU, Dropout, Linear(h, h)]. In the official forward pass
+  (kept here exactly) block i's output plus its input is stored as ``residual1`` and then **overwritten**: the next
+  line sets ``x = mixer_blocks2[i](x^T) + residual2``, and ``residual2`` chains from the ridge output, not from
+  ``x``. So what ``mixer_blocks1`` computes never reaches the output, its parameters get no gradient, and the
+  published ``mixer_blocks1`` weights are untrained initial values (134 M parameters at hidden 4096).
 - ``mixer_blocks2.{i}``: the same over the sequence axis. MindEye2 feeds one "sequence" position, so these are
   LayerNorm(1) / Linear(1, 1): a LayerNorm over one element outputs its bias, so each block adds a learned constant.
-  They hold 24 parameters in all and are kept only so that checkpoints load key-for-key.
+  So the mixer stage as a whole is the ridge output plus four learned constants (24 parameters), and the backbone's
+  capacity is ``backbone_linear`` and the heads. Both block lists are kept so that checkpoints load key-for-key and
+  the forward pass stays the published one (``tests/model/test_golden.py`` checks both against the official code).
 - ``backbone_linear``: Linear(h, seq * dim), reshaped to (seq, dim) tokens: the input of the diffusion prior.
 - ``clip_proj``: per-token [LayerNorm, GELU, Linear] x 3 giving ``clip_voxels``, the retrieval embedding that the
   contrastive loss aligns with the image tokens.
@@ -52,7 +58,10 @@ def _projector(width: int) -> nn.Sequential:
 
 
 class BrainNetwork(nn.Module):
-    """Residual MLP backbone: (batch, 1, hidden) -> tokens, clip_voxels and optionally the low-level outputs."""
+    """MindEye2's backbone: (batch, 1, hidden) -> tokens, clip_voxels and optionally the low-level outputs.
+
+    The forward pass is the official one, including ``mixer_blocks1``'s discarded output (see the module docstring).
+    """
 
     # The sequence axis MindEye2 uses (one position); mixer_blocks2 is built over it.
     SEQ_LEN = 1

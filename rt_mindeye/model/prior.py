@@ -316,16 +316,21 @@ class DiffusionPrior(nn.Module):
                                 ff_mult=config.prior_ff_mult)
         self.cond_drop_prob = config.prior_cond_drop_prob
 
-    def forward(self, brain_embed: torch.Tensor, image_embed: torch.Tensor,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE of the predicted clean tokens at a random timestep; returns (loss, prediction)."""
+    def forward(self, brain_embed: torch.Tensor, image_embed: torch.Tensor, noise: torch.Tensor | None = None,
+                timesteps: torch.Tensor | None = None, cond_drop_prob: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSE of the predicted clean tokens at a timestep (random unless given), returns (loss, prediction).
+
+        ``noise``, ``timesteps`` and ``cond_drop_prob`` (default: the config's 0.2) fix what training draws."""
         batch = image_embed.shape[0]
-        t = torch.randint(0, self.noise_scheduler.num_timesteps, (batch,), device=image_embed.device)
+        t = timesteps if timesteps is not None else torch.randint(0, self.noise_scheduler.num_timesteps, (batch,),
+                                                                  device=image_embed.device)
+        t = t.to(image_embed.device)
         if noise is None:
             noise = torch.randn_like(image_embed)
+        drop = self.cond_drop_prob if cond_drop_prob is None else float(cond_drop_prob)
         noisy = self.noise_scheduler.q_sample(image_embed, t, noise)
-        pred = self.net(noisy, t, brain_embed, brain_cond_drop_prob=self.cond_drop_prob,
-                        image_cond_drop_prob=self.cond_drop_prob)
+        pred = self.net(noisy, t, brain_embed, brain_cond_drop_prob=drop, image_cond_drop_prob=drop)
         return F.mse_loss(pred, image_embed), pred
 
     @torch.no_grad()
@@ -335,6 +340,8 @@ class DiffusionPrior(nn.Module):
 
         Follows dalle2-pytorch's ``p_sample_loop_ddim`` as MindEye2 runs it (20 steps, eta 1), including its use of
         ``alphas_cumprod_prev`` as the alpha table, so that published weights see the schedule they were used with.
+        Every random draw comes from ``generator`` (on its own device, then moved), so a CPU generator seeded per
+        trial gives the same noise on every device and never touches the global random state.
         """
         steps = int(steps or self.config.prior_sample_steps)
         total = self.noise_scheduler.num_timesteps
@@ -343,7 +350,12 @@ class DiffusionPrior(nn.Module):
         alphas = self.noise_scheduler.alphas_cumprod_prev
         times = torch.linspace(-1.0, total, steps + 1)[:-1].int().tolist()[::-1]
         shape, device, dtype = brain_embed.shape, brain_embed.device, brain_embed.dtype
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        noise_device = generator.device if generator is not None else device
+
+        def draw() -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device, dtype)
+
+        x = draw()
         x_start = x
         for time, time_next in zip(times[:-1], times[1:]):
             t = torch.full((shape[0],), time, device=device, dtype=torch.long)
@@ -356,7 +368,7 @@ class DiffusionPrior(nn.Module):
             c1 = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
             c2 = ((1 - alpha_next) - c1 ** 2).sqrt()
             if time_next > 0:
-                noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+                noise = draw()
             else:
                 noise = torch.zeros_like(x)
             x = x_start * alpha_next.sqrt() + c1 * noise + c2 * pred_noise

@@ -28,7 +28,7 @@ import numpy as np
 
 from rt_mindeye.calibration.bundle import CalibrationBundle
 from rt_mindeye.decode.config import DecodeConfig, ReconstructConfig
-from rt_mindeye.decode.decoder import Decoder
+from rt_mindeye.decode.decoder import Decoder, trial_seed
 from rt_mindeye.decode.retrieval import Retriever
 from rt_mindeye.errors import CheckpointError, RtMindEyeError
 from rt_mindeye.transport.messages import DecodeResult, TrialBetas
@@ -147,7 +147,8 @@ class BundleModel:
     retrieval never waits for the prior.
     """
 
-    def __init__(self, bundle: CalibrationBundle, device: str = "cpu", sample_prior: bool = False):
+    def __init__(self, bundle: CalibrationBundle, device: str = "cpu", sample_prior: bool = False,
+                 prior_steps: int | None = None):
         import torch
 
         from rt_mindeye.convert.mindeye2 import load_mindeye2
@@ -157,6 +158,7 @@ class BundleModel:
         self.model = loaded.model.eval()
         self.device = device
         self.sample_prior = sample_prior
+        self.prior_steps = prior_steps
         self.n_voxels = int(self.model.config.subject_voxels[0])
 
     def with_prior(self) -> "BundleModel":
@@ -165,14 +167,16 @@ class BundleModel:
         view.sample_prior = True
         return view
 
-    def __call__(self, betas):
+    def __call__(self, betas, seed: int | None = None):
         torch = self.torch
         with torch.no_grad():
             voxels = torch.as_tensor(np.asarray(betas, dtype=np.float32), device=self.device)
             out = self.model(voxels, 0)
             prior = None
             if self.sample_prior and self.model.config.use_prior:
-                prior = self.model.diffusion_prior.sample(out.tokens)
+                # A per-trial CPU generator: reproducible, and the global random state is never touched.
+                generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+                prior = self.model.diffusion_prior.sample(out.tokens, steps=self.prior_steps, generator=generator)
             blurry = out.blurry_latent
         return out.clip_voxels, prior, blurry
 
@@ -198,7 +202,8 @@ def build_decoder(bundle: CalibrationBundle, config: DecodeConfig, device: str =
     With a ``reconstructor`` the model samples the diffusion prior on every call (retrieval and reconstruction in one
     call); the decoder service instead keeps retrieval prior-free and adds :func:`reconstruction_decoder`.
     """
-    model = BundleModel(bundle, device=device, sample_prior=reconstructor is not None)
+    model = BundleModel(bundle, device=device, sample_prior=reconstructor is not None,
+                        prior_steps=config.prior_steps)
     candidates = bundle.candidates()
     files = [str(f) for f in candidates["files"]]
     retriever = Retriever(candidates["tokens"], ids=files, device=device)
@@ -369,15 +374,11 @@ class TrialDecoder:
                 self._reconstructing -= 1
 
     def _reconstruct(self, waiting: _Waiting) -> ReconOutcome:
-        import torch
-
         msg = waiting.estimate
         started = time.time()
-        seed = self.reconstruction.config.seed + msg.trial
+        # Prior and unCLIP draw from generators seeded by (seed, run, trial): a replay reproduces the images.
+        seed = trial_seed(self.reconstruction.config.seed, msg.run, msg.trial)
         try:
-            # The prior samples with torch's default generator: seeding it with the trial makes an estimate's
-            # reconstruction reproducible (retrieval draws no random numbers, so the main thread is unaffected).
-            torch.manual_seed(seed)
             output = self.reconstruction.decode(msg.betas, seed=seed)
             path, thumb = self._save_png(msg, output.image[0], "recon")
         except (RtMindEyeError, RuntimeError, ValueError, OSError) as exc:

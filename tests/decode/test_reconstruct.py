@@ -24,8 +24,9 @@ def _tokens(seed: int, batch: int = 2) -> torch.Tensor:
 
 
 def test_euler_matches_a_hand_written_sgm_style_euler_sampler(tiny_unet, tiny_vae):
-    """Euler on the discrete DDPM sigmas, c_in = 1/sqrt(sigma^2+1), eps model, CFG u + g(c - u), offset noise:
-    what MindEye2's EulerEDMSampler does, written out independently of diffusers' schedulers."""
+    """Euler on the discrete DDPM sigmas, c_in = 1/sqrt(sigma^2+1), eps model, CFG u + g(c - u) with random-normal
+    unconditional tokens, offset noise: what MindEye2's EulerEDMSampler does, written out independently of diffusers'
+    schedulers."""
     steps, guidance, seed = 5, 3.0, 11
     recon = UnclipReconstructor(tiny_unet, tiny_vae, config=_config(scheduler="euler", steps=steps,
                                                                     guidance=guidance))
@@ -38,12 +39,13 @@ def test_euler_matches_a_hand_written_sgm_style_euler_sampler(tiny_unet, tiny_va
     timesteps = np.round(np.arange(1000, 0, -1000 / steps)).astype(np.int64) - 1
     sigmas = torch.cat([all_sigmas[timesteps], torch.zeros(1, dtype=torch.float64)])
     generator = torch.Generator().manual_seed(seed)
+    uncond = torch.randn(tokens.shape, generator=generator)  # utils.unclip_recon: torch.randn_like(tokens)
     noise = torch.randn(2, 4, 8, 8, generator=generator)
     noise = noise + 0.04 * torch.randn(2, 1, 1, 1, generator=generator)
     # sgm starts from sqrt(sigma_0^2 + 1) * noise; diffusers' Euler (trailing spacing) from sigma_0 * noise, 0.2 %
     # less at sigma_0 = 14.6. The reconstructor keeps the scheduler's convention, so the reference does too.
     x = noise.double() * sigmas[0]
-    cond = torch.cat([torch.zeros_like(tokens), tokens])
+    cond = torch.cat([uncond, tokens])
     added = vector_condition(tiny_unet.config, 4, 768, (0, 0))
     with torch.no_grad():
         for i, t in enumerate(timesteps):
@@ -74,17 +76,23 @@ def test_seed_tokens_and_guidance_change_the_image(tiny_unet, tiny_vae):
     assert not torch.equal(base, recon.reconstruct(_tokens(2), seed=2).images)
     assert not torch.equal(base, recon.reconstruct(_tokens(3), seed=1).images)
     assert not torch.equal(base, recon.reconstruct(_tokens(2), seed=1, guidance=1.0).images)
-    noise_uncond = recon.with_config(unconditional="noise").reconstruct(_tokens(2), seed=1).images
-    assert not torch.equal(base, noise_uncond)
+    zeros_uncond = recon.with_config(unconditional="zeros").reconstruct(_tokens(2), seed=1).images
+    assert not torch.equal(base, zeros_uncond)
     # numpy input and a single trial without batch axis
     single = recon.reconstruct(_tokens(2)[0].numpy(), seed=1).images
     assert single.shape == (1, 3, IMAGE, IMAGE)
 
 
-def test_blurry_blend_weights(tiny_unet, tiny_vae):
+def test_blurry_blend_follows_the_official_evaluation(tiny_unet, tiny_vae):
+    """MindEye2's final_evaluations blends only refined ('enhanced') reconstructions, 0.75 / 0.25."""
     blurry = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
     recon = UnclipReconstructor(tiny_unet, tiny_vae, config=_config(blurry_weight=0.25))
-    out = recon.reconstruct(_tokens(4), blurry=blurry, seed=0)
+    assert recon.config.blend == "refined"
+    unrefined = recon.reconstruct(_tokens(4), blurry=blurry, seed=0)
+    assert not unrefined.blended and torch.equal(unrefined.images, unrefined.unblended)
+    out = recon.reconstruct(_tokens(4), blurry=blurry, seed=0, refined=True)
+    assert out.blended and torch.equal(recon.with_config(blend="always").reconstruct(_tokens(4), blurry=blurry,
+                                                                                   seed=0).images, out.images)
     upsized = torch.nn.functional.interpolate(blurry, size=(IMAGE, IMAGE), mode="bilinear", antialias=True)
     torch.testing.assert_close(out.images, (0.75 * out.unblended + 0.25 * upsized).clamp(0, 1))
     torch.testing.assert_close(blend(out.unblended, blurry, 0.0), out.unblended)
