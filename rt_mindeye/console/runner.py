@@ -20,7 +20,7 @@ from rt_mindeye.console.gallery import Gallery
 from rt_mindeye.console.state import ConsoleState, apply, apply_event, tick
 from rt_mindeye.console.views import make_layout, update_layout
 from rt_mindeye.transport import protocol
-from rt_mindeye.transport.messages import DecodeResult, Heartbeat, VolumeStatus
+from rt_mindeye.transport.messages import DecodeResult, DesignNotice, Heartbeat, VolumeStatus
 from rt_mindeye.transport.pubsub import Delivery, SnapshotSubscriber, Source
 
 __all__ = ["OperatorConsole", "Console", "fold"]
@@ -141,6 +141,10 @@ class OperatorConsole:
             top = ", ".join(f"{label}:{score:.2f}" for label, score in zip(msg.topk_labels, msg.topk_scores))
             log.info("run %d trial %d %s top-5 [%s] recon %s (%s)", msg.run, msg.trial, msg.estimate_kind, top,
                      msg.reconstruction_path or "-", msg.policy_decision)
+        elif isinstance(msg, DesignNotice):
+            level = logging.INFO if msg.kind in ("clock", "refit") else logging.WARNING
+            log.log(level, "run %d%s plan vs shown: %s: %s", msg.run,
+                    f" trial {msg.trial}" if msg.trial >= 0 else "", msg.kind, msg.detail)
         else:
             log.info("%s: %s", delivery.source, type(msg).__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 from rt_mindeye.console.config import FIRMM_THRESHOLDS_MM
 from rt_mindeye.transport.channel import PeerEvent
 from rt_mindeye.transport.messages import (
-    DecodeResult, Heartbeat, Message, RunTrigger, StimulusEvent, TrialBetas, VolumeStatus,
+    DecodeResult, DesignNotice, Heartbeat, Message, RunTrigger, StimulusEvent, TrialBetas, VolumeStatus,
 )
 
 __all__ = [
@@ -61,6 +61,7 @@ class TrialRow:
     policy_decision: str = ""
     retrieval_latency_s: float | None = None
     reconstruction_latency_s: float | None = None
+    design: str = ""  # what the live events said about this trial against the plan ("not shown", "+0.8 s", ...)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -100,6 +101,9 @@ class ConsoleState:
     recon_skipped: int = 0
     stimulus_events: int = 0
     last_stimulus: str = ""
+    clock_offset_s: float | None = None  # the current run's trigger arrival minus its first volume's acquisition
+    design_counts: tuple[tuple[str, int], ...] = ()  # disagreements between plan and live events, by kind
+    design_notices: tuple[str, ...] = ()  # the most recent ones, newest last
     updated_at: float = 0.0
     fd_window: int = 120
     latency_window: int = 200
@@ -175,7 +179,35 @@ def apply(state: ConsoleState, msg: Message, now: float, *, source: str | None =
                                                  f"@{msg.onset:.2f}s")
     if isinstance(msg, RunTrigger):
         return dataclasses.replace(state, last_stimulus=f"trigger run {msg.run}")
+    if isinstance(msg, DesignNotice):
+        return _apply_design(state, msg)
     return state
+
+
+#: How a design notice marks its trial's row.
+_DESIGN_MARKS = {"not_shown": "not shown", "unplanned": "not planned", "late": "reported late"}
+DESIGN_NOTICES_KEPT = 5
+
+
+def _apply_design(state: ConsoleState, msg: DesignNotice) -> ConsoleState:
+    if msg.kind == "clock":
+        offset = None if math.isnan(msg.offset_s) else msg.offset_s
+        return dataclasses.replace(state, clock_offset_s=offset,
+                                   design_notices=(state.design_notices + (f"run {msg.run}: {msg.detail}",))
+                                   [-DESIGN_NOTICES_KEPT:])
+    counts = dict(state.design_counts)
+    counts[msg.kind] = counts.get(msg.kind, 0) + 1
+    where = f"run {msg.run}" + (f" trial {msg.trial}" if msg.trial >= 0 else "")
+    state = dataclasses.replace(state, design_counts=tuple(sorted(counts.items())),
+                                design_notices=(state.design_notices + (f"{where}: {msg.detail}",))
+                                [-DESIGN_NOTICES_KEPT:])
+    mark = _DESIGN_MARKS.get(msg.kind)
+    if msg.kind == "onset":
+        mark = f"shown {msg.offset_s:+.1f} s"
+    if mark is None or msg.trial < 0:
+        return state
+    row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
+    return _put_trial(state, dataclasses.replace(row, design=mark))
 
 
 def _apply_volume(state: ConsoleState, msg: VolumeStatus) -> ConsoleState:

@@ -29,7 +29,7 @@ _FD_STYLES = ("green", "yellow", "dark_orange", "bold red")
 def make_layout() -> Layout:
     """The screen's regions, declared once."""
     layout = Layout(name="root")
-    layout.split(Layout(name="header", size=3), Layout(name="body", ratio=1), Layout(name="footer", size=5))
+    layout.split(Layout(name="header", size=3), Layout(name="body", ratio=1), Layout(name="footer", size=8))
     layout["body"].split_row(Layout(name="left", ratio=2), Layout(name="trials", ratio=3))
     layout["left"].split(Layout(name="motion", size=9), Layout(name="latency", ratio=1))
     layout["footer"].split_row(Layout(name="peers", ratio=3), Layout(name="policy", ratio=2))
@@ -140,6 +140,7 @@ def trials_view(state: ConsoleState, shown: int = 10) -> Panel:
     table.add_column("top-5 retrieval (score)")
     table.add_column("recon")
     table.add_column("latency", justify="right")
+    table.add_column("flags")
     for row in state.trials[-shown:][::-1]:
         top = ", ".join(f"{r.label or r.id} ({r.score:.2f})" for r in row.topk[:5]) or "-"
         recon = (Text("✓ " + row.thumbnail_path.rsplit("/", 1)[-1], style="green") if row.thumbnail_path
@@ -148,8 +149,28 @@ def trials_view(state: ConsoleState, shown: int = 10) -> Panel:
         latency = row.reconstruction_latency_s if row.reconstruction_latency_s is not None else row.retrieval_latency_s
         table.add_row(f"{row.run}/{row.trial}", row.trial_type or "-",
                       f"{row.estimate_kind} v{row.estimate_version}" if row.estimate_kind else "-",
-                      top, recon, _seconds(latency))
+                      top, recon, _seconds(latency), trial_flags(row))
     return Panel(table, title=f"trials ({len(state.trials)})", border_style="green")
+
+
+def trial_flags(row) -> Text:
+    """What a trial's row warns about: the live events against the plan."""
+    if not row.design:
+        return Text("")
+    return Text(row.design, style="bold red" if row.design == "not shown" else "yellow")
+
+
+def design_text(state: ConsoleState) -> Text:
+    """The live events against the plan: the clock offset, the disagreements by kind, the latest one."""
+    offset = "-" if state.clock_offset_s is None else f"{state.clock_offset_s * 1e3:+.0f} ms"
+    text = Text.assemble(("\nclock offset ", "dim"), (offset, "bold"), ("   plan vs shown ", "dim"))
+    if not state.design_counts:
+        text.append("no disagreement", style="green")
+    for kind, count in state.design_counts:
+        text.append(f"{kind.replace('_', ' ')} {count}  ", style="bold yellow" if kind != "refit" else "dim")
+    if state.design_notices:
+        text.append("\n" + state.design_notices[-1], style="dim")
+    return text
 
 
 def peers_view(state: ConsoleState, now: float) -> Panel:
@@ -175,4 +196,5 @@ def policy_view(state: ConsoleState) -> Panel:
                          ("   skipped ", "dim"), (str(state.recon_skipped), "bold"),
                          ("\nstimulus events ", "dim"), (str(state.stimulus_events), "bold"),
                          ("  ", ""), (state.last_stimulus, "dim"))
-    return Panel(text, title="decoder", border_style="yellow")
+    text.append(design_text(state))
+    return Panel(text, title="decoder and stimulus", border_style="yellow")

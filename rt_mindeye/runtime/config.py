@@ -27,7 +27,8 @@ class SessionSection:
     watch_dir: Path = setting(Path("runs/export"), "the scanner's real-time export folder (share)")
     bundle: Path = setting(Path("runs/bundle"), "calibration bundle made by `rt-mindeye calibrate`")
     events_dir: Path | None = setting(None, "planned BIDS events run-XX_events.tsv, XX = run ordinal in the "
-                                            "session; null: events come live from the stimulus computer")
+                                            "session; null: every trial comes live from the stimulus computer "
+                                            "(needs events.live auto)")
     stimuli_dir: Path | None = setting(None, "folder of the stimulus images (gallery, retrieval thumbnails)")
     first_live_run: int = setting(1, "ordinal of the first run the scanner host analyses (runs before it are "
                                      "calibration runs already in the bundle)", min=1)
@@ -39,6 +40,18 @@ class SessionSection:
                                          "has ended (0: never)", min=0.0)
     min_free_gb: float = setting(2.0, "warn on the console when the session disk has less free space than this",
                                  min=0.0)
+
+
+@dataclass(frozen=True)
+class EventsSection:
+    live: str = setting("auto", "'auto': the scanner host listens for the stimulus computer (transport.port_stimulus) "
+                                "and a run it reports on is analysed with the reported onsets (planned trials not "
+                                "reported yet keep their planned onsets; trials shown but not planned are added; "
+                                "planned trials not shown are dropped); 'off': the planned events only, the port is "
+                                "not opened", choices=("auto", "off"))
+    onset_tolerance_s: float = setting(0.5, "a reported onset further than this from the planned one is logged and "
+                                            "shown on the console as a disagreement (it is used either way)",
+                                       min=0.0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class DecoderSection:
 @dataclass(frozen=True)
 class SessionConfig:
     session: SessionSection = field(default_factory=SessionSection, metadata={"doc": "what and where"})
+    events: EventsSection = field(default_factory=EventsSection,
+                                  metadata={"doc": "live stimulus events against the planned events"})
     watcher: WatcherConfig = field(default_factory=WatcherConfig, metadata={"doc": "the export-folder watcher"})
     motion: MotionConfig = field(default_factory=MotionConfig, metadata={"doc": "real-time motion correction"})
     glm: GLMConfig = field(default_factory=GLMConfig, metadata={"doc": "single-trial GLM (realtime section live)"})

@@ -17,7 +17,8 @@ One YAML file configures a session; every service reads it and takes only its ow
 decoder (GPU host) and the console can run on three machines with the same file. Every key is validated when the file
 is loaded: an unknown key, a wrong type or an out-of-range value stops the service with the file name and the dotted
 key, e.g. `configs/site.yaml: watcher.gap_timeout_tr: must be >= 0.5, got 0.1`. Relative paths are relative to the
-folder of the YAML file. Missing keys take the defaults below. Examples: `configs/`.
+folder of the YAML file (paths typed on a command line are relative to the working directory). Missing keys take the
+defaults below. Examples: `configs/`.
 
 This page is generated from the code (`python -m rt_mindeye.runtime.configdoc > docs/configuration.md`).
 """

@@ -10,6 +10,7 @@
       func/run-XX_events.tsv                the events the run was analysed with
       derivatives/rt-mindeye/
         motion/run-XX_motion.tsv            6 rigid parameters + FD per volume, gaps marked
+        events/run-XX_design.json           plan against the stimulus computer's reports, clock offset, notices
         betas/                              the trial-estimate journal (every estimate version, bit-exact)
         decoder/                            decoder journal: results per trial estimate
         recon/run-XX_trial-YYY.png          reconstructions (and blurry images)
@@ -66,6 +67,10 @@ class SessionLayout:
 
     def motion_tsv(self, run: int) -> Path:
         return self.derivatives / "motion" / f"run-{run:02d}_motion.tsv"
+
+    @property
+    def design_dir(self) -> Path:
+        return self.derivatives / "events"
 
     @property
     def betas_dir(self) -> Path:

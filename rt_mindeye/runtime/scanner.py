@@ -1,14 +1,18 @@
-"""The scanner-host pipeline: watcher events in, volume status and trial estimates out.
+"""The scanner-host pipeline: watcher events and stimulus reports in, volume status and trial estimates out.
 
 :class:`ScannerPipeline` holds no sockets and no threads, so a test drives it event by event; the scanner service
-(:mod:`rt_mindeye.runtime.scanner_service`) feeds it from a :class:`~rt_mindeye.ingest.watcher.FolderWatcher`, journals and
-sends what it returns. Per volume: rigid motion correction to the calibration reference, masking to the decoder's
-voxels, and the real-time GLM update, which yields any trial estimates that volume completes.
+(:mod:`rt_mindeye.runtime.scanner_service`) feeds it from a :class:`~rt_mindeye.ingest.watcher.FolderWatcher` and the
+stimulus computer's reports, journals and sends what it returns. Per volume: rigid motion correction to the
+calibration reference, masking to the decoder's voxels, and the real-time GLM update, which yields any trial
+estimates that volume completes. Per report of a shown stimulus: the run's design is reconciled with the plan
+(:mod:`rt_mindeye.runtime.live_events`) and the GLM revised, which yields the estimates the report changed.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -22,13 +26,17 @@ from rt_mindeye.glm.realtime import RealtimeGLM, TrialEstimate
 from rt_mindeye.ingest.series import LateVolume, RunEnded, RunStarted, VolumeGap, VolumeReady
 from rt_mindeye.preprocess.motion import MotionCorrector, RigidTransform, align_reference
 from rt_mindeye.errors import RtMindEyeError
+from rt_mindeye.runtime.live_events import NOT_SHOWN, DesignTrial, Disagreement, LiveRunDesign, TriggerSeen
 from rt_mindeye.timing import volume_epoch
-from rt_mindeye.transport.messages import Message, TrialBetas, VolumeStatus
+from rt_mindeye.transport.messages import DesignNotice, Message, StimulusEvent, TrialBetas, VolumeStatus
 from rt_mindeye.volume import Volume
 
 log = logging.getLogger("rt_mindeye.scanner")
 
 MOTION_COLUMNS = ("volume", "tx_mm", "ty_mm", "tz_mm", "rx_deg", "ry_deg", "rz_deg", "fd_mm", "gap")
+EVENTS_COLUMNS = ("onset", "duration", "trial_type", "stim_file", "trial", "source", "planned_onset",
+                  "reported_onset")
+MAX_EARLY_REPORTS = 10_000  # reports kept for runs that have not started (a bound, not an expected number)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class RunPlan:
     stim_files: tuple[str, ...] = ()
     """Stimulus file of each trial in onset order (sent with the betas so the console can show what was seen)."""
     n_volumes: int | None = None
+    trial_numbers: tuple[int | None, ...] = ()
+    """The events file's ``trial`` column in onset order (how a stimulus report without a file names its trial)."""
 
 
 RunPlanner = Callable[[int, int], RunPlan]
@@ -56,6 +66,20 @@ class _RunState:
     trials_sent: int = 0
     error: str | None = None
     """Why the run is recorded and motion-corrected but not analysed (e.g. its events file is unusable)."""
+    design: LiveRunDesign | None = None
+    ids: list[int] = field(default_factory=list)
+    """The trial id of each GLM trial index (the GLM numbers trials by onset; ids never change)."""
+    trials: dict[int, DesignTrial] = field(default_factory=dict)
+    anchor: float | None = None
+    """POSIX time of the run's time 0 on the scanner's clock (its first volume's acquisition time)."""
+    trigger_at: float | None = None
+    """When the stimulus computer's trigger message reached this host (POSIX s)."""
+    clock_reported: bool = False
+    unplaced: list = field(default_factory=list)
+    """Reports on the scanner clock that wait for the anchor."""
+    sent: set = field(default_factory=set)
+    last_acquired: float | None = None
+    notices: list = field(default_factory=list)
 
 
 class ScannerPipeline:
@@ -77,6 +101,11 @@ class ScannerPipeline:
         Number of a run's first volume as the scanner counts it (GLM indices are relative to it).
     motion_dir:
         Where ``run-XX_motion.tsv`` is written as each run ends (None: not written).
+    func_dir, design_dir:
+        Where ``run-XX_events.tsv`` (the events the run was analysed with) and ``run-XX_design.json`` (plan against
+        reports, the measured clock offset, the disagreements) are written as each run ends (None: not written).
+    onset_tolerance_s:
+        A reported onset further than this from the planned one is a disagreement (logged, on the console).
     align_session_start:
         Register the reference to the first volume with :func:`~rt_mindeye.preprocess.motion.align_reference`
         and start motion correction from that pose: the calibration was made on another day, with the head elsewhere
@@ -87,7 +116,8 @@ class ScannerPipeline:
 
     def __init__(self, *, reference: Volume, mask: np.ndarray, glm: RealtimeGLM, motion: MotionCorrector,
                  planner: RunPlanner, session: str, first_volume: int = 1, motion_dir: Path | None = None,
-                 wall_clock: Callable[[], float] = time.time, align_session_start: bool = False):
+                 wall_clock: Callable[[], float] = time.time, align_session_start: bool = False,
+                 func_dir: Path | None = None, design_dir: Path | None = None, onset_tolerance_s: float = 0.5):
         self.reference = reference
         self.mask = np.asarray(mask, dtype=bool)
         self.glm = glm
@@ -98,6 +128,11 @@ class ScannerPipeline:
         self.motion_dir = motion_dir
         self.wall_clock = wall_clock
         self.align_session_start = align_session_start
+        self.func_dir = func_dir
+        self.design_dir = design_dir
+        self.onset_tolerance_s = onset_tolerance_s
+        self._early_reports: list = []  # reports and triggers for runs that have not started
+        self._last_run: int | None = None
         self.session_transform: RigidTransform | None = None  # reference head -> today's head, once aligned
         self._run: _RunState | None = None
         self._runs_started = 0
@@ -115,6 +150,8 @@ class ScannerPipeline:
             return self._gap(event.series, event.volume)
         if isinstance(event, RunEnded):
             return self._end_run(event.series)
+        if isinstance(event, (StimulusEvent, TriggerSeen)):
+            return self._stimulus(event)
         if isinstance(event, LateVolume):
             log.warning("late volume %s of series %s (%s): recorded, not analysed", event.number, event.series,
                         event.reason)
@@ -145,8 +182,15 @@ class ScannerPipeline:
             self.run_errors.append((run, str(exc)))
             log.error("run %d (series %d) cannot be analysed, volumes are still recorded: %s", run, series, exc)
             return out
-        self._run = _RunState(plan=plan, series=series, first_volume=self.first_volume)
+        design = LiveRunDesign(plan.run, self.glm.events_, plan.stim_files, plan.trial_numbers,
+                               onset_tolerance_s=self.onset_tolerance_s)
+        self._run = _RunState(plan=plan, series=series, first_volume=self.first_volume, design=design,
+                              ids=list(range(len(self.glm.events_))), trials={t.id: t for t in design.trials()})
         log.info("run %d started (series %d)", plan.run, series)
+        waiting = [m for m in self._early_reports if m.run == plan.run]
+        self._early_reports = [m for m in self._early_reports if m.run > plan.run]
+        for message in waiting:
+            out += self._stimulus(message)
         return out
 
     def warm_up(self) -> float:
@@ -185,6 +229,11 @@ class ScannerPipeline:
         estimates = [] if run.error else self.glm.add_volume(index, vector, motion_params=result.params)
         t2 = time.perf_counter()
         acquired = self._acquired_epoch(volume)
+        run.last_acquired = acquired
+        placed = []
+        if run.anchor is None and not run.error:
+            run.anchor = acquired - index * self.glm.tr_
+            placed = self._clock_notice(run) + self._place_waiting(run)
         stage_ms.update(motion=(t1 - t0) * 1e3, glm=(t2 - t1) * 1e3)
         fd = float(result.fd_mm)
         params = tuple(float(p) for p in result.params)
@@ -195,7 +244,7 @@ class ScannerPipeline:
         status = VolumeStatus(session=self.session, run=run.plan.run, volume=volume.volume,
                               acquisition_time=acquired, received_at=received_at, motion=rad, fd=fd,
                               stage_ms=stage_ms)
-        return [status, *(self._trial_message(run.plan, e, acquired) for e in estimates)]
+        return [status, *(self._trial_message(run, e, acquired) for e in estimates), *placed]
 
     def _gap(self, series: int, number: int) -> list[Message]:
         run = self._run
@@ -206,25 +255,123 @@ class ScannerPipeline:
         now = self.wall_clock()
         status = VolumeStatus(session=self.session, run=run.plan.run, volume=number, acquisition_time=now,
                               received_at=now, gap=True, missing=(number,))
-        return [status, *(self._trial_message(run.plan, e, now) for e in estimates)]
+        return [status, *(self._trial_message(run, e, now) for e in estimates)]
 
     def _end_run(self, series: int) -> list[Message]:
         run = self._run
         if run is None or run.series != series:
             return []
         self._run = None
-        estimates = [] if run.error else self.glm.end_run(n_volumes=run.plan.n_volumes)
+        self._last_run = run.plan.run
+        out: list[Message] = []
+        estimates = []
+        if not run.error:
+            out += [self._notice(run, d) for d in run.design.finish()]
+            self._revise(run, send=False)  # the final estimates of every trial follow at once
+            if len(self.glm.events_):
+                estimates = self.glm.end_run(n_volumes=run.plan.n_volumes)
+            self._write_events(run)
         self._write_motion(run)
         now = self.wall_clock()
         log.info("run %d ended: %d final estimates", run.plan.run, len(estimates))
-        return [self._trial_message(run.plan, e, now) for e in estimates]
+        return out + [self._trial_message(run, e, now) for e in estimates]
+
+    # --- live stimulus events ------------------------------------------------------------------------------------
+    def _stimulus(self, message) -> list[Message]:
+        """A report of a shown stimulus (:class:`StimulusEvent`) or of the trigger (:class:`TriggerSeen`)."""
+        run = self._run
+        if run is None or message.run != run.plan.run:
+            upcoming = (run.plan.run if run is not None else self._last_run) or 0
+            if message.run > upcoming or (run is None and self._last_run is None):
+                if len(self._early_reports) < MAX_EARLY_REPORTS:
+                    self._early_reports.append(message)
+                return []
+            what = "trigger" if isinstance(message, TriggerSeen) else f"report of trial {message.trial}"
+            detail = f"{what} for run {message.run}, which is not in progress: ignored"
+            log.warning("stimulus: %s", detail)
+            return [DesignNotice(session=self.session, run=message.run, kind="stray", detail=detail)]
+        if run.error:
+            return []
+        run.design.live = True
+        if isinstance(message, TriggerSeen):
+            if run.trigger_at is None:
+                run.trigger_at = message.received_at
+            return self._clock_notice(run)
+        if message.clock == "scanner" and run.anchor is None:
+            run.unplaced.append(message)
+            return []
+        return self._report(run, message)
+
+    def _report(self, run: _RunState, event: StimulusEvent) -> list[Message]:
+        onset = event.onset - run.anchor if event.clock == "scanner" else event.onset
+        out: list[Message] = [self._notice(run, d) for d in run.design.report(event, onset)]
+        out += self._revise(run)
+        trial = run.design.trial_of(event.trial)
+        out.append(dataclasses.replace(event, trial=trial, onset=float(onset), clock="trigger"))  # for the console
+        if run.trigger_at is None and not run.clock_reported and run.anchor is not None:
+            out += self._clock_notice(run)
+        return out
+
+    def _place_waiting(self, run: _RunState) -> list[Message]:
+        waiting, run.unplaced = run.unplaced, []
+        out: list[Message] = []
+        for event in waiting:
+            out += self._report(run, event)
+        return out
+
+    def _clock_notice(self, run: _RunState) -> list[Message]:
+        """Once per run, when its first volume and its trigger (or its first report) are known: the offset between
+        the stimulus computer's trigger arriving here and the first volume's acquisition on the scanner's clock."""
+        if run.clock_reported or run.anchor is None or not run.design.live:
+            return []
+        run.clock_reported = True
+        if run.trigger_at is None:
+            return [self._notice(run, Disagreement("clock", -1, "no trigger message from the stimulus computer: "
+                                                                "reported onsets are taken from the first volume"))]
+        offset = run.trigger_at - run.anchor
+        return [self._notice(run, Disagreement("clock", -1, f"trigger reached the scanner host {offset * 1e3:+.0f} ms "
+                                                            "after the first volume's acquisition time",
+                                               offset_s=offset))]
+
+    def _revise(self, run: _RunState, send: bool = True) -> list[Message]:
+        """Give the GLM the design the plan and the reports say now; the estimates that changed, as messages."""
+        events, modelled = run.design.design()
+        ids = [t.id for t in modelled]
+        timing = [(t.onset, t.duration) for t in modelled]
+        if ids == run.ids and timing == [(run.trials[i].onset, run.trials[i].duration) for i in run.ids]:
+            run.trials.update({t.id: t for t in modelled})
+            return []
+        position = {trial_id: n for n, trial_id in enumerate(run.ids)}
+        estimates = self.glm.revise_events(events, origin=[position.get(i, -1) for i in ids])
+        run.ids = ids
+        run.trials = {t.id: t for t in run.design.trials()}
+        if not send:
+            return []
+        acquired = run.last_acquired if run.last_acquired is not None else self.wall_clock()
+        out: list[Message] = [self._trial_message(run, e, acquired) for e in estimates]
+        refitted = sorted(run.ids[e.trial] for e in estimates if e.kind == "revised")
+        if refitted:
+            out.append(self._notice(run, Disagreement("refit", -1, f"{len(refitted)} trial(s) re-estimated with the "
+                                                                   f"reported events: {refitted}")))
+        return out
+
+    def _notice(self, run: _RunState, d: Disagreement) -> DesignNotice:
+        detail = d.detail
+        if d.kind == NOT_SHOWN and d.trial in run.sent:
+            detail += "; the estimates sent for it are withdrawn"
+        log.log(logging.INFO if d.kind in ("clock", "refit") else logging.WARNING, "run %d trial %s: %s: %s",
+                run.plan.run, d.trial, d.kind, detail)
+        run.notices.append({"kind": d.kind, "trial": d.trial, "offset_s": None if math.isnan(d.offset_s)
+                            else d.offset_s, "detail": detail})
+        return DesignNotice(session=self.session, run=run.plan.run, kind=d.kind, trial=d.trial, offset_s=d.offset_s,
+                            detail=detail)
 
     # --- helpers -------------------------------------------------------------------------------------------------
-    def _trial_message(self, plan: RunPlan, estimate: TrialEstimate, acquired: float) -> TrialBetas:
-        stim = None
-        if estimate.trial < len(plan.stim_files):
-            stim = plan.stim_files[estimate.trial] or None
-        return TrialBetas(session=self.session, run=estimate.run, trial=estimate.trial,
+    def _trial_message(self, run: _RunState, estimate: TrialEstimate, acquired: float) -> TrialBetas:
+        trial = run.ids[estimate.trial]
+        stim = run.trials[trial].stim_file or None
+        run.sent.add(trial)
+        return TrialBetas(session=self.session, run=estimate.run, trial=trial,
                           trial_type=str(estimate.trial_type), onset=float(estimate.onset),
                           estimate_kind=estimate.kind, estimate_version=int(estimate.n_volumes),
                           n_volumes=int(estimate.n_volumes), acquisition_time=float(acquired),
@@ -234,6 +381,26 @@ class ScannerPipeline:
         """POSIX acquisition time of ``volume`` (DICOM AcquisitionDate/Time); receipt time when absent."""
         acquired = volume_epoch(volume)
         return self.wall_clock() if acquired is None else acquired
+
+    def _write_events(self, run: _RunState) -> None:
+        """The events the run was analysed with (BIDS TSV) and its design record: plan, reports, clock, notices."""
+        trials = run.design.trials()
+        if self.func_dir is not None:
+            self.func_dir.mkdir(parents=True, exist_ok=True)
+            with (self.func_dir / f"run-{run.plan.run:02d}_events.tsv").open("w", newline="") as handle:
+                writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+                writer.writerow(EVENTS_COLUMNS)
+                for t in trials:
+                    if t.source != NOT_SHOWN:
+                        writer.writerow([f"{t.onset:.4f}", f"{t.duration:.4f}", t.trial_type, t.stim_file, t.id,
+                                         t.source, _number(t.planned_onset), _number(t.reported_onset)])
+        if self.design_dir is not None:
+            self.design_dir.mkdir(parents=True, exist_ok=True)
+            record = {"run": run.plan.run, "live": run.design.live, "anchor": run.anchor,
+                      "trigger_received_at": run.trigger_at,
+                      "clock_offset_s": (run.trigger_at - run.anchor) if run.trigger_at and run.anchor else None,
+                      "trials": [dataclasses.asdict(t) for t in trials], "notices": run.notices}
+            (self.design_dir / f"run-{run.plan.run:02d}_design.json").write_text(json.dumps(record, indent=1))
 
     def _write_motion(self, run: _RunState) -> None:
         if self.motion_dir is None:
@@ -245,3 +412,7 @@ class ScannerPipeline:
             writer.writerow(MOTION_COLUMNS)
             for row in sorted(run.motion_rows, key=lambda r: r[0]):
                 writer.writerow(["n/a" if isinstance(v, float) and math.isnan(v) else v for v in row])
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

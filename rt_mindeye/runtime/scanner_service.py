@@ -42,6 +42,19 @@ def _send_all(messages, sender, publisher, decoder_index: np.ndarray) -> int:
     return trials
 
 
+def _stimulus_reports(stimulus, pipeline) -> list:
+    """Hand every report the stimulus computer sent since the last call to the pipeline; what it returns."""
+    from rt_mindeye.runtime.live_events import TriggerSeen
+    from rt_mindeye.transport.messages import RunTrigger
+
+    out = []
+    while (message := stimulus.recv(timeout_s=0.0)) is not None:
+        if isinstance(message, RunTrigger):
+            message = TriggerSeen(message.run, stimulus.trigger_arrival(message.run) or time.time())
+        out += pipeline.handle(message)
+    return out
+
+
 def _align_session_start(config: SessionConfig, bundle: CalibrationBundle) -> bool:
     """Whether the first live volume gets the careful reference alignment (motion.align_session_start)."""
     mode = config.motion.align_session_start
@@ -59,14 +72,17 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     from rt_mindeye.transport.channel import ReliableSender
     from rt_mindeye.transport.config import server_security
     from rt_mindeye.transport.pubsub import SnapshotPublisher
+    from rt_mindeye.transport.stimulus import StimulusEventServer
 
     stop = stop or threading.Event()
     s = config.session
     layout = SessionLayout(s.dir).create()
     setup_logging(layout, "scanner")
     save_resolved_config(config, layout)
-    if s.events_dir is None:
-        raise SessionError(None, "session.events_dir: the real-time GLM needs the run's planned events file")
+    live_events = config.events.live != "off"
+    if s.events_dir is None and not live_events:
+        raise SessionError(None, "session.events_dir: with events.live off the real-time GLM needs the run's "
+                                 "planned events file")
     bundle = CalibrationBundle.open(s.bundle)
     bundle.check(subject=s.subject, volume=None)
     calibration = GLMCalibration.load(bundle.glm_dir)
@@ -76,7 +92,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                                glm=RealtimeGLM(calibration, config.glm), motion=MotionCorrector(config.motion),
                                planner=EventsPlanner(s.events_dir, s.first_live_run), session=s.id,
                                first_volume=config.watcher.first_volume, motion_dir=layout.derivatives / "motion",
-                               align_session_start=_align_session_start(config, bundle))
+                               align_session_start=_align_session_start(config, bundle), func_dir=layout.func_dir,
+                               design_dir=layout.design_dir, onset_tolerance_s=config.events.onset_tolerance_s)
     t = config.transport
     sender = ReliableSender(t.bind_endpoint("trials"), layout.betas_dir / "trials.journal", session=s.id,
                             service="scanner", server_security=server_security(t, "scanner"),
@@ -85,6 +102,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     publisher = SnapshotPublisher(t.bind_endpoint("scanner_pub"), t.bind_endpoint("scanner_snapshot"), session=s.id,
                                   service="scanner", server_security=server_security(t, "scanner"),
                                   heartbeat_interval_s=t.heartbeat_interval_s)
+    stimulus = (StimulusEventServer(t.bind_endpoint("stimulus"), session=s.id,
+                                    server_security=server_security(t, "scanner")) if live_events else None)
     watcher = FolderWatcher(s.watch_dir, replace(config.watcher, record_dir=layout.root), clock=time.time)
     runs_ended = 0
     trials_sent = 0
@@ -98,6 +117,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
         watcher.start()
         log.info("scanner host watching %s", s.watch_dir)
         while not stop.is_set():
+            if stimulus is not None:
+                trials_sent += _send_all(_stimulus_reports(stimulus, pipeline), sender, publisher, decoder_index)
             event = watcher.get(timeout=POLL_S)
             now = time.time()
             if event is None:
@@ -147,6 +168,8 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
         time.sleep(2 * t.heartbeat_interval_s)
     finally:
         watcher.stop()
+        if stimulus is not None:
+            stimulus.close()
         sender.close()
         publisher.close()
         timings.close()

@@ -35,7 +35,8 @@ from rt_mindeye.transport import protocol
 
 __all__ = [
     "Message", "VolumeStatus", "TrialBetas", "DecodeResult", "Heartbeat", "StimulusEvent", "RunTrigger", "Ack",
-    "StatusRequest", "StatusReply", "MESSAGE_TYPES", "encode", "decode", "encode_header", "SCHEMA_VERSION",
+    "StatusRequest", "StatusReply", "DesignNotice", "MESSAGE_TYPES", "encode", "decode", "encode_header",
+    "SCHEMA_VERSION",
 ]
 
 SCHEMA_VERSION = protocol.SCHEMA_VERSION
@@ -233,6 +234,28 @@ class RunTrigger(Message):
 
 
 @_message
+class DesignNotice(Message):
+    """What the scanner host made of the live stimulus events of a run (scanner -> console).
+
+    ``kind``: ``clock`` (the run's clock: ``offset_s`` = arrival of the stimulus computer's trigger on the scanner
+    host minus the acquisition time of the run's first volume; NaN when no trigger came), ``onset`` (trial ``trial``
+    was shown ``offset_s`` seconds later than planned), ``unplanned`` (shown, not planned), ``not_shown`` (planned,
+    not shown: left out of the design, earlier estimates withdrawn), ``late`` (a trial taken for not shown was
+    reported after later ones: back in the design), ``refit`` (a report changed volumes already
+    used: the listed trials were re-estimated), ``stray`` (a report for a run that is not in progress). ``trial`` is
+    the scanner host's trial id (-1: the run as a whole).
+    """
+
+    TOPIC: ClassVar[bytes] = protocol.TOPIC_DESIGN
+
+    run: int
+    kind: str
+    trial: int = -1
+    offset_s: float = math.nan
+    detail: str = ""
+
+
+@_message
 class Ack(Message):
     """Receiver -> sender: everything up to and including ``ack_seq`` arrived (0 = nothing yet).
 
@@ -272,7 +295,7 @@ class StatusReply(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (VolumeStatus, TrialBetas, DecodeResult, Heartbeat, StimulusEvent, RunTrigger, Ack, StatusRequest,
-                StatusReply)
+                StatusReply, DesignNotice)
 }
 
 

@@ -24,6 +24,7 @@ TOPIC_RESULT = b"result"          # DecodeResult: decoder -> console
 TOPIC_HEARTBEAT = b"hb"           # Heartbeat: every service, every stream, both directions
 TOPIC_STIMULUS = b"stim"          # StimulusEvent: stimulus computer -> scanner host (and republished to the console)
 TOPIC_TRIGGER = b"trigger"        # RunTrigger: stimulus computer saw the scanner trigger
+TOPIC_DESIGN = b"design"          # DesignNotice: scanner -> console, the live events against the plan, the run's clock
 TOPIC_ACK = b"ack"                # Ack: receiver -> sender acknowledgement (and catch-up request)
 TOPIC_STATUS_REQUEST = b"status?"  # StatusRequest: Lazy Pirate request
 TOPIC_STATUS_REPLY = b"status"    # StatusReply: its reply, echoing the request's seq

@@ -55,6 +55,7 @@ class StimulusEventServer(InboxAgent):
         self._lock = threading.Lock()
         self._events: dict[int, dict[int, StimulusEvent]] = {}
         self._clocks: dict[int, RunClock] = {}
+        self._trigger_arrivals: dict[int, float] = {}
         self._start_thread()
 
     # --- caller API -------------------------------------------------------------------------------------------------
@@ -63,6 +64,12 @@ class StimulusEventServer(InboxAgent):
         """Anchor ``run`` at its first volume's acquisition time (POSIX s); overrides the trigger-message estimate."""
         with self._lock:
             self._clocks[run] = RunClock(run, float(acquisition_time), "first_volume")
+
+    def trigger_arrival(self, run: int) -> float | None:
+        """When the trigger message of ``run`` reached this host (POSIX s; the first one when it was re-sent), kept
+        after the run is anchored, so the offset between the two clocks can be measured."""
+        with self._lock:
+            return self._trigger_arrivals.get(run)
 
     def run_clock(self, run: int) -> RunClock | None:
         with self._lock:
@@ -112,6 +119,7 @@ class StimulusEventServer(InboxAgent):
             pass  # the client resends and we dedupe
         with self._lock:
             if isinstance(msg, RunTrigger):
+                self._trigger_arrivals.setdefault(msg.run, received_at)
                 current = self._clocks.get(msg.run)
                 if current is None or current.source != "first_volume":
                     self._clocks[msg.run] = RunClock(msg.run, received_at, "trigger_message")

@@ -10,7 +10,7 @@ from rich.console import Console as RichConsole
 from rt_mindeye.console.state import ConsoleState, apply, apply_event, latency_summary, tick
 from rt_mindeye.console.views import fd_sparkline, fd_style, render
 from rt_mindeye.transport.channel import PeerEvent
-from rt_mindeye.transport.messages import Heartbeat, StimulusEvent
+from rt_mindeye.transport.messages import DesignNotice, Heartbeat, StimulusEvent
 
 
 def _fold(factories, volumes=range(1, 21), skip=(7, 8)):
@@ -109,6 +109,27 @@ def test_stimulus_event_fills_the_seen_image(factories):
     state = apply(ConsoleState(), event, now=1.0)
     state = apply(state, factories.result(4), now=2.0)
     assert state.trial(1, 4).stim_file == "shared0004.png" and state.stimulus_events == 1
+
+
+def test_plan_and_live_event_disagreements_are_shown(factories):
+    notice = dict(session="sub-01_ses-01", run=1)
+    state = apply(ConsoleState(), factories.result(2), now=1.0)
+    for msg in (DesignNotice(kind="clock", offset_s=0.037, detail="trigger reached the scanner host +37 ms after "
+                                                                  "the first volume's acquisition time", **notice),
+                DesignNotice(kind="onset", trial=2, offset_s=0.8, detail="shown at 12.80 s, planned at 12.00 s",
+                             **notice),
+                DesignNotice(kind="not_shown", trial=3, detail="planned at 16.00 s, not reported", **notice),
+                DesignNotice(kind="unplanned", trial=12, detail="reported trial 4 was not planned", **notice)):
+        state = apply(state, msg, now=2.0)
+    assert state.clock_offset_s == pytest.approx(0.037)
+    assert dict(state.design_counts) == {"onset": 1, "not_shown": 1, "unplanned": 1}
+    assert state.trial(1, 2).design == "shown +0.8 s" and state.trial(1, 2).topk  # the result is kept
+    assert state.trial(1, 3).design == "not shown" and state.trial(1, 12).design == "not planned"
+    console = RichConsole(record=True, width=180, height=45, color_system=None)
+    console.print(render(state, now=3.0))
+    text = console.export_text()
+    assert "+37 ms" in text and "not shown 1" in text and "not planned" in text and "shown +0.8 s" in text
+    assert "reported trial 4 was not planned" in text  # the latest notice
 
 
 def test_fd_sparkline_colours_by_firmm_threshold():

@@ -12,8 +12,8 @@ import zmq
 from rt_mindeye.errors import MessageError
 from rt_mindeye.transport import protocol
 from rt_mindeye.transport.messages import (
-    MESSAGE_TYPES, Ack, DecodeResult, Heartbeat, RunTrigger, StatusReply, StatusRequest, StimulusEvent, TrialBetas,
-    VolumeStatus, decode, encode,
+    MESSAGE_TYPES, Ack, DecodeResult, DesignNotice, Heartbeat, RunTrigger, StatusReply, StatusRequest, StimulusEvent,
+    TrialBetas, VolumeStatus, decode, encode,
 )
 
 
@@ -38,6 +38,8 @@ def _examples():
         Heartbeat(session="s", service="decoder", state="busy", instance="abc", detail="x"),
         StimulusEvent(session="s", run=1, trial=3, onset=10.5, duration=3.0, trial_type="image", stim_file="x.png"),
         RunTrigger(session="s", run=2, client_time=123.25),
+        DesignNotice(session="s", run=2, kind="onset", trial=4, offset_s=0.75, detail="shown at 12.75 s"),
+        DesignNotice(session="s", run=2, kind="clock"),  # offset NaN
         Ack(session="s", ack_seq=41, catch_up=True, receiver="decoder"),
         StatusRequest(session="s", service="console", query="ping"),
         StatusReply(session="s", request_seq=7, service="decoder", state="ready", details={"gpu": "H100"}),
