@@ -1,6 +1,6 @@
 """Sub-commands of `rt-mindeye` for the model: ``model check``, ``pretrain`` and ``finetune``.
 
-    rt-mindeye model check CHECKPOINT [--new-subject-voxels N]
+    rt-mindeye model check CHECKPOINT [--new-subject-voxels N] [--load [--device cuda] [--dtype float16]]
     rt-mindeye pretrain --out DIR [--preset tiny] (--phantom-subjects 1 2 3 | --data a.npz b.npz) [--config X.yaml]
     rt-mindeye finetune CHECKPOINT --out DIR (--phantom-subject 9 | --data new.npz) [--budget-min 3] [--config X.yaml]
 
@@ -34,6 +34,13 @@ def register(subparsers) -> None:
                        help="check it as the starting point of a new subject with this many voxels "
                             "(old ridge heads dropped)")
     check.add_argument("--json", action="store_true", help="print the configuration as JSON instead of tables")
+    check.add_argument("--load", action="store_true",
+                       help="also build the model from the file as the decoder would (MindEye2 or unCLIP "
+                            "checkpoint) and report the peak memory against the model's float16 size")
+    check.add_argument("--device", default="cpu", help="with --load: where to build it (cpu, cuda, cuda:N)")
+    check.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                       help="with --load: precision (auto = the decoder's for --device: float16 on a GPU, "
+                            "float32 on a CPU)")
     check.set_defaults(func=run_check)
     model.set_defaults(func=lambda args: (model.print_help(), 1)[1])
 
@@ -70,17 +77,42 @@ def _common_training_args(parser: argparse.ArgumentParser) -> None:
 # -- model check -----------------------------------------------------------------------------------------------------
 
 
+def _run_load(args, console, summary: dict | None = None) -> int:
+    from rt_mindeye.convert.loading import detect_kind, load_as_decoder
+
+    kind = detect_kind(args.checkpoint)
+    report = load_as_decoder(args.checkpoint, kind=kind, device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({**(summary or {}), "load": report}))
+        return 0
+    gb = 1e9
+    console.print(f"loaded {report['kind']} ({report['parameters']:,} parameters, "
+                  f"{', '.join(f'{k} {v}' for k, v in report['dtypes'].items())}) on {report['device']} in "
+                  f"{report['seconds']:.1f} s")
+    console.print(f"peak memory {report['peak_rss_bytes'] / gb:.2f} GB = baseline {report['baseline_rss_bytes'] / gb:.2f}"
+                  f" GB + {report['peak_over_baseline_bytes'] / gb:.2f} GB for the load; the model in float16 is "
+                  f"{report['fp16_bytes'] / gb:.2f} GB (ratio {report['peak_over_fp16']:.2f})")
+    return 0
+
+
 def run_check(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from rt_mindeye.convert.mindeye2 import check_checkpoint
 
-    report = check_checkpoint(args.checkpoint, new_subject_voxels=args.new_subject_voxels)
     console = Console()
+    if args.load:
+        from rt_mindeye.convert.loading import detect_kind
+
+        if detect_kind(args.checkpoint) == "unclip":  # the key/shape tables below are MindEye2's
+            return _run_load(args, console)
+    report = check_checkpoint(args.checkpoint, new_subject_voxels=args.new_subject_voxels)
     if args.json:
-        console.print_json(json.dumps({"config": report.config.to_dict(), "parameters": report.parameters,
-                                       "dtypes": report.dtypes}))
+        summary = {"config": report.config.to_dict(), "parameters": report.parameters, "dtypes": report.dtypes}
+        if args.load:
+            return _run_load(args, console, summary)
+        console.print_json(json.dumps(summary))
         return 0
     config = Table(title=f"{report.path.name}: inferred configuration", show_header=True)
     config.add_column("setting")
@@ -108,6 +140,8 @@ def run_check(args) -> int:
         console.print(f"fits as a starting point for a new subject of {args.new_subject_voxels} voxels "
                       "(old ridge heads dropped, a new one initialised)")
     console.print("[green]OK: every key and shape fits")
+    if args.load:
+        return _run_load(args, console)
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
+from rt_mindeye.convert.loading import materialize
 from rt_mindeye.errors import CheckpointError, CheckpointKeyError
 from rt_mindeye.model.config import MindEyeConfig
 from rt_mindeye.model.mindeye import PARTS, MindEyeModule, build_model
@@ -69,6 +70,7 @@ class CheckpointContents:
     container: dict[str, Any] = field(default_factory=dict)  # the other top-level entries (epoch, optimiser, ...)
     placeholders: list[str] = field(default_factory=list)  # classes replaced by inert placeholders
     path: Path | None = None
+    memory_mapped: bool = False  # tensors live in a private read-only file mapping (torch.load(mmap=True))
 
 
 @dataclass
@@ -151,20 +153,22 @@ def _restricted_pickle_module(seen: list[str]) -> types.ModuleType:
     return module
 
 
-def _torch_load(path: Path, placeholders: list[str]) -> Any:
+def _torch_load(path: Path, placeholders: list[str]) -> tuple[Any, bool]:
+    """(loaded object, whether its tensors are memory-mapped)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as exc:
         if "mmap" not in str(exc) and "zip" not in str(exc):
             raise CheckpointError(path, f"cannot read: {exc}") from exc
         # Legacy (non-zip) torch.save format: cannot be memory-mapped; read it whole.
-        return _torch_load_plain(path, placeholders)
+        return _torch_load_plain(path, placeholders), False
     except pickle.UnpicklingError:
         pickle_module = _restricted_pickle_module(placeholders)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=pickle_module)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True,
+                              pickle_module=pickle_module), True
         except RuntimeError:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module), False
 
 
 def _torch_load_plain(path: Path, placeholders: list[str]) -> Any:
@@ -181,6 +185,7 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     if not path.is_file():
         raise CheckpointError(path, "no such file (checkpoints are read from local paths only)")
     placeholders: list[str] = []
+    mapped = False
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -190,12 +195,12 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
             raise CheckpointError(path, f"not a readable safetensors file: {exc}") from exc
     else:
         try:
-            obj = _torch_load(path, placeholders)
+            obj, mapped = _torch_load(path, placeholders)
         except (pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
             raise CheckpointError(path, f"not a readable torch checkpoint: {exc}") from exc
     state_dict, container = unwrap(obj, path)
     return CheckpointContents(state_dict=state_dict, container=container, placeholders=sorted(set(placeholders)),
-                              path=path)
+                              path=path, memory_mapped=mapped)
 
 
 def unwrap(obj: Any, path: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -376,14 +381,19 @@ def load_mindeye2(source: str | Path | Mapping[str, torch.Tensor], *, new_subjec
         device, dtype: where and in what precision the model lives (default: the file's dtype, on CPU).
         seed: seeds the new ridge head's initialisation.
 
-    The model is built on the meta device and the file's tensors are assigned into it (``assign=True``), so a
-    memory-mapped checkpoint is not copied: loading the 0.8 B-parameter light model needs about its file size.
+    The model is built on the meta device and the file's tensors are assigned into it (``assign=True``) after
+    :func:`~rt_mindeye.convert.loading.materialize` has put each one, in turn, on ``device`` in ``dtype``: a
+    memory-mapped checkpoint already in that dtype is not copied, and one in another dtype is converted tensor by
+    tensor with the source pages released, so the peak memory stays near the model's size in ``dtype`` (measured by
+    ``rt-mindeye model check --load`` and ``bench/load.py``).
     """
     path = None
     placeholders: list[str] = []
+    mapped = False
     if isinstance(source, (str, Path)):
         contents = read_checkpoint(source)
         path, raw, placeholders = contents.path, contents.state_dict, contents.placeholders
+        mapped = contents.memory_mapped
         stored = contents.container.get(CONFIG_KEY)
         if isinstance(stored, Mapping) and config is None:
             config = MindEyeConfig.from_dict(stored, source=str(path))
@@ -420,16 +430,31 @@ def load_mindeye2(source: str | Path | Mapping[str, torch.Tensor], *, new_subjec
     model = build_model(target_config, "meta")
     file_dtype = next(iter(kept.values())).dtype
     fresh = {k: v.to(file_dtype) for k, v in fresh.items()}
-    model.load_state_dict({**kept, **fresh}, strict=True, assign=True)
-    if dtype is not None:
-        model.to(dtype=dtype)
+    # The schedule is replaced below by the exact fp32 one; its file copy needs no conversion.
+    weights = {k: v for k, v in {**kept, **fresh}.items() if not k.startswith(SCHEDULE_PREFIX)}
+    weights = materialize(weights, dtype=dtype, device=device, file_backed=mapped)
     if target_config.use_prior:
-        # The exact fp32 schedule rather than the file's (possibly fp16) copy, whatever the weights' dtype.
-        for name, value in cosine_schedule_tensors(target_config.prior_timesteps).items():
-            setattr(model.diffusion_prior.noise_scheduler, name, value)
-    model.to(device)
+        schedule = cosine_schedule_tensors(target_config.prior_timesteps)
+        weights.update({SCHEDULE_PREFIX + name: value.to(device) for name, value in schedule.items()})
+    model.load_state_dict(weights, strict=True, assign=True)
+    del weights
     return LoadedModel(model=model, config=target_config, checkpoint_config=checkpoint_config, dropped=drop,
                        initialised=sorted(fresh), dtypes=dtype_counts(kept), placeholders=placeholders)
+
+
+def inference_dtype(device: str | torch.device) -> torch.dtype:
+    """The precision a decoder runs the model in: float16 on a GPU (as MindEye2's inference under fp16 autocast),
+    float32 on a CPU (whose float16 matrix products are slow)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a checkpoint as the decoder service does: on ``device`` in :func:`inference_dtype` (unless ``dtype``),
+    in eval mode with gradients off."""
+    loaded = load_mindeye2(path, device=device, dtype=dtype or inference_dtype(device))
+    loaded.model.eval().requires_grad_(False)
+    return loaded
 
 
 def _with_path(exc: CheckpointError, path: Path | None) -> CheckpointError:

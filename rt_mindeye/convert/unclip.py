@@ -449,13 +449,19 @@ def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` file or a torch checkpoint with ``weights_only=True`` (memory-mapped)."""
+    return read_checkpoint_mapped(path)[0]
+
+
+def read_checkpoint_mapped(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """:func:`read_checkpoint` and whether its tensors live in a private file mapping (``mmap=True``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), False
+    mapped = True
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -463,6 +469,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):
                 raise
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            mapped = False
     except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
         # weights_only refuses pickled training state (optimizer objects, OmegaConf hyper-parameters): never
         # unpickle arbitrary code here; re-save the tensors once, in a trusted environment.
@@ -471,11 +478,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                                     "and save it with safetensors.torch.save_file") from exc
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(path, f"expected a dict, found {type(checkpoint).__name__}")
-    return unwrap_state_dict(checkpoint, path)
+    return unwrap_state_dict(checkpoint, path), mapped
 
 
-def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path | None) -> None:
-    """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key raises CheckpointKeyError."""
+def check_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path | None) -> None:
+    """Any missing, unexpected or mis-shaped key of ``state_dict`` for ``model`` raises CheckpointKeyError."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -483,35 +490,64 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], 
                   if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if missing or unexpected or mismatched:
         raise CheckpointKeyError(path, missing=missing, unexpected=unexpected, mismatched=mismatched)
+
+
+def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path | None) -> None:
+    """Load ``state_dict`` into ``model`` (copying); any missing, unexpected or mis-shaped key raises
+    CheckpointKeyError."""
+    check_strict(model, state_dict, path)
     model.load_state_dict(state_dict, strict=True, assign=False)
 
 
-def build_unet(config: Mapping[str, Any]):
+def build_unet(config: Mapping[str, Any], device: str | torch.device | None = None):
+    """A ``UNet2DConditionModel`` for ``config``; ``device="meta"`` allocates nothing (for assigning weights)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**dict(config))
+    with torch.device(device or "cpu"):
+        return UNet2DConditionModel(**dict(config))
 
 
-def build_vae(config: Mapping[str, Any]):
+def build_vae(config: Mapping[str, Any], device: str | torch.device | None = None):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**dict(config))
+    with torch.device(device or "cpu"):
+        return AutoencoderKL(**dict(config))
+
+
+def _assign(model: torch.nn.Module, weights: dict[str, torch.Tensor], path) -> torch.nn.Module:
+    """Strictly assign ``weights`` into a meta-device ``model``; every tensor must end up real."""
+    check_strict(model, weights, path)
+    model.load_state_dict(weights, strict=True, assign=True)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointKeyError(path, missing=left)
+    return model.eval().requires_grad_(False)
 
 
 def load_unclip_components(path_or_state_dict, *, sample_size: int = 96, dtype: torch.dtype = torch.float32,
                            unet_options: Mapping[str, Any] | None = None,
-                           vae_options: Mapping[str, Any] | None = None):
+                           vae_options: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
+                           vae_dtype: torch.dtype | None = None):
     """Convert an unCLIP checkpoint (path or state dict) into ``(unet, vae, dropped_keys)`` diffusers modules.
 
     Strict: a key the tables do not cover, or a diffusers parameter the checkpoint lacks, raises
     :class:`CheckpointKeyError` naming them. ``dropped_keys`` lists the checkpoint keys left out on purpose.
     ``unet_options`` / ``vae_options`` pass the settings weights do not determine to :func:`infer_unet_config` /
     :func:`infer_vae_config` (defaults: MindEye2's).
+
+    The modules are built on the meta device and the converted tensors assigned into them, each placed on ``device``
+    in ``dtype`` (the VAE in ``vae_dtype``, default ``dtype``) one at a time
+    (:func:`~rt_mindeye.convert.loading.materialize`): the dropped OpenCLIP conditioner is never read, and a float16
+    checkpoint memory-mapped from disk is assigned without a copy, so the peak memory stays near the UNet + VAE size in
+    ``dtype`` rather than a float32 model built and then overwritten.
     """
+    from rt_mindeye.convert.loading import materialize
+
     path = None
+    mapped = False
     if isinstance(path_or_state_dict, (str, Path)):
         path = Path(path_or_state_dict)
-        state_dict = read_checkpoint(path)
+        state_dict, mapped = read_checkpoint_mapped(path)
     else:
         state_dict = unwrap_state_dict(path_or_state_dict)
     if not is_unclip_checkpoint(state_dict):
@@ -527,23 +563,29 @@ def load_unclip_components(path_or_state_dict, *, sample_size: int = 96, dtype: 
         raise CheckpointKeyError(path, exc.missing, exc.unexpected, exc.mismatched) from exc
     except CheckpointError as exc:
         raise CheckpointError(path, exc.problem) from exc
-    unet = build_unet(unet_config)
-    vae = build_vae(vae_config)
-    load_strict(unet, {k: v.to(dtype) for k, v in unet_weights.items()}, path)
-    load_strict(vae, {k: v.to(dtype) for k, v in vae_weights.items()}, path)
-    return unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), dropped
+    unet = _assign(build_unet(unet_config, "meta"),
+                   materialize(unet_weights, dtype=dtype, device=device, file_backed=mapped), path)
+    vae = _assign(build_vae(vae_config, "meta"),
+                  materialize(vae_weights, dtype=vae_dtype or dtype, device=device, file_backed=mapped), path)
+    return unet, vae, dropped
 
 
-def load_diffusers_vae(path: str | Path, config: Mapping[str, Any] | None = None):
+SD_VAE_CONFIG = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     scaling_factor=0.18215)
+
+
+def load_diffusers_vae(path: str | Path, config: Mapping[str, Any] | None = None, *,
+                       dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a diffusers-layout ``AutoencoderKL`` state dict (MindEye2's ``sd_image_var_autoenc.pth``), strictly.
 
-    The default config is the SD 1.x VAE MindEye2's low-level head targets (128/256/512/512, 2 layers, scale 0.18215).
+    The default config (:data:`SD_VAE_CONFIG`) is the SD 1.x VAE that MindEye2's low-level head targets
+    (128/256/512/512, 2 layers, scale 0.18215). Any ``.safetensors`` / torch file with a plain state dict (or one under
+    ``state_dict``) works; built on the meta device and assigned, like :func:`load_unclip_components`.
     """
-    config = dict(config) if config is not None else dict(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.18215)
-    state_dict = read_checkpoint(path)
-    vae = build_vae(config)
-    load_strict(vae, state_dict, path)
-    return vae.eval().requires_grad_(False)
+    from rt_mindeye.convert.loading import materialize
+
+    config = dict(config) if config is not None else dict(SD_VAE_CONFIG)
+    state_dict, mapped = read_checkpoint_mapped(path)
+    weights = materialize(state_dict, dtype=dtype, device=device, file_backed=mapped)
+    return _assign(build_vae(config, "meta"), weights, Path(path))

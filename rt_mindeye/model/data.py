@@ -1,8 +1,11 @@
 """Training data for the model: per-image targets and per-trial betas, from the phantom or from files.
 
-- :func:`image_targets`: tokens of every stimulus image (the embedder's), plus low-level targets for the blurry head:
-  the image itself shrunk to ``size`` x ``size`` in [-1, 1] (no SD-VAE needed: the tiny model predicts pixels) and,
-  for the phantom embedder, EfficientNet-Lite0 stage-5 maps pooled to 7 x 7 as the auxiliary tokens.
+- :func:`image_targets`: tokens of every stimulus image (the embedder's), plus low-level targets for the blurry head.
+  With :class:`LowLevelModels` (local-weight SD VAE and ConvNeXt teacher, as MindEye2's full model): the VAE latent
+  ``encode(2x - 1).mode() * 0.18215`` of the 224 px image (4 x 28 x 28) and the ConvNeXt teacher's 49 x 512 maps of
+  the image and of ``aug_views`` augmented copies (MindEye2's ``blur_augs``; the trainer picks one per trial and step).
+  Without them (tiny model, phantom): the image itself shrunk to ``size`` x ``size`` in [-1, 1] and, for the phantom
+  embedder, EfficientNet-Lite0 stage-5 maps pooled to 7 x 7 as the auxiliary tokens.
 - :func:`phantom_subject_data`: one phantom subject's true betas for chosen runs, z-scored with statistics from the
   calibration runs (what the scanner side can know), joined with the image targets.
 - :func:`load_npz` / :func:`save_npz`: a plain file format for real data (``voxels``, ``image_tokens`` and optionally
@@ -30,14 +33,79 @@ AUX_GRID = 7
 @dataclass
 class ImageTargets:
     tokens: torch.Tensor  # (n_images, seq, dim)
-    blurry: torch.Tensor | None  # (n_images, 3, size, size) in [-1, 1]
+    blurry: torch.Tensor | None  # (n_images, 3, size, size) in [-1, 1], or (n_images, 4, 28, 28) VAE latents
     aux: torch.Tensor | None  # (n_images, grid^2, channels)
+    aux_aug: torch.Tensor | None = None  # (n_images, views, grid^2, channels) float16: teacher on augmented images
+
+
+@dataclass
+class LowLevelModels:
+    """The local-weight models behind the full model's low-level targets (MindEye2's ``autoenc`` and ``cnx``).
+
+    ``vae``: a diffusers ``AutoencoderKL`` (MindEye2: the SD 1.x VAE ``sd_image_var_autoenc.pth``, loaded with
+    :func:`rt_mindeye.convert.unclip.load_diffusers_vae`); ``convnext``: a
+    :class:`~rt_mindeye.model.embedders.ConvNeXtTeacher` (:func:`rt_mindeye.convert.convnext.load_convnext_teacher`)
+    or None; ``aug_views`` augmented copies per image for the teacher; ``seed`` fixes the augmentations."""
+
+    vae: torch.nn.Module
+    convnext: torch.nn.Module | None = None
+    image_size: int = 224
+    aug_views: int = 4
+    scaling_factor: float = 0.18215
+    seed: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def from_files(cls, vae_path, convnext_path=None, **kwargs) -> "LowLevelModels":
+        from rt_mindeye.convert.convnext import load_convnext_teacher
+        from rt_mindeye.convert.unclip import load_diffusers_vae
+
+        device = kwargs.get("device", "cpu")
+        vae = load_diffusers_vae(vae_path, dtype=torch.float32, device=device)
+        convnext = load_convnext_teacher(convnext_path, device=device)[0] if convnext_path else None
+        return cls(vae=vae, convnext=convnext, **kwargs)
+
+
+@torch.no_grad()
+def low_level_targets(pixels: torch.Tensor, models: LowLevelModels, batch_size: int = 16
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(VAE latents, teacher maps, teacher maps of augmented copies) of (N, 3, H, W) images in [0, 1], as MindEye2's
+    training loop computes them per batch: ``autoenc.encode(2 * image - 1).latent_dist.mode() * 0.18215`` and
+    ``cnx((image - mean) / std)``, ``cnx((blur_augs(image) - mean) / std)``."""
+    from rt_mindeye.model.embedders import IMAGENET_MEAN, IMAGENET_STD, convnext_augment
+
+    device = torch.device(models.device)
+    size = models.image_size
+    mean = torch.tensor(IMAGENET_MEAN, device=device).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).reshape(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(models.seed)
+    latents, maps, aug_maps = [], [], []
+    for start in range(0, len(pixels), batch_size):
+        image = pixels[start:start + batch_size].float()
+        if image.shape[-2:] != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False,
+                                  antialias=True).clamp(0, 1)
+        image = image.to(device)
+        latents.append((models.vae.encode(2 * image - 1).latent_dist.mode() * models.scaling_factor).float().cpu())
+        if models.convnext is not None:
+            maps.append(models.convnext((image - mean) / std).float().cpu())
+            views = [models.convnext((convnext_augment(image.cpu(), generator).to(device) - mean) / std)
+                     for _ in range(models.aug_views)]
+            if views:
+                aug_maps.append(torch.stack(views, dim=1).half().cpu())
+    return (torch.cat(latents), torch.cat(maps) if maps else None, torch.cat(aug_maps) if aug_maps else None)
 
 
 def image_targets(images: np.ndarray, embedder: ImageEmbedder, blurry_size: int | None = 28,
-                  batch_size: int = 32) -> ImageTargets:
-    """Targets of every image (uint8 (N, H, W, 3)); the phantom embedder runs its network once per image."""
+                  batch_size: int = 32, low_level: LowLevelModels | None = None) -> ImageTargets:
+    """Targets of every image (uint8 (N, H, W, 3)); the phantom embedder runs its network once per image.
+
+    ``low_level`` (the full model): the blurry targets are VAE latents and the auxiliary ones ConvNeXt maps."""
     pixels = images_to_tensor(images)
+    if low_level is not None:
+        latents, maps, aug_maps = low_level_targets(pixels, low_level)
+        return ImageTargets(tokens=embedder.embed_batched(images, batch_size=batch_size), blurry=latents, aux=maps,
+                            aux_aug=aug_maps)
     blurry = None
     if blurry_size:
         blurry = F.interpolate(pixels, size=(blurry_size, blurry_size), mode="area") * 2 - 1
@@ -78,6 +146,7 @@ def subject_data(betas: np.ndarray, image_index: np.ndarray, targets: ImageTarge
         image_tokens=targets.tokens[index],
         blurry_targets=targets.blurry[index] if targets.blurry is not None else None,
         aux_targets=targets.aux[index] if targets.aux is not None else None,
+        aux_aug_targets=targets.aux_aug[index] if targets.aux_aug is not None else None,
         name=name,
     )
 
@@ -99,7 +168,8 @@ def phantom_subject_data(session, runs: Sequence[int], targets: ImageTargets, na
     return data, (index[keep] if keep is not None else index)
 
 
-NPZ_FIELDS = ("voxels", "image_tokens", "blurry_targets", "aux_targets")
+NPZ_FIELDS = ("voxels", "image_tokens", "blurry_targets", "aux_targets", "aux_aug_targets")
+HALF_FIELDS = ("aux_aug_targets",)  # kept in float16 (views x 49 x 512 per trial)
 
 
 def save_npz(path: str | Path, data: SubjectData) -> Path:
@@ -114,7 +184,8 @@ def load_npz(path: str | Path) -> SubjectData:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: torch.from_numpy(np.asarray(f[k], dtype=np.float32)) for k in NPZ_FIELDS if k in f}
+            arrays = {k: torch.from_numpy(np.asarray(f[k], dtype=np.float16 if k in HALF_FIELDS else np.float32))
+                      for k in NPZ_FIELDS if k in f}
             name = str(f["name"]) if "name" in f else path.stem
     except (OSError, ValueError) as exc:
         raise SessionError(path, f"cannot read training data: {exc}") from exc

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rt_mindeye.errors import CheckpointError, CheckpointKeyError
 
@@ -201,3 +202,120 @@ class PhantomEmbedder(ImageEmbedder):
 
     def embed(self, images: Any) -> torch.Tensor:
         return self._embed_pixels(images_to_tensor(images))
+
+
+# -- low-level targets: ConvNeXt teacher features ----------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.228, 0.224, 0.225)  # MindEye2's Train.ipynb values (0.228, not torchvision's 0.229)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of (N, C, H, W) maps (ConvNeXt's downsampling norms)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv -> LayerNorm -> Linear(4x) -> GELU -> Linear, added to the input (no layer scale, as the
+    VICRegL ConvNeXt MindEye2 uses is built with ``layer_scale_init_value=0``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(F.gelu(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBackbone(nn.Module):
+    """ConvNeXt feature extractor: (N, 3, H, W) -> (N, H/32 * W/32, dims[-1]) LayerNorm-ed tokens."""
+
+    def __init__(self, depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4),
+                                                              ChannelsFirstLayerNorm(dims[0]))])
+        for i in range(len(dims) - 1):
+            self.downsample_layers.append(nn.Sequential(ChannelsFirstLayerNorm(dims[i]),
+                                                        nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+        self.stages = nn.ModuleList([nn.Sequential(*[ConvNeXtBlock(d) for _ in range(n)])
+                                     for d, n in zip(dims, depths)])
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.norm(x.flatten(2).transpose(1, 2))
+
+
+class ConvNeXtTeacher(nn.Module):
+    """The teacher of MindEye2's auxiliary low-level loss: a ConvNeXt (``convnext_xlarge_alpha0.75_fullckpt.pth``,
+    VICRegL) whose 7x7 final tokens go through the ``maps_projector`` MLP (2048 -> 512 -> 512 -> 512, LayerNorm and
+    ReLU between, no bias at the end): (N, 3, 224, 224) normalised images -> (N, 49, 512).
+
+    Key names mirror the published checkpoint (``backbone.*``, ``maps_projector.*``), so
+    :func:`rt_mindeye.convert.convnext.load_convnext_teacher` loads it without renaming. Sizes are arguments so that
+    tests can build a tiny one."""
+
+    def __init__(self, depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048), projector=(512, 512, 512)):
+        super().__init__()
+        self.backbone = ConvNeXtBackbone(depths, dims)
+        widths = (dims[-1], *projector)
+        layers: list[nn.Module] = []
+        for i in range(len(widths) - 2):
+            layers += [nn.Linear(widths[i], widths[i + 1]), nn.LayerNorm(widths[i + 1]), nn.ReLU(True)]
+        layers.append(nn.Linear(widths[-2], widths[-1], bias=False))
+        self.maps_projector = nn.Sequential(*layers)
+
+    @property
+    def out_dim(self) -> int:
+        return self.maps_projector[-1].out_features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images already normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`."""
+        return self.maps_projector(self.backbone(pixels))
+
+
+def convnext_augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MindEye2's ``blur_augs`` on (N, 3, H, W) images in [0, 1], every random draw from ``generator``:
+    colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with probability 0.8, grayscale with
+    probability 0.1, solarize (threshold 0.5 +- 0.1, brightness +- 0.1) with probability 0.1, and a square crop of 90 %
+    of the area at a random place resized back to the input size (kornia's RandomResizedCrop(scale=(.9, .9),
+    ratio=(1, 1)))."""
+    import torchvision.transforms.v2.functional as TF
+
+    def uniform(low: float, high: float) -> float:
+        return float(low + (high - low) * torch.rand((), generator=generator))
+
+    out = []
+    size = pixels.shape[-2:]
+    for image in pixels:
+        if uniform(0, 1) < 0.8:
+            image = TF.adjust_brightness(image, uniform(0.6, 1.4))
+            image = TF.adjust_contrast(image, uniform(0.6, 1.4))
+            image = TF.adjust_saturation(image, uniform(0.8, 1.2))
+            image = TF.adjust_hue(image, uniform(-0.1, 0.1))
+        if uniform(0, 1) < 0.1:
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        if uniform(0, 1) < 0.1:
+            image = (image + uniform(-0.1, 0.1)).clamp(0, 1)
+            threshold = uniform(0.4, 0.6)
+            image = torch.where(image >= threshold, 1.0 - image, image)
+        side_h, side_w = (max(1, round(s * 0.9 ** 0.5)) for s in size)
+        top = int(torch.randint(0, size[0] - side_h + 1, (), generator=generator))
+        left = int(torch.randint(0, size[1] - side_w + 1, (), generator=generator))
+        image = TF.resized_crop(image, top, left, side_h, side_w, list(size), antialias=True)
+        out.append(image.clamp(0, 1))
+    return torch.stack(out)

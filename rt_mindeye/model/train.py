@@ -93,11 +93,12 @@ class SubjectData:
     blurry_targets: torch.Tensor | None = None  # (n, c, s, s): low-level targets (VAE latents or small images)
     aux_targets: torch.Tensor | None = None  # (n, grid^2, aux_dim): features for the auxiliary head
     name: str = ""
+    aux_aug_targets: torch.Tensor | None = None  # (n, views, grid^2, aux_dim): teacher on augmented images
 
     def __post_init__(self):
         n = self.voxels.shape[0]
         for label, value in (("image_tokens", self.image_tokens), ("blurry_targets", self.blurry_targets),
-                             ("aux_targets", self.aux_targets)):
+                             ("aux_targets", self.aux_targets), ("aux_aug_targets", self.aux_aug_targets)):
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"subject {self.name or '?'}: {label} has {value.shape[0]} rows for {n} trials")
 
@@ -314,6 +315,7 @@ class Trainer:
             "image_tokens": data.image_tokens[index],
             "blurry": data.blurry_targets[index] if data.blurry_targets is not None else None,
             "aux": data.aux_targets[index] if data.aux_targets is not None else None,
+            "aux_aug": data.aux_aug_targets[index] if data.aux_aug_targets is not None else None,
         }
 
     def _loss(self, batches, device, use_mixco: bool, temp: float, generator: torch.Generator):
@@ -347,17 +349,22 @@ class Trainer:
             loss = loss + cfg.prior_scale * prior_loss
             parts["prior_loss"] = prior_loss.item()
         if model.config.blurry_recon and cfg.blur_scale > 0 and batches[0]["blurry"] is not None:
+            # L1 against the unmixed target even in BiMixCo epochs: MindEye2 computes its L1 before (and never
+            # uses) the mixed latent.
             blurry = torch.cat([b["blurry"] for b in batches]).to(device, torch.float32)
-            if use_mixco:  # the low-level target is mixed like the voxels were
-                shape = (-1,) + (1,) * (blurry.ndim - 1)
-                b = betas.to(device).reshape(shape)
-                blurry = blurry * b + blurry[perm.to(device)] * (1 - b)
             blur_loss = F.l1_loss(out.blurry_latent.float(), blurry)
             if batches[0]["aux"] is not None and cfg.blur_cont_scale > 0:
                 aux = torch.cat([b["aux"] for b in batches]).to(device, torch.float32)
                 student = F.normalize(out.blurry_aux.float().reshape(-1, out.blurry_aux.shape[-1]), dim=-1)
                 teacher = F.normalize(aux.reshape(-1, aux.shape[-1]), dim=-1)
-                blur_loss = blur_loss + cfg.blur_cont_scale * soft_cont_loss(student, teacher, teacher, cfg.aux_temp)
+                teacher_aug = teacher  # no augmented views prepared: the teacher against itself
+                if batches[0]["aux_aug"] is not None:  # one augmented view per trial, drawn per step
+                    views = torch.cat([b["aux_aug"] for b in batches])
+                    pick = torch.randint(views.shape[1], (views.shape[0],), generator=generator)
+                    aug = views[torch.arange(views.shape[0]), pick].to(device, torch.float32)
+                    teacher_aug = F.normalize(aug.reshape(-1, aug.shape[-1]), dim=-1)
+                blur_loss = blur_loss + cfg.blur_cont_scale * soft_cont_loss(student, teacher, teacher_aug,
+                                                                             cfg.aux_temp)
             loss = loss + cfg.blur_scale * blur_loss
             parts["blur_loss"] = blur_loss.item()
         with torch.no_grad():

@@ -100,8 +100,9 @@ def load_reconstructor(path: str | Path, config: ReconstructConfig, *, token_dim
     """An :class:`~rt_mindeye.decode.reconstruct.UnclipReconstructor` from MindEye2's unCLIP checkpoint.
 
     The weights are converted from the generative-models layout (:mod:`rt_mindeye.convert.unclip`, with MindEye2's
-    head width, Fourier width and group count) in the UNet's precision, so the 10 GB checkpoint is never held in
-    float32 on a GPU host. Every failure raises :class:`UnclipCheckpointError` naming the file.
+    head width, Fourier width and group count) straight into the UNet's and the VAE's precision on their device, so
+    the 10 GB checkpoint is never held in float32 on a GPU host. Every failure raises :class:`UnclipCheckpointError`
+    naming the file.
     """
     import torch
 
@@ -114,11 +115,11 @@ def load_reconstructor(path: str | Path, config: ReconstructConfig, *, token_dim
     device = resolve_device(config.device)
     unet_dtype = resolve_dtype(config.unet_dtype, device, gpu_default=torch.float16)
     vae_dtype = resolve_dtype(config.vae_dtype, device, gpu_default=torch.bfloat16)
-    load_dtype = torch.float32 if torch.float32 in (unet_dtype, vae_dtype) else unet_dtype
     started = time.perf_counter()
     try:
+        # Built on the meta device and filled tensor by tensor in the final dtype, on the final device.
         unet, vae, dropped = load_unclip_components(info.path, sample_size=max(config.image_size // 8, 1),
-                                                    dtype=load_dtype)
+                                                    dtype=unet_dtype, vae_dtype=vae_dtype, device=device)
     except CheckpointError as exc:
         raise UnclipCheckpointError(info.path, exc.problem) from exc
     reconstructor = UnclipReconstructor(unet, vae, config=config)
@@ -151,11 +152,10 @@ class BundleModel:
                  prior_steps: int | None = None):
         import torch
 
-        from rt_mindeye.convert.mindeye2 import load_mindeye2
+        from rt_mindeye.convert.mindeye2 import load_for_inference
 
         self.torch = torch
-        loaded = load_mindeye2(bundle.model_dir / "last.pth", device=device, dtype=torch.float32)
-        self.model = loaded.model.eval()
+        self.model = load_for_inference(bundle.model_dir / "last.pth", device=device).model
         self.device = device
         self.sample_prior = sample_prior
         self.prior_steps = prior_steps
@@ -171,6 +171,7 @@ class BundleModel:
         torch = self.torch
         with torch.no_grad():
             voxels = torch.as_tensor(np.asarray(betas, dtype=np.float32), device=self.device)
+            voxels = voxels.to(next(self.model.parameters()).dtype)
             out = self.model(voxels, 0)
             prior = None
             if self.sample_prior and self.model.config.use_prior:

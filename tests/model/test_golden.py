@@ -75,3 +75,20 @@ def test_prior_ddim_sample_at_fixed_noise_matches_the_official_loop(golden, prio
     sample = prior.sample(golden["prior.brain"], steps=20, cond_scale=float(cond_scale),
                           generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(sample, golden[f"prior.ddim20_scale{cond_scale}"], atol=1e-4, rtol=1e-4)
+
+
+def test_convnext_teacher_matches_the_official_convnext_and_loads_the_published_container(golden, tmp_path):
+    """src/autoencoder/convnext.py's ConvnextXL (tiny widths): the published file is {'model': {'module.' + key}}
+    with other heads of the self-supervised training beside the two parts the teacher uses."""
+    from rt_mindeye.convert.convnext import load_convnext_teacher
+
+    state = _part(golden, "convnext.state.")
+    container = {"model": {"module." + k: v for k, v in state.items()}, "epoch": 3}
+    container["model"]["module.projector.0.weight"] = torch.zeros(4, 16)  # a head the teacher does not use
+    path = tmp_path / "convnext_fullckpt.pth"
+    torch.save(container, path)
+    teacher, dropped = load_convnext_teacher(path)
+    assert dropped == ["projector.0.weight"]
+    with torch.no_grad():
+        maps = teacher(golden["convnext.input"])
+    torch.testing.assert_close(maps, golden["convnext.maps"], atol=1e-5, rtol=1e-4)
