@@ -575,17 +575,36 @@ SD_VAE_CONFIG = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2
                      scaling_factor=0.18215)
 
 
+def infer_diffusers_vae_config(state_dict: Mapping[str, torch.Tensor], path=None, *,
+                               scaling_factor: float = 0.18215, norm_num_groups: int = NORM_NUM_GROUPS
+                               ) -> dict[str, Any]:
+    """The ``AutoencoderKL`` config of a diffusers-layout VAE state dict (levels, widths, layers, latent channels
+    from the shapes; group count and scale, which shapes do not hold, are SD's). :data:`SD_VAE_CONFIG` for
+    MindEye2's SD 1.x VAE."""
+    levels = _indices(state_dict, "encoder.down_blocks")
+    if not levels:
+        raise CheckpointKeyError(path, missing=["encoder.down_blocks.0.resnets.0.conv1.weight"])
+    widths = tuple(int(_need(state_dict, f"encoder.down_blocks.{i}.resnets.0.conv2.weight", "vae").shape[0])
+                   for i in levels)
+    return dict(SD_VAE_CONFIG, block_out_channels=widths,
+                layers_per_block=len(_indices(state_dict, "encoder.down_blocks.0.resnets")),
+                latent_channels=int(_need(state_dict, "post_quant_conv.weight", "vae").shape[0]),
+                down_block_types=("DownEncoderBlock2D",) * len(widths),
+                up_block_types=("UpDecoderBlock2D",) * len(widths), norm_num_groups=norm_num_groups,
+                scaling_factor=scaling_factor)
+
+
 def load_diffusers_vae(path: str | Path, config: Mapping[str, Any] | None = None, *,
                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a diffusers-layout ``AutoencoderKL`` state dict (MindEye2's ``sd_image_var_autoenc.pth``), strictly.
 
-    The default config (:data:`SD_VAE_CONFIG`) is the SD 1.x VAE that MindEye2's low-level head targets
-    (128/256/512/512, 2 layers, scale 0.18215). Any ``.safetensors`` / torch file with a plain state dict (or one under
+    Without ``config`` the architecture is read from the shapes (:func:`infer_diffusers_vae_config`; MindEye2's
+    SD 1.x VAE gives :data:`SD_VAE_CONFIG`: 128/256/512/512, 2 layers, scale 0.18215). Any ``.safetensors`` / torch file with a plain state dict (or one under
     ``state_dict``) works; built on the meta device and assigned, like :func:`load_unclip_components`.
     """
     from rt_mindeye.convert.loading import materialize
 
-    config = dict(config) if config is not None else dict(SD_VAE_CONFIG)
     state_dict, mapped = read_checkpoint_mapped(path)
+    config = dict(config) if config is not None else infer_diffusers_vae_config(state_dict, path)
     weights = materialize(state_dict, dtype=dtype, device=device, file_backed=mapped)
     return _assign(build_vae(config, "meta"), weights, Path(path))

@@ -62,6 +62,9 @@ class DecoderSection:
                                                    "unclip6_epoch0_step110000.ckpt) for full reconstructions, run by "
                                                    "one worker under transport.recon_policy; null: retrieval and "
                                                    "blurry images only")
+    blurry_vae: Path | None = setting(None, "SD VAE weights (diffusers AutoencoderKL state dict, MindEye2's "
+                                            "sd_image_var_autoenc.pth) that decode the full model's 4-channel blurry "
+                                            "latent for the console; null: no blurry image for such a model")
     recon_stop_timeout_s: float = setting(30.0, "on shutdown, wait this long for the reconstruction in progress "
                                                 "(trials still waiting are recorded as skipped)", min=0.0)
     idle_timeout_s: float = setting(0.0, "stop after this long without a trial once the scanner host has said "

@@ -196,8 +196,32 @@ class PixelBlurryDecoder:
         return F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
+def blurry_decoder_for(model_config, config: DecodeConfig, device: str = "cpu", blurry_vae: Path | None = None):
+    """What turns the model's low-level output into the blurry image: the tiny models' RGB output is an image
+    already; the full model's 4-channel SD-VAE latent is decoded with ``blurry_vae`` (a diffusers ``AutoencoderKL``
+    state dict, MindEye2's ``sd_image_var_autoenc.pth``), as MindEye2 does: ``vae.decode(z / 0.18215) / 2 + 0.5``.
+    None when the model has no low-level head, or a latent head and no VAE (logged)."""
+    if not model_config.blurry_recon:
+        return None
+    if model_config.blurry_out_channels == 3:
+        return PixelBlurryDecoder()
+    if blurry_vae is None:
+        log.warning("the model's low-level head gives %d-channel latents but decoder.blurry_vae is not set: no "
+                    "blurry images", model_config.blurry_out_channels)
+        return None
+    from rt_mindeye.convert.unclip import load_diffusers_vae
+    from rt_mindeye.decode.reconstruct import BlurryDecoder, resolve_device, resolve_dtype
+
+    import torch
+
+    target = resolve_device(device)
+    vae = load_diffusers_vae(blurry_vae, device=target,
+                             dtype=resolve_dtype("auto", target, gpu_default=torch.bfloat16))
+    return BlurryDecoder(vae, scaling_factor=config.reconstruction.blurry_scaling_factor, device=str(target))
+
+
 def build_decoder(bundle: CalibrationBundle, config: DecodeConfig, device: str = "cpu",
-                  reconstructor=None) -> tuple[Decoder, list[str]]:
+                  reconstructor=None, blurry_vae: Path | None = None) -> tuple[Decoder, list[str]]:
     """A :class:`Decoder` over the bundle's model and candidates; returns it with the candidate file names.
 
     With a ``reconstructor`` the model samples the diffusion prior on every call (retrieval and reconstruction in one
@@ -208,9 +232,7 @@ def build_decoder(bundle: CalibrationBundle, config: DecodeConfig, device: str =
     candidates = bundle.candidates()
     files = [str(f) for f in candidates["files"]]
     retriever = Retriever(candidates["tokens"], ids=files, device=device)
-    blurry = None
-    if model.model.config.blurry_recon and model.model.config.blurry_out_channels == 3:
-        blurry = PixelBlurryDecoder()
+    blurry = blurry_decoder_for(model.model.config, config, device, blurry_vae)
     return Decoder(config, model, retriever, reconstructor=reconstructor, blurry_decoder=blurry), files
 
 

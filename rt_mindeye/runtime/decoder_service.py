@@ -53,7 +53,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     setup_logging(layout, "decoder")
     bundle = CalibrationBundle.open(s.bundle)
     bundle.check(subject=s.subject, volume=None)
-    decoder, _ = build_decoder(bundle, d.decode, device=_device(d.device))
+    decoder, _ = build_decoder(bundle, d.decode, device=_device(d.device), blurry_vae=d.blurry_vae)
     reconstruction = None
     if d.unclip_checkpoint is not None and d.decode.reconstruct:
         model_config = decoder.model_forward.model.config
