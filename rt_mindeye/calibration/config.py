@@ -43,6 +43,8 @@ class CalibrationConfig:
     openclip_checkpoint: Path | None = setting(None, "local ViT-bigG/14 weights when embedder is openclip")
     holdout_fraction: float = setting(0.15, "calibration trials held out to report retrieval before the live runs",
                                       min=0.0, max=0.5)
+    exclude_motion_gated: bool = setting(True, "leave the calibration trials over the motion gate (motion.gate_fd_mm "
+                                               "in their window) out of fine-tuning; the report counts them")
     glm: GLMConfig = field(default_factory=GLMConfig, metadata={"doc": "offline GLM of the calibration runs"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(time_budget_min=2.0, epochs=60, batch_size=16,
                                                                     head_only_pct=FINETUNE_HEAD_ONLY_PCT),

@@ -61,6 +61,10 @@ class CalibrationResult:
     holdout_top1: float | None
     holdout_chance: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    n_motion_gated: int = 0
+    """Calibration trials over the motion gate (motion.gate_fd_mm in their window)."""
+    n_excluded: int = 0
+    """Of those, left out of fine-tuning (calibration.exclude_motion_gated)."""
 
 
 Progress = Callable[[str], None]
@@ -234,8 +238,13 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
         f"(median repeat reliability {rel_median:.3f})")
     lap("masks")
 
-    # 5. fine-tune
-    holdout_top1, chance, n_epochs = _finetune(out, config, z[:, decoder_index], image_ids, stimuli, say)
+    # 5. fine-tune, without the trials over the motion gate
+    gate = _motion_gate(motion or MotionConfig(), motion_params, run_events, reference.tr or 1.0)
+    excluded = gate if config.exclude_motion_gated and not gate.all() else np.zeros_like(gate)
+    say(f"motion gate (FD > {(motion or MotionConfig()).gate_fd_mm:g} mm in a trial's window): {int(gate.sum())} of "
+        f"{gate.size} trials" + (", left out of fine-tuning" if excluded.any() else ""))
+    holdout_top1, chance, n_epochs = _finetune(out, config, z[:, decoder_index], image_ids, stimuli, say,
+                                               exclude=excluded)
     lap("finetune")
 
     # 6. bundle
@@ -255,7 +264,8 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     bundle = write_bundle_info(out, info)
     result = CalibrationResult(bundle=bundle, n_glm_voxels=int(glm_mask.sum()), n_decoder_voxels=int(decoder_index.size),
                                n_trials=int(z.shape[0]), reliability_median=rel_median, holdout_top1=holdout_top1,
-                               holdout_chance=chance, seconds=timings)
+                               holdout_chance=chance, seconds=timings, n_motion_gated=int(gate.sum()),
+                               n_excluded=int(excluded.sum()))
     _write_report(bundle, result, config)
     say(f"bundle written: {out}")
     return result
@@ -293,8 +303,21 @@ def load_images(paths: Sequence[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224))) for p in paths])
 
 
+def _motion_gate(motion: MotionConfig, params: Sequence[np.ndarray], events, tr: float) -> np.ndarray:
+    """Which calibration trials (run, then onset order) moved more than the gate in their window."""
+    from rt_mindeye.preprocess.gating import gated, trial_fd_max
+    from rt_mindeye.preprocess.geometry import framewise_displacement
+
+    out = []
+    for run_params, run_events in zip(params, events):
+        fd = [0.0] + [framewise_displacement(a, b, motion.fd_radius_mm) for a, b in zip(run_params, run_params[1:])]
+        out.append(gated(trial_fd_max(run_events.onsets, fd, tr, motion.gate_window_s), motion.gate_fd_mm))
+    return np.concatenate(out)
+
+
 def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids: np.ndarray,
-              stimuli: Sequence[Path], say: Progress) -> tuple[float | None, float | None, int]:
+              stimuli: Sequence[Path], say: Progress, exclude: np.ndarray | None = None
+              ) -> tuple[float | None, float | None, int]:
     """Fine-tune the shared model on the calibration betas; write model/ and candidates.npz; held-out top-1."""
     import torch
 
@@ -311,7 +334,8 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     if config.holdout_fraction > 0:
         holdout[rng.choice(n, size=max(1, int(round(config.holdout_fraction * n))), replace=False)] = True
     stats = (np.zeros(betas.shape[1], np.float32), np.ones(betas.shape[1], np.float32))  # already z-scored
-    train = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=~holdout)
+    exclude = np.zeros(n, dtype=bool) if exclude is None else exclude
+    train = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=~holdout & ~exclude)
     val = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=holdout) if holdout.any() else None
     paths = BundlePaths(out)
     model_dir = paths.model_dir
@@ -348,6 +372,8 @@ def _write_report(bundle: CalibrationBundle, result: CalibrationResult, config: 
         f"- calibration runs: {', '.join(map(str, bundle.info.calibration_runs))}; {result.n_trials} trials",
         f"- GLM type {config.glm.model} on {result.n_glm_voxels} voxels",
         f"- decoder voxels: {result.n_decoder_voxels} (median repeat reliability {result.reliability_median:.3f})",
+        f"- motion gate: {result.n_motion_gated} of {result.n_trials} trials over it, {result.n_excluded} left out "
+        "of fine-tuning",
     ]
     if result.holdout_top1 is not None:
         lines.append(f"- held-out calibration retrieval: top-1 {result.holdout_top1:.1%} "
@@ -357,5 +383,6 @@ def _write_report(bundle: CalibrationBundle, result: CalibrationResult, config: 
     (bundle.root / "report.json").write_text(json.dumps({
         "n_glm_voxels": result.n_glm_voxels, "n_decoder_voxels": result.n_decoder_voxels,
         "n_trials": result.n_trials, "reliability_median": result.reliability_median,
+        "n_motion_gated": result.n_motion_gated, "n_excluded_from_finetuning": result.n_excluded,
         "holdout_top1": result.holdout_top1, "holdout_chance": result.holdout_chance, "seconds": result.seconds,
     }, indent=2))

@@ -62,6 +62,8 @@ class TrialRow:
     retrieval_latency_s: float | None = None
     reconstruction_latency_s: float | None = None
     design: str = ""  # what the live events said about this trial against the plan ("not shown", "+0.8 s", ...)
+    fd_max_mm: float | None = None  # largest framewise displacement over the trial's window (latest estimate)
+    motion_gated: bool = False  # over the motion gate (motion.gate_fd_mm)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -111,6 +113,11 @@ class ConsoleState:
     def latency(self, stage: str) -> tuple[float, ...]:
         return dict(self.latencies).get(stage, ())
 
+    @property
+    def gated_trials(self) -> int:
+        """Trials of the current run over the motion gate."""
+        return sum(1 for row in self.trials if row.motion_gated and row.run == self.run)
+
     def trial(self, run: int, trial: int) -> TrialRow | None:
         for row in self.trials:
             if row.key == (run, trial):
@@ -159,7 +166,8 @@ def apply(state: ConsoleState, msg: Message, now: float, *, source: str | None =
         row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
         row = dataclasses.replace(row, trial_type=msg.trial_type, estimate_kind=msg.estimate_kind,
                                   estimate_version=msg.estimate_version, stim_file=msg.stim_file or row.stim_file,
-                                  onset=msg.onset)
+                                  onset=msg.onset, motion_gated=msg.motion_gated,
+                                  fd_max_mm=None if math.isnan(msg.fd_max_mm) else msg.fd_max_mm)
         state = _put_trial(state, row)
         return dataclasses.replace(state, latencies=_push(state.latencies, "betas",
                                                           msg.created_at - msg.acquisition_time,

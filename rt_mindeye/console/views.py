@@ -98,6 +98,8 @@ def motion_view(state: ConsoleState) -> Panel:
     for t, count in zip(thresholds, state.fd_over):
         parts[0].append(f"  >{t:g}: {count} ({100.0 * count / n:.0f}%)", style=fd_style(t + 1e-9, thresholds))
     parts.append(fd_sparkline(state.fd, thresholds, width=state.fd_window))
+    parts.append(Text.assemble(("trials of the run over the motion gate: ", "dim"),
+                               (str(state.gated_trials), "bold red" if state.gated_trials else "green")))
     if state.motion:
         tx, ty, tz, rx, ry, rz = state.motion
         parts.append(Text(f"trans mm {tx:+.2f} {ty:+.2f} {tz:+.2f}   rot deg {math.degrees(rx):+.2f} "
@@ -154,10 +156,14 @@ def trials_view(state: ConsoleState, shown: int = 10) -> Panel:
 
 
 def trial_flags(row) -> Text:
-    """What a trial's row warns about: the live events against the plan."""
-    if not row.design:
-        return Text("")
-    return Text(row.design, style="bold red" if row.design == "not shown" else "yellow")
+    """What a trial's row warns about: motion over the gate, the live events against the plan."""
+    text = Text("")
+    if row.motion_gated:
+        text.append(f"FD {row.fd_max_mm:.2f} mm" if row.fd_max_mm is not None else "FD over gate", style="bold red")
+    if row.design:
+        text.append(("  " if text.plain else "") + row.design, style="bold red" if row.design == "not shown"
+                    else "yellow")
+    return text
 
 
 def design_text(state: ConsoleState) -> Text:

@@ -70,6 +70,14 @@ class MotionConfig:
         max=200.0)
     fd_thresholds_mm: tuple[float, float, float] = setting(
         (0.2, 0.3, 0.4), "framewise-displacement thresholds (FIRMM's 0.2 / 0.3 / 0.4 mm) for flagging volumes")
+    gate_fd_mm: float = setting(
+        0.4, "motion gate: a trial whose largest framewise displacement over its window (gate_window_s from its "
+             "onset) exceeds this is marked on the console and in the results and left out of calibration "
+             "fine-tuning. FIRMM's most lenient level, because the gate takes the maximum over a window of volumes "
+             "and a trial is discarded, not a volume censored (docs/preprocess.md)", min=0.0, max=10.0)
+    gate_window_s: float = setting(
+        12.0, "seconds from a trial's onset over which its motion counts for the gate: the stimulus and the rise and "
+              "peak of its response", min=0.0, max=60.0)
 
     @property
     def sample_points(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -176,7 +177,8 @@ def _result_record(msg: TrialBetas, result) -> dict:
             "scores": list(result.topk_scores), "recon": result.reconstruction_path,
             "acquisition_time": result.acquisition_time, "received_at": result.received_at,
             "retrieval_done_at": result.retrieval_done_at, "stage_ms": result.stage_ms,
-            "policy_decision": result.policy_decision}
+            "policy_decision": result.policy_decision,
+            "fd_max_mm": None if math.isnan(msg.fd_max_mm) else msg.fd_max_mm, "motion_gated": msg.motion_gated}
 
 
 def _outcome_record(outcome) -> dict:

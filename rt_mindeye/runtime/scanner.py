@@ -24,6 +24,8 @@ import numpy as np
 
 from rt_mindeye.glm.realtime import RealtimeGLM, TrialEstimate
 from rt_mindeye.ingest.series import LateVolume, RunEnded, RunStarted, VolumeGap, VolumeReady
+from rt_mindeye.preprocess.config import MotionConfig
+from rt_mindeye.preprocess.gating import gated, trial_fd_max
 from rt_mindeye.preprocess.motion import MotionCorrector, RigidTransform, align_reference
 from rt_mindeye.errors import RtMindEyeError
 from rt_mindeye.runtime.live_events import NOT_SHOWN, DesignTrial, Disagreement, LiveRunDesign, TriggerSeen
@@ -80,6 +82,8 @@ class _RunState:
     sent: set = field(default_factory=set)
     last_acquired: float | None = None
     notices: list = field(default_factory=list)
+    fd: list = field(default_factory=list)
+    """Framewise displacement per volume index of the run (NaN: missing)."""
 
 
 class ScannerPipeline:
@@ -238,6 +242,7 @@ class ScannerPipeline:
         fd = float(result.fd_mm)
         params = tuple(float(p) for p in result.params)
         run.motion_rows.append((volume.volume, *params, fd, 0))
+        self._record_fd(run, index, fd)
         self.timings.append({"run": run.plan.run, "volume": volume.volume, "acquired": acquired,
                              "received": received_at, "done": self.wall_clock(), **stage_ms})
         rad = params[:3] + tuple(math.radians(p) for p in params[3:])
@@ -251,6 +256,7 @@ class ScannerPipeline:
         if run is None or run.series != series:
             return []
         run.motion_rows.append((number, *([math.nan] * 7), 1))
+        self._record_fd(run, number - run.first_volume, math.nan)
         estimates = [] if run.error else self.glm.add_gap(number - run.first_volume)
         now = self.wall_clock()
         status = VolumeStatus(session=self.session, run=run.plan.run, volume=number, acquisition_time=now,
@@ -367,11 +373,21 @@ class ScannerPipeline:
                             detail=detail)
 
     # --- helpers -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _record_fd(run: _RunState, index: int, fd: float) -> None:
+        if index >= 0:
+            run.fd.extend([math.nan] * (index + 1 - len(run.fd)))
+            run.fd[index] = fd
+
     def _trial_message(self, run: _RunState, estimate: TrialEstimate, acquired: float) -> TrialBetas:
         trial = run.ids[estimate.trial]
         stim = run.trials[trial].stim_file or None
         run.sent.add(trial)
+        motion = getattr(self.motion, "config_", None) or MotionConfig()
+        fd_max = float(trial_fd_max([estimate.onset], run.fd, self.glm.tr_, motion.gate_window_s,
+                                    last_volume=estimate.last_volume)[0])
         return TrialBetas(session=self.session, run=estimate.run, trial=trial,
+                          fd_max_mm=fd_max, motion_gated=bool(gated(fd_max, motion.gate_fd_mm)),
                           trial_type=str(estimate.trial_type), onset=float(estimate.onset),
                           estimate_kind=estimate.kind, estimate_version=int(estimate.n_volumes),
                           n_volumes=int(estimate.n_volumes), acquisition_time=float(acquired),

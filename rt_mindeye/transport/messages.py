@@ -120,6 +120,8 @@ class TrialBetas(Message):
     ``end_of_run``) and ``estimate_version`` counts re-estimates of the same trial; ``n_volumes`` is how many
     volumes of the run the estimate used and ``acquisition_time`` (POSIX s) the acquisition time of the last of
     them, from which the console measures latency. ``betas`` is float32, one value per voxel of the decoder's mask.
+    ``fd_max_mm`` is the largest framewise displacement over the trial's window so far (NaN: unknown) and
+    ``motion_gated`` whether it exceeds the motion gate (``motion.gate_fd_mm``).
     """
 
     TOPIC: ClassVar[bytes] = protocol.TOPIC_TRIAL
@@ -135,6 +137,8 @@ class TrialBetas(Message):
     acquisition_time: float
     betas: np.ndarray
     stim_file: str | None = None
+    fd_max_mm: float = math.nan
+    motion_gated: bool = False
 
 
 @_message

@@ -132,6 +132,24 @@ def test_plan_and_live_event_disagreements_are_shown(factories):
     assert "reported trial 4 was not planned" in text  # the latest notice
 
 
+def test_trials_over_the_motion_gate_are_marked(factories):
+    import numpy as np
+
+    from rt_mindeye.transport.messages import TrialBetas
+
+    state = apply(ConsoleState(), factories.volume(3), now=1.0)
+    for trial, fd in ((1, 0.12), (2, 0.63)):
+        state = apply(state, TrialBetas(session="s", run=1, trial=trial, trial_type="image", onset=3.0 * trial,
+                                        estimate_kind="early", estimate_version=5, n_volumes=5, acquisition_time=1.0,
+                                        betas=np.zeros(0, np.float32), fd_max_mm=fd, motion_gated=fd > 0.4), now=2.0)
+    assert state.gated_trials == 1 and state.trial(1, 2).motion_gated and not state.trial(1, 1).motion_gated
+    assert state.trial(1, 1).fd_max_mm == pytest.approx(0.12)
+    console = RichConsole(record=True, width=180, height=45, color_system=None)
+    console.print(render(state, now=3.0))
+    text = console.export_text()
+    assert "FD 0.63 mm" in text and "FD 0.12 mm" not in text and "over the motion gate: 1" in text
+
+
 def test_fd_sparkline_colours_by_firmm_threshold():
     line = fd_sparkline((0.1, 0.25, 0.35, 0.8), (0.2, 0.3, 0.4))
     assert len(line.plain) == 4 and line.plain[-1] == "█"
