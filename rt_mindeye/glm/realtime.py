@@ -499,12 +499,28 @@ class RealtimeGLM:
                     nuis[n] = scale * nuisance(p, current)
         return data, nuis
 
+    def _whitened_nuisance(self, frames: np.ndarray) -> np.ndarray:
+        """(T, p) nuisance rows of the retained volumes as they entered the sums. They do not depend on the events,
+        so they are kept between revisions of a run and only new volumes are computed."""
+        cache = getattr(self, "_nuisance_cache", None)
+        if cache is None or cache[0] is not self._rows:  # a new run
+            cache = self._nuisance_cache = (self._rows, [])
+        done = cache[1]
+        if len(done) < frames.size:
+            _, nuis = self._whitened_data(frames, np.arange(len(done), frames.size), with_nuisance=True)
+            done.extend(nuis)
+        return np.asarray(done[:frames.size]).reshape(frames.size, self._ny.shape[0])
+
     def _install_events(self, new: RunEvents, origin: np.ndarray, same: np.ndarray, gone: np.ndarray,
                         frames: np.ndarray) -> None:
         cal = self.calibration_
         k = len(new)
-        table = self._hrfs.regressors((np.arange(self._n_table) + cal.slice_time_ref) * self.tr_, new.onsets,
-                                      new.durations)
+        # The regressor table: unchanged trials' columns carried over, moved and new ones built.
+        table = np.zeros((self._hrfs.n_hrfs, self._n_table, k))
+        table[:, :, same] = self._table[:, :, origin[same]]
+        if (~same).any():
+            table[:, :, ~same] = self._hrfs.regressors((np.arange(self._n_table) + cal.slice_time_ref) * self.tr_,
+                                                       new.onsets[~same], new.durations[~same])
         xy = np.zeros((k, cal.n_voxels))
         xy[same] = self._xy[origin[same]]
         emitted = np.zeros(k, dtype=np.int64)
@@ -516,7 +532,7 @@ class RealtimeGLM:
         else:
             rows = self._whitened_rows(frames, new, table)  # (H, T, K)
             total = rows.sum(axis=2)
-            _, nuis = self._whitened_data(frames, np.arange(frames.size), with_nuisance=True)
+            nuis = self._whitened_nuisance(frames)
             sy = self._sy - self._xy[gone].sum(axis=0)
             for j in np.flatnonzero(~same):
                 reached = np.flatnonzero(np.any(rows[:, :, j] != 0, axis=0))
@@ -526,10 +542,11 @@ class RealtimeGLM:
                     xy[j] = np.einsum("vn,nv->v", per_voxel, data)
                 sy += xy[j]
             self._sy = sy
-            self._xx = np.einsum("htj,htk->hjk", rows, rows)
-            self._xs = np.einsum("htj,ht->hj", rows, total)
+            transposed = rows.transpose(0, 2, 1)
+            self._xx = transposed @ rows
+            self._xs = self._xx.sum(axis=2)
             self._ss = (total ** 2).sum(axis=1)
-            self._xn = np.einsum("htj,tp->hjp", rows, nuis)
+            self._xn = transposed @ nuis
             self._sn = total @ nuis
         self._xy = xy
         self._table = table

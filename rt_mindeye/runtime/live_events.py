@@ -135,11 +135,11 @@ class LiveRunDesign:
             self._passed.discard(design_id)
             out.append(Disagreement("late", design_id, f"reported after later trials (onset {onset:.2f} s): back in "
                                                        "the design"))
-        if planned is None:
+        if planned is None and self._planned:  # with no plan at all, nothing disagrees
             what = event.stim_file or event.trial_type
             out.append(Disagreement(UNPLANNED, design_id, f"reported trial {event.trial} ({what}) at {onset:.2f} s "
                                                           "was not planned: it gets estimates of its own"))
-        elif abs(onset - planned.onset) > self.onset_tolerance_s:
+        elif planned is not None and abs(onset - planned.onset) > self.onset_tolerance_s:
             out.append(Disagreement("onset", design_id, f"shown at {onset:.2f} s, planned at {planned.onset:.2f} s",
                                     offset_s=onset - planned.onset))
         return out + self._newly_passed(final=False)

@@ -230,3 +230,28 @@ def test_live_reports_from_a_stimulus_client_reach_the_scanner_service(calibrate
     print(f"measured trigger - first volume offset: {offset * 1e3:+.1f} ms")
     assert offset is not None and -0.5 < offset < phantom.session.tr / speed + 0.5
     assert [n["trial"] for n in record["notices"] if n["kind"] == "not_shown"] == [skipped]
+
+
+def test_without_a_plan_every_trial_comes_from_the_reports(calibrated_phantom, tmp_path):
+    """A participant-paced run with no planned events file: trial ids in report order, the betas of the plan."""
+    phantom = calibrated_phantom
+    volumes = [read_volume(p) for p in phantom.live_files]
+    tr = float(GLMCalibration.load(CalibrationBundle.open(phantom.bundle_dir).glm_dir).tr)
+    shown = sorted(_read_rows(phantom.phantom_dir / "events" / f"run-{RUN:02d}_events.tsv"),
+                   key=lambda r: float(r["onset"]))
+    reports = {}
+    for number, row in enumerate(shown):
+        onset = float(row["onset"])
+        event = StimulusEvent(session="live", run=RUN, trial=100 + number, onset=onset,
+                              duration=float(row["duration"]), trial_type=row["trial_type"], stim_file=row["stim_file"])
+        reports.setdefault(int(math.floor(onset / tr)) + 1, []).append(event)
+    live = _drive(_pipeline(phantom, None, tmp_path, "unplanned"), volumes, reports)
+    planned = _drive(_pipeline(phantom, phantom.phantom_dir / "events", tmp_path, "planned"), volumes, {})
+    finals = {m.trial: m for m in live if isinstance(m, TrialBetas) and m.estimate_kind == "final"}
+    reference = {m.trial: m for m in planned if isinstance(m, TrialBetas) and m.estimate_kind == "final"}
+    assert sorted(finals) == sorted(reference) == list(range(len(shown)))
+    for trial, m in finals.items():
+        assert m.stim_file == shown[trial]["stim_file"]
+        np.testing.assert_allclose(m.betas, reference[trial].betas, rtol=1e-4, atol=1e-4)
+    kinds = {m.kind for m in live if isinstance(m, DesignNotice)}
+    assert kinds == {"clock"}  # with no plan nothing disagrees; no trigger came, which the clock notice says
