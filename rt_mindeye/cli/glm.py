@@ -1,13 +1,15 @@
 """``rt-mindeye glm``: the offline calibration fit of single-trial betas.
 
     rt-mindeye glm fit --bold RUN1.nii.gz RUN2.nii.gz --events RUN1_events.tsv RUN2_events.tsv --tr 1.5 \\
-        [--mask MASK.nii.gz] [--model d] [--motion RUN1_motion.tsv ...] [--config session.yaml] --out DIR
+        [--mask MASK.nii.gz] [--noise-mask BRAIN.nii.gz] [--model d] [--n-pcs K] [--no-rescale] \\
+        [--save-types abcd] [--motion RUN1_motion.tsv ...] [--config session.yaml] --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 from rt_mindeye.process import cli_path
 
@@ -21,8 +23,17 @@ def register(subparsers) -> None:
     fit.add_argument("--events", nargs="+", type=cli_path, required=True, metavar="EVENTS.tsv",
                      help="BIDS events per run (onset, duration, trial_type); repeats share a condition")
     fit.add_argument("--tr", type=float, required=True, help="repetition time in seconds")
-    fit.add_argument("--mask", type=cli_path, default=None,
-                     help="3-D mask of the voxels to fit (default: intensity threshold)")
+    fit.add_argument("--mask", type=cli_path, default=None, help="3-D mask of the voxels to fit and write (default: intensity "
+                                                  "threshold)")
+    fit.add_argument("--noise-mask", type=cli_path, default=None,
+                     help="3-D mask of the voxels the noise pool is drawn from (default: a brain mask from the mean "
+                          "volume, i.e. the whole brain even when --mask selects a region)")
+    fit.add_argument("--n-pcs", type=int, default=None, metavar="K",
+                     help="use K noise components instead of choosing the count by cross-validation")
+    fit.add_argument("--no-rescale", action="store_true",
+                     help="skip GLMsingle's scale-and-offset rescaling of the ridge betas")
+    fit.add_argument("--save-types", default="", metavar="abcd",
+                     help="also write betas_type<x>.nii.gz for each of these model types (up to --model)")
     fit.add_argument("--model", choices=("a", "b", "c", "d"), default=None, help="GLMsingle model type (default: "
                      "the config's, d)")
     fit.add_argument("--condition-column", default="trial_type",
@@ -50,25 +61,35 @@ class _RichProgress:
 
 
 def run_fit(args) -> int:
+    import numpy as np
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from rt_mindeye.config import from_mapping, load, to_mapping
     from rt_mindeye.glm.config import GLMConfig
     from rt_mindeye.glm.design import RunEvents
-    from rt_mindeye.glm.errors import GLMInputError
+    from rt_mindeye.glm.errors import GLMInputError, GLMWarning
     from rt_mindeye.glm.estimator import GLMSingle
-    from rt_mindeye.glm.io import load_motion_tsv, load_runs, write_outputs
+    from rt_mindeye.glm.io import load_motion_tsv, load_noise_runs, load_runs, write_outputs
 
     config = load(GLMConfig, args.config, "glm") if args.config else from_mapping(GLMConfig, {})
+    overrides = {}
     if args.model:
-        config = from_mapping(GLMConfig, {**to_mapping(config), "model": args.model}, source="--model")
+        overrides["model"] = args.model
+    if args.n_pcs is not None:
+        overrides["n_pcs"] = args.n_pcs
+    if args.no_rescale:
+        overrides["rescale"] = False
+    if overrides:
+        config = from_mapping(GLMConfig, {**to_mapping(config), **overrides}, source="command line")
     if len(args.events) != len(args.bold):
         raise GLMInputError("--events", f"{len(args.events)} events files for {len(args.bold)} runs")
     if args.motion is not None and len(args.motion) != len(args.bold):
         raise GLMInputError("--motion", f"{len(args.motion)} motion files for {len(args.bold)} runs")
     console = Console(stderr=True, quiet=args.quiet)
     runs, mask, ref = load_runs(args.bold, args.mask, config.brain_fraction, config.brain_percentile)
+    noise_runs, noise_mask = load_noise_runs(args.bold, mask, args.noise_mask, config.brain_fraction,
+                                             config.brain_percentile)
     events = [RunEvents.from_tsv(p, condition_column=args.condition_column) for p in args.events]
     motion = [load_motion_tsv(p) for p in args.motion] if args.motion else None
     console.print(f"[bold]glm fit[/]: model {config.model}, {len(runs)} runs, {runs[0].shape[1]} voxels, "
@@ -76,9 +97,13 @@ def run_fit(args) -> int:
     start = time.perf_counter()
     with Progress(TextColumn("{task.description:<36}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, disable=args.quiet) as progress:
-        estimator = GLMSingle.from_config(config, progress=_RichProgress(progress))
-        estimator.fit(runs, events, args.tr, motion=motion)
-    out = write_outputs(estimator, mask, ref, args.out, to_mapping(config))
+        estimator = GLMSingle.from_config(config, save_types=args.save_types, progress=_RichProgress(progress))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GLMWarning)  # printed below, once, after the progress bars
+            estimator.fit(runs, events, args.tr, motion=motion, noise_runs=noise_runs)
+    for message in estimator.warnings_:
+        console.print(f"[yellow]warning[/]: {message}")
+    out = write_outputs(estimator, mask, ref, args.out, to_mapping(config), noise_mask=noise_mask)
     console.print(f"fitted in {time.perf_counter() - start:.1f} s: {estimator.n_pcs_} noise PCs, median fraction "
-                  f"{float(estimator.frac_.astype(float).mean()):.2f}; wrote {out}")
+                  f"{float(np.median(estimator.frac_)):.2f}; wrote {out}")
     return 0

@@ -34,6 +34,10 @@ class RealtimeConfig:
               "(elapsed fraction of the run)^2 relative to its own information), once the run is long it is almost "
               "free, so the drift is not extrapolated into the newest trial's rising response. 0 = no penalty",
         min=0.0, max=100.0)
+    ridge_floor: float = setting(
+        0.1, "smallest ridge parameter of the trials' own columns in early/refined estimates, as a fraction of a "
+             "whole trial regressor's sum of squares (voxels whose calibration kept fraction 1 get this much)",
+        min=0.0, max=100.0)
     ar_rho: float = setting(
         0.2, "AR(1) coefficient of the noise used to prewhiten early/refined estimates: every volume's data and "
              "regressors minus ar_rho times the previous volume's (after a missing volume the chain restarts). "
@@ -59,23 +63,33 @@ class GLMConfig:
                                          "(0 = start, as GLMsingle; 0.5 = middle of the acquisition)", min=0.0, max=1.0)
     drift_degree: int | None = setting(
         None, "polynomial drift degree per run; null = GLMsingle's rule round(run minutes / 2)", min=0, max=10)
+    hrf_peak_at_tr: bool = setting(False, "scale each HRF to peak 1 among its samples at multiples of the TR after "
+                                          "onset, as GLMsingle does (false: peak 1 of the continuous response)")
     max_pcs: int = setting(10, "largest number of noise principal components considered", min=0, max=30)
-    pc_stop: float = setting(0.95, "choose the smallest PC count reaching this fraction of the best "
-                                   "cross-validated improvement", min=0.0, max=1.0)
+    n_pcs: int | None = setting(None, "use this many noise principal components instead of choosing the count by "
+                                      "cross-validation (GLMsingle's pcstop = -n); null = cross-validate",
+                                min=0, max=30)
+    pc_stop: float = setting(round(1 / 1.05, 6), "choose the first PC count whose cross-validated improvement is "
+                                                 "within this fraction of the best (GLMsingle's pcstop 1.05 = "
+                                                 "0.952)", min=0.0, max=1.0)
     noise_pool_r2: float | None = setting(
-        None, "R^2 (0..1) of the HRF-fitted single-trial model (on-off model for type a) below which a voxel "
-              "joins the noise pool; null = mean of the lower component of a two-Gaussian mixture",
-        min=0.0, max=1.0)
+        None, "on-off R^2 (0..1) below which a bright voxel joins the noise pool and above which a fitted voxel "
+              "scores the PC count; null = where a two-Gaussian fit of the on-off R^2 crosses 50/50 (GLMsingle's "
+              "findtailthreshold)", min=0.0, max=1.0)
     brain_percentile: float = setting(99.0, "percentile of mean intensity used for the brain threshold",
                                       min=0.0, max=100.0)
     brain_fraction: float = setting(0.1, "voxels with mean intensity below this fraction of the percentile are "
                                          "kept out of the noise pool", min=0.0, max=1.0)
-    max_pool_voxels: int = setting(4000, "noise-pool voxels used for the principal components (evenly "
-                                         "subsampled above this)", min=10)
+    max_pool_voxels: int = setting(20000, "noise-pool voxels used for the principal components (evenly "
+                                          "subsampled above this)", min=10)
     fractions: tuple[float, ...] = setting(default_factory=lambda: DEFAULT_FRACTIONS,
                                            doc="ridge fractions tried per voxel (type d)")
     n_alpha_grid: int = setting(120, "points of the log-spaced ridge-parameter grid used to map fractions to "
                                      "ridge parameters", min=10, max=2000)
+    refit_hrf: bool = setting(True, "types c/d: choose each voxel's HRF again with the chosen noise regressors in "
+                                    "the model (GLMsingle keeps the type-b choice made without them)")
+    rescale: bool = setting(True, "after ridge, scale and offset each voxel's betas to best match its unregularised "
+                                  "betas (GLMsingle's wantautoscale; a negative scale falls back to 1, 0)")
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig, metadata={"doc": "real-time estimator"})
 
     def __post_init__(self):

@@ -90,10 +90,11 @@ def frame_times(n_frames: int, tr: float, slice_time_ref: float = 0.0) -> np.nda
 
 
 def drift_degree(n_frames: int, tr: float, degree: int | None = None) -> int:
-    """GLMsingle's rule: round(run duration in minutes / 2), unless a degree is given."""
+    """GLMsingle's rule: run duration in minutes / 2, rounded with halves up (as MATLAB's and GLMsingle's
+    ``alt_round``, not Python's round-half-to-even), unless a degree is given."""
     if degree is not None:
         return int(degree)
-    return int(round(n_frames * tr / 60.0 / 2.0))
+    return int(np.floor(n_frames * tr / 60.0 / 2.0 + 0.5))
 
 
 def polynomial_drift(n_frames: int, degree: int) -> np.ndarray:

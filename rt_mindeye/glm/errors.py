@@ -18,3 +18,8 @@ class GLMInputError(RtMindEyeError, ValueError):
 
 class RealtimeStateError(RtMindEyeError):
     """The real-time estimator was driven out of order (e.g. add_volume before start_run)."""
+
+
+class GLMWarning(UserWarning):
+    """The fit ran, but not as asked or not as well as it could (no repeats for cross-validation, trials too close to
+    a run's end, a run without motion parameters): the message says what was done instead."""

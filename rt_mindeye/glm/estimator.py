@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,7 +15,7 @@ from rt_mindeye.errors import NotFittedError
 from rt_mindeye.glm import fit as F
 from rt_mindeye.glm.config import DEFAULT_FRACTIONS, GLMConfig
 from rt_mindeye.glm.design import RunEvents, drift_degree, orthonormal_basis, trial_table
-from rt_mindeye.glm.errors import GLMInputError
+from rt_mindeye.glm.errors import GLMInputError, GLMWarning
 from rt_mindeye.glm.hrf import HRFSet
 
 #: ``progress(stage, completed, total)``: called as each stage advances (the CLI draws rich progress bars with it).
@@ -59,27 +60,32 @@ class GLMCalibration:
     beta_mean: np.ndarray          # (V,) z-scoring statistics of the calibration betas
     beta_std: np.ndarray           # (V,)
     n_alpha_grid: int = 120
-    ridge_alpha: np.ndarray | None = None  # (V,) chosen ridge parameter (mean over runs; 0 = OLS)
+    ridge_alpha: np.ndarray | None = None  # (V,) chosen ridge parameter, one for all runs (0 = OLS)
+    hrf_peak_at_tr: bool = False
+    scale_offset: np.ndarray | None = None  # (V, 2) rescaling of the ridge betas (type d with rescale)
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
+    _OPTIONAL = ("ridge_alpha", "scale_offset")
 
     @property
     def n_voxels(self) -> int:
         return int(self.hrf_index.size)
 
     def hrf_set(self) -> HRFSet:
-        return HRFSet.canonical(self.canonical_hrf) if self.model == "a" else HRFSet.library()
+        peak = self.tr if self.hrf_peak_at_tr else None
+        return HRFSet.canonical(self.canonical_hrf, peak) if self.model == "a" else HRFSet.library(peak)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {k: getattr(self, k) for k in self._ARRAYS}
-        if self.ridge_alpha is not None:
-            arrays["ridge_alpha"] = self.ridge_alpha
+        for name in self._OPTIONAL:
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         np.savez(directory / "calibration.npz", **arrays)
         meta = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in self._ARRAYS and f.name != "ridge_alpha"}
+                if f.name not in self._ARRAYS and f.name not in self._OPTIONAL}
         meta["fractions"] = list(meta["fractions"])
         (directory / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -90,7 +96,8 @@ class GLMCalibration:
             meta = json.loads((directory / "calibration.json").read_text())
             with np.load(directory / "calibration.npz", allow_pickle=False) as arrays:
                 data = {k: arrays[k] for k in cls._ARRAYS}
-                data["ridge_alpha"] = arrays["ridge_alpha"] if "ridge_alpha" in arrays.files else None
+                for name in cls._OPTIONAL:
+                    data[name] = arrays[name] if name in arrays.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise GLMInputError("calibration", f"cannot load ({exc})", str(directory)) from exc
         meta["fractions"] = tuple(meta["fractions"])
@@ -107,15 +114,18 @@ class GLMSingle:
     """
 
     def __init__(self, model: str = "d", canonical_hrf: str = "glover", slice_time_ref: float = 0.0,
-                 drift_degree: int | None = None, max_pcs: int = 10, pc_stop: float = 0.95,
-                 noise_pool_r2: float | None = None, brain_percentile: float = 99.0, brain_fraction: float = 0.1,
-                 max_pool_voxels: int = 4000, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 n_alpha_grid: int = 120, progress: ProgressCallback | None = None):
+                 drift_degree: int | None = None, hrf_peak_at_tr: bool = False, max_pcs: int = 10,
+                 n_pcs: int | None = None, pc_stop: float = round(1 / 1.05, 6), noise_pool_r2: float | None = None,
+                 brain_percentile: float = 99.0, brain_fraction: float = 0.1, max_pool_voxels: int = 20000,
+                 fractions: Sequence[float] = DEFAULT_FRACTIONS, n_alpha_grid: int = 120, rescale: bool = True,
+                 refit_hrf: bool = True, save_types: str = "", progress: ProgressCallback | None = None):
         self.model = model
         self.canonical_hrf = canonical_hrf
         self.slice_time_ref = slice_time_ref
         self.drift_degree = drift_degree
+        self.hrf_peak_at_tr = hrf_peak_at_tr
         self.max_pcs = max_pcs
+        self.n_pcs = n_pcs
         self.pc_stop = pc_stop
         self.noise_pool_r2 = noise_pool_r2
         self.brain_percentile = brain_percentile
@@ -123,6 +133,9 @@ class GLMSingle:
         self.max_pool_voxels = max_pool_voxels
         self.fractions = fractions
         self.n_alpha_grid = n_alpha_grid
+        self.rescale = rescale
+        self.refit_hrf = refit_hrf
+        self.save_types = save_types
         self.progress = progress
 
     @classmethod
@@ -149,6 +162,12 @@ class GLMSingle:
             raise GLMInputError("drift_degree", f"must be >= 0 or None. Got {self.drift_degree!r} instead.")
         if int(self.max_pcs) < 0:
             raise GLMInputError("max_pcs", f"must be >= 0. Got {self.max_pcs!r} instead.")
+        if self.n_pcs is not None and int(self.n_pcs) < 0:
+            raise GLMInputError("n_pcs", f"must be >= 0 or None. Got {self.n_pcs!r} instead.")
+        if not set(str(self.save_types)) <= set(MODELS[:MODELS.index(self.model) + 1]):
+            raise GLMInputError("save_types", f"must be letters among the types up to the model "
+                                              f"({MODELS[:MODELS.index(self.model) + 1]!r}). "
+                                              f"Got {self.save_types!r} instead.")
         fr = np.asarray(self.fractions, dtype=np.float64)
         if fr.size == 0 or np.any(fr <= 0) or np.any(fr > 1):
             raise GLMInputError("fractions", f"must be non-empty values in (0, 1]. Got {self.fractions!r} instead.")
@@ -204,22 +223,31 @@ class GLMSingle:
 
     # --- fit ---------------------------------------------------------------------------------------------------
 
-    def fit(self, runs, events, tr: float, mask=None, motion=None) -> "GLMSingle":
+    def fit(self, runs, events, tr: float, mask=None, motion=None, noise_runs=None) -> "GLMSingle":
         """Fit single-trial betas.
 
         ``runs``: sequence of (T, V) float32 voxel time series (or 4-D arrays with a 3-D ``mask``); ``events``:
         one :class:`RunEvents` (or events TSV path / row list) per run; ``tr`` in seconds; ``mask``: optional
-        (V,) boolean brain mask for the noise pool; ``motion``: optional (T, k) motion parameters per run.
+        (V,) boolean brain mask for the noise pool; ``motion``: optional (T, k) motion parameters per run;
+        ``noise_runs``: optional (T, P) time series per run of the voxels the noise pool is drawn from (e.g. the
+        whole brain when ``runs`` hold a region of interest); by default the pool is drawn from ``runs``.
         """
         with _single_threaded_blas():
-            return self._fit(runs, events, tr, mask, motion)
+            return self._fit(runs, events, tr, mask, motion, noise_runs)
 
-    def _fit(self, runs, events, tr, mask, motion) -> "GLMSingle":
+    def _warn(self, message: str) -> None:
+        self.warnings_.append(message)
+        warnings.warn(message, GLMWarning, stacklevel=4)
+
+    def _fit(self, runs, events, tr, mask, motion, noise_runs) -> "GLMSingle":
         self._check_params()
         data, events, brain, motion = self._check_runs(runs, events, tr, mask, motion)
         tr = float(tr)
         n_runs = len(data)
         model = self.model
+        keep_types = set(self.save_types) | {model}
+        self.warnings_: list[str] = []
+        self.betas_by_type_: dict[str, np.ndarray] = {}
 
         self._report("prepare", 0, n_runs)
         psc, means = [], []
@@ -235,101 +263,136 @@ class GLMSingle:
             in_brain &= brain
         bases = [F.nuisance_basis(y.shape[0], tr, self.drift_degree, None if motion is None else motion[r])
                  for r, y in enumerate(psc)]
+        cv = F.cross_validation_sets(events)
+        self._check_design(events, data, tr, cv)
 
-        canonical = HRFSet.canonical(self.canonical_hrf)
+        peak = tr if self.hrf_peak_at_tr else None
+        canonical = HRFSet.canonical(self.canonical_hrf, peak)
         can_regs = [F.run_regressors(canonical, ev, y.shape[0], tr, self.slice_time_ref) for y, ev in zip(psc, events)]
+        onoff_regs = [F.onoff_regressors(x) for x in can_regs]
         self._report("on-off R2", 0, 1)
-        r2_onoff = F.explained_fraction(psc, [F.onoff_regressors(x) for x in can_regs], bases)[0]
+        r2_onoff = F.explained_fraction(psc, onoff_regs, bases)[0]
         self._report("on-off R2", 1, 1)
+
+        # Noise-pool candidates: the voxels of ``noise_runs`` (e.g. the whole brain), else the fitted voxels.
+        if noise_runs is not None:
+            noise_psc, noise_mean = self._noise_candidates(noise_runs, data)
+            cand_r2 = F.explained_fraction(noise_psc, onoff_regs, bases)[0]
+            cand_bright = F.brain_voxels(noise_mean, self.brain_percentile, self.brain_fraction) & (noise_mean > 0)
+        else:
+            noise_psc, cand_r2, cand_bright = psc, r2_onoff, in_brain
+        # GLMsingle's split: where a two-Gaussian fit of the on-off R^2 crosses 50/50 (findtailthreshold). Bright
+        # voxels below it form the noise pool; fitted voxels above it score the PC count (pcvoxels).
+        threshold = (float(self.noise_pool_r2) if self.noise_pool_r2 is not None
+                     else F.tail_threshold(cand_r2[cand_bright]))
+        cand_pool = cand_bright & (cand_r2 < threshold)
+        pool_index = F.subsample_pool(cand_pool, self.max_pool_voxels)
+        pcvoxels = valid & (r2_onoff > threshold)
+        if pcvoxels.sum() == 0:
+            pcvoxels = np.zeros_like(valid)
+            pcvoxels[np.argsort(-r2_onoff)[:100]] = True
 
         if model == "a":
             hrfs, regs = canonical, can_regs
             hrf_index = np.zeros(psc[0].shape[1], dtype=np.int64)
-            hrf_r2 = None
+            hrf_r2 = r2_run = hrf_index_run = None
         else:
-            hrfs = HRFSet.library()
+            hrfs = HRFSet.library(peak)
             regs = [F.run_regressors(hrfs, ev, y.shape[0], tr, self.slice_time_ref) for y, ev in zip(psc, events)]
             self._report("HRF library", 0, 1)
-            hrf_r2 = F.explained_fraction(psc, regs, bases)
+            hrf_r2, hrf_r2_run = F.explained_fraction(psc, regs, bases, per_run=True)
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
+            hrf_index_run = np.argmax(hrf_r2_run, axis=1).astype(np.int16)
+            r2_run = np.take_along_axis(hrf_r2_run, hrf_index[None, None, :], axis=1)[:, 0]
+            hrf_r2 = hrf_r2.max(axis=0)
+            del hrf_r2_run
             self._report("HRF library", 1, 1)
+        if "a" in keep_types and model != "a":
+            rot_a = F.rotate(psc, can_regs, bases, np.zeros(psc[0].shape[1], dtype=np.int64), 1)
+            self.betas_by_type_["a"] = F.betas_and_sse(rot_a, np.zeros(psc[0].shape[1], dtype=np.int64),
+                                                       np.zeros((n_runs, psc[0].shape[1])))[0]
+            del rot_a
 
-        # Voxels split into responsive and noise-pool voxels on the R^2 of the HRF-fitted single-trial model when
-        # there is one (in rapid designs the on-off regressor hardly varies, so on-off R^2 separates them poorly),
-        # else on the on-off R^2.
-        pool_r2 = r2_onoff if hrf_r2 is None else hrf_r2.max(axis=0)
-        threshold = (float(self.noise_pool_r2) if self.noise_pool_r2 is not None
-                     else F.gaussian_mixture_threshold(pool_r2[in_brain], conservative=True))
-        cv = F.cross_validation_sets(events)
         n_pcs, pc_scores = 0, np.zeros(1)
-        pool = in_brain & (pool_r2 < threshold)
-        pool_index = F.subsample_pool(pool, self.max_pool_voxels)
         components = [np.zeros((y.shape[0], 0)) for y in psc]
         if model in ("c", "d") and self.max_pcs > 0 and pool_index.size > 1:
-            components = [F.noise_components(y[:, pool_index], b, self.max_pcs) for y, b in zip(psc, bases)]
-            responsive = np.flatnonzero(valid & (pool_r2 >= threshold))
-            if responsive.size < 10:
-                responsive = np.argsort(-pool_r2)[:max(10, pool_r2.size // 20)]
-            if cv.n_trials:
-                n_max = min(c.shape[1] for c in components)
-                pc_scores = np.zeros(n_max + 1)
-                for n in range(n_max + 1):
-                    self._report("noise PCs (cross-validation)", n, n_max + 1)
-                    nuis = [np.concatenate([b, c[:, :n]], axis=1) for b, c in zip(bases, components)]
-                    sub = [y[:, responsive] for y in psc]
-                    rot = F.rotate(sub, regs, nuis, hrf_index[responsive], hrfs.n_hrfs)
-                    sse = F.cv_sse(rot, hrf_index[responsive], np.zeros((n_runs, 1, responsive.size)), cv)[0]
-                    total = rot.yss.sum(axis=0)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        score = np.where(total > 0, 1.0 - sse / total, 0.0)
-                    pc_scores[n] = np.median(score)
-                self._report("noise PCs (cross-validation)", n_max + 1, n_max + 1)
+            n_want = self.max_pcs if self.n_pcs is None else max(int(self.n_pcs), 0)
+            components = [F.noise_components(y[:, pool_index], b, n_want) for y, b in zip(noise_psc, bases)]
+            n_max = min(c.shape[1] for c in components)
+            if self.n_pcs is not None:
+                n_pcs = min(int(self.n_pcs), n_max)
+            elif cv.n_trials:
+                pc_scores = self._pc_curve(psc, regs, bases, components, hrf_index[pcvoxels], pcvoxels, hrfs, cv,
+                                           n_max)
                 n_pcs = F.choose_pc_count(pc_scores, self.pc_stop)
         nuisance = [np.concatenate([b, c[:, :n_pcs]], axis=1) for b, c in zip(bases, components)]
+        if "b" in keep_types and model in ("c", "d") and n_pcs > 0:
+            rot_b = F.rotate(psc, regs, bases, hrf_index, hrfs.n_hrfs)
+            self.betas_by_type_["b"] = F.betas_and_sse(rot_b, hrf_index, np.zeros((n_runs, hrf_index.size)))[0]
+            del rot_b
+        if self.refit_hrf and n_pcs > 0 and model != "a":
+            # Choose each voxel's HRF again with the noise regressors in the model: the shared noise no longer
+            # drives the choice (GLMsingle keeps the type-b choice; +.003 to +.02 on the independent sessions).
+            self._report("HRF library (denoised)", 0, 1)
+            hrf_r2 = F.explained_fraction(psc, regs, nuisance)
+            hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
+            hrf_r2 = hrf_r2.max(axis=0)
+            self._report("HRF library (denoised)", 1, 1)
 
         self._report("single-trial fit", 0, 1)
         rot = F.rotate(psc, regs, nuisance, hrf_index, hrfs.n_hrfs)
+        del psc, noise_psc
+        n_vox = hrf_index.size
         fractions = np.asarray(self.fractions, dtype=np.float64)
-        n_vox = psc[0].shape[1]
+        ols, ols_sse = F.betas_and_sse(rot, hrf_index, np.zeros((n_runs, n_vox)))
+        if model in ("b", "c", "d"):
+            self.betas_by_type_["c" if model in ("c", "d") else "b"] = ols
+            if n_pcs == 0 and "b" in keep_types:
+                self.betas_by_type_.setdefault("b", ols)
+        else:
+            self.betas_by_type_["a"] = ols
         frac = np.ones(n_vox)
-        alphas = np.zeros((n_runs, n_vox))
+        alpha = np.zeros(n_vox)
+        scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
+        betas, sse = ols, ols_sse
         if model == "d":
-            grid_alphas = F.fraction_alphas(rot, hrf_index, fractions, self.n_alpha_grid)
-            if cv.n_trials:
-                self._report("ridge fractions (cross-validation)", 0, 1)
-                sse = F.cv_sse(rot, hrf_index, grid_alphas, cv)
-                # Ties (e.g. silent voxels) go to the first, least-shrunk fraction in the list.
-                choice = np.argmin(sse, axis=0)
-                self._report("ridge fractions (cross-validation)", 1, 1)
-            else:
-                choice = np.zeros(n_vox, dtype=np.int64)
-            frac = fractions[choice]
-            alphas = np.take_along_axis(grid_alphas, choice[None, None, :].repeat(n_runs, axis=0), axis=1)[:, 0]
-        betas, sse = F.betas_and_sse(rot, hrf_index, alphas)
+            betas, sse, frac, alpha, scale_offset = self._ridge(rot, hrf_index, fractions, ols, cv)
+            self.betas_by_type_["d"] = betas
         self._report("single-trial fit", 1, 1)
         total = rot.yss.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             r2 = np.where(total > 0, 1.0 - sse / total, 0.0)
+        del rot
 
+        # Live noise regressors need pool voxels among the fitted ones (the real-time vector holds only those).
+        live_pool = cand_pool if noise_runs is None else (in_brain & (r2_onoff < threshold))
+        live_index = F.subsample_pool(live_pool, self.max_pool_voxels)
         self._report("noise loadings", 0, 1)
-        if n_pcs > 0:
-            loadings, scale = F.spatial_noise_loadings([y[:, pool_index] for y in psc], bases, n_pcs)
+        if n_pcs > 0 and live_index.size > n_pcs:
+            loadings, scale = F.spatial_noise_loadings([F.percent_signal(y[:, live_index])[0] for y in data],
+                                                       bases, n_pcs)
         else:
-            loadings, scale = np.zeros((pool_index.size, 0)), np.ones(pool_index.size)
+            loadings, scale = np.zeros((live_index.size, 0)), np.ones(live_index.size)
         self._report("noise loadings", 1, 1)
 
         self.tr_ = tr
         self.betas_ = betas
         self.trials_ = trial_table(events)
         self.hrf_index_ = hrf_index
+        self.hrf_index_run_ = hrf_index_run
         self.hrf_r2_ = hrf_r2
+        self.r2_run_ = r2_run
         self.r2_ = r2.astype(np.float32)
         self.r2_onoff_ = r2_onoff.astype(np.float32)
         self.frac_ = frac.astype(np.float32)
-        self.ridge_alphas_ = alphas
-        self.noise_pool_ = pool
+        self.ridge_alpha_ = alpha
+        self.scale_offset_ = scale_offset.astype(np.float32)
+        self.noise_pool_ = live_pool
+        self.noise_pool_candidates_ = cand_pool
         self.noise_pool_threshold_ = threshold
-        self.noise_pool_index_ = pool_index
+        self.noise_pool_index_ = live_index
+        self.noise_pool_used_ = pool_index
+        self.pcvoxels_ = pcvoxels
         self.noise_components_ = [c[:, :n_pcs] for c in components]
         self.noise_loadings_ = loadings
         self.noise_scale_ = scale
@@ -337,12 +400,107 @@ class GLMSingle:
         self.pc_scores_ = pc_scores
         self.mean_ = mean
         self.brain_ = in_brain
-        self.drift_degrees_ = [drift_degree(y.shape[0], tr, self.drift_degree) for y in psc]
+        self.drift_degrees_ = [drift_degree(y.shape[0], tr, self.drift_degree) for y in data]
         self.uses_motion_ = motion is not None and any(m is not None for m in motion)
         self.beta_mean_ = betas.mean(axis=0, dtype=np.float64)
         std = betas.std(axis=0, dtype=np.float64)
         self.beta_std_ = np.where(std > 0, std, 1.0)
         return self
+
+    # --- stages ------------------------------------------------------------------------------------------------
+
+    def _check_design(self, events, data, tr, cv) -> None:
+        """GLMsingle's design warnings: no condition repeated across runs, trials too close to a run's end."""
+        late = [r for r, (ev, run) in enumerate(zip(events, data))
+                if len(ev) and run.shape[0] * tr - ev.onsets[-1] < 8.0 + tr]
+        if late:
+            self._warn(f"trials start less than 8 s before the end of run(s) {', '.join(str(r) for r in late)}: "
+                       "their responses are cut off, which may make their betas unreliable; consider leaving "
+                       "those trials out of the events")
+        if not cv.n_trials and self.model in ("c", "d"):
+            what = []
+            if self.n_pcs is None and self.max_pcs > 0:
+                what.append("no noise PCs (pass n_pcs / --n-pcs to use a fixed count)")
+            if self.model == "d" and len(self.fractions) > 1:
+                what.append("ridge fraction 1 (pass a single fraction to use it)")
+            self._warn(f"no condition is repeated across runs ({len(data)} run(s)), so type {self.model}'s "
+                       f"cross-validation cannot run: using {' and '.join(what) or 'the fixed choices given'}")
+
+    def _noise_candidates(self, noise_runs, data):
+        if isinstance(noise_runs, np.ndarray):
+            noise_runs = [noise_runs]
+        noise_runs = list(noise_runs)
+        if len(noise_runs) != len(data):
+            raise GLMInputError("noise_runs", f"{len(noise_runs)} runs for {len(data)} runs of data")
+        psc, means = [], []
+        for r, (run, ref) in enumerate(zip(noise_runs, data)):
+            run = np.asarray(run)
+            if run.ndim != 2 or run.shape[0] != ref.shape[0]:
+                raise GLMInputError(f"noise_runs[{r}]", f"expected ({ref.shape[0]}, P), got shape {run.shape}")
+            if not np.all(np.isfinite(run)):
+                raise GLMInputError(f"noise_runs[{r}]", "contains NaN or infinite values")
+            p, m = F.percent_signal(run)
+            psc.append(p)
+            means.append(m)
+        return psc, np.where(np.all(np.asarray(means) > 0, axis=0), np.mean(means, axis=0), 0.0)
+
+    def _pc_curve(self, psc, regs, bases, components, hrf_index, voxels, hrfs, cv, n_max) -> np.ndarray:
+        """GLMsingle's PC-count cross-validation on ``voxels`` (pcvoxels): for 0..n_max PCs, the single-trial
+        betas of every run; each held-out trial's unregularised 0-PC beta is compared with its repeats' betas in
+        the other runs (``calcbadness``, z-scored with the 0-PC betas' mean and sd); the score is minus the median
+        over voxels."""
+        sub = [y[:, voxels] for y in psc]
+        n_runs = len(psc)
+        scores = np.zeros(n_max + 1)
+        test = sd = None
+        for n in range(n_max + 1):
+            self._report("noise PCs (cross-validation)", n, n_max + 1)
+            nuis = [np.concatenate([b, c[:, :n]], axis=1) for b, c in zip(bases, components)]
+            rot = F.rotate(sub, regs, nuis, hrf_index, hrfs.n_hrfs)
+            betas = F.betas_and_sse(rot, hrf_index, np.zeros((n_runs, hrf_index.size)))[0]
+            rows = F.cv_rows(cv, rot)
+            train = betas[rows].astype(np.float64)
+            if n == 0:
+                sd = betas.std(axis=0, ddof=1, dtype=np.float64)
+                sd = np.where(sd > 0, sd, 1.0)
+                test = train.copy()
+            scores[n] = -np.median(F.beta_badness(train / sd, test / sd, cv))
+        self._report("noise PCs (cross-validation)", n_max + 1, n_max + 1)
+        return scores
+
+    def _ridge(self, rot, hrf_index, fractions, ols, cv):
+        """Per-voxel fractional ridge, one fraction for all runs, chosen by GLMsingle's cross-validation in beta
+        space against the unregularised betas; then GLMsingle's scale-and-offset rescaling."""
+        n_runs = rot.s.shape[0]
+        n_vox = hrf_index.size
+        if not cv.n_trials:
+            choice_frac = np.full(n_vox, fractions[0] if fractions.size == 1 else 1.0)
+            alpha = F.fraction_alphas(rot, hrf_index, np.unique(choice_frac), self.n_alpha_grid)[0]
+            frac = choice_frac
+        else:
+            self._report("ridge fractions (cross-validation)", 0, 1)
+            grid_alphas = F.fraction_alphas(rot, hrf_index, fractions, self.n_alpha_grid)
+            rows = F.cv_rows(cv, rot)
+            badness = F.ridge_badness(rot, hrf_index, grid_alphas, ols[rows], cv)
+            # Ties (repeats that carry no information, e.g. a silent voxel with identical badness everywhere)
+            # go to the least-shrunk fraction.
+            best = badness.min(axis=0)
+            tied = np.all(badness - best <= 1e-9 * np.maximum(np.abs(best), 1e-300), axis=0)
+            order = np.argsort(-fractions, kind="stable")
+            choice = order[np.argmin(badness[order], axis=0)]
+            choice[tied] = order[0]
+            frac = fractions[choice]
+            alpha = np.take_along_axis(grid_alphas, choice[None, :], axis=0)[0]
+            self._report("ridge fractions (cross-validation)", 1, 1)
+        betas, sse = F.betas_and_sse(rot, hrf_index, np.repeat(alpha[None, :], n_runs, axis=0))
+        scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
+        if self.rescale:
+            scale_offset = F.rescale_to(betas, ols)
+            shrunk = alpha > 0
+            betas[:, shrunk] = (betas[:, shrunk] * scale_offset[shrunk, 0].astype(np.float32)
+                                + scale_offset[shrunk, 1].astype(np.float32))
+            scale_offset[~shrunk] = (1.0, 0.0)
+        return betas, sse, frac, alpha, scale_offset
 
     # --- results -----------------------------------------------------------------------------------------------
 
@@ -361,8 +519,9 @@ class GLMSingle:
             fractions=tuple(float(f) for f in self.fractions), hrf_index=self.hrf_index_,
             frac=self.frac_.astype(np.float64), mean=self.mean_, noise_pool_index=self.noise_pool_index_,
             noise_loadings=self.noise_loadings_, noise_scale=self.noise_scale_, beta_mean=self.beta_mean_,
-            beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid),
-            ridge_alpha=self.ridge_alphas_.mean(axis=0))
+            beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid), ridge_alpha=self.ridge_alpha_,
+            hrf_peak_at_tr=bool(self.hrf_peak_at_tr),
+            scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None)
 
     def zscored_betas(self) -> np.ndarray:
         self._check_fitted()
@@ -406,12 +565,12 @@ def _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr) -> 
     hrf_index = calibration.hrf_index.astype(np.int64)
     rot = F.rotate([psc], [regs], [nuisance], hrf_index, hrfs.n_hrfs)
     alphas = np.zeros((1, psc.shape[1]))
-    if calibration.model == "d":
-        unique = np.unique(calibration.frac)[::-1]
-        grid = F.fraction_alphas(rot, hrf_index, unique, calibration.n_alpha_grid)
-        pick = np.searchsorted(-unique, -calibration.frac)
-        alphas = np.take_along_axis(grid[0], pick[None, :], axis=0)
+    if calibration.model == "d" and calibration.ridge_alpha is not None:
+        alphas = np.asarray(calibration.ridge_alpha, dtype=np.float64)[None, :]
     betas, _ = F.betas_and_sse(rot, hrf_index, alphas)
+    if calibration.model == "d" and calibration.scale_offset is not None and np.any(alphas > 0):
+        so = calibration.scale_offset
+        betas = betas * so[:, 0].astype(np.float32) + so[:, 1].astype(np.float32)
     return betas
 
 

@@ -52,11 +52,12 @@ def brain_voxels(means: np.ndarray, percentile: float, fraction: float) -> np.nd
     return means > fraction * np.percentile(means, percentile)
 
 
-def gaussian_mixture_threshold(values: np.ndarray, n_iter: int = 200, conservative: bool = False) -> float:
-    """Crossing point of a two-Gaussian mixture fitted to ``values`` (deterministic EM, quantile start), or with
-    ``conservative`` the mean of the lower component (fewer weakly responding voxels fall below it).
+def gaussian_mixture_threshold(values: np.ndarray, n_iter: int = 500, conservative: bool = False) -> float:
+    """GLMsingle's ``findtailthreshold``: where the posterior of the upper of two Gaussians fitted to ``values``
+    (deterministic EM from a quantile start) falls to 50 %, searched from the right over the values' robust range
+    on 500 points. With ``conservative``, the mean of the lower component instead.
 
-    Used like GLMsingle's tail threshold to split voxels that do not respond (noise pool) from those that do.
+    Voxels below it form GLMsingle's noise pool; voxels above it (``pcvoxels``) score the noise-PC count.
     """
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -65,25 +66,35 @@ def gaussian_mixture_threshold(values: np.ndarray, n_iter: int = 200, conservati
     mu = np.quantile(x, [0.25, 0.9])
     sd = np.full(2, x.std() / 2 + 1e-12)
     w = np.array([0.5, 0.5])
+    floor = 1e-6 * np.ptp(x)
     for _ in range(n_iter):
-        dens = w / (sd * np.sqrt(2 * np.pi)) * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2) + 1e-300
-        resp = dens / dens.sum(axis=1, keepdims=True)
+        log_dens = np.log(w) - np.log(sd) - 0.5 * ((x[:, None] - mu) / sd) ** 2
+        log_dens -= log_dens.max(axis=1, keepdims=True)
+        resp = np.exp(log_dens)
+        resp /= resp.sum(axis=1, keepdims=True)
         nk = resp.sum(axis=0) + 1e-12
         new_mu = (resp * x[:, None]).sum(axis=0) / nk
-        sd = np.sqrt((resp * (x[:, None] - new_mu) ** 2).sum(axis=0) / nk) + 1e-9 * np.ptp(x)
+        sd = np.sqrt((resp * (x[:, None] - new_mu) ** 2).sum(axis=0) / nk) + floor
         w = nk / nk.sum()
-        if np.allclose(new_mu, mu, rtol=0, atol=1e-10):
-            mu = new_mu
-            break
+        converged = np.allclose(new_mu, mu, rtol=0, atol=1e-10 * max(1.0, np.abs(mu).max()))
         mu = new_mu
+        if converged:
+            break
     lo, hi = np.argsort(mu)
     if conservative:
         return float(mu[lo])
-    grid = np.linspace(mu[lo], mu[hi], 512)
-    p_lo = w[lo] / sd[lo] * np.exp(-0.5 * ((grid - mu[lo]) / sd[lo]) ** 2)
-    p_hi = w[hi] / sd[hi] * np.exp(-0.5 * ((grid - mu[hi]) / sd[hi]) ** 2)
-    above = np.nonzero(p_hi >= p_lo)[0]
-    return float(grid[above[0]] if above.size else grid[-1])
+    low, high = np.percentile(x, [0.5, 99.5])
+    grid = np.linspace(min(low, mu.min()), max(high, mu.max()), 500)
+    log_lo = np.log(w[lo]) - np.log(sd[lo]) - 0.5 * ((grid - mu[lo]) / sd[lo]) ** 2
+    log_hi = np.log(w[hi]) - np.log(sd[hi]) - 0.5 * ((grid - mu[hi]) / sd[hi]) ** 2
+    upper = log_hi > log_lo  # posterior of the upper component above 50 %
+    below = np.flatnonzero(~upper)
+    return float(grid[below[-1]] if below.size else grid[0])
+
+
+def tail_threshold(values: np.ndarray) -> float:
+    """The crossing point of :func:`gaussian_mixture_threshold` (GLMsingle's noise-pool / pcvoxels threshold)."""
+    return gaussian_mixture_threshold(values)
 
 
 def noise_components(pool_psc: np.ndarray, basis: np.ndarray, n_components: int) -> np.ndarray:
@@ -188,15 +199,20 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
 
 
 def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray],
-                       nuisance: Sequence[np.ndarray]) -> np.ndarray:
-    """Per voxel and HRF, R^2 of each run's OLS fit summed over runs: (H, V). One SVD per run and HRF."""
+                       nuisance: Sequence[np.ndarray], per_run: bool = False):
+    """Per voxel and HRF, R^2 of each run's OLS fit summed over runs: (H, V). One SVD per run and HRF.
+
+    With ``per_run``, also each run's own R^2, (R, H, V) float32 (GLMsingle's ``R2run``, from which the per-run
+    HRF choice ``HRFindexrun`` follows)."""
     n_hrfs = regressors[0].shape[0]
     n_vox = data[0].shape[1]
     fitted = np.zeros((n_hrfs, n_vox))
     total = np.zeros(n_vox)
+    runs = np.zeros((len(data), n_hrfs, n_vox), dtype=np.float32) if per_run else None
     for r, y in enumerate(data):
         yt = project_out(nuisance[r], y)
-        total += np.einsum("tv,tv->v", yt, yt, dtype=np.float64)
+        run_total = np.einsum("tv,tv->v", yt, yt, dtype=np.float64)
+        total += run_total
         if regressors[r].shape[2] == 0:
             continue
         for h in range(n_hrfs):
@@ -204,10 +220,15 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
             u, sv, _ = np.linalg.svd(xt, full_matrices=False)
             u = u[:, sv > kernels.SINGULAR_TOL * max(sv[0], 1e-300)]
             z = u.T.astype(np.float32) @ yt
-            fitted[h] += np.einsum("kv,kv->v", z, z, dtype=np.float64)
+            run_fit = np.einsum("kv,kv->v", z, z, dtype=np.float64)
+            fitted[h] += run_fit
+            if per_run:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    runs[r, h] = np.where(run_total > 0, run_fit / run_total, 0.0)
+        del yt
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(total > 0, fitted / total, 0.0)
-    return r2
+    return (r2, runs) if per_run else r2
 
 
 # --- cross-validation ----------------------------------------------------------------------------------------------
@@ -246,74 +267,99 @@ def cross_validation_sets(events: Sequence[RunEvents]) -> CrossValidation:
                            np.array(ptr, dtype=np.int64), np.array(idx, dtype=np.int64), run_ptr.astype(np.int64))
 
 
-def cv_row_sums(rot: Rotated, cv: CrossValidation) -> tuple[np.ndarray, np.ndarray]:
-    """Per run and HRF: the sum of all rows of ``W`` and of the rows of trials without a repeat elsewhere."""
-    w_sum = rot.W.sum(axis=2)
-    w_rest = w_sum.copy()
-    for i in range(cv.n_trials):
-        w_rest[cv.cv_run[i]] -= rot.W[cv.cv_run[i], :, cv.cv_pos[i], :]
-    return w_sum, w_rest
+def beta_badness(train: np.ndarray, test: np.ndarray, cv: CrossValidation) -> np.ndarray:
+    """GLMsingle's ``calcbadness`` for one model: per voxel, the sum over held-out trials ``i`` and their repeats
+    ``m`` in the other runs of ``(train[m] - test[i])^2``. ``train`` and ``test`` are (n_cv, V) betas of the
+    cross-validation trials (z-scored by the caller when voxels are to be compared)."""
+    out = np.zeros(train.shape[1])
+    counts = np.diff(cv.mates_ptr)
+    held_out = np.repeat(np.arange(cv.n_trials), counts)
+    for start in range(0, held_out.size, 256):
+        i = held_out[start:start + 256]
+        m = cv.mates_idx[start:start + 256]
+        out += ((train[m] - test[i]) ** 2).sum(axis=0)
+    return out
 
 
-def cv_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, cv: CrossValidation,
-           predict_unrepeated: bool = False) -> np.ndarray:
-    """Held-out residual sum of squares (F, V) for ridge parameters ``alphas (R, F, V)``.
+def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test: np.ndarray,
+                  cv: CrossValidation) -> np.ndarray:
+    """:func:`beta_badness` of the ridge betas for every candidate ridge parameter ``alphas (F, V)`` (one per voxel
+    for all runs), against the held-out unregularised betas ``test (n_cv, V)``: (F, V)."""
+    return kernels.ridge_cv_badness(hrf_index.astype(np.int64), rot.W, rot.s, rot.Z, np.ascontiguousarray(alphas),
+                                    rot.n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr, cv.mates_idx,
+                                    np.ascontiguousarray(test, dtype=np.float64))
 
-    ``predict_unrepeated``: predict trials without a repeat by the other runs' mean beta (else by zero, so only
-    repeated images inform the choice: on the phantom this picked better fractions for trial-to-trial accuracy).
-    """
-    w_sum, w_rest = cv_row_sums(rot, cv)
-    if not predict_unrepeated:
-        w_rest = np.zeros_like(w_rest)
-    return kernels.ridge_cv_sse(hrf_index.astype(np.int64), rot.W, rot.s, rot.Z, np.ascontiguousarray(alphas),
-                                rot.yss, rot.n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr, cv.mates_idx,
-                                cv.run_cv_ptr, w_sum, w_rest)
+
+def cv_rows(cv: CrossValidation, rot: Rotated) -> np.ndarray:
+    """Rows of the cross-validation trials in the all-trials beta matrix."""
+    return rot.run_offsets[cv.cv_run] + cv.cv_pos
 
 
 def choose_pc_count(scores: np.ndarray, stop: float) -> int:
-    """Smallest PC count whose improvement over none reaches ``stop`` of the best improvement (GLMdenoise)."""
+    """GLMsingle's ``select_noise_regressors``: the first PC count whose improvement over none is within ``stop``
+    of the best improvement (``stop`` = 1 / ``pcstop``; GLMsingle's 1.05 is 0.952), 0 if none improves."""
     gain = scores - scores[0]
     best = gain.max()
     if not np.isfinite(best) or best <= 0:
         return 0
-    return int(np.flatnonzero(gain >= stop * best)[0])
+    return int(np.flatnonzero(gain >= stop * best - 1e-12 * abs(best))[0])
 
 
 # --- fractional ridge ----------------------------------------------------------------------------------------------
 
-def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[float], n_grid: int) -> np.ndarray:
-    """Ridge parameter per (run, fraction, voxel) that shrinks the run's OLS beta norm to each fraction."""
+def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[float], n_grid: int,
+                    chunk: int = 16384) -> np.ndarray:
+    """Ridge parameter per (fraction, voxel), one for all runs, that shrinks the norm of the voxel's whole-session
+    OLS betas to each fraction (GLMsingle runs fracridge on the runs' concatenated, block-diagonal design)."""
     fractions = np.asarray(fractions, dtype=np.float64)
     n_runs, n_hrfs = rot.s.shape[:2]
     n_vox = rot.Z.shape[2]
-    alphas = np.zeros((n_runs, fractions.size, n_vox))
-    for r in range(n_runs):
-        kr = int(rot.n_trials[r])
-        if kr == 0:
+    ratio = np.ones((n_grid, n_vox))
+    grids = np.zeros((n_hrfs, n_grid))
+    grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
+    for h in np.unique(hrf_index):
+        idx = np.flatnonzero(hrf_index == h)
+        keep = [(r, k) for r in range(n_runs) for k in range(int(rot.n_trials[r]))
+                if rot.s[r, h, k] > kernels.SINGULAR_TOL * rot.s[r, h, 0] and rot.s[r, h, 0] > 0]
+        if not keep:
             continue
-        z2 = rot.Z[r, :kr].astype(np.float64) ** 2
-        # Each HRF's design has its own singular values, hence its own alpha grid; one kernel call per run.
-        ratio = np.ones((n_grid, n_vox))
-        grids = np.zeros((n_hrfs, n_grid))
-        grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
-        for h in range(n_hrfs):
-            idx = np.flatnonzero(hrf_index == h)
-            sv = rot.s[r, h, :kr]
-            if idx.size == 0 or sv[0] <= 0:
-                continue
-            ok = sv > kernels.SINGULAR_TOL * sv[0]
-            sv = sv[ok]
-            grid = np.concatenate([[0.0], np.logspace(np.log10(sv[-1] ** 2) - 3, np.log10(sv[0] ** 2) + 4,
-                                                      n_grid - 1)])
-            grids[h] = grid
-            gain2 = (sv[None, :] / (sv[None, :] ** 2 + grid[:, None])) ** 2
-            norms2 = gain2 @ z2[ok][:, idx]
+        rr = np.array([r for r, _ in keep])
+        kk = np.array([k for _, k in keep])
+        sv = rot.s[rr, h, kk]
+        grid = np.concatenate([[0.0], np.logspace(np.log10(sv.min() ** 2) - 3, np.log10(sv.max() ** 2) + 4,
+                                                  n_grid - 1)])
+        grids[h] = grid
+        gain2 = (sv[None, :] / (sv[None, :] ** 2 + grid[:, None])) ** 2
+        for start in range(0, idx.size, chunk):
+            part_idx = idx[start:start + chunk]
+            z2 = rot.Z[rr[:, None], kk[:, None], part_idx[None, :]].astype(np.float64) ** 2
+            norms2 = gain2 @ z2
             with np.errstate(invalid="ignore", divide="ignore"):
                 part = np.sqrt(norms2 / norms2[:1])
             part[:, norms2[0] == 0] = 1.0
-            ratio[:, idx] = part
-        alphas[r] = kernels.fraction_alphas(ratio, grids, fractions, hrf_index.astype(np.int64))
-    return alphas
+            ratio[:, part_idx] = part
+    return kernels.fraction_alphas(ratio, grids, fractions, hrf_index.astype(np.int64))
+
+
+def rescale_to(betas: np.ndarray, target: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """GLMsingle's rescaling: per voxel, the scale and offset (V, 2) that best fit ``target`` (the unregularised
+    betas, trials x voxels) from ``betas``; a negative scale falls back to (1, 0)."""
+    n_vox = betas.shape[1]
+    out = np.tile([1.0, 0.0], (n_vox, 1))
+    for start in range(0, n_vox, chunk):
+        b = betas[:, start:start + chunk].astype(np.float64)
+        t = target[:, start:start + chunk].astype(np.float64)
+        bm, tm = b.mean(axis=0), t.mean(axis=0)
+        cov = ((b - bm) * (t - tm)).sum(axis=0)
+        var = ((b - bm) ** 2).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(var > 0, cov / var, 1.0)
+        offset = tm - scale * bm
+        bad = ~(scale >= 0) | (var <= 0)
+        scale[bad], offset[bad] = 1.0, 0.0
+        out[start:start + chunk, 0] = scale
+        out[start:start + chunk, 1] = offset
+    return out
 
 
 def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

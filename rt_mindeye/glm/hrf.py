@@ -1,9 +1,10 @@
 """Haemodynamic response functions: GLMsingle's 20-HRF library and a canonical (Glover/SPM) HRF.
 
 Every HRF here is first described at 0.1 s resolution for an instantaneous event. For a trial of duration ``d`` it is
-convolved with a ``d``-second boxcar, scaled to peak 1 (so betas are in the data's units, % signal change here) and
-then read off at each volume's time with PCHIP interpolation, which keeps the shape monotone between samples and
-handles onsets that do not fall on the TR grid.
+convolved with a ``d``-second boxcar, scaled to peak 1 (so betas are in the data's units, % signal change here;
+with ``peak_tr``, GLMsingle's scaling: peak 1 among the samples at multiples of the TR after onset) and then read
+off at each volume's time with PCHIP interpolation, which keeps the shape monotone between samples and handles
+onsets that do not fall on the TR grid.
 """
 
 from __future__ import annotations
@@ -61,20 +62,21 @@ class HRFSet:
     ``hrfs`` is (n_samples, n_hrfs) at 0.1 s. Kernels for each stimulus duration are built and cached on first use.
     """
 
-    def __init__(self, hrfs: np.ndarray):
+    def __init__(self, hrfs: np.ndarray, peak_tr: float | None = None):
         hrfs = np.asarray(hrfs, dtype=np.float64)
         if hrfs.ndim == 1:
             hrfs = hrfs[:, None]
         self.hrfs = hrfs
+        self.peak_tr = peak_tr
         self._interpolators: dict[int, tuple[PchipInterpolator, float]] = {}
 
     @classmethod
-    def library(cls) -> "HRFSet":
-        return cls(load_hrf_library())
+    def library(cls, peak_tr: float | None = None) -> "HRFSet":
+        return cls(load_hrf_library(), peak_tr)
 
     @classmethod
-    def canonical(cls, name: str = "glover") -> "HRFSet":
-        return cls(canonical_hrf(name))
+    def canonical(cls, name: str = "glover", peak_tr: float | None = None) -> "HRFSet":
+        return cls(canonical_hrf(name), peak_tr)
 
     @property
     def n_hrfs(self) -> int:
@@ -85,6 +87,11 @@ class HRFSet:
         if key not in self._interpolators:
             kernels = np.stack([response_kernel(self.hrfs[:, h], duration) for h in range(self.n_hrfs)], axis=1)
             times = np.arange(kernels.shape[0]) * HRF_DT
+            if self.peak_tr:
+                # GLMsingle's scaling: peak 1 among the samples at onset + 0, TR, 2 TR, ... (not the continuous peak).
+                at_tr = PchipInterpolator(times, kernels, axis=0)(np.arange(0.0, times[-1], self.peak_tr))
+                peaks = np.abs(at_tr).max(axis=0)
+                kernels = kernels / np.where(peaks > 0, peaks, 1.0)
             self._interpolators[key] = (PchipInterpolator(times, kernels, axis=0, extrapolate=False), times[-1])
         return self._interpolators[key]
 

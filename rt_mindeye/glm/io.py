@@ -13,7 +13,9 @@ from rt_mindeye.glm.design import write_trials_tsv
 from rt_mindeye.glm.errors import GLMInputError
 
 OUTPUT_FILES = ("betas.nii.gz", "trials.tsv", "hrf_index.nii.gz", "r2.nii.gz", "frac.nii.gz", "noise_pool.nii.gz",
-                "noise_components.npz", "mask.nii.gz", "calibration.npz", "calibration.json", "summary.json")
+                "noise_pool_candidates.nii.gz", "pcvoxels.nii.gz", "meanvol.nii.gz", "onoff_r2.nii.gz",
+                "scale_offset.nii.gz", "noise_components.npz", "mask.nii.gz", "calibration.npz", "calibration.json",
+                "summary.json")  # plus hrf_r2, r2_run, hrf_index_run (types b-d), betas_type<x> (--save-types)
 
 
 def load_image(path: str | Path, ndim: int) -> nib.Nifti1Image:
@@ -53,6 +55,28 @@ def load_runs(bold_paths: Sequence[str | Path], mask_path: str | Path | None = N
     return runs, mask, ref
 
 
+def load_noise_runs(bold_paths: Sequence[str | Path], fit_mask: np.ndarray, noise_mask_path: str | Path | None,
+                    brain_fraction: float = 0.1, brain_percentile: float = 99.0):
+    """(T, P) runs of the noise-pool candidates and their 3-D mask, or ``(None, fit_mask)`` when they are the fitted
+    voxels. Without a file, the brain mask of the first run's mean (the whole brain, whatever ``--mask`` chose)."""
+    images = [load_image(p, 4) for p in bold_paths]
+    if noise_mask_path is not None:
+        mimg = load_image(noise_mask_path, 3)
+        if mimg.shape != images[0].shape[:3]:
+            raise GLMInputError("noise mask", f"shape {mimg.shape} differs from the runs' {images[0].shape[:3]}",
+                                str(noise_mask_path))
+        mask = np.asarray(mimg.dataobj) > 0
+    else:
+        mean = np.asarray(images[0].dataobj, dtype=np.float32).mean(axis=3)
+        mask = mean > brain_fraction * np.percentile(mean, brain_percentile)
+    if not mask.any():
+        raise GLMInputError("noise mask", "selects no voxels", str(noise_mask_path) if noise_mask_path else None)
+    if np.array_equal(mask, fit_mask):
+        return None, fit_mask
+    runs = [np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[mask].T) for img in images]
+    return runs, mask
+
+
 def load_motion_tsv(path: str | Path) -> np.ndarray:
     """Motion parameters, one row per volume (a header row of names is skipped)."""
     path = Path(path)
@@ -90,11 +114,25 @@ def _save(data: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
 
 
 def write_outputs(estimator, mask: np.ndarray, ref: nib.Nifti1Image, out_dir: str | Path,
-                  config_mapping: dict | None = None) -> Path:
+                  config_mapping: dict | None = None, noise_mask: np.ndarray | None = None) -> Path:
     """Write every output of a fitted :class:`~rt_mindeye.glm.estimator.GLMSingle` to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save(_unmask(estimator.betas_, mask, np.float32), ref, out / "betas.nii.gz")
+    for kind, betas in sorted(estimator.betas_by_type_.items()):
+        if kind in estimator.save_types:
+            _save(_unmask(betas, mask, np.float32), ref, out / f"betas_type{kind}.nii.gz")
+    _save(_unmask(estimator.mean_.astype(np.float32), mask, np.float32), ref, out / "meanvol.nii.gz")
+    _save(_unmask(estimator.r2_onoff_, mask, np.float32), ref, out / "onoff_r2.nii.gz")
+    _save(_unmask(estimator.pcvoxels_.astype(np.uint8), mask, np.uint8), ref, out / "pcvoxels.nii.gz")
+    _save(_unmask(estimator.scale_offset_.T, mask, np.float32), ref, out / "scale_offset.nii.gz")
+    if estimator.hrf_r2_ is not None:
+        _save(_unmask(estimator.hrf_r2_.astype(np.float32), mask, np.float32), ref, out / "hrf_r2.nii.gz")
+        _save(_unmask(estimator.r2_run_, mask, np.float32), ref, out / "r2_run.nii.gz")
+        _save(_unmask(estimator.hrf_index_run_.astype(np.int16), mask, np.int16), ref, out / "hrf_index_run.nii.gz")
+    pool_mask = mask if noise_mask is None else noise_mask
+    _save(_unmask(estimator.noise_pool_candidates_.astype(np.uint8), pool_mask, np.uint8), ref,
+          out / "noise_pool_candidates.nii.gz")
     write_trials_tsv(out / "trials.tsv", estimator.trials_)
     _save(_unmask(estimator.hrf_index_.astype(np.int16), mask, np.int16), ref, out / "hrf_index.nii.gz")
     _save(_unmask(estimator.r2_, mask, np.float32), ref, out / "r2.nii.gz")
@@ -111,6 +149,9 @@ def write_outputs(estimator, mask: np.ndarray, ref: nib.Nifti1Image, out_dir: st
                "pc_scores": [float(x) for x in estimator.pc_scores_],
                "noise_pool_voxels": int(estimator.noise_pool_.sum()),
                "noise_pool_threshold": float(estimator.noise_pool_threshold_),
+               "noise_pool_candidates": int(estimator.noise_pool_candidates_.sum()),
+               "pcvoxels": int(estimator.pcvoxels_.sum()), "warnings": list(estimator.warnings_),
+               "saved_types": sorted(estimator.save_types),
                "median_r2": float(np.median(estimator.r2_)), "median_frac": float(np.median(estimator.frac_)),
                "config": config_mapping or {}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Numba kernels of the offline fit, vectorised over voxels (``prange``), compiled once and cached.
 
-All three work in the rotated basis of each run's single-trial design: for run ``r`` and HRF ``h`` the design with the
+All work in the rotated basis of each run's single-trial design: for run ``r`` and HRF ``h`` the design with the
 nuisance regressors projected out is ``Xt = U diag(s) W'``; ``z = U' Yt`` holds the only part of a voxel's data that
 any single-trial beta depends on, so a ridge (or OLS, alpha = 0) fit is ``beta = W (g * z)`` with
 ``g = s / (s**2 + alpha)``, and residual sums of squares follow from ``yss = ||Yt||**2`` without rebuilding any
@@ -62,19 +62,12 @@ def _gain(s, alpha, smax):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, run_cv_ptr,
-                 w_sum, w_rest):
-    """Held-out residual sum of squares per (fraction, voxel), leaving one run out at a time.
-
-    Each trial of the held-out run is predicted from the other runs' betas (fitted within their own runs with the
-    same ridge fraction): a trial whose condition is shown in another run by the mean betas of those repeats
-    (``mates``), any other trial by the mean beta of all trials of the other runs (the voxel's typical response).
-    The prediction is scored against the held-out run's data. Repeated trials are listed in the ``cv_*`` arrays,
-    sorted by run (run ``r`` owns ``run_cv_ptr[r]:run_cv_ptr[r + 1]``); ``w_sum[r, h] = W[r, h].sum(0)`` turns
-    ``g * z`` into the sum of a run's betas and ``w_rest[r, h]`` sums the rows of the unrepeated trials.
-    ``alphas (R, F, V)``.
-    """
-    n_runs, n_frac, n_vox = alphas.shape
+def ridge_cv_badness(hrf_index, W, s, Z, alphas, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, test):
+    """GLMsingle's cross-validation in beta space for every candidate ridge parameter ``alphas (F, V)`` (one per
+    voxel for all runs): for each held-out trial ``i`` (the cross-validation trials, sorted by run) and each repeat
+    ``m`` of its condition in another run, ``(beta_alpha[m] - test[i])^2`` summed, where ``test (n_cv, V)`` holds the
+    held-out trials' unregularised betas. Returns (F, V)."""
+    n_frac, n_vox = alphas.shape
     k_max = Z.shape[1]
     n_cv = cv_run.shape[0]
     out = np.zeros((n_frac, n_vox))
@@ -82,50 +75,29 @@ def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mate
         h = hrf_index[v]
         beta = np.zeros(n_cv)
         zg = np.zeros(k_max)
-        u = np.zeros(k_max)
-        run_sum = np.zeros(n_runs)
         for f in range(n_frac):
-            all_sum = 0.0
-            all_count = 0
-            for r in range(n_runs):
-                kr = n_trials[r]
-                smax = s[r, h, 0]
-                alpha = alphas[r, f, v]
-                acc_sum = 0.0
-                for k in range(kr):
-                    zg[k] = _gain(s[r, h, k], alpha, smax) * Z[r, k, v]
-                    acc_sum += w_sum[r, h, k] * zg[k]
-                run_sum[r] = acc_sum
-                all_sum += acc_sum
-                all_count += kr
-                for i in range(run_cv_ptr[r], run_cv_ptr[r + 1]):
-                    p = cv_pos[i]
-                    acc = 0.0
+            alpha = alphas[f, v]
+            current = -1
+            kr = 0
+            for i in range(n_cv):
+                r = cv_run[i]
+                if r != current:
+                    current = r
+                    kr = n_trials[r]
+                    smax = s[r, h, 0]
                     for k in range(kr):
-                        acc += W[r, h, p, k] * zg[k]
-                    beta[i] = acc
+                        zg[k] = _gain(s[r, h, k], alpha, smax) * Z[r, k, v]
+                p = cv_pos[i]
+                acc = 0.0
+                for k in range(kr):
+                    acc += W[r, h, p, k] * zg[k]
+                beta[i] = acc
             total = 0.0
-            for r in range(n_runs):
-                kr = n_trials[r]
-                others = all_count - kr
-                typical = (all_sum - run_sum[r]) / others if others > 0 else 0.0
-                for k in range(kr):
-                    u[k] = typical * w_rest[r, h, k]
-                for i in range(run_cv_ptr[r], run_cv_ptr[r + 1]):
-                    m0 = mates_ptr[i]
-                    m1 = mates_ptr[i + 1]
-                    pred = 0.0
-                    for m in range(m0, m1):
-                        pred += beta[mates_idx[m]]
-                    pred /= m1 - m0
-                    p = cv_pos[i]
-                    for k in range(kr):
-                        u[k] += W[r, h, p, k] * pred
-                sse = yss[r, v]
-                for k in range(kr):
-                    su = s[r, h, k] * u[k]
-                    sse += su * su - 2.0 * su * Z[r, k, v]
-                total += sse
+            for i in range(n_cv):
+                t = test[i, v]
+                for m in range(mates_ptr[i], mates_ptr[i + 1]):
+                    d = beta[mates_idx[m]] - t
+                    total += d * d
             out[f, v] = total
     return out
 

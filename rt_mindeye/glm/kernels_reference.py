@@ -40,38 +40,25 @@ def _gains(s_row, alphas):
     return g
 
 
-def ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, run_cv_ptr,
-                 w_sum, w_rest):
-    n_runs, n_frac, n_vox = alphas.shape
+def ridge_cv_badness(hrf_index, W, s, Z, alphas, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, test):
+    n_frac, n_vox = alphas.shape
     n_cv = cv_run.size
-    mates = np.zeros((n_cv, n_cv))
-    for i in range(n_cv):
-        m = mates_idx[mates_ptr[i]:mates_ptr[i + 1]]
-        mates[i, m] = 1.0 / m.size
+    counts = np.diff(mates_ptr)
+    held_out = np.repeat(np.arange(n_cv), counts)
     groups = [(h, np.flatnonzero(hrf_index == h)) for h in np.unique(hrf_index)]
+    run_ptr = np.searchsorted(cv_run, np.arange(W.shape[0] + 1))
     out = np.zeros((n_frac, n_vox))
     for f in range(n_frac):
         beta = np.zeros((n_cv, n_vox))
-        run_sum = np.zeros((n_runs, n_vox))
-        for r in range(n_runs):
+        for r in range(W.shape[0]):
+            rows = np.arange(run_ptr[r], run_ptr[r + 1])
+            if rows.size == 0:
+                continue
             kr = n_trials[r]
-            rows = np.arange(run_cv_ptr[r], run_cv_ptr[r + 1])
             for h, idx in groups:
-                zg = _gains(s[r, h, :kr], alphas[r, f, idx]) * Z[r, :kr][:, idx]
+                zg = _gains(s[r, h, :kr], alphas[f, idx]) * Z[r, :kr][:, idx]
                 beta[np.ix_(rows, idx)] = W[r, h][cv_pos[rows], :kr] @ zg
-                run_sum[r, idx] = w_sum[r, h, :kr] @ zg
-        pred = mates @ beta
-        total = yss.sum(axis=0).copy()
-        for r in range(n_runs):
-            kr = n_trials[r]
-            others = n_trials.sum() - kr
-            typical = (run_sum.sum(axis=0) - run_sum[r]) / others if others > 0 else np.zeros(n_vox)
-            rows = np.arange(run_cv_ptr[r], run_cv_ptr[r + 1])
-            for h, idx in groups:
-                u = W[r, h][cv_pos[rows], :kr].T @ pred[np.ix_(rows, idx)] + np.outer(w_rest[r, h, :kr], typical[idx])
-                su = s[r, h, :kr, None] * u
-                total[idx] += (su * su - 2.0 * su * Z[r, :kr][:, idx]).sum(axis=0)
-        out[f] = total
+        out[f] = ((beta[mates_idx] - test[held_out]) ** 2).sum(axis=0)
     return out
 
 

@@ -32,13 +32,14 @@ LSA with per-voxel HRF, the run's own noise components and the per-voxel ridge f
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from rt_mindeye.glm.config import GLMConfig, RealtimeConfig
 from rt_mindeye.glm.design import RunEvents, drift_degree
-from rt_mindeye.glm.errors import GLMInputError, RealtimeStateError
+from rt_mindeye.glm.errors import GLMInputError, GLMWarning, RealtimeStateError
 from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle, fit_run_frozen
 
 KINDS = ("early", "refined", "final")
@@ -103,13 +104,18 @@ class RealtimeGLM:
         # Voxels share one solve per (HRF, ridge level); ridge parameters are quantised to 25% steps (ridge
         # solutions change little within a step) so a handful of small pseudo-inverses serve every voxel.
         alpha = cal.ridge_alpha if (cfg.ridge and cal.ridge_alpha is not None) else np.zeros(cal.n_voxels)
+        self._support = np.array([self._hrfs.support(d) for d in events.durations])
+        if cfg.ridge and cfg.ridge_floor > 0 and len(events):
+            # Floor: a voxel whose calibration kept fraction 1 (alpha 0) or nearly would otherwise solve an
+            # unpenalised, ill-conditioned system while its neighbours' responses are only partly seen.
+            energy = self._trial_energy(cal, events, tr)
+            alpha = np.maximum(alpha, cfg.ridge_floor * energy)
         level = np.where(alpha > 0, np.round(np.log(np.maximum(alpha, 1e-300)) / np.log(RIDGE_STEP)), -10 ** 6)
         keys = np.stack([self._hrf_index, level.astype(np.int64)], axis=1)
         groups, self._group_of_voxel = np.unique(keys, axis=0, return_inverse=True)
         self._group_of_voxel = self._group_of_voxel.ravel()
         self._group_hrf = groups[:, 0]
         self._group_alpha = np.where(groups[:, 1] > -10 ** 6, RIDGE_STEP ** groups[:, 1].astype(np.float64), 0.0)
-        self._support = np.array([self._hrfs.support(d) for d in events.durations])
         planned = n_volumes * tr if n_volumes else 0.0
         last = float(np.max(events.onsets + self._support)) if len(events) else 0.0
         self._time_scale = max(planned, last, 60.0)
@@ -145,6 +151,13 @@ class RealtimeGLM:
         self._active = True
         return self
 
+    def _trial_energy(self, cal, events, tr) -> float:
+        """Median over the run's trials and the library HRFs of a whole trial regressor's sum of squares."""
+        span = float(np.max(self._support)) + tr
+        frames = (np.arange(int(np.ceil(span / tr)) + 1) + cal.slice_time_ref) * tr
+        regs = self._hrfs.regressors(frames, np.zeros(1), events.durations[:1])[:, :, 0]
+        return float(np.median((regs ** 2).sum(axis=1)))
+
     def _require_run(self) -> None:
         if not getattr(self, "_active", False):
             raise RealtimeStateError("no run in progress: call start_run() first")
@@ -175,9 +188,14 @@ class RealtimeGLM:
             raise GLMInputError("data_vector", f"has {y_raw.size} voxels, the calibration has "
                                                f"{self.calibration_.n_voxels}")
         motion = None
-        if self.config_.use_motion:
+        if self.config_.use_motion and self.calibration_.uses_motion:
+            # Motion enters early and final estimates alike, and only if the calibration fit used it too.
             if self._n_motion is None:
                 self._n_motion = 0 if motion_params is None else int(np.size(motion_params))
+                if motion_params is None:
+                    warnings.warn(f"run {self.run_}: volumes come without motion parameters although the "
+                                  "calibration used them: early and final estimates of this run are fitted without "
+                                  "motion regressors", GLMWarning, stacklevel=2)
             if self._n_motion:
                 motion = (self._last_motion if motion_params is None
                           else np.asarray(motion_params, dtype=np.float64).ravel())
@@ -309,6 +327,14 @@ class RealtimeGLM:
         sloped = m + 1 + np.flatnonzero((cols >= 1) & (cols < self._n_poly))
         if self.config_.drift_shrinkage and sloped.size:
             gram[:, sloped, sloped] += self.config_.drift_shrinkage * self._nn[0, 0]
+        # Motion and noise-PC columns: shrunk relative to their own weight by the same law as the slope
+        # (drift_shrinkage / elapsed fraction of the run^2), so the run's first trials, with fewer volumes than
+        # unpenalised columns, stay solvable and the columns are nearly free once the run is long.
+        extra = np.flatnonzero(cols >= self._n_poly)
+        if self.config_.drift_shrinkage and extra.size:
+            elapsed = max(len(self._frames) * self.tr_ / self._time_scale, 1e-3)
+            weight = np.diagonal(self._nn)[cols[extra]]
+            gram[:, m + 1 + extra, m + 1 + extra] += self.config_.drift_shrinkage / elapsed ** 2 * weight
         # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
         # the weights that turn the right-hand sides into this trial's beta. A relative 1e-9 ridge on every column
         # keeps columns that are still empty (e.g. no other trial yet) from making the system singular.

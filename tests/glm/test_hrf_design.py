@@ -151,34 +151,58 @@ def test_fraction_alphas_reach_the_requested_norm_fraction():
     assert np.allclose(kernels_reference.fraction_alphas(ratio, grid[None, :], fractions, grid_index), alphas)
 
 
-def test_cv_kernel_equals_brute_force_leave_one_run_out():
+def test_beta_space_cv_kernel_equals_brute_force_calcbadness():
     rng = np.random.default_rng(2)
     designs, data, hrf_index, W, s, Z, yss = _random_problem(rng, n_runs=3, k=4)
     n_runs, _, t, k = designs.shape
-    # Conditions: trial 0 and 1 of every run repeat across runs; trials 2, 3 are unique.
     from rt_mindeye.glm.fit import cross_validation_sets
+    # Trials 0 and 1 of every run repeat across runs (conditions a, b); trials 2 and 3 are unique.
     events = [RunEvents(np.arange(4.0), np.ones(4), ("a", "b", f"u{r}", f"v{r}")) for r in range(n_runs)]
     cv = cross_validation_sets(events)
-    alphas = rng.uniform(0, 5, size=(n_runs, 2, data.shape[2]))
+    alphas = rng.uniform(0, 5, size=(2, data.shape[2]))
     n_trials = np.full(n_runs, k, dtype=np.int64)
-    w_sum = W.sum(axis=2)
-    w_rest = w_sum - W[:, :, 0, :] - W[:, :, 1, :]
-    got = kernels.ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr,
-                               cv.mates_idx, cv.run_cv_ptr, w_sum, w_rest)
+
+    def betas_of(v, alpha):
+        x = [designs[r, hrf_index[v]] for r in range(n_runs)]
+        return [np.linalg.solve(xr.T @ xr + alpha * np.eye(k), xr.T @ data[r][:, v]) for r, xr in enumerate(x)]
+
+    test = np.array([[betas_of(v, 0.0)[r][trial] for v in range(data.shape[2])]
+                     for r in range(n_runs) for trial in (0, 1)])
+    got = kernels.ridge_cv_badness(hrf_index, W, s, Z, alphas, n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr,
+                                   cv.mates_idx, test)
     for f in range(2):
         for v in range(data.shape[2]):
-            betas = [np.linalg.solve(designs[r, hrf_index[v]].T @ designs[r, hrf_index[v]]
-                                     + alphas[r, f, v] * np.eye(k),
-                                     designs[r, hrf_index[v]].T @ data[r][:, v]) for r in range(n_runs)]
-            total = 0.0
-            for r in range(n_runs):
-                # Unrepeated trials: the mean beta of all trials of the other runs; repeated: their repeats' mean.
-                pred = np.full(k, np.mean([betas[o] for o in range(n_runs) if o != r]))
-                for trial in (0, 1):
-                    pred[trial] = np.mean([betas[o][trial] for o in range(n_runs) if o != r])
-                resid = data[r][:, v] - designs[r, hrf_index[v]] @ pred
-                total += resid @ resid
-            assert np.isclose(got[f, v], total, rtol=1e-4), (f, v)
-    ref = kernels_reference.ridge_cv_sse(hrf_index, W, s, Z, alphas, yss, n_trials, cv.cv_run, cv.cv_pos,
-                                         cv.mates_ptr, cv.mates_idx, cv.run_cv_ptr, w_sum, w_rest)
+            ridge, ols = betas_of(v, alphas[f, v]), betas_of(v, 0.0)
+            # GLMsingle's calcbadness: each held-out unregularised beta against its repeats in the other runs.
+            want = sum((ridge[o][trial] - ols[r][trial]) ** 2 for r in range(n_runs) for o in range(n_runs)
+                       if o != r for trial in (0, 1))
+            assert np.isclose(got[f, v], want, rtol=1e-4), (f, v)
+    ref = kernels_reference.ridge_cv_badness(hrf_index, W, s, Z, alphas, n_trials, cv.cv_run, cv.cv_pos,
+                                             cv.mates_ptr, cv.mates_idx, test)
     assert np.allclose(ref, got, rtol=1e-6)
+
+
+def test_tail_threshold_is_the_mixture_crossing_point():
+    from rt_mindeye.glm.fit import tail_threshold
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0.0, 1.0, 6000), rng.normal(6.0, 1.0, 4000)])
+    # Equal widths: the posterior crosses 50 % at 3 + ln(0.6 / 0.4) / 6.
+    assert abs(tail_threshold(values) - (3.0 + np.log(1.5) / 6.0)) < 0.1
+
+
+def test_drift_degree_rounds_halves_up_as_glmsingle():
+    from rt_mindeye.glm.design import drift_degree
+    assert drift_degree(200, 1.5) == 3   # 5 minutes / 2 = 2.5 -> 3 (Python's round would give 2)
+    assert drift_degree(192, 1.5) == 2   # 4.8 / 2 = 2.4
+    assert drift_degree(100, 1.5) == 1   # 1.25
+    assert drift_degree(192, 1.5, 4) == 4
+
+
+def test_hrf_peak_at_tr_scales_the_tr_samples_to_one():
+    from rt_mindeye.glm.hrf import HRFSet
+    tr = 1.6
+    frames = np.arange(40) * tr
+    continuous = HRFSet.library().regressors(frames, np.array([0.0]), np.array([3.0]))[:, :, 0]
+    at_tr = HRFSet.library(peak_tr=tr).regressors(frames, np.array([0.0]), np.array([3.0]))[:, :, 0]
+    assert np.allclose(at_tr.max(axis=1), 1.0)
+    assert np.all(continuous.max(axis=1) <= 1.0 + 1e-9) and np.any(continuous.max(axis=1) < 0.99)

@@ -102,7 +102,7 @@ def test_estimates_equal_batch_lss_and_gaps_are_dropped_not_zero_filled(calibrat
 
 def test_cost_per_trial_does_not_grow_with_run_length(calibrated, session_factory):
     short = session_factory(seed=7, n_runs=2, n_frames=80)
-    long = session_factory(seed=7, n_runs=2, n_frames=320, n_conditions=60)
+    long = session_factory(seed=7, n_runs=2, n_frames=320)
     sizes, rows = {}, {}
     for name, sess in (("short", short), ("long", long)):
         rt = RealtimeGLM(calibrated, RealtimeConfig(early_volumes=5, refine_every=2, refine_until=12))
@@ -151,7 +151,7 @@ def test_realtime_accuracy_improves_with_delay_and_final(calibrated, synthetic_s
     score = {n: correlation(np.stack([v[t] for t in sorted(v)]), truth[sorted(v)], s.responsive)
              for n, v in by_n.items()}
     score["final"] = correlation(final, truth, s.responsive)
-    assert score[6] > score[3] and score["final"] > 0.6, score
+    assert score[6] > score[3] + 0.1 and score["final"] > 0.3, score
 
 
 def test_zscoring_uses_calibration_statistics(calibrated, synthetic_session):
@@ -227,8 +227,9 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
                               rho, drift_shrinkage, n_pcs):
     """Batch fit of the full early-estimate model for one trial, straight from its definition: own columns for the
     trial and its started neighbours (ridge alpha toward the calibration mean beta), one column for every other
-    trial, drift (slope ridge = drift_shrinkage x the constant column's weight) and noise components, every row
-    AR(1)-prewhitened (a row whose previous volume is missing restarts at scale sqrt(1 - rho^2))."""
+    trial, drift (slope ridge = drift_shrinkage x the constant column's weight) and noise components (ridge =
+    drift_shrinkage / (elapsed fraction of the run)^2 x the column's own weight), every row AR(1)-prewhitened (a row
+    whose previous volume is missing restarts at scale sqrt(1 - rho^2))."""
     regs, psc, nuis = _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs)
     whiten = np.zeros((frames.size, frames.size))
     for i, f in enumerate(frames):
@@ -248,6 +249,9 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
         penalty[:n_own] = alpha[v]
         constant = n_own + 1
         penalty[constant + 1:constant + 1 + degree] = drift_shrinkage * (design[:, constant] ** 2).sum()
+        elapsed = frames.size * tr / time_scale
+        pcs = slice(constant + 1 + degree, design.shape[1])
+        penalty[pcs] = drift_shrinkage / elapsed ** 2 * (design[:, pcs] ** 2).sum(axis=0)
         prior = np.zeros(design.shape[1])
         prior[:n_own] = calibration.beta_mean[v]
         coef = np.linalg.solve(design.T @ design + np.diag(penalty) + 1e-12 * np.eye(design.shape[1]),
@@ -258,7 +262,7 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
 
 def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_across_a_gap(calibrated,
                                                                                         session_factory):
-    s = session_factory(seed=7, n_runs=2, n_frames=160, n_conditions=40)  # long enough for the linear drift term
+    s = session_factory(seed=7, n_runs=2, n_frames=160)  # long enough for the linear drift term
     cal = calibrated.calibration_
     gap = 65
     cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, neighbors=2, ar_rho=0.3, drift_shrinkage=0.05)
@@ -287,7 +291,7 @@ def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_acro
 
 def test_early_model_choices_raise_accuracy_at_the_default_delay(session_factory, correlation):
     """At 5 post-onset volumes, prewhitening + drift shrinkage + prior-mean ridge beat the plain local ridge fit."""
-    sess = session_factory(seed=3, n_runs=5, n_frames=150, n_vox=300, n_conditions=30, repeats=3)
+    sess = session_factory(seed=3, n_runs=5, n_frames=150, n_vox=300)
     cal = GLMSingle(model="d").fit(sess.runs[:3], sess.events[:3], sess.tr)
     k0 = sum(len(e) for e in sess.events[:3])
     plain = dict(ar_rho=0.0, drift_shrinkage=0.0, ridge_prior_mean=False)
