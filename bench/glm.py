@@ -1,14 +1,23 @@
-"""Benchmark of the single-trial GLM: accuracy on the phantom's ground truth, offline fit time, real-time latency.
+"""Benchmark of the single-trial GLM: accuracy on independent simulated sessions (beside the reference GLMsingle),
+the real-time estimator on their live runs, the phantom as an extra data set, and timings.
 
-    python bench/glm.py [--quick] [--preset small|realistic] [--skip-timing] [--timing-voxels 20000]
+    python bench/glm.py [--quick] [--sessions dense,sparse,weak] [--reference-glmsingle [PYTHON]]
+                        [--phantom] [--skip-timing] [--timing-voxels 20000] [--command-timing 8000x8,20000x11]
 
-Accuracy (phantom, ideal motion correction): median over responsive voxels of the correlation across trials between
-estimated and true betas, for canonical OLS, OLS with each voxel's true HRF, the published real-time MindEye recipe
-(reimplemented: LSS, Glover, cosine 0.01 Hz, motion, 7.5 s after onset), offline types a-d, and the real-time
-estimator at every post-onset delay (calibration = the phantom's calibration runs; scored on the real-time runs).
-Timing (synthetic voxel time series with the realistic session's size): the offline type-d fit with the numba kernels
-and, in the same run, with plain numpy kernels (same model, same results); per-volume and per-trial real-time cost.
-Writes bench/results/glm.json and prints rich tables.
+* Independent sessions (``rt_mindeye.glm.simulate``: own HRFs incl. double-gammas outside the library, own
+  convolution, AR(1) noise, drift, low-rank shared noise, motion-locked signal; 8 runs x 192 volumes, TR 1.5 s, 3-s
+  images, 20% of images once, the rest three times): offline types a-d and, with ``--reference-glmsingle``, GLMsingle
+  (cvnlab, defaults, one BLAS thread, run in its own environment by ``bench/glmsingle_reference.py``) on the same data,
+  both timed in the same run. Metric: median over responsive voxels of the correlation across trials with the true
+  betas (GLMsingle's). Real-time: calibration (type d, motion) on runs 1-3, estimates at the default delay and at the
+  end of each run on runs 4-8, with motion, against GLMsingle's type D and our offline type d on the same trials.
+* ``--phantom``: the previous accuracy bench on the phantom (types a-d, the real-time MindEye recipe, the real-time
+  curve by delay and its ablations).
+* Timing: ``rt-mindeye glm fit`` as a whole command (NIfTI in, outputs written) against GLMsingle's whole fit on the
+  same session sizes (``--command-timing``, needs the reference); the type-d fit with the numba kernels and with the
+  plain numpy kernels (same algorithm, same threads); real-time cost per volume and per beta at ``--timing-voxels``.
+Writes bench/results/glm.json and prints rich tables. ``PYTHON`` defaults to $RT_MINDEYE_GLMSINGLE_PYTHON, else
+/work/scratch/glmsingle-venv/bin/python if present, else this python if it can import glmsingle.
 """
 
 from __future__ import annotations
@@ -17,8 +26,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,7 +51,7 @@ from rt_mindeye.glm.estimator import GLMSingle  # noqa: E402
 from rt_mindeye.glm import fit as F  # noqa: E402
 from rt_mindeye.glm.hrf import HRFSet  # noqa: E402
 from rt_mindeye.glm.realtime import RealtimeGLM  # noqa: E402
-from rt_mindeye.glm.synthetic import make_session, median_correlation  # noqa: E402
+from rt_mindeye.glm.simulate import PRESETS, median_correlation, simulate_session  # noqa: E402
 
 console = Console()
 
@@ -46,7 +59,7 @@ console = Console()
 @contextmanager
 def numpy_kernels():
     """Swap the numba kernels for the plain numpy ones (the ratio baseline)."""
-    names = ("fraction_alphas", "ridge_cv_sse", "ridge_betas")
+    names = ("fraction_alphas", "ridge_cv_badness", "ridge_betas")
     saved = {n: getattr(kernels, n) for n in names}
     try:
         for n in names:
@@ -165,12 +178,11 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
 
 
 def timing(n_runs: int, n_frames: int, n_vox: int, trials_per_run: int, skip_numpy: bool) -> dict:
-    n_cond = int(n_runs * trials_per_run * 0.8)
-    sess = make_session(n_runs=n_runs, n_frames=n_frames, n_vox=n_vox, n_conditions=n_cond, repeats=1, seed=1)
-    # make_session spreads repeats x n_conditions trials; add repeats of a quarter of the conditions by renaming.
+    sess = simulate_session(n_runs=n_runs, n_frames=n_frames, n_vox=n_vox, responsive_fraction=0.3, seed=1)
+    sess.runs = sess.runs
     out = {"session": {"runs": n_runs, "volumes_per_run": n_frames, "voxels": n_vox,
-                       "trials": int(sum(len(e) for e in sess.events))}, "threads": os.cpu_count()}
-    events = _with_repeats(sess.events)
+                       "trials": int(sum(len(e["onset"]) for e in sess.events))}, "threads": os.cpu_count()}
+    events = [RunEvents.coerce(e) for e in sess.events]
     GLMSingle(model="d").fit([y[:, :200] for y in sess.runs[:2]], events[:2], sess.tr)  # compile / warm caches
     stages = {}
 
@@ -222,45 +234,207 @@ def timing(n_runs: int, n_frames: int, n_vox: int, trials_per_run: int, skip_num
     return out
 
 
-def _with_repeats(events):
-    """Rename conditions so a third of each run's trials repeat a trial of an earlier run (as a repeated image)."""
-    out, pool = [], []
-    for r, ev in enumerate(events):
-        types = list(ev.trial_types)
-        if r:
-            for k in range(0, len(types), 3):
-                types[k] = pool[(k // 3 + r) % len(pool)]
-        pool.extend(types)
-        out.append(RunEvents(ev.onsets, ev.durations, tuple(types)))
+def reference_python(option: str | None) -> str | None:
+    """The python of the reference GLMsingle's environment (see the module docstring), or None."""
+    candidates = [option] if option not in (None, "auto") else [
+        os.environ.get("RT_MINDEYE_GLMSINGLE_PYTHON"), "/work/scratch/glmsingle-venv/bin/python", sys.executable]
+    for exe in candidates:
+        if exe and Path(exe).exists():
+            ok = subprocess.run([exe, "-c", "import glmsingle"], capture_output=True).returncode == 0
+            if ok:
+                return exe
+    return None
+
+
+def run_glmsingle(python: str, runs, events, tr: float, stimdur: float, work: Path) -> dict:
+    """GLMsingle on ``runs`` in its own process (one BLAS thread), timed as a whole; its betas and choices."""
+    types = sorted({t for ev in events for t in ev["trial_type"]})
+    index = {t: i for i, t in enumerate(types)}
+    arrays = {"n_runs": len(runs), "stimdur": stimdur, "tr": tr}
+    for r, (run, ev) in enumerate(zip(runs, events)):
+        on = np.asarray(ev["onset"]) / tr
+        if not np.allclose(on, np.round(on)):
+            raise ValueError("GLMsingle needs onsets on the TR grid")
+        arrays[f"run{r}"] = run
+        arrays[f"onset_idx{r}"] = np.round(on).astype(np.int64)
+        arrays[f"cond{r}"] = np.array([index[t] for t in ev["trial_type"]], dtype=np.int64)
+    src, dst = work / "glmsingle_in.npz", work / "glmsingle_out.npz"
+    np.savez(src, **arrays)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.perf_counter()
+    subprocess.run([python, str(ROOT / "bench" / "glmsingle_reference.py"), str(src), str(dst)], env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    with np.load(dst) as f:
+        out = {k: f[k] for k in f.files}
+    out["wall_s"] = wall
     return out
+
+
+def independent_session(name: str, quick: bool, ref_python: str | None, work: Path) -> dict:
+    """Offline types a-d and the real-time estimator on one independent session, GLMsingle beside them."""
+    options = dict(PRESETS[name])
+    if quick:
+        options["n_vox"] = min(options["n_vox"], 1500)
+    sess = simulate_session(**options)
+    events = [RunEvents.coerce(e) for e in sess.events]
+    truth, resp = sess.true_betas, sess.responsive
+    offsets = np.concatenate([[0], np.cumsum([len(e) for e in events])])
+    cal_runs, live_runs = [0, 1, 2], list(range(3, len(events)))
+    live_rows = np.arange(offsets[3], offsets[-1])
+    score = lambda b, rows=None: median_correlation(b, truth if rows is None else truth[rows], resp)  # noqa: E731
+    out = {"session": sess.description, "offline": {}, "offline_s": {}, "live_runs": {}}
+    for model in "abcd":
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Like for like with GLMsingle's defaults: no motion regressors offline.
+            fit = GLMSingle(model=model).fit(sess.runs, events, sess.tr)
+        out["offline_s"][model] = time.perf_counter() - t
+        out["offline"][model] = score(fit.betas_)
+        out["live_runs"][model] = score(fit.betas_[live_rows], live_rows)
+        if model == "d":
+            out["choices"] = {"n_pcs": fit.n_pcs_, "median_frac_responsive": float(np.median(fit.frac_[resp])),
+                              "pcvoxels": int(fit.pcvoxels_.sum()), "noise_pool": int(fit.noise_pool_.sum())}
+    if ref_python:
+        ref = run_glmsingle(ref_python, sess.runs, sess.events, sess.tr, float(sess.events[0]["duration"][0]), work)
+        out["glmsingle"] = {m.upper(): score(ref[f"betas_{m}"]) for m in "bcd" if f"betas_{m}" in ref}
+        out["glmsingle_live_runs"] = {m.upper(): score(ref[f"betas_{m}"][live_rows], live_rows)
+                                      for m in "bcd" if f"betas_{m}" in ref}
+        out["glmsingle_s"] = float(ref["wall_s"])
+        out["glmsingle_choices"] = {"pcnum": int(np.asarray(ref.get("pcnum", -1))),
+                                    "median_frac_responsive": float(np.median(np.asarray(ref["FRACvalue"])[resp]))
+                                    if "FRACvalue" in ref else None}
+    # Real-time: calibrate on runs 1-3 (with motion), then runs 4-8 live with motion.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = GLMSingle(model="d").fit([sess.runs[r] for r in cal_runs], [events[r] for r in cal_runs], sess.tr,
+                                       motion=[sess.motion[r] for r in cal_runs])
+    delay = RealtimeConfig().early_volumes
+    early, final = {}, {}
+    for r in live_runs:
+        rt = RealtimeGLM(cal, RealtimeConfig(zscore=False, refine_every=0)).start_run(
+            events[r], sess.tr, run=r, n_volumes=sess.runs[r].shape[0])
+        for i, row in enumerate(sess.runs[r]):
+            for e in rt.add_volume(i, row, motion_params=sess.motion[r][i]):
+                early[offsets[r] + e.trial] = e.betas
+        for e in rt.end_run():
+            final[offsets[r] + e.trial] = e.betas
+    out["realtime"] = {"delay_volumes": delay,
+                       "early": score(np.stack([early[i] for i in live_rows]), live_rows),
+                       "final": score(np.stack([final[i] for i in live_rows]), live_rows),
+                       "calibration_n_pcs": cal.n_pcs_}
+    out["realtime"]["early_over_offline_d"] = out["realtime"]["early"] / out["live_runs"]["d"]
+    out["realtime"]["final_over_offline_d"] = out["realtime"]["final"] / out["live_runs"]["d"]
+    if "glmsingle_live_runs" in out:
+        out["realtime"]["early_over_glmsingle_D"] = out["realtime"]["early"] / out["glmsingle_live_runs"]["D"]
+    return out
+
+
+def command_timing(sizes: list[tuple[int, int]], ref_python: str | None, work: Path) -> list[dict]:
+    """``rt-mindeye glm fit`` as a whole command (NIfTI in, every output written) against GLMsingle's whole fit on
+    the same session, for each (voxels, runs)."""
+    import nibabel as nib
+
+    rows = []
+    for n_vox, n_runs in sizes:
+        sess = simulate_session(n_vox=n_vox, n_runs=n_runs, responsive_fraction=0.3, seed=5)
+        folder = work / f"cmd_{n_vox}x{n_runs}"
+        folder.mkdir(parents=True, exist_ok=True)
+        side = int(np.ceil(np.sqrt(n_vox / 8))) + 1
+        shape = (side, side, 8)
+        bold, tsvs = [], []
+        for r, (run, ev) in enumerate(zip(sess.runs, sess.events)):
+            vol = np.zeros(shape + (run.shape[0],), np.float32)
+            vol.reshape(-1, run.shape[0])[:n_vox] = run.T
+            bold.append(folder / f"run-{r + 1}_bold.nii.gz")
+            nib.save(nib.Nifti1Image(vol, np.eye(4)), str(bold[-1]))
+            tsvs.append(folder / f"run-{r + 1}_events.tsv")
+            tsvs[-1].write_text("onset\tduration\ttrial_type\n" + "".join(
+                f"{o}\t{d}\t{t}\n" for o, d, t in zip(ev["onset"], ev["duration"], ev["trial_type"])))
+        cmd = [sys.executable, "-c", "import sys; from rt_mindeye.cli import main; sys.exit(main(sys.argv[1:]))",
+               "glm", "fit", "--bold", *map(str, bold), "--events", *map(str, tsvs), "--tr", str(sess.tr),
+               "--out", str(folder / "out"), "--quiet"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
+        row = {"voxels": n_vox, "runs": n_runs, "ours_command_s": time.perf_counter() - start}
+        if ref_python:
+            ref = run_glmsingle(ref_python, sess.runs, sess.events, sess.tr, 3.0, folder)
+            row["glmsingle_fit_s"] = float(ref["wall_s"])
+            row["speedup"] = row["glmsingle_fit_s"] / row["ours_command_s"]
+        rows.append(row)
+        shutil.rmtree(folder, ignore_errors=True)
+        console.print(row)
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    parser.add_argument("--preset", default="small", help="phantom preset for the accuracy part")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--sessions", default="dense,sparse,weak",
+                        help="independent sessions to score (names in rt_mindeye.glm.simulate.PRESETS; '' = none)")
+    parser.add_argument("--reference-glmsingle", nargs="?", const="auto", default=None, metavar="PYTHON",
+                        help="run the reference GLMsingle beside our fit (python of its environment)")
+    parser.add_argument("--phantom", action="store_true", help="also the accuracy bench on the phantom")
+    parser.add_argument("--preset", default="small", help="phantom preset for --phantom")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-numpy", action="store_true", help="do not time the plain numpy baseline")
     parser.add_argument("--timing-voxels", type=int, default=20_000)
+    parser.add_argument("--command-timing", default="8000x8,20000x11",
+                        help="VOXELSxRUNS sizes for the whole-command timing against GLMsingle ('' = skip)")
     parser.add_argument("--max-delay", type=int, default=16, help="largest post-onset volume count on the curve")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "glm.json"))
     args = parser.parse_args(argv)
     results = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                           "platform": platform.platform()}, "quick": args.quick}
-    if not args.skip_accuracy:
-        results["accuracy"] = accuracy(args.preset, args.quick, args.max_delay)
-        _print_accuracy(results["accuracy"])
-    if not args.skip_timing:
-        if args.quick:
-            results["timing"] = timing(3, 120, 2000, 40, args.skip_numpy)
-        else:
-            results["timing"] = timing(11, 192, args.timing_voxels, 63, args.skip_numpy)
-        _print_timing(results["timing"])
+                           "platform": platform.platform(), "load": os.getloadavg()}, "quick": args.quick}
+    ref_python = reference_python(args.reference_glmsingle) if args.reference_glmsingle else None
+    if args.reference_glmsingle and not ref_python:
+        console.print("[yellow]reference GLMsingle not importable: running without it[/]")
+    results["reference_glmsingle"] = ref_python
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sessions = [s for s in args.sessions.split(",") if s]
+        if sessions:
+            results["independent"] = {}
+            for name in sessions:
+                results["independent"][name] = independent_session(name, args.quick, ref_python, work)
+            _print_independent(results["independent"])
+        if args.phantom:
+            results["accuracy"] = accuracy(args.preset, args.quick, args.max_delay)
+            _print_accuracy(results["accuracy"])
+        if not args.skip_timing:
+            if args.command_timing and ref_python:
+                sizes = [tuple(int(x) for x in item.split("x")) for item in args.command_timing.split(",") if item]
+                if args.quick:
+                    sizes = [(1500, 4)]
+                results["command_timing"] = command_timing(sizes, ref_python, work)
+            if args.quick:
+                results["timing"] = timing(3, 120, 2000, 40, args.skip_numpy)
+            else:
+                results["timing"] = timing(11, 192, args.timing_voxels, 63, args.skip_numpy)
+            _print_timing(results["timing"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
     console.print(f"wrote {args.out}")
     return 0
+
+
+def _print_independent(res: dict) -> None:
+    table = Table(title="independent sessions: median r with the true betas over responsive voxels")
+    for col in ("session", "ours a / b / c / d", "GLMsingle B / C / D", "d - D", "RT early (x GLMsingle D)",
+                "RT final / offline d (live runs)", "ours d fit (s)", "GLMsingle fit (s)"):
+        table.add_column(col, justify="right" if col != "session" else "left")
+    for name, r in res.items():
+        ours = " / ".join(f"{r['offline'][m]:.3f}" for m in "abcd")
+        g = r.get("glmsingle")
+        ref = " / ".join(f"{g[m]:.3f}" for m in "BCD") if g else "-"
+        diff = f"{r['offline']['d'] - g['D']:+.3f}" if g else "-"
+        rt = r["realtime"]
+        early = f"{rt['early']:.3f}" + (f" ({rt['early_over_glmsingle_D']:.2f}x)" if g else "")
+        table.add_row(f"{name} ({r['session']['n_vox']} vox, {r['session']['responsive_fraction']:.0%})", ours, ref,
+                      diff, early, f"{rt['final']:.3f} / {r['live_runs']['d']:.3f}", f"{r['offline_s']['d']:.1f}",
+                      f"{r['glmsingle_s']:.0f}" if g else "-")
+    Console(width=max(console.width, 160)).print(table)
 
 
 def _print_accuracy(acc: dict) -> None:
