@@ -118,9 +118,14 @@ class RealtimeGLM:
         self._group_alpha = np.where(groups[:, 1] > -10 ** 6, RIDGE_STEP ** groups[:, 1].astype(np.float64), 0.0)
         planned = n_volumes * tr if n_volumes else 0.0
         last = float(np.max(events.onsets + self._support)) if len(events) else 0.0
-        self._time_scale = max(planned, last, 60.0)
+        # The drift's time scale is the planned run length when given (so it does not depend on the events, which
+        # revise_events may change), else the end of the last trial's response.
+        self._time_scale = planned if planned else max(last, 60.0)
+        # Run length in volumes for the start-of-run shrinkage (the plan if given): independent of the events, so a
+        # revision of the events leaves it unchanged.
+        self._planned_frames = float(n_volumes) if n_volumes else self._time_scale / tr
         # Every trial's regressor at every planned volume, built once (volumes past the plan are built on arrival).
-        self._n_table = int(np.ceil(self._time_scale / tr)) + 1
+        self._n_table = int(np.ceil(max(self._time_scale, last) / tr)) + 1
         self._table = self._hrfs.regressors((np.arange(self._n_table) + cal.slice_time_ref) * tr, events.onsets,
                                             events.durations)
         n_vox = cal.n_voxels
@@ -332,7 +337,7 @@ class RealtimeGLM:
         # unpenalised columns, stay solvable and the columns are nearly free once the run is long.
         extra = np.flatnonzero(cols >= self._n_poly)
         if self.config_.drift_shrinkage and extra.size:
-            elapsed = max(len(self._frames) * self.tr_ / self._time_scale, 1e-3)
+            elapsed = max(len(self._frames) / self._planned_frames, 1e-3)
             weight = np.diagonal(self._nn)[cols[extra]]
             gram[:, m + 1 + extra, m + 1 + extra] += self.config_.drift_shrinkage / elapsed ** 2 * weight
         # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
