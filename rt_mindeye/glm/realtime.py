@@ -121,9 +121,9 @@ class RealtimeGLM:
         # The drift's time scale is the planned run length when given (so it does not depend on the events, which
         # revise_events may change), else the end of the last trial's response.
         self._time_scale = planned if planned else max(last, 60.0)
-        # Run length in volumes for the start-of-run shrinkage (the plan if given): independent of the events, so a
-        # revision of the events leaves it unchanged.
-        self._planned_frames = float(n_volumes) if n_volumes else self._time_scale / tr
+        # Run length in volumes for the start-of-run shrinkage: the plan if given, else a typical run (200 volumes);
+        # never from the events, so a revision of the events (or a trial left out) leaves it unchanged.
+        self._planned_frames = float(n_volumes) if n_volumes else 200.0
         # Every trial's regressor at every planned volume, built once (volumes past the plan are built on arrival).
         self._n_table = int(np.ceil(max(self._time_scale, last) / tr)) + 1
         self._table = self._hrfs.regressors((np.arange(self._n_table) + cal.slice_time_ref) * tr, events.onsets,

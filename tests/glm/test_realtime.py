@@ -249,7 +249,7 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
         penalty[:n_own] = alpha[v]
         constant = n_own + 1
         penalty[constant + 1:constant + 1 + degree] = drift_shrinkage * (design[:, constant] ** 2).sum()
-        elapsed = frames.size * tr / time_scale  # the run was started without n_volumes: the plan is time_scale
+        elapsed = frames.size / 200.0  # the run was started without n_volumes: a typical run of 200 volumes
         pcs = slice(constant + 1 + degree, design.shape[1])
         penalty[pcs] = drift_shrinkage / elapsed ** 2 * (design[:, pcs] ** 2).sum(axis=0)
         prior = np.zeros(design.shape[1])
