@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from rt_mindeye.glm.design import RunEvents
+from rt_mindeye.glm.estimator import GLMSingle
 from rt_mindeye.glm.simulate import median_correlation, simulate_session
 
 
@@ -34,3 +35,10 @@ def session_factory():
 @pytest.fixture(scope="session")
 def correlation():
     return median_correlation
+
+
+@pytest.fixture(scope="session")
+def fits(synthetic_session):
+    """Types a-d fitted once on the synthetic session (shared by the offline and CLI tests)."""
+    s = synthetic_session
+    return {m: GLMSingle(model=m).fit(s.runs, s.events, s.tr) for m in "abcd"}

@@ -289,10 +289,9 @@ def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_acro
         assert not np.allclose(changed[across[0].trial], full[across[0].trial], atol=1e-3), off
 
 
-def test_early_model_choices_raise_accuracy_at_the_default_delay(session_factory, correlation):
+def test_early_model_choices_raise_accuracy_at_the_default_delay(calibrated, synthetic_session, correlation):
     """At 5 post-onset volumes, prewhitening + drift shrinkage + prior-mean ridge beat the plain local ridge fit."""
-    sess = session_factory(seed=3, n_runs=5, n_frames=150, n_vox=300)
-    cal = GLMSingle(model="d").fit(sess.runs[:3], sess.events[:3], sess.tr)
+    sess, cal = synthetic_session, calibrated
     k0 = sum(len(e) for e in sess.events[:3])
     plain = dict(ar_rho=0.0, drift_shrinkage=0.0, ridge_prior_mean=False)
     score = {}
