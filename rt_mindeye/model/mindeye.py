@@ -7,6 +7,7 @@ same configuration (checked against ``tests/data/mindeye2_layout`` in the tests)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,15 @@ class MindEyeModule(nn.Module):
             raise RuntimeError("this model has no diffusion prior (use_prior=False)")
         out = self.forward(voxels, subject)
         return self.diffusion_prior.sample(out.tokens, steps=steps, generator=generator)
+
+    def autocast(self):
+        """The context inference runs in: none for float32 weights; autocast to the weights' half precision
+        otherwise, with float32 inputs, so the residual streams and the prior's sample stay float32 and the matrix
+        products run in half precision, as MindEye2's inference under ``torch.cuda.amp.autocast(float16)``."""
+        weight = self.backbone.backbone_linear.weight
+        if weight.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(weight.device.type, dtype=weight.dtype)
 
     def parameter_counts(self) -> dict[str, int]:
         """Unique parameters per part (shared tensors counted once), as MindEye2's ``count_params`` prints them."""

@@ -138,7 +138,9 @@ class TimeMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.float())
+        # The sinusoid comes in float32 (dalle2 computes it so: ``self.net(x.float())``); the layers run in their own
+        # precision, float16 on a GPU decoder (as MindEye2's inference under fp16 autocast).
+        return self.net(x.float().to(self.net[2].weight.dtype))
 
 
 class AsOneToken(nn.Module):
@@ -280,7 +282,9 @@ class PriorNetwork(nn.Module):
         image_keep = _keep_mask(batch, image_cond_drop_prob, image_embed.device)
         brain_embed = torch.where(brain_keep, brain_embed, self.null_brain_embeds.to(brain_embed.dtype)[None])
         image_embed = torch.where(image_keep, image_embed, self.null_image_embed.to(image_embed.dtype)[None])
-        time_embed = self.to_time_embeds(timesteps.to(image_embed.dtype)).to(image_embed.dtype)
+        # Timesteps stay float32 for the sinusoid whatever the weights' precision: in float16, t * freq near t = 99
+        # would be off by up to 0.06 rad.
+        time_embed = self.to_time_embeds(timesteps.to(torch.float32)).to(image_embed.dtype)
         image_embed = image_embed + self.learned_query.to(image_embed.dtype)[None]
         tokens = torch.cat((brain_embed, time_embed, image_embed), dim=1)
         return self.causal_transformer(tokens)[:, -self.num_tokens:, :]
@@ -349,11 +353,13 @@ class DiffusionPrior(nn.Module):
             raise ValueError(f"steps must be in 1..{total}, got {steps}")
         alphas = self.noise_scheduler.alphas_cumprod_prev
         times = torch.linspace(-1.0, total, steps + 1)[:-1].int().tolist()[::-1]
-        shape, device, dtype = brain_embed.shape, brain_embed.device, brain_embed.dtype
+        shape, device = brain_embed.shape, brain_embed.device
         noise_device = generator.device if generator is not None else device
 
+        # The sample stays float32 (dalle2 draws ``torch.randn(shape)``), whatever the brain tokens' precision: with
+        # float16 weights the network runs under autocast, as MindEye2's inference does.
         def draw() -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device, dtype)
+            return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
 
         x = draw()
         x_start = x

@@ -169,9 +169,8 @@ class BundleModel:
 
     def __call__(self, betas, seed: int | None = None):
         torch = self.torch
-        with torch.no_grad():
+        with torch.no_grad(), self.model.autocast():  # float16 weights on a GPU: autocast, float32 inputs
             voxels = torch.as_tensor(np.asarray(betas, dtype=np.float32), device=self.device)
-            voxels = voxels.to(next(self.model.parameters()).dtype)
             out = self.model(voxels, 0)
             prior = None
             if self.sample_prior and self.model.config.use_prior:

@@ -52,3 +52,22 @@ def test_model_check_load_reports_memory_for_mindeye2_and_unclip(micro, tmp_path
     assert main(["model", "check", str(unclip), "--load", "--dtype", "float16"]) == 0
     out = capsys.readouterr().out
     assert "loaded unclip" in out and "unet float16, vae float16" in out and "ratio" in out
+
+
+def test_float16_weights_run_under_autocast_with_float32_inputs(micro, tmp_path):
+    """The decoder's GPU precision, checked on the CPU: float16 weights, float32 inputs, autocast (as MindEye2's
+    inference); the backbone matches float32 closely and the prior's sample stays finite."""
+    from rt_mindeye.convert.mindeye2 import load_for_inference
+
+    torch.manual_seed(0)
+    model = MindEyeModule(micro((20,), blurry=True)).eval()
+    path = save_container(tmp_path / "last.pth", model)
+    half = load_for_inference(path, dtype=torch.float16).model
+    voxels = torch.randn(3, 20)
+    with torch.no_grad(), half.autocast():
+        out = half(voxels, 0)
+        sample = half.diffusion_prior.sample(out.tokens, steps=3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(voxels, 0)
+    assert float((out.tokens.float() - reference.tokens).norm() / reference.tokens.norm()) < 1e-2
+    assert bool(torch.isfinite(sample).all()) and sample.shape == reference.tokens.shape
