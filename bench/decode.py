@@ -18,6 +18,8 @@ Sections
   noise: relative L2 error of the final latent, and PixCorr / SSIM of the images. With random weights this measures
   the solver's discretisation error on a random network (random VAEs also saturate most pixels, so the latent error
   is the informative column), a proxy only: rerun with the converted checkpoint for the real cost;
+- presets: each preset (and neighbours) against the converged solution of the same sampling problem (Euler, 250
+  steps, same noise), median relative latent error over seeds, tiny and medium UNets;
 - real (``--real``, GPU): the real-size UNet (2.6 B parameters, cross-attention on 256x1664 tokens) + SDXL VAE at
   768 px, fp16 UNet / bf16 VAE, per setting, against the 1.0 s target on an H100.
 
@@ -84,10 +86,17 @@ def naive_topk(query: torch.Tensor, candidates: torch.Tensor, k: int, chunk: int
     return torch.topk(torch.cat(scores), k)
 
 
-def bench_retrieval(n_candidates: list[int], token_shape: tuple[int, int], repeats: int, device: torch.device):
+def bench_retrieval(n_candidates: list[int], token_shape: tuple[int, int], repeats: int, device: torch.device,
+                    max_gb: float = 6.0):
     rows = []
     generator = torch.Generator().manual_seed(0)
     for n in n_candidates:
+        # candidates + the retriever's normalised copy, float32: 10,000 x 256 x 1664 is 2 x 17 GB
+        needed_gb = 2 * n * int(np.prod(token_shape)) * 4 / 1e9
+        if device.type == "cpu" and needed_gb > max_gb:
+            rows.append({"n_candidates": n, "tokens": list(token_shape), "device": str(device),
+                         "skipped": f"needs {needed_gb:.0f} GB of host memory (> --max-gb {max_gb:g})"})
+            continue
         candidates = torch.randn((n, *token_shape), generator=generator).to(device)
         retriever = Retriever(candidates, device=str(device))
         query = candidates[n // 2] + 0.5 * torch.randn(token_shape, generator=generator).to(device)
@@ -164,6 +173,38 @@ def bench_reconstruction(label: str, unet_config, vae_config, image_size: int, t
     return rows
 
 
+# --- presets against a converged solution -----------------------------------------------------------------------------
+
+CONVERGED = ("euler", 250)
+
+
+def bench_presets(label: str, unet_config, vae_config, image_size: int, token_shape, seeds: int) -> list[dict]:
+    """Each preset's distance to the converged solution of the same sampling problem (same tokens, unconditional
+    tokens and initial noise; Euler with 250 steps), over several seeds: how much of the image is the solver's
+    discretisation error. Random weights: a proxy for the solver error, not for image quality."""
+    from rt_mindeye.decode.config import PRESETS
+
+    unet = build_unet(unet_config, seed=0)
+    vae = build_vae(vae_config, seed=1)
+    base = UnclipReconstructor(unet, vae, config=ReconstructConfig(image_size=image_size, device="cpu"))
+    settings = {name: (p["scheduler"], p["steps"]) for name, p in PRESETS.items()}
+    settings.update({"dpm++2m-karras 12": ("dpm++2m-karras", 12), "dpm++2m-karras 20": ("dpm++2m-karras", 20),
+                     "euler 16": ("euler", 16)})
+    errors: dict[str, list[float]] = {name: [] for name in settings}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for seed in range(seeds):
+        tokens = torch.randn((1, *token_shape), generator=torch.Generator().manual_seed(100 + seed))
+        reference = base.with_config(scheduler=CONVERGED[0], steps=CONVERGED[1]).reconstruct(tokens, seed=seed)
+        for name, (scheduler, steps) in settings.items():
+            out = base.with_config(scheduler=scheduler, steps=steps).reconstruct(tokens, seed=seed)
+            errors[name].append(float((out.latents - reference.latents).norm() / reference.latents.norm()))
+            times[name].append(out.timings_ms["denoise_ms"])
+    return [{"model": label, "setting": name, "scheduler": settings[name][0], "steps": settings[name][1],
+             "seeds": seeds, "latent_rel_err_vs_converged_median": float(np.median(errors[name])),
+             "latent_rel_err_vs_converged": errors[name], "denoise_p50_ms_cpu": float(np.median(times[name]))}
+            for name in settings]
+
+
 # --- main -------------------------------------------------------------------------------------------------------------
 
 
@@ -179,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 with --quick, for a shared machine)")
+    parser.add_argument("--max-gb", type=float, default=6.0,
+                        help="host memory the CPU retrieval section may use (larger candidate sets are skipped)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     console = Console(width=140)
@@ -199,13 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         counts, tokens, repeats = args.candidates or [200, 1000], (16, 1664), args.repeats or 10
     else:
         counts, tokens, repeats = args.candidates or [1000, 10000], (256, 1664), args.repeats or 50
-    results["retrieval"] = bench_retrieval(counts, tokens, repeats, torch.device("cpu"))
+    results["retrieval"] = bench_retrieval(counts, tokens, repeats, torch.device("cpu"), args.max_gb)
     if device.type == "cuda":
         results["retrieval"] += bench_retrieval(counts, tokens, repeats, device)
     table = Table(title="retrieval: one single-trial query, top-5 cosine")
     for column in ("device", "candidates", "tokens", "p50 ms", "p99 ms", "naive p50 ms", "naive p99 ms", "speed-up"):
         table.add_column(column, justify="right")
     for row in results["retrieval"]:
+        if "skipped" in row:
+            table.add_row(row["device"], str(row["n_candidates"]), "x".join(map(str, row["tokens"])),
+                          row["skipped"], "", "", "", "")
+            continue
         table.add_row(row["device"], str(row["n_candidates"]), "x".join(map(str, row["tokens"])),
                       f"{row['retriever']['p50_ms']:.2f}", f"{row['retriever']['p99_ms']:.2f}",
                       f"{row['naive']['p50_ms']:.2f}", f"{row['naive']['p99_ms']:.2f}", f"{row['speedup_p50']:.1f}x")
@@ -226,6 +273,20 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_reconstruction("sdxl-unclip", UNCLIP_UNET_CONFIG, SD_VAE_CONFIG, 768, (256, 1664),
                                          real_settings, rec_repeats, "cuda", compile_mode=args.compile)
     results["reconstruction"] = rows
+
+    # 4. Presets against the converged solution
+    preset_rows = bench_presets("tiny", *tiny_components(), seeds=2 if args.quick else 5)
+    if not args.quick:
+        preset_rows += bench_presets("medium", *medium_components(), seeds=3)
+    results["presets"] = preset_rows
+    table = Table(title=f"presets: latent distance to the converged solution ({CONVERGED[0]} {CONVERGED[1]} "
+                        "steps, same noise), median over seeds; random weights")
+    for column in ("model", "setting", "solver", "steps", "rel. error", "CPU denoise ms"):
+        table.add_column(column, justify="right")
+    for row in preset_rows:
+        table.add_row(row["model"], row["setting"], row["scheduler"], str(row["steps"]),
+                      f"{row['latent_rel_err_vs_converged_median']:.4f}", f"{row['denoise_p50_ms_cpu']:.0f}")
+    console.print(table)
     table = Table(title="reconstruction: one image, CFG 5 (quality = similarity to 38-step Euler, same noise)")
     for column in ("model", "device", "px", "solver", "steps", "p50 ms", "p99 ms", "denoise ms", "vae ms",
                    "latent err", "PixCorr", "SSIM"):

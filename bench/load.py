@@ -81,9 +81,10 @@ def tiny_layouts() -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], values: dict[str, list[float]], *,
-                     container: str, seed: int = 0) -> Path:
-    """A torch zip checkpoint of random float16 tensors, written without holding them in memory: the tensors are
+                     container: str, seed: int = 0, dtype: str = "float16") -> Path:
+    """A torch zip checkpoint of random ``dtype`` tensors, written without holding them in memory: the tensors are
     generated chunk by chunk into one raw scratch file, then saved from a zero-copy memory map of it."""
+    np_dtype = np.dtype(dtype)
     raw = path.with_suffix(".raw")
     generator = torch.Generator().manual_seed(seed)
     offsets: dict[str, tuple[int, int]] = {}
@@ -92,14 +93,14 @@ def write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], values: dic
         for key, shape in shapes.items():
             n = int(np.prod(shape)) if shape else 1
             if key in values:
-                f.write(np.asarray(values[key], dtype=np.float16).tobytes())
+                f.write(np.asarray(values[key], dtype=np_dtype).tobytes())
             else:
                 for start in range(0, n, CHUNK):
                     count = min(CHUNK, n - start)
-                    f.write((torch.randn(count, generator=generator) * 0.02).half().numpy().tobytes())
+                    f.write((torch.randn(count, generator=generator) * 0.02).numpy().astype(np_dtype).tobytes())
             offsets[key] = (position, n)
             position += n
-    mapped = np.memmap(raw, dtype=np.float16, mode="r")
+    mapped = np.memmap(raw, dtype=np_dtype, mode="r")
     state = {k: torch.from_numpy(np.asarray(mapped[o:o + n])).reshape(shapes[k]) for k, (o, n) in offsets.items()}
     payload = {"state_dict": state} if container == "lightning" else {
         "epoch": 0, "model_state_dict": state, "optimizer_state_dict": {}, "lr_scheduler": {}, "train_losses": [],
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the real-size checkpoints are built (kept for reruns; ~12 GB)")
     parser.add_argument("--only", nargs="+", choices=("light", "full", "unclip"), default=None)
     parser.add_argument("--quick", action="store_true", help="tiny layout only (smoke run)")
+    parser.add_argument("--file-dtype", default="float16", choices=("float16", "float32"),
+                        help="precision of the written checkpoints (published files are probably float16; a float32 "
+                             "file checks that converting while loading stays within the budget)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     console = Console(width=140)
@@ -148,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name, (shapes, values, container) in plan.items():
-        path = args.workdir / (f"{name}.ckpt" if container == "lightning" else f"{name}_last.pth")
+        stem = name if args.file_dtype == "float16" else f"{name}-{args.file_dtype}"
+        path = args.workdir / (f"{stem}.ckpt" if container == "lightning" else f"{stem}_last.pth")
         if not path.exists():
             started = time.perf_counter()
             console.print(f"building {path} ({sum(int(np.prod(s)) for s in shapes.values()) / 1e9:.2f} B numbers)")
-            write_checkpoint(path, shapes, values, container=container)
+            write_checkpoint(path, shapes, values, container=container, dtype=args.file_dtype)
             console.print(f"  built in {time.perf_counter() - started:.0f} s")
         report = measure(path)
-        report.update(name=name, file_bytes=path.stat().st_size)
+        report.update(name=stem, file_bytes=path.stat().st_size, file_dtype=args.file_dtype)
         rows.append(report)
         console.print(f"{name}: peak over baseline {report['peak_over_baseline_bytes'] / 1e9:.2f} GB, "
                       f"fp16 size {report['fp16_bytes'] / 1e9:.2f} GB, ratio {report['peak_over_fp16']:.2f}")

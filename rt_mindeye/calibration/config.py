@@ -41,6 +41,12 @@ class CalibrationConfig:
     embedder: str = setting("phantom", "image embedder: phantom (EfficientNet-Lite0) or openclip (ViT-bigG/14)",
                             choices=("phantom", "openclip"))
     openclip_checkpoint: Path | None = setting(None, "local ViT-bigG/14 weights when embedder is openclip")
+    blurry_vae: Path | None = setting(None, "SD VAE weights (MindEye2's sd_image_var_autoenc.pth) for the full "
+                                            "model's low-level targets (VAE latents); null: the tiny model's 28 px "
+                                            "images")
+    convnext_checkpoint: Path | None = setting(None, "ConvNeXt teacher weights (MindEye2's convnext_xlarge_alpha0.75"
+                                                     "_fullckpt.pth) for the auxiliary low-level targets, with "
+                                                     "blurry_vae")
     holdout_fraction: float = setting(0.15, "calibration trials held out to report retrieval before the live runs",
                                       min=0.0, max=0.5)
     exclude_motion_gated: bool = setting(True, "leave the calibration trials over the motion gate (motion.gate_fd_mm "

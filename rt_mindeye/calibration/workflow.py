@@ -321,13 +321,16 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     """Fine-tune the shared model on the calibration betas; write model/ and candidates.npz; held-out top-1."""
     import torch
 
-    from rt_mindeye.model.data import image_targets, subject_data
+    from rt_mindeye.model.data import LowLevelModels, image_targets, subject_data
     from rt_mindeye.model.train import finetune
 
     embedder = make_embedder(config)
     images = load_images(stimuli)
     say(f"embedding {len(stimuli)} stimulus images ({type(embedder).__name__})")
-    targets = image_targets(images, embedder)
+    low_level = None
+    if config.blurry_vae is not None:  # the full model: VAE-latent and ConvNeXt targets from local weights
+        low_level = LowLevelModels.from_files(config.blurry_vae, config.convnext_checkpoint, seed=config.train.seed)
+    targets = image_targets(images, embedder, low_level=low_level)
     rng = np.random.default_rng(config.train.seed)
     n = betas.shape[0]
     holdout = np.zeros(n, dtype=bool)
