@@ -16,6 +16,9 @@ plus the model config and the trainer's state, all readable with ``weights_only=
 
 In-session budget: :meth:`Trainer.fit` with ``TrainConfig.time_budget_min`` first times a few forward/backward steps
 (without updating the weights) and plans the number of epochs to fit the budget.
+
+Several processes (DDP / FSDP): :class:`rt_mindeye.model.distributed.DistributedTrainer` overrides the seams
+``_forward``, ``_logged``, ``_load_states`` and ``save``; the loss itself is written once, here.
 """
 
 from __future__ import annotations
@@ -183,6 +186,16 @@ def split_global_batch(global_batch: int, n_subjects: int, minimum: int = 4) -> 
     return max(minimum, int(global_batch) // max(1, int(n_subjects)))
 
 
+def training_forward(model: MindEyeModule, subject_voxels: Sequence[torch.Tensor], image_tokens: torch.Tensor,
+                     with_prior: bool):
+    """Ridge head i on ``subject_voxels[i]``, the backbone on the concatenated batch, and the prior's loss against
+    ``image_tokens`` (None without it). Returns (BackboneOutput, prior loss)."""
+    hidden = [model.ridge(voxels, subject) for subject, voxels in enumerate(subject_voxels)]
+    out = model.backbone(torch.cat(hidden, dim=0))
+    prior_loss = model.diffusion_prior(out.tokens, image_tokens)[0] if with_prior else None
+    return out, prior_loss
+
+
 def plan_epochs(budget_s: float, step_s: float, steps_per_epoch: int, max_epochs: int) -> int:
     """Whole epochs that fit ``BUDGET_SAFETY`` of the budget at the measured step time (at least 1)."""
     per_epoch = max(step_s * steps_per_epoch, 1e-9)
@@ -232,8 +245,7 @@ class Trainer:
         result = TrainResult(epochs=epochs, steps_per_epoch=steps_per_epoch, step_seconds=step_s)
         start_epoch, losses, lrs = 0, [], []
         if resume_state is not None:
-            self.model.load_state_dict(resume_state["model_state_dict"])
-            optimizer.load_state_dict(resume_state["optimizer_state_dict"])
+            self._load_states(resume_state, optimizer)
             scheduler.load_state_dict(resume_state["lr_scheduler"])
             torch.set_rng_state(resume_state["torch_rng"])
             if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
@@ -298,7 +310,8 @@ class Trainer:
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            value, parts = self._logged(loss, parts)
+            losses.append(value)
             lrs.append(optimizer.param_groups[0]["lr"])
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"loss became {losses[-1]} at epoch {epoch} step {step}")
@@ -320,19 +333,19 @@ class Trainer:
 
     def _loss(self, batches, device, use_mixco: bool, temp: float, generator: torch.Generator):
         cfg, model = self.config, self.model
-        hidden, perms, betas_all, offset = [], [], [], 0
-        for subject, batch in enumerate(batches):
+        subject_voxels, perms, betas_all, offset = [], [], [], 0
+        for batch in batches:
             voxels = batch["voxels"].to(device, torch.float32)
             if use_mixco:
                 voxels, perm, betas, _ = mixco(voxels, generator, cfg.mixco_beta, cfg.mixco_prob)
                 perms.append(perm + offset)
                 betas_all.append(betas)
-            hidden.append(model.ridge(voxels, subject))
+            subject_voxels.append(voxels)
             offset += voxels.shape[0]
         if use_mixco:
             perm, betas = torch.cat(perms), torch.cat(betas_all)
-        out = model.backbone(torch.cat(hidden, dim=0))
         targets = torch.cat([b["image_tokens"] for b in batches]).to(device, torch.float32)
+        out, prior_loss = self._forward(subject_voxels, targets, model.config.use_prior and cfg.prior_scale > 0)
         loss = torch.zeros((), device=device)
         parts = dict(clip_loss=0.0, prior_loss=0.0, blur_loss=0.0)
 
@@ -344,8 +357,7 @@ class Trainer:
                 clip_loss = soft_clip_loss(preds_n, targets_n, temp)
             loss = loss + cfg.clip_scale * clip_loss
             parts["clip_loss"] = clip_loss.item()
-        if model.config.use_prior and cfg.prior_scale > 0:
-            prior_loss, _ = model.diffusion_prior(out.tokens, targets)
+        if prior_loss is not None:
             loss = loss + cfg.prior_scale * prior_loss
             parts["prior_loss"] = prior_loss.item()
         if model.config.blurry_recon and cfg.blur_scale > 0 and batches[0]["blurry"] is not None:
@@ -370,6 +382,20 @@ class Trainer:
         with torch.no_grad():
             parts["train_top1"] = top1_accuracy(out.clip_voxels, targets)
         return loss, parts
+
+    # -- seams for other placements (rt_mindeye.model.distributed overrides these) --------------------------------
+
+    def _forward(self, subject_voxels: list[torch.Tensor], image_tokens: torch.Tensor, with_prior: bool):
+        """The model's part of a step: returns (backbone outputs of the whole batch, prior loss or None)."""
+        return training_forward(self.model, subject_voxels, image_tokens, with_prior)
+
+    def _logged(self, loss: torch.Tensor, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """The step's loss and parts as logged (a distributed trainer averages them over ranks)."""
+        return loss.item(), parts
+
+    def _load_states(self, resume_state: dict, optimizer: torch.optim.Optimizer) -> None:
+        self.model.load_state_dict(resume_state["model_state_dict"])
+        optimizer.load_state_dict(resume_state["optimizer_state_dict"])
 
     # -- budget ----------------------------------------------------------------------------------------------------
 
@@ -408,7 +434,9 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
     def save(self, path: Path, epoch: int, total_epochs: int, steps_per_epoch: int, optimizer, scheduler,
-             losses, lrs, device) -> Path:
+             losses, lrs, device, model: MindEyeModule | None = None, optimizer_state: dict | None = None) -> Path:
+        """Write the resumable checkpoint; ``model`` / ``optimizer_state`` replace this trainer's own (a sharded
+        trainer passes the gathered full ones)."""
         from rt_mindeye.convert.mindeye2 import save_container
 
         state = {
@@ -418,7 +446,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
-        return save_container(path, self.model, epoch=epoch, optimizer_state=optimizer.state_dict(),
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        return save_container(path, self.model if model is None else model, epoch=epoch, optimizer_state=optimizer_state,
                               lr_scheduler_state=scheduler.state_dict(), train_losses=losses, lrs=lrs,
                               extra={TRAIN_STATE_KEY: state})
 
