@@ -3,7 +3,9 @@
     python calibration/finetune.py runs/pretrain/last.pth --out runs/sub-new --phantom-subject 9 --budget-min 3
     python calibration/finetune.py multisubject_subj01_1024hid_nolow_300ep/last.pth --out runs/s1 --data s1.npz
 
-See docs/model.md.
+    torchrun --nproc-per-node 8 calibration/finetune.py runs/full/last.pth --out runs/s1 --data s1.npz  # FSDP
+
+See docs/model.md and docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
     python calibration/pretrain.py --out runs/pretrain --phantom-subjects 1 2 3 4
     python calibration/pretrain.py --out runs/pretrain --preset light --data s1.npz s2.npz --config train.yaml
 
-See docs/model.md.
+    python calibration/pretrain.py --out runs/pre2 --phantom-subjects 2 3 --nproc 2    # 2 processes (DDP)
+    torchrun --nproc-per-node 8 calibration/pretrain.py --out runs/full --preset full --data s*.npz
+
+See docs/model.md and docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
     rt-mindeye model check CHECKPOINT [--new-subject-voxels N] [--load [--device cuda] [--dtype float16]]
     rt-mindeye pretrain --out DIR [--preset tiny] (--phantom-subjects 1 2 3 | --data a.npz b.npz) [--config X.yaml]
     rt-mindeye finetune CHECKPOINT --out DIR (--phantom-subject 9 | --data new.npz) [--budget-min 3] [--config X.yaml]
+    rt-mindeye pretrain ... --nproc 2                  # 2 processes on this machine (DDP/FSDP, docs/distributed.md)
+    torchrun --nproc-per-node 8 -m rt_mindeye pretrain ...   # or under torchrun, on one node or several
 
 Training writes ``DIR/last.pth`` (MindEyeV2's container layout, resumable with ``--resume``) and ``DIR/train_log.json``.
 Training settings come from the ``train:`` section of ``--config`` (see :class:`~rt_mindeye.model.train.TrainConfig`)
@@ -50,6 +52,9 @@ def register(subparsers) -> None:
     source = pre.add_mutually_exclusive_group(required=True)
     source.add_argument("--phantom-subjects", type=int, nargs="+", help="simulate these phantom subjects")
     source.add_argument("--data", type=cli_path, nargs="+", help="one .npz per subject (voxels, image_tokens, ...)")
+    pre.add_argument("--global-batch", type=int, default=None,
+                     help="trials per step over all subjects, split evenly across them (MindEye2: 42 over 7 "
+                          "subjects); instead of --batch-size, which counts trials per subject")
     pre.set_defaults(func=run_pretrain)
 
     fine = subparsers.add_parser("finetune", help="fit a new subject from a pretrained checkpoint")
@@ -72,6 +77,12 @@ def _common_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-preset", default="small", help="phantom preset for simulated subjects")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="training processes on this machine (one per GPU, or CPU processes with gloo), started "
+                             "by torch's elastic launcher; leave it out under torchrun")
+    parser.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"),
+                        help="with several processes: replicate (DDP) or shard (FSDP) the model; auto = FSDP from "
+                             "1 B parameters (the full model), DDP below")
 
 
 # -- model check -----------------------------------------------------------------------------------------------------
@@ -186,15 +197,79 @@ def _write_log(out: Path, result, extra: dict) -> None:
 
 
 def run_pretrain(args) -> int:
+    return _run_training(args, _pretrain)
+
+
+def run_finetune(args) -> int:
+    return _run_training(args, _finetune)
+
+
+def _run_training(args, body) -> int:
+    """One process; ``--nproc N`` worker processes on this machine; or, under torchrun, this process's rank."""
+    from rt_mindeye.model import distributed
+
+    if args.nproc < 1:
+        raise ConfigError(None, "nproc", f"must be at least 1, got {args.nproc}")
+    if distributed.launched():
+        if args.nproc != 1:
+            raise ConfigError(None, "nproc", "this process was started by torchrun, which already chose the "
+                                             "number of processes; leave --nproc out")
+        return _training_worker(body, args)
+    if args.nproc > 1:
+        return max(distributed.launch_local(_training_worker, (body, args), args.nproc).values())
+    return body(args, None)
+
+
+def _training_worker(body, args) -> int:
+    from rt_mindeye.model import distributed
+
+    world = distributed.init_worker(_train_config(args)[0].device)
+    try:
+        return body(args, world)
+    finally:
+        distributed.close_worker()
+
+
+def _trainer(model, train_cfg, world, args, console):
+    """The single-process trainer, or this rank's share of a distributed one (only rank 0 shows progress)."""
+    from rt_mindeye.model.train import Trainer
+
+    path = args.out / CHECKPOINT_NAME
+    if world is None:
+        return Trainer(model, train_cfg, path, progress=not args.no_progress, log=console.print)
+    from rt_mindeye.model.distributed import DistributedTrainer
+
+    trainer = DistributedTrainer(model, train_cfg, world, path, progress=not args.no_progress, log=console.print,
+                                 strategy=args.strategy)
+    console.print(f"{world.world_size} processes on {world.device.type}, {trainer.strategy.upper()}; "
+                  f"{train_cfg.batch_size // world.world_size} trials per subject per process per step")
+    return trainer
+
+
+def _run_record(world, trainer) -> dict:
+    if world is None:
+        return {"processes": 1}
+    return {"processes": world.world_size, "strategy": trainer.strategy}
+
+
+def _pretrain(args, world) -> int:
+    import torch
     from rich.console import Console
 
     from rt_mindeye.model.config import MindEyeConfig, tiny_fields_for
     from rt_mindeye.model.data import load_npz, phantom_subject_data
     from rt_mindeye.model.mindeye import MindEyeModule
-    from rt_mindeye.model.train import pretrain
+    from rt_mindeye.model.train import split_global_batch
 
-    console = Console()
+    main = world is None or world.is_main
+    console = Console(quiet=not main)
+    if args.global_batch is not None:
+        if args.batch_size is not None:
+            raise ConfigError(None, "global_batch", "give --global-batch or --batch-size, not both")
+        n_subjects = len(args.data or args.phantom_subjects)
+        args.batch_size = split_global_batch(args.global_batch, n_subjects)
     train_cfg, overrides = _train_config(args)
+    # Every rank reads (or simulates, deterministically) the same data.
     if args.data:
         datasets = [load_npz(p) for p in args.data]
     else:
@@ -215,22 +290,26 @@ def run_pretrain(args) -> int:
     config = MindEyeConfig.preset(args.preset, [d.voxels.shape[1] for d in datasets],
                                   subject_names=tuple(d.name for d in datasets), **preset_fields)
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights in every process and every run
     model = MindEyeModule(config)
-    result = pretrain(model, datasets, train_cfg, checkpoint_path=args.out / CHECKPOINT_NAME,
-                      resume_from=(args.out / CHECKPOINT_NAME) if args.resume else None,
-                      progress=not args.no_progress, log=console.print)
-    _write_log(args.out, result, {"model": config.to_dict(), "train": train_cfg.to_dict()})
+    trainer = _trainer(model, train_cfg, world, args, console)
+    result = trainer.fit(datasets, resume_from=(args.out / CHECKPOINT_NAME) if args.resume else None)
+    if main:
+        _write_log(args.out, result, {"model": config.to_dict(), "train": train_cfg.to_dict(),
+                                      **_run_record(world, trainer)})
     console.print(f"pretrained {len(datasets)} subjects for {result.epochs} epochs: {result.checkpoint}")
     return 0
 
 
-def run_finetune(args) -> int:
+def _finetune(args, world) -> int:
+    import torch
     from rich.console import Console
 
+    from rt_mindeye.convert.mindeye2 import load_mindeye2
     from rt_mindeye.model.data import load_npz, phantom_subject_data
-    from rt_mindeye.model.train import finetune
 
-    console = Console()
+    main = world is None or world.is_main
+    console = Console(quiet=not main)
     train_cfg, _ = _train_config(args)
     if args.data:
         data = load_npz(args.data)
@@ -242,11 +321,14 @@ def run_finetune(args) -> int:
         runs = session.calibration_runs
         data, _ = phantom_subject_data(session, runs, targets, name=f"phantom{args.phantom_subject:02d}")
     args.out.mkdir(parents=True, exist_ok=True)
-    model, result = finetune(args.checkpoint, data, train_cfg, checkpoint_path=args.out / CHECKPOINT_NAME,
-                             resume_from=(args.out / CHECKPOINT_NAME) if args.resume else None,
-                             progress=not args.no_progress, log=console.print)
-    _write_log(args.out, result, {"model": model.config.to_dict(), "train": train_cfg.to_dict(),
-                                  "pretrained": str(args.checkpoint)})
+    # The new subject's ridge head is initialised from the training seed: the same in every process.
+    model = load_mindeye2(args.checkpoint, new_subject_voxels=data.voxels.shape[1], new_subject_name=data.name or None,
+                          dtype=torch.float32, seed=train_cfg.seed).model
+    trainer = _trainer(model, train_cfg, world, args, console)
+    result = trainer.fit([data], resume_from=(args.out / CHECKPOINT_NAME) if args.resume else None)
+    if main:
+        _write_log(args.out, result, {"model": model.config.to_dict(), "train": train_cfg.to_dict(),
+                                      "pretrained": str(args.checkpoint), **_run_record(world, trainer)})
     console.print(f"fine-tuned {data.name or 'the new subject'} ({len(data)} trials) for {result.epochs} epochs: "
                   f"{result.checkpoint}")
     return 0

@@ -31,7 +31,7 @@ def micro_config(subject_voxels=(20, 24), blurry=False, **overrides) -> MindEyeC
     return MindEyeConfig(subject_voxels=tuple(subject_voxels), **fields)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # session: module-scoped fixtures (one distributed launch) use it too
 def micro():
     return micro_config
 
@@ -52,6 +52,6 @@ def synthetic_subject(n: int, n_voxels: int, seed: int, config: MindEyeConfig, n
     return SubjectData(voxels, tokens, blurry, aux, name=name)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def subject_data():
     return synthetic_subject
