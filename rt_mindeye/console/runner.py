@@ -20,7 +20,7 @@ from rt_mindeye.console.gallery import Gallery
 from rt_mindeye.console.state import ConsoleState, apply, apply_event, tick
 from rt_mindeye.console.views import make_layout, update_layout
 from rt_mindeye.transport import protocol
-from rt_mindeye.transport.messages import DecodeResult, DesignNotice, Heartbeat, VolumeStatus
+from rt_mindeye.transport.messages import DecodeResult, DesignNotice, Feedback, Heartbeat, VolumeStatus
 from rt_mindeye.transport.pubsub import Delivery, SnapshotSubscriber, Source
 
 __all__ = ["OperatorConsole", "Console", "fold"]
@@ -127,8 +127,9 @@ class OperatorConsole:
     def _log(self, delivery: Delivery) -> None:
         """Headless mode: one log line per event worth an operator's attention."""
         if delivery.event is not None:
-            level = logging.INFO if delivery.event.alive else logging.WARNING
-            log.log(level, "%s is %s", delivery.source, "alive" if delivery.event.alive else "DEAD")
+            peer = next((p for p in self.state.peers if p.name == delivery.source), None)
+            status = "alive" if delivery.event.alive else "stopped" if peer is not None and peer.stopped else "DEAD"
+            log.log(logging.WARNING if status == "DEAD" else logging.INFO, "%s is %s", delivery.source, status)
             return
         msg = delivery.message
         if isinstance(msg, Heartbeat):
@@ -145,6 +146,9 @@ class OperatorConsole:
             level = logging.INFO if msg.kind in ("clock", "refit") else logging.WARNING
             log.log(level, "run %d%s plan vs shown: %s: %s", msg.run,
                     f" trial {msg.trial}" if msg.trial >= 0 else "", msg.kind, msg.detail)
+        elif isinstance(msg, Feedback):
+            log.info("run %d trial %d feedback %s (%s) %.0f ms after acquisition", msg.run, msg.trial, msg.status,
+                     ", ".join(msg.topk_labels[:1]) or msg.text or "-", (msg.created_at - msg.acquisition_time) * 1e3)
         else:
             log.info("%s: %s", delivery.source, type(msg).__name__)
 

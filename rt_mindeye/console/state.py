@@ -16,9 +16,10 @@ from typing import Iterable
 import numpy as np
 
 from rt_mindeye.console.config import FIRMM_THRESHOLDS_MM
+from rt_mindeye.transport import protocol
 from rt_mindeye.transport.channel import PeerEvent
 from rt_mindeye.transport.messages import (
-    DecodeResult, DesignNotice, Heartbeat, Message, RunTrigger, StimulusEvent, TrialBetas, VolumeStatus,
+    DecodeResult, DesignNotice, Feedback, Heartbeat, Message, RunTrigger, StimulusEvent, TrialBetas, VolumeStatus,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ LATENCY_STAGES = {
     "decoder": "trial estimate received by the decoder",
     "retrieval": "top-k retrieval done",
     "reconstruction": "reconstruction done",
+    "feedback": "feedback sent to the stimulus computer",
     "console": "result shown on the console",
 }
 
@@ -64,6 +66,12 @@ class TrialRow:
     design: str = ""  # what the live events said about this trial against the plan ("not shown", "+0.8 s", ...)
     fd_max_mm: float | None = None  # largest framewise displacement over the trial's window (latest estimate)
     motion_gated: bool = False  # over the motion gate (motion.gate_fd_mm)
+    averaged_topk: tuple[Retrieved, ...] = ()
+    """Top-k of the image's repeat average (decoder.average_repeats), over ``n_repeats`` trials."""
+    n_repeats: int = 0
+    feedback: str = ""
+    """What the stimulus computer was sent: '' (nothing yet), 'on_time', 'late' or 'late notice'."""
+    feedback_latency_s: float | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -78,6 +86,15 @@ class PeerStatus:
     last_seen: float = 0.0
     instance: str = ""
     detail: str = ""
+
+    @property
+    def stopped(self) -> bool:
+        """Silent after saying it stops (a normal end), as opposed to dead (it went silent without a word)."""
+        return not self.alive and self.state in protocol.STOPPED_STATES
+
+    @property
+    def status(self) -> str:
+        return "ALIVE" if self.alive else "stopped" if self.stopped else "DEAD"
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,8 @@ class ConsoleState:
     clock_offset_s: float | None = None  # the current run's trigger arrival minus its first volume's acquisition
     design_counts: tuple[tuple[str, int], ...] = ()  # disagreements between plan and live events, by kind
     design_notices: tuple[str, ...] = ()  # the most recent ones, newest last
+    feedback_sent: int = 0
+    feedback_late: int = 0
     updated_at: float = 0.0
     fd_window: int = 120
     latency_window: int = 200
@@ -189,7 +208,19 @@ def apply(state: ConsoleState, msg: Message, now: float, *, source: str | None =
         return dataclasses.replace(state, last_stimulus=f"trigger run {msg.run}")
     if isinstance(msg, DesignNotice):
         return _apply_design(state, msg)
+    if isinstance(msg, Feedback):
+        return _apply_feedback(state, msg)
     return state
+
+
+def _apply_feedback(state: ConsoleState, msg: Feedback) -> ConsoleState:
+    row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
+    late = msg.status == protocol.FEEDBACK_LATE
+    label = "late notice" if late and not msg.topk_labels else msg.status
+    latency = msg.created_at - msg.acquisition_time
+    state = _put_trial(state, dataclasses.replace(row, feedback=label, feedback_latency_s=latency))
+    return dataclasses.replace(state, feedback_sent=state.feedback_sent + 1, feedback_late=state.feedback_late + late,
+                               latencies=_push(state.latencies, "feedback", latency, state.latency_window))
 
 
 #: How a design notice marks its trial's row.
@@ -258,6 +289,12 @@ def _apply_result(state: ConsoleState, msg: DecodeResult, now: float, thumbnail_
     row = state.trial(msg.run, msg.trial) or TrialRow(msg.run, msg.trial)
     topk = tuple(Retrieved(int(i), float(s), str(label), msg.topk_images[n] if msg.topk_images else "")
                  for n, (i, s, label) in enumerate(zip(msg.topk_ids, msg.topk_scores, msg.topk_labels)))
+    if msg.averaged:
+        # Shown beside the trial's own result, never instead of it; its timing is not the trial's latency.
+        if msg.estimate_version < row.estimate_version and row.averaged_topk:
+            return state
+        return _put_trial(state, dataclasses.replace(row, averaged_topk=topk, n_repeats=msg.n_repeats,
+                                                     stim_file=msg.stim_file or row.stim_file))
     acq = msg.acquisition_time
     # A result for an older estimate than the row shows (a reconstruction finishing late, a decoder catching up)
     # adds its images but does not take the row back to that estimate's kind and top-k.

@@ -29,7 +29,7 @@ _FD_STYLES = ("green", "yellow", "dark_orange", "bold red")
 def make_layout() -> Layout:
     """The screen's regions, declared once."""
     layout = Layout(name="root")
-    layout.split(Layout(name="header", size=3), Layout(name="body", ratio=1), Layout(name="footer", size=8))
+    layout.split(Layout(name="header", size=3), Layout(name="body", ratio=1), Layout(name="footer", size=9))
     layout["body"].split_row(Layout(name="left", ratio=2), Layout(name="trials", ratio=3))
     layout["left"].split(Layout(name="motion", size=9), Layout(name="latency", ratio=1))
     layout["footer"].split_row(Layout(name="peers", ratio=3), Layout(name="policy", ratio=2))
@@ -140,7 +140,9 @@ def trials_view(state: ConsoleState, shown: int = 10) -> Panel:
     table.add_column("type")
     table.add_column("estimate")
     table.add_column("top-5 retrieval (score)")
+    table.add_column("repeats averaged")
     table.add_column("recon")
+    table.add_column("feedback")
     table.add_column("latency", justify="right")
     table.add_column("flags")
     for row in state.trials[-shown:][::-1]:
@@ -149,9 +151,14 @@ def trials_view(state: ConsoleState, shown: int = 10) -> Panel:
                  else Text("✓", style="green") if row.reconstruction_path
                  else Text(row.policy_decision or "-", style="yellow" if row.policy_decision == "queued" else "dim"))
         latency = row.reconstruction_latency_s if row.reconstruction_latency_s is not None else row.retrieval_latency_s
+        feedback = (Text(f"{row.feedback} {_seconds(row.feedback_latency_s)}",
+                         style="green" if row.feedback == "on_time" else "bold yellow") if row.feedback
+                    else Text("-", style="dim"))
+        averaged = (f"{row.averaged_topk[0].label or row.averaged_topk[0].id} ({row.averaged_topk[0].score:.2f}) "
+                    f"x{row.n_repeats}" if row.averaged_topk else "-")
         table.add_row(f"{row.run}/{row.trial}", row.trial_type or "-",
                       f"{row.estimate_kind} v{row.estimate_version}" if row.estimate_kind else "-",
-                      top, recon, _seconds(latency), trial_flags(row))
+                      top, averaged, recon, feedback, _seconds(latency), trial_flags(row))
     return Panel(table, title=f"trials ({len(state.trials)})", border_style="green")
 
 
@@ -185,7 +192,8 @@ def peers_view(state: ConsoleState, now: float) -> Panel:
         table.add_row(Text("no service heard yet", style="dim"))
     for peer in state.peers:
         age = now - peer.last_seen if peer.last_seen else math.nan
-        status = Text("ALIVE", style="bold green") if peer.alive else Text("DEAD", style="bold white on red")
+        status = (Text("ALIVE", style="bold green") if peer.alive else Text("stopped", style="bold") if peer.stopped
+                  else Text("DEAD", style="bold white on red"))
         table.add_row(Text(peer.name, style="bold"), status, Text(peer.state or "-"),
                       Text(f"seen {age:.1f} s ago" if math.isfinite(age) else "never", style="dim"),
                       Text(peer.detail, style="dim"))
@@ -201,6 +209,9 @@ def policy_view(state: ConsoleState) -> Panel:
                                                  "bold"),
                          ("   skipped ", "dim"), (str(state.recon_skipped), "bold"),
                          ("\nstimulus events ", "dim"), (str(state.stimulus_events), "bold"),
-                         ("  ", ""), (state.last_stimulus, "dim"))
+                         ("  ", ""), (state.last_stimulus, "dim"),
+                         ("\nfeedback sent ", "dim"), (str(state.feedback_sent), "bold"),
+                         ("   late ", "dim"), (str(state.feedback_late),
+                                              "bold yellow" if state.feedback_late else "bold"))
     text.append(design_text(state))
     return Panel(text, title="decoder and stimulus", border_style="yellow")

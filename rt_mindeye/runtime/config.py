@@ -42,6 +42,36 @@ class SessionSection:
                                  min=0.0)
 
 
+FEEDBACK_ESTIMATES = ("first", "early", "refined", "final")
+FEEDBACK_IMAGES = ("none", "blurry", "reconstruction")
+FEEDBACK_LATE = ("show", "placeholder", "skip")
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """What the decoder sends back to the stimulus computer for each trial (the closed loop, docs/operator-guide.md)."""
+
+    enabled: bool = setting(True, "send each trial's result to the stimulus computer "
+                                  "(transport.port_feedback; journalled in decoder/feedback.journal)")
+    estimate: str = setting("first", "which estimate of a trial is fed back: 'first' (whichever comes first), or "
+                                     "the first of that kind ('early', 'refined'; a trial that never gets one is fed "
+                                     "back from its 'final' estimate)", choices=FEEDBACK_ESTIMATES)
+    averaged: bool = setting(False, "feed back the repeat-averaged result when the trial's image was seen before "
+                                    "(needs decoder.average_repeats)")
+    image: str = setting("blurry", "the image sent: 'none', 'blurry' (the retrieval result's low-level image, "
+                                   "fast) or 'reconstruction' (wait for the unCLIP reconstruction; needs "
+                                   "decoder.unclip_checkpoint, else 'blurry')", choices=FEEDBACK_IMAGES)
+    image_bytes: bool = setting(True, "also send the image's PNG bytes (a stimulus computer cannot read the "
+                                      "decoder host's path)")
+    top_k: int = setting(5, "retrieved images sent, best first", min=1, max=100)
+    deadline_s: float = setting(1.0, "a result ready later than this after the acquisition of the estimate's last "
+                                     "volume is late", min=0.0)
+    late: str = setting("show", "what a late result becomes: 'show' (sent, marked late), 'placeholder' (a late "
+                                "notice without the result: the stimulus computer shows late_text) or 'skip' "
+                                "(nothing sent; recorded in decoder/feedback.jsonl)", choices=FEEDBACK_LATE)
+    late_text: str = setting("no result in time", "text of a late notice (late: placeholder)")
+
+
 @dataclass(frozen=True)
 class EventsSection:
     live: str = setting("auto", "'auto': the scanner host listens for the stimulus computer (transport.port_stimulus) "
@@ -70,6 +100,10 @@ class DecoderSection:
     idle_timeout_s: float = setting(0.0, "stop after this long without a trial once the scanner host has said "
                                          "the session ended (0: never); waiting reconstructions are done first",
                                     min=0.0)
+    average_repeats: bool = setting(False, "also decode each repeated image's average over its trials so far in the "
+                                           "session (as real-time MindEye does); results marked averaged")
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig,
+                                     metadata={"doc": "closed loop: results back to the stimulus computer"})
 
 
 @dataclass(frozen=True)

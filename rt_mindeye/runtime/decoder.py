@@ -289,7 +289,8 @@ class TrialDecoder:
     """
 
     def __init__(self, decoder: Decoder, *, session: str, recon_dir: Path | None, policy: str = "newest",
-                 max_pending: int = 2, stimuli_dir: Path | None = None, reconstruction: Decoder | None = None):
+                 max_pending: int = 2, stimuli_dir: Path | None = None, reconstruction: Decoder | None = None,
+                 averager: "RepeatAverager | None" = None):
         self.decoder = decoder
         self.session = session
         self.recon_dir = recon_dir
@@ -297,6 +298,7 @@ class TrialDecoder:
         self.policy = policy
         self.stimuli_dir = stimuli_dir
         self.reconstruction = reconstruction
+        self.averager = averager
         self._waiting: dict[tuple[int, int], _Waiting] = {}
         self._work = threading.Condition()
         self._reconstructing = 0
@@ -338,6 +340,37 @@ class TrialDecoder:
         if not self.reconstructs:
             return Retrieval(message)
         return self._offer(msg, message)
+
+    def average(self, msg: TrialBetas, received_at: float) -> DecodeResult | None:
+        """The repeat-averaged result of ``msg``'s image (None without an averager, or at its first showing).
+
+        Called after :meth:`retrieve` (the single-trial result goes out first): the average of the newest estimates
+        of every trial that showed this image so far in the session, this one included, decoded like one trial.
+        """
+        if self.averager is None:
+            return None
+        repeats = self.averager.add(msg)
+        if repeats is None:
+            return None
+        betas, trials = repeats
+        started = time.time()
+        result = self.decoder.decode(betas)
+        done = time.time()
+        labels = tuple(result.topk_ids[0])
+        image_path, thumb = None, None
+        if result.blurry is not None and self.recon_dir is not None:
+            image_path, thumb = self._save_png(msg, result.blurry[0], f"avg{len(trials)}_blurry")
+        return DecodeResult(
+            session=self.session, run=msg.run, trial=msg.trial, trial_type=msg.trial_type,
+            estimate_kind=msg.estimate_kind, estimate_version=msg.estimate_version, stim_file=msg.stim_file,
+            topk_ids=tuple(int(i) for i in result.topk_indices[0]), topk_scores=tuple(float(s) for s in
+                                                                                      result.scores[0]),
+            topk_labels=labels, topk_images=tuple(str(self.stimuli_dir / n) for n in labels) if self.stimuli_dir
+            else (), reconstruction_path=image_path, thumbnail_png=thumb, acquisition_time=msg.acquisition_time,
+            received_at=received_at, retrieval_done_at=done,
+            stage_ms={"averaged_total_ms": (done - started) * 1e3}, policy=self.policy,
+            policy_decision=RETRIEVAL_ONLY, backlog=self.queue.backlog, averaged=True, n_repeats=len(trials),
+            repeat_trials=trials)
 
     def _offer(self, msg: TrialBetas, message: DecodeResult) -> Retrieval:
         key = (msg.run, msg.trial)
@@ -434,6 +467,69 @@ class TrialDecoder:
         buffer = io.BytesIO()
         picture.resize((THUMBNAIL_PX, THUMBNAIL_PX)).save(buffer, format="PNG")
         return str(path), np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()
+
+
+# --- repeat averaging ------------------------------------------------------------------------------------------------
+
+
+class RepeatAverager:
+    """Each image's average over its trials' newest estimates so far in the session (decoder.average_repeats).
+
+    Real-time MindEye averages a repeated image's betas across its showings so far; the average is less noisy than any
+    single trial, so it decodes better as the session goes on. Trials are grouped by image (the estimate's
+    ``stim_file``) and by the bundle that made the betas (``bundle_id``: two bundles' voxels are not comparable);
+    each trial counts once, with its newest estimate. With ``journal_path`` every estimate is kept in an append-only
+    journal (the :mod:`~rt_mindeye.transport.journal` format), so a restarted decoder averages over the whole
+    session, not only what it saw since the restart.
+    """
+
+    def __init__(self, journal_path: Path | None = None):
+        from rt_mindeye.transport.journal import Journal, read_journal
+
+        self._groups: dict[tuple[str, str], dict[tuple[int, int], TrialBetas]] = {}
+        self._journal = None
+        if journal_path is not None:
+            if Path(journal_path).exists():
+                for msg in read_journal(journal_path):
+                    if isinstance(msg, TrialBetas):
+                        self._keep(msg)
+            # Nothing here is ever sent: the acknowledged watermark follows the end, so no copy stays in memory.
+            self._journal = Journal(journal_path, fsync=False)
+
+    @staticmethod
+    def image_of(msg: TrialBetas) -> str | None:
+        return Path(msg.stim_file).name if msg.stim_file else None
+
+    def _keep(self, msg: TrialBetas) -> dict[tuple[int, int], TrialBetas] | None:
+        image = self.image_of(msg)
+        if image is None:
+            return None
+        group = self._groups.setdefault((image, msg.bundle_id), {})
+        earlier = group.get((msg.run, msg.trial))
+        if earlier is None or msg.estimate_version >= earlier.estimate_version:
+            group[(msg.run, msg.trial)] = msg
+        return group
+
+    def add(self, msg: TrialBetas) -> tuple[np.ndarray, tuple[tuple[int, int], ...]] | None:
+        """Record ``msg``; the mean betas and the (run, trial) of its image's trials, or None below two trials."""
+        group = self._keep(msg)
+        if group is None:
+            return None
+        if self._journal is not None:
+            from rt_mindeye.transport.messages import encode
+
+            seq = self._journal.next_seq()
+            self._journal.append(seq, encode(msg.with_seq(seq)))
+            self._journal.mark_acked(seq)
+        if len(group) < 2:
+            return None
+        trials = tuple(sorted(group))
+        mean = np.mean(np.stack([np.asarray(group[key].betas, dtype=np.float32) for key in trials]), axis=0)
+        return mean.astype(np.float32), trials
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
 
 
 # --- the worker -------------------------------------------------------------------------------------------------------

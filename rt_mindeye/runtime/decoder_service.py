@@ -41,8 +41,8 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     once their retrieval result is recorded (reconstructions are not waited for: after a restart, pending ones are
     not redone).
     """
-    from rt_mindeye.runtime.decoder import (ReconstructionWorker, TrialDecoder, build_decoder, load_reconstructor,
-                                            reconstruction_decoder, warm_up_reconstructor)
+    from rt_mindeye.runtime.decoder import (ReconstructionWorker, RepeatAverager, TrialDecoder, build_decoder,
+                                            load_reconstructor, reconstruction_decoder, warm_up_reconstructor)
     from rt_mindeye.transport.channel import ReliableReceiver
     from rt_mindeye.transport.config import client_security, server_security
     from rt_mindeye.transport.pubsub import SnapshotPublisher
@@ -66,9 +66,10 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     elif d.unclip_checkpoint is not None:
         log.info("decoder.decode.reconstruct is off: %s is not loaded", d.unclip_checkpoint)
     t = config.transport
+    averager = RepeatAverager(layout.repeats_journal) if d.average_repeats else None
     trial_decoder = TrialDecoder(decoder, session=s.id, recon_dir=layout.recon_dir, policy=t.recon_policy,
                                  max_pending=t.recon_max_pending, stimuli_dir=s.stimuli_dir,
-                                 reconstruction=reconstruction)
+                                 reconstruction=reconstruction, averager=averager)
     receiver = ReliableReceiver(t.connect_endpoint("trials"), session=s.id, service="decoder",
                                 client_security=client_security(t, "decoder", "scanner"),
                                 state_path=layout.decoder_dir / "receiver.state", auto_ack=False,
@@ -78,12 +79,19 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                                   heartbeat_interval_s=t.heartbeat_interval_s)
     results = ResultsLog(layout.decoder_results)
     counts = {"decoded": 0, "superseded": 0, "reconstructed": 0, "recon_skipped": 0, "recon_superseded": 0,
-              "recon_failed": 0}
+              "recon_failed": 0, "averaged": 0, "feedback_sent": 0, "feedback_not_sent": 0}
 
     counts_lock = threading.Lock()
+    feedback = _Feedback.start(config, layout, publisher, counts, counts_lock, trial_decoder.reconstructs)
+    feedback_averaged = d.feedback.averaged and averager is not None
+    if d.feedback.averaged and averager is None:
+        log.warning("decoder.feedback.averaged needs decoder.average_repeats: single-trial results are fed back")
 
     def deliver(outcome) -> None:
         """Record and publish what became of one estimate's reconstruction (worker and main thread)."""
+        m = outcome.estimate
+        feedback.offer(lambda policy: policy.on_reconstruction(m.run, m.trial, m.estimate_kind, outcome.decision,
+                                                               outcome.message, outcome.reason))
         results.write(_outcome_record(outcome), flush=True)
         if outcome.message is not None:
             publisher.publish(outcome.message)
@@ -123,11 +131,21 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                     counts["superseded"] += 1
             for m in sorted(newest.values(), key=lambda m: m.seq):
                 retrieval = trial_decoder.retrieve(m, now)
+                if not feedback_averaged:  # otherwise it waits for the average below
+                    feedback.offer(lambda policy: policy.on_retrieval(retrieval.result))
                 for outcome in retrieval.outcomes:  # earlier estimates the policy dropped or this one replaced
                     deliver(outcome)
                 results.write(_result_record(m, retrieval.result))
                 publisher.publish(retrieval.result)
                 counts["decoded"] += 1
+                if averager is not None:
+                    averaged = trial_decoder.average(m, now)
+                    if feedback_averaged:
+                        feedback.offer(lambda policy: policy.on_retrieval(retrieval.result, averaged))
+                    if averaged is not None:
+                        results.write(_averaged_record(m, averaged))
+                        publisher.publish(averaged)
+                        counts["averaged"] += 1
             results.flush()  # recorded before it is acknowledged
             receiver.ack(max(m.seq for m in batch))
     finally:
@@ -137,10 +155,76 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                             d.recon_stop_timeout_s)
             for outcome in trial_decoder.drop_waiting("the decoder stopped"):
                 deliver(outcome)
+        feedback.close()
+        if averager is not None:
+            averager.close()
         results.close()
         receiver.close()
         publisher.close()
     return counts
+
+
+class _Feedback:
+    """The decoder's side of the closed loop: the feedback policy, the reliable stream to the stimulus computer and
+    ``feedback.jsonl``; with ``decoder.feedback.enabled`` off, offers are ignored."""
+
+    def __init__(self, policy, server, log_file: "ResultsLog | None", publisher, counts: dict,
+                 counts_lock: threading.Lock):
+        self.policy, self.server, self.log_file = policy, server, log_file
+        self.publisher, self.counts, self.counts_lock = publisher, counts, counts_lock
+
+    @classmethod
+    def start(cls, config: SessionConfig, layout: SessionLayout, publisher, counts: dict,
+              counts_lock: threading.Lock, reconstructs: bool) -> "_Feedback":
+        from rt_mindeye.runtime.feedback import FeedbackPolicy
+        from rt_mindeye.transport.config import server_security
+        from rt_mindeye.transport.feedback import FeedbackServer
+
+        f, t = config.decoder.feedback, config.transport
+        if not f.enabled:
+            return cls(None, None, None, publisher, counts, counts_lock)
+        server = FeedbackServer(t.bind_endpoint("feedback"), layout.feedback_journal, session=config.session.id,
+                                server_security=server_security(t, "decoder"), fsync=t.journal_fsync,
+                                heartbeat_interval_s=t.heartbeat_interval_s, heartbeat_liveness=t.heartbeat_liveness)
+        decided = set(server.sent) | {(r["run"], r["trial"]) for r in layout.read_jsonl(layout.feedback_jsonl)}
+        policy = FeedbackPolicy(f, session=config.session.id, reconstructs=reconstructs, decided=decided)
+        log.info("feedback to the stimulus computer on %s: %s estimate, image %s, deadline %.2f s, late: %s",
+                 server.endpoint, f.estimate, policy.image, f.deadline_s, f.late)
+        return cls(policy, server, ResultsLog(layout.feedback_jsonl), publisher, counts, counts_lock)
+
+    def offer(self, decide) -> None:
+        """``decide(policy)`` -> FeedbackDecision or None; a decision is sent first, then recorded."""
+        if self.policy is None:
+            return
+        decision = decide(self.policy)
+        if decision is None:
+            return
+        self._apply(decision)
+
+    def _apply(self, decision) -> None:
+        from dataclasses import replace
+
+        record = {**decision.record, "at": time.time()}
+        if decision.message is not None:
+            sent = self.server.send(decision.message)
+            if sent is None:
+                return  # sent before a decoder restart: already recorded
+            record["seq"] = sent.seq
+            # The console is told what the participant was shown, without the image bytes it already has.
+            self.publisher.publish(replace(sent, image_png=None))
+        self.log_file.write(record, flush=True)
+        with self.counts_lock:
+            self.counts["feedback_sent" if decision.message is not None else "feedback_not_sent"] += 1
+
+    def close(self, ack_wait_s: float = 1.0) -> None:
+        if self.policy is None:
+            return
+        for decision in self.policy.drop_waiting("the decoder stopped"):
+            self._apply(decision)
+        if self.server.peer_alive and not self.server.wait_acked(ack_wait_s):
+            log.info("stopping with unacknowledged feedback: it stays in the journal and is re-sent after a restart")
+        self.server.close()
+        self.log_file.close()
 
 
 class ResultsLog:
@@ -179,6 +263,15 @@ def _result_record(msg: TrialBetas, result) -> dict:
             "retrieval_done_at": result.retrieval_done_at, "stage_ms": result.stage_ms,
             "policy_decision": result.policy_decision,
             "fd_max_mm": None if math.isnan(msg.fd_max_mm) else msg.fd_max_mm, "motion_gated": msg.motion_gated}
+
+
+def _averaged_record(msg: TrialBetas, result) -> dict:
+    """A repeat-averaged result: ``event`` tells it apart from the single-trial records (one per estimate)."""
+    return {"event": "averaged", "seq": msg.seq, "run": result.run, "trial": result.trial,
+            "kind": result.estimate_kind, "version": result.estimate_version, "stim_file": result.stim_file,
+            "n_repeats": result.n_repeats, "repeat_trials": [list(k) for k in result.repeat_trials],
+            "topk": list(result.topk_labels), "scores": list(result.topk_scores), "recon": result.reconstruction_path,
+            "acquisition_time": result.acquisition_time, "retrieval_done_at": result.retrieval_done_at}
 
 
 def _outcome_record(outcome) -> dict:

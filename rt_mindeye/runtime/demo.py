@@ -107,6 +107,7 @@ def run_demo(options: DemoOptions) -> dict:
     with step("summary"):
         summary = summarise(out / "session", session, live_runs, phantom_dir, calibration=result, live=live,
                             step_seconds=step.times)
+        add_feedback_summary(summary, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         grid = make_grid(out / "session", phantom_dir, out / "grid.png")
         if grid:
@@ -236,6 +237,7 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
              if config.watcher.parse_name(p.name) and config.watcher.parse_name(p.name)[0] in live_series]
     emulator = ScannerEmulator(files, export, tr=session.tr, speed=options.speed, seed=options.seed,
                                restamp_acquisition=True)
+    stimulus_pc = _stimulus_computer(config, phantom_dir, session, live_runs, options)
     stop_console = threading.Event()
     console_state = {}
 
@@ -249,7 +251,7 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
         # The scanner starts sending when the services are up, as an operator starts the run after preflight.
         _wait_for_log(out / "session" / "logs" / "scanner.log", "scanner host watching", scanner, 120)
         _wait_for_log(out / "session" / "logs" / "decoder.log", "decoder ready", decoder, 120)
-        emulator.run()
+        emulator.run(on_progress=stimulus_pc.on_volume)
         deadline = time.time() + 120 + 3 * len(files) * session.tr / options.speed
         while scanner.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -257,12 +259,83 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
             raise SessionError(out / "session", "the scanner host did not finish the live runs in time (see "
                                                 "session/logs/scanner.log)")
         _wait_decoder_drained(out / "session", decoder, timeout_s=60)
+        stimulus_pc.wait_feedback(set(stimulus_pc.expected_trials()), timeout_s=10)
     finally:
+        _close_stimulus_computer(stimulus_pc, out)
         terminate((scanner, decoder))
         stop_console.set()
         viewer.join(timeout=10)
     return {"seconds": time.time() - t0, "scanner_rc": scanner.returncode, "decoder_rc": decoder.returncode,
             "volumes_sent": len(emulator.sent)}
+
+
+# --- the stimulus computer (closed loop) ------------------------------------------------------------------------------
+
+STIMULUS_PC_RECORD = "stimulus_pc.jsonl"
+
+
+def _stimulus_computer(config, phantom_dir: Path, session, live_runs: list[int], options: DemoOptions):
+    """The demo's stimulus computer: reports each live trial through the stimulus API as it is shown and receives
+    the decoder's feedback (what a PsychoPy experiment does with StimulusClient)."""
+    from rt_mindeye.runtime.stimulus_player import StimulusPlayer
+
+    t = config.transport
+    first = config.session.first_live_run
+    runs = {session.runs[r].series_number: first + i for i, r in enumerate(live_runs)}
+    feedback = t.connect_endpoint("feedback") if config.decoder.feedback.enabled else None
+    return StimulusPlayer(t.connect_endpoint("stimulus"), feedback, session=config.session.id,
+                          events_dir=phantom_dir / "events", runs=runs, tr=session.tr, speed=options.speed,
+                          heartbeat_interval_s=t.heartbeat_interval_s)
+
+
+def _close_stimulus_computer(player, out: Path) -> None:
+    """Stop the stimulus computer and write what it received (``stimulus_pc.jsonl``, one line per feedback)."""
+    player.close(timeout_s=1.0)
+    expected = player.expected_trials()
+    with (out / STIMULUS_PC_RECORD).open("w") as f:
+        f.write(json.dumps({"expected_trials": expected, "events_sent": len(player.sent)}) + "\n")
+        for item in player.feedback:
+            f.write(json.dumps({"seq": item.seq, "run": item.run, "trial": item.trial, "status": item.status,
+                                "kind": item.estimate_kind, "averaged": item.averaged, "top1": (item.topk_labels or
+                                                                                              [None])[0],
+                                "score": item.score, "acquisition_time": item.acquisition_time,
+                                "received_at": item.received_at, "latency_s": item.latency_s}) + "\n")
+
+
+def add_feedback_summary(summary: dict, out: Path) -> dict:
+    """``latency_s.feedback`` (acquisition of a trial's last needed volume -> the stimulus computer received its
+    feedback) and ``feedback``: per-trial accounting, with the recorded reason for every trial without feedback."""
+    from rt_mindeye.runtime.layout import SessionLayout
+
+    path = out / STIMULUS_PC_RECORD
+    if not path.exists():
+        return summary
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    head, received = lines[0], lines[1:]
+    summary.setdefault("latency_s", {})["feedback"] = percentiles(r["latency_s"] for r in received)
+    layout = SessionLayout(out / "session")
+    decided = {(r["run"], r["trial"]): r for r in layout.read_jsonl(layout.feedback_jsonl)}
+    decoded = {(r["run"], r["trial"]) for r in layout.read_decoder_results() if "event" not in r}
+    got = {(r["run"], r["trial"]) for r in received}
+    missing = []
+    for run, trial in (tuple(k) for k in head["expected_trials"]):
+        if (run, trial) in got:
+            continue
+        record = decided.get((run, trial))
+        if record is not None and not record.get("sent", True):
+            reason = record.get("reason", "not sent")
+        elif record is not None:
+            reason = f"sent (seq {record.get('seq')}) but not received by the stimulus computer"
+        elif (run, trial) in decoded:
+            reason = "decoded, but no estimate of the kind decoder.feedback.estimate asks for"
+        else:
+            reason = "no estimate of this trial reached the decoder"
+        missing.append({"run": run, "trial": trial, "reason": reason})
+    summary["feedback"] = {
+        "trials": len(head["expected_trials"]), "received": len(got), "duplicates": len(received) - len(got),
+        "on_time": sum(r["status"] == "on_time" for r in received), "late": sum(r["status"] == "late" for r in received),
+        "events_sent": head["events_sent"], "missing": missing}
+    return summary
 
 
 def _live_view(options: DemoOptions) -> bool:
@@ -394,6 +467,10 @@ def print_summary(summary: dict, console) -> None:
     for name, stats in summary["latency_s"].items():
         if stats["n"]:
             table.add_row(f"latency {name} (s) p50 / p99", f"{stats['p50']:.3f} / {stats['p99']:.3f}")
+    if "feedback" in summary:
+        fb = summary["feedback"]
+        table.add_row("feedback received by the stimulus computer / trials",
+                      f"{fb['received']} / {fb['trials']} ({fb['late']} late, {fb['duplicates']} duplicates)")
     for name, stats in summary["latency_ms"].items():
         if stats["n"]:
             table.add_row(f"{name} p50 / p99", f"{stats['p50']:.1f} / {stats['p99']:.1f}")

@@ -12,7 +12,8 @@
         motion/run-XX_motion.tsv            6 rigid parameters + FD per volume, gaps marked
         events/run-XX_design.json           plan against the stimulus computer's reports, clock offset, notices
         betas/                              the trial-estimate journal (every estimate version, bit-exact)
-        decoder/                            decoder journal: results per trial estimate
+        decoder/                            results.jsonl: results per trial estimate; feedback.journal and
+                                            feedback.jsonl: what went back to the stimulus computer
         recon/run-XX_trial-YYY.png          reconstructions (and blurry images)
         gallery/index.html                  browsable gallery that updates as trials arrive
         timings.jsonl                       per-stage timings of every volume and trial
@@ -87,10 +88,30 @@ class SessionLayout:
     def read_decoder_results(self) -> list[dict[str, Any]]:
         """Every record the decoder wrote so far (retrieval per estimate, superseded estimates, reconstruction
         events), in order; a line still being written is left for the next read."""
-        if not self.decoder_results.exists():
+        return self.read_jsonl(self.decoder_results)
+
+    @property
+    def repeats_journal(self) -> Path:
+        """Every estimate of a trial with a known image, for the repeat averages (decoder.average_repeats)."""
+        return self.decoder_dir / "repeats.journal"
+
+    @property
+    def feedback_journal(self) -> Path:
+        """Every Feedback sent to the stimulus computer, bit-exact (the reliable channel's outbox)."""
+        return self.decoder_dir / "feedback.journal"
+
+    @property
+    def feedback_jsonl(self) -> Path:
+        """One record per trial: what its feedback was, or why none was sent."""
+        return self.decoder_dir / "feedback.jsonl"
+
+    def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
+        """The records of a JSON-lines file written as the session runs; a line still being written is left for
+        the next read."""
+        if not path.exists():
             return []
         records = []
-        for line in self.decoder_results.read_text().splitlines():
+        for line in path.read_text().splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:

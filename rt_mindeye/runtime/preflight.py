@@ -127,8 +127,11 @@ def _port_free(host: str, port: int) -> bool:
 def check_ports(config) -> list[Check]:
     t = config.transport
     out = []
-    for name in ("trials", "scanner_pub", "scanner_snapshot", "stimulus", "decoder_pub", "decoder_snapshot",
-                 "decoder_status"):
+    names = ["trials", "scanner_pub", "scanner_snapshot", "stimulus", "decoder_pub", "decoder_snapshot",
+             "decoder_status"]
+    if config.decoder.feedback.enabled:
+        names.append("feedback")
+    for name in names:
         port = int(t.bind_endpoint(name).rsplit(":", 1)[1])
         free = _port_free(t.bind_host, port)
         out.append(Check(f"port {name} ({port})", PASS if free else FAIL,

@@ -7,9 +7,11 @@ import logging
 from rt_mindeye.config import to_mapping
 from rt_mindeye.runtime.config import SessionConfig
 from rt_mindeye.runtime.layout import SessionLayout
+from rt_mindeye.transport.protocol import STATE_SESSION_DONE
+
+__all__ = ["POLL_S", "STATE_SESSION_DONE", "setup_logging", "save_resolved_config"]
 
 POLL_S = 0.1
-STATE_SESSION_DONE = "session-done"
 
 
 def setup_logging(layout: SessionLayout, service: str, level: int = logging.INFO) -> None:

@@ -23,6 +23,7 @@ _ENDPOINT_PORTS = {
     "decoder_pub": ("decoder", "port_decoder_pub"),
     "decoder_snapshot": ("decoder", "port_decoder_snapshot"),
     "decoder_status": ("decoder", "port_decoder_status"),
+    "feedback": ("decoder", "port_feedback"),
 }
 
 
@@ -43,8 +44,10 @@ class TransportConfig:
     port_decoder_pub: int = setting(protocol.PORT_DECODER_PUB, "decoder PUB: results", min=1, max=65535)
     port_decoder_snapshot: int = setting(protocol.PORT_DECODER_SNAPSHOT, "decoder snapshot ROUTER", min=1,
                                          max=65535)
-    port_decoder_status: int = setting(protocol.PORT_DECODER_STATUS, "decoder REP: status / preflight ping",
-                                       min=1, max=65535)
+    port_decoder_status: int = setting(protocol.PORT_DECODER_STATUS, "decoder REP: status / preflight ping / "
+                                                                      "reload", min=1, max=65535)
+    port_feedback: int = setting(protocol.PORT_FEEDBACK, "decoder ROUTER: feedback to the stimulus computer",
+                                 min=1, max=65535)
     curve_keys_dir: Path | None = setting(None, "folder of CURVE certificates (scanner, decoder, console, stimulus "
                                                 "*.key / *.key_secret and authorized_clients/); None = loopback only")
     heartbeat_interval_s: float = setting(protocol.HEARTBEAT_INTERVAL_S, "seconds between heartbeats", min=0.01,

@@ -35,7 +35,7 @@ from rt_mindeye.transport import protocol
 
 __all__ = [
     "Message", "VolumeStatus", "TrialBetas", "DecodeResult", "Heartbeat", "StimulusEvent", "RunTrigger", "Ack",
-    "StatusRequest", "StatusReply", "DesignNotice", "MESSAGE_TYPES", "encode", "decode", "encode_header",
+    "StatusRequest", "StatusReply", "DesignNotice", "Feedback", "MESSAGE_TYPES", "encode", "decode", "encode_header",
     "SCHEMA_VERSION",
 ]
 
@@ -122,6 +122,8 @@ class TrialBetas(Message):
     them, from which the console measures latency. ``betas`` is float32, one value per voxel of the decoder's mask.
     ``fd_max_mm`` is the largest framewise displacement over the trial's window so far (NaN: unknown) and
     ``motion_gated`` whether it exceeds the motion gate (``motion.gate_fd_mm``).
+    ``bundle_id`` names the calibration bundle whose GLM and masks made the estimate (the decoder decodes it with the
+    same bundle's model; empty: whichever the decoder has).
     """
 
     TOPIC: ClassVar[bytes] = protocol.TOPIC_TRIAL
@@ -139,6 +141,7 @@ class TrialBetas(Message):
     stim_file: str | None = None
     fd_max_mm: float = math.nan
     motion_gated: bool = False
+    bundle_id: str = ""
 
 
 @_message
@@ -149,7 +152,10 @@ class DecodeResult(Message):
     happens to its reconstruction: ``queued``, ``skipped``, ``reconstructed``, ``failed`` or ``retrieval_only``)
     and, when the reconstruction policy lets it through, a second result with the reconstruction. ``thumbnail_png`` optionally
     carries a small PNG of the reconstruction as uint8 bytes, so a console on another host can show it.
-    Timestamps are POSIX seconds; ``stage_ms`` maps decoder stages to milliseconds.
+    Timestamps are POSIX seconds; ``stage_ms`` maps decoder stages to milliseconds. An ``averaged`` result (decoder
+    option ``average_repeats``) decodes the average of the newest estimates of the ``n_repeats`` trials that showed
+    this trial's image so far in the session (``repeat_trials``: their (run, trial)); it follows the trial's
+    single-trial result and has no reconstruction of its own.
     """
 
     TOPIC: ClassVar[bytes] = protocol.TOPIC_RESULT
@@ -176,6 +182,9 @@ class DecodeResult(Message):
     policy: str = "newest"
     policy_decision: str = "queued"
     backlog: int = 0
+    averaged: bool = False
+    n_repeats: int = 1
+    repeat_trials: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -296,10 +305,53 @@ class StatusReply(Message):
     details: dict[str, str] = field(default_factory=dict)
 
 
+@_message
+class Feedback(Message):
+    """What the participant is shown about one trial (decoder -> stimulus computer, reliable channel).
+
+    One per trial, chosen by the decoder's feedback policy (``decoder.feedback``): the retrieval ``topk_labels`` /
+    ``topk_scores`` (best first) and ``score`` (the top-1 similarity), the reconstruction as ``image_path`` (a PNG on
+    the decoder host) and, optionally, its PNG bytes in ``image_png``. ``status`` is ``on_time`` when the result was
+    ready within ``deadline_s`` of ``acquisition_time`` (the acquisition of the last volume the estimate used),
+    otherwise ``late``; a late notice without a result (policy ``late: placeholder``) has empty top-k and ``text``
+    says what to show instead. ``averaged`` results decode the image's average over ``n_repeats`` trials.
+    """
+
+    TOPIC: ClassVar[bytes] = protocol.TOPIC_FEEDBACK
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"image_png": ("uint8", 1)}
+
+    run: int
+    trial: int
+    trial_type: str = ""
+    estimate_kind: str
+    estimate_version: int = 0
+    status: str = protocol.FEEDBACK_ON_TIME
+    topk_labels: tuple[str, ...] = ()
+    topk_scores: tuple[float, ...] = ()
+    score: float = math.nan
+    averaged: bool = False
+    n_repeats: int = 1
+    image_path: str | None = None
+    image_png: np.ndarray | None = None
+    text: str = ""
+    acquisition_time: float
+    deadline_s: float
+    result_done_at: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.status not in protocol.FEEDBACK_STATUSES:
+            raise MessageError("Feedback.status", f"must be one of {list(protocol.FEEDBACK_STATUSES)}, "
+                                                  f"got {self.status!r}")
+        if len(self.topk_scores) != len(self.topk_labels):
+            raise MessageError("Feedback.topk_scores", f"has {len(self.topk_scores)} items, topk_labels has "
+                                                       f"{len(self.topk_labels)}")
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (VolumeStatus, TrialBetas, DecodeResult, Heartbeat, StimulusEvent, RunTrigger, Ack, StatusRequest,
-                StatusReply, DesignNotice)
+                StatusReply, DesignNotice, Feedback)
 }
 
 

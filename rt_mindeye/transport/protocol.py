@@ -28,6 +28,7 @@ TOPIC_DESIGN = b"design"          # DesignNotice: scanner -> console, the live e
 TOPIC_ACK = b"ack"                # Ack: receiver -> sender acknowledgement (and catch-up request)
 TOPIC_STATUS_REQUEST = b"status?"  # StatusRequest: Lazy Pirate request
 TOPIC_STATUS_REPLY = b"status"    # StatusReply: its reply, echoing the request's seq
+TOPIC_FEEDBACK = b"feedback"      # Feedback: decoder -> stimulus computer (reliable, journalled), and to the console
 
 # Snapshot protocol of the late-join publishers (clone pattern: ICANHAZ? ... KTHXBAI).
 SNAPSHOT_REQUEST = b"ICANHAZ?"
@@ -68,7 +69,8 @@ PORT_SCANNER_SNAPSHOT = 5557  # scanner host, ROUTER: late-join snapshot of the 
 PORT_DECODER_PUB = 5558       # decoder host, PUB: DecodeResult, Heartbeat
 PORT_DECODER_SNAPSHOT = 5559  # decoder host, ROUTER: late-join snapshot of the above
 PORT_STIMULUS = 5560          # scanner host, ROUTER: stimulus events from the stimulus computer
-PORT_DECODER_STATUS = 5561    # decoder host, REP: status / preflight ping (Lazy Pirate)
+PORT_DECODER_STATUS = 5561    # decoder host, REP: status / preflight ping / reload (Lazy Pirate)
+PORT_FEEDBACK = 5562          # decoder host, ROUTER: reliable feedback stream to the stimulus computer
 
 #: Hosts that count as loopback: a service may listen there without CURVE keys.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -81,6 +83,17 @@ STATE_BUSY = "busy"
 STATE_STOPPING = "stopping"
 #: Sent by a reliable sender to a receiver it holds no cursor for: "send me your catch-up request".
 STATE_NEED_SYNC = "need-sync"
+#: The last heartbeat of a publisher that is closing normally: the console shows "stopped", not "DEAD".
+STATE_STOPPED = "stopped"
+#: A service whose work is done (the scanner host after its live runs); also a normal end.
+STATE_SESSION_DONE = "session-done"
+#: Heartbeat states after which silence is a normal stop.
+STOPPED_STATES = (STATE_STOPPED, STATE_SESSION_DONE)
+
+#: Feedback.status: the result reached the decoder's feedback stream within the policy's deadline, or after it.
+FEEDBACK_ON_TIME = "on_time"
+FEEDBACK_LATE = "late"
+FEEDBACK_STATUSES = (FEEDBACK_ON_TIME, FEEDBACK_LATE)
 
 #: Reconstruction policies of the decoder (ReconstructionQueue), shown on the console.
 RECON_POLICIES = ("newest", "skip", "fifo")

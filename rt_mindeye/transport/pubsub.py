@@ -30,6 +30,10 @@ __all__ = ["SnapshotPublisher", "SnapshotSubscriber", "Source", "Delivery"]
 
 log = logging.getLogger(__name__)
 
+_GOODBYE = b"g"
+#: How long a closing publisher's socket keeps trying to deliver its goodbye heartbeat (milliseconds).
+GOODBYE_LINGER_MS = 200
+
 
 class SnapshotPublisher(Agent):
     """PUB + snapshot ROUTER. ``publish(msg)`` numbers and queues a message and returns at once."""
@@ -77,6 +81,14 @@ class SnapshotPublisher(Agent):
     def last_seq(self) -> int:
         return self._seq
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Say goodbye (one last heartbeat in state ``stopped``: subscribers show a normal stop, not a dead
+        service), then stop the agent and close the sockets."""
+        if not self._closed and self._thread is not None and self._thread.is_alive():
+            self.state = protocol.STATE_STOPPED
+            self._signal(_GOODBYE)
+        super().close(timeout_s)
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._pipe_agent, zmq.POLLIN)
@@ -87,17 +99,28 @@ class SnapshotPublisher(Agent):
             for sock, _ in poller.poll(timeout_ms):
                 if sock is self._pipe_agent:
                     while self._pipe_agent.poll(0):
-                        if self._pipe_agent.recv_multipart()[0] == STOP:
+                        command = self._pipe_agent.recv_multipart()[0]
+                        if command == STOP:
                             return
+                        if command == _GOODBYE:
+                            # Everything queued, then the goodbye heartbeat, given a moment on the wire when the
+                            # socket closes.
+                            while self._outgoing:
+                                self._send_pub(self._outgoing.popleft())
+                            self._send_heartbeat()
+                            self._pub.linger = GOODBYE_LINGER_MS
                 else:
                     self._answer_snapshots()
             while self._outgoing:
                 self._send_pub(self._outgoing.popleft())
             now = time.monotonic()
             if now >= next_heartbeat:
-                self._send_pub(encode(Heartbeat(session=self.session, service=self.service, state=self.state,
-                                                instance=self.instance, detail=f"seq={self._seq}")))
+                self._send_heartbeat()
                 next_heartbeat = now + self.heartbeat_interval_s
+
+    def _send_heartbeat(self) -> None:
+        self._send_pub(encode(Heartbeat(session=self.session, service=self.service, state=self.state,
+                                        instance=self.instance, detail=f"seq={self._seq}")))
 
     def _send_pub(self, frames: list) -> None:
         try:

@@ -75,7 +75,7 @@ def _write_session_yaml(path: Path, phantom: CalibratedPhantom, session_dir: Pat
     export.mkdir(parents=True, exist_ok=True)
     ports = {name: port_base + i for i, name in enumerate(
         ("port_trials", "port_scanner_pub", "port_scanner_snapshot", "port_stimulus", "port_decoder_pub",
-         "port_decoder_snapshot", "port_decoder_status"))}
+         "port_decoder_snapshot", "port_decoder_status", "port_feedback"))}
     session = {"id": "test", "subject": "phantom01", "dir": str(session_dir), "watch_dir": str(export),
                "bundle": str(phantom.bundle_dir), "events_dir": str(phantom.phantom_dir / "events"),
                "stimuli_dir": str(phantom.phantom_dir / "stimuli"), "first_live_run": 3, "live_runs": 1,

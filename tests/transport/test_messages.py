@@ -12,7 +12,8 @@ import zmq
 from rt_mindeye.errors import MessageError
 from rt_mindeye.transport import protocol
 from rt_mindeye.transport.messages import (
-    MESSAGE_TYPES, Ack, DecodeResult, DesignNotice, Heartbeat, RunTrigger, StatusReply, StatusRequest, StimulusEvent,
+    MESSAGE_TYPES, Ack, DecodeResult, DesignNotice, Feedback, Heartbeat, RunTrigger, StatusReply, StatusRequest,
+    StimulusEvent,
     TrialBetas, VolumeStatus, decode, encode,
 )
 
@@ -43,6 +44,12 @@ def _examples():
         Ack(session="s", ack_seq=41, catch_up=True, receiver="decoder"),
         StatusRequest(session="s", service="console", query="ping"),
         StatusReply(session="s", request_seq=7, service="decoder", state="ready", details={"gpu": "H100"}),
+        Feedback(session="s", seq=4, run=2, trial=7, trial_type="image", estimate_kind="early", estimate_version=9,
+                 topk_labels=("dog", "cat"), topk_scores=(0.8, 0.4), score=0.8, averaged=True, n_repeats=2,
+                 image_path="/r/7.png", image_png=png, acquisition_time=1.7e9, deadline_s=0.5,
+                 result_done_at=1.7e9 + 0.3),
+        Feedback(session="s", run=2, trial=8, estimate_kind="early", status="late", text="no result in time",
+                 acquisition_time=1.7e9, deadline_s=0.5, result_done_at=1.7e9 + 2.0),  # score NaN, no image
     ]
 
 

@@ -167,6 +167,13 @@ def test_stimulus_client_mirrors_the_protocol_constants():
     assert stimulus_client.TOPIC_STIMULUS == protocol.TOPIC_STIMULUS
     assert stimulus_client.TOPIC_TRIGGER == protocol.TOPIC_TRIGGER
     assert stimulus_client.TOPIC_ACK == protocol.TOPIC_ACK
+    assert stimulus_client.TOPIC_FEEDBACK == protocol.TOPIC_FEEDBACK
+    assert stimulus_client.TOPIC_HEARTBEAT == protocol.TOPIC_HEARTBEAT
+    assert stimulus_client.STATE_NEED_SYNC == protocol.STATE_NEED_SYNC
+    assert stimulus_client.HEARTBEAT_INTERVAL_S == protocol.HEARTBEAT_INTERVAL_S
+    assert stimulus_client.HEARTBEAT_LIVENESS == protocol.HEARTBEAT_LIVENESS
+    assert stimulus_client.RECONNECT_INTERVAL_INIT_S == protocol.RECONNECT_INTERVAL_INIT_S
+    assert stimulus_client.RECONNECT_INTERVAL_MAX_S == protocol.RECONNECT_INTERVAL_MAX_S
 
 
 def test_stimulus_client_never_blocks_without_a_server():
