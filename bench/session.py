@@ -57,7 +57,7 @@ def write_config(path: Path, demo: Path, session_dir: Path, export: Path, events
 
     ports = {name: port_base + i for i, name in enumerate(
         ("port_trials", "port_scanner_pub", "port_scanner_snapshot", "port_stimulus", "port_decoder_pub",
-         "port_decoder_snapshot", "port_decoder_status", "port_feedback"))}
+         "port_decoder_snapshot", "port_decoder_status", "port_feedback", "port_scanner_control"))}
     config = {
         "session": {"id": "bench", "subject": "phantom01", "dir": str(session_dir), "watch_dir": str(export),
                     "bundle": str(demo / "bundle"), "events_dir": str(events),

@@ -275,6 +275,8 @@ class _Waiting:
     estimate: TrialBetas
     result: DecodeResult
     queued_at: float
+    reconstruction: Decoder | None = None
+    """The reconstruction decoder of the bundle that decoded it (a reload between runs does not change it)."""
 
 
 class TrialDecoder:
@@ -341,6 +343,30 @@ class TrialDecoder:
             return Retrieval(message)
         return self._offer(msg, message)
 
+    def use(self, decoder: Decoder, reconstruction: Decoder | None) -> None:
+        """Decode from now on with another bundle's decoders (a reload between runs); estimates already waiting for
+        their reconstruction keep the decoder of the bundle that made them."""
+        with self._work:
+            self.decoder = decoder
+            if reconstruction is not None or self.reconstruction is None:
+                self.reconstruction = reconstruction
+
+    def set_policy(self, policy: str, max_pending: int) -> list[ReconOutcome]:
+        """A new reconstruction policy (a reload between runs): the waiting trials are offered to the new queue in
+        their order; those it does not keep are returned as ``skipped``."""
+        new_queue = ReconstructionQueue(policy=policy, max_pending=max_pending)
+        outcomes = []
+        with self._work:
+            pending = self.queue.pending()
+            self.queue, self.policy = new_queue, policy
+            for key in pending:
+                for decision in new_queue.submit(key):
+                    if decision.decision == SKIPPED:
+                        gone = self._waiting.pop(decision.item)
+                        outcomes.append(ReconOutcome(gone.estimate, SKIPPED, self._notice(gone.result, SKIPPED),
+                                                     f"the reconstruction policy changed to {policy}"))
+        return outcomes
+
     def average(self, msg: TrialBetas, received_at: float) -> DecodeResult | None:
         """The repeat-averaged result of ``msg``'s image (None without an averager, or at its first showing).
 
@@ -391,7 +417,7 @@ class TrialDecoder:
                                                  f"policy {self.policy}: more than {self.queue.max_pending} waiting"))
             message = replace(message, policy_decision=decision, backlog=self.queue.backlog)
             if decision == QUEUED:
-                self._waiting[key] = _Waiting(msg, message, time.time())
+                self._waiting[key] = _Waiting(msg, message, time.time(), self.reconstruction)
                 self._work.notify_all()
         return Retrieval(message, tuple(outcomes))
 
@@ -430,11 +456,12 @@ class TrialDecoder:
 
     def _reconstruct(self, waiting: _Waiting) -> ReconOutcome:
         msg = waiting.estimate
+        reconstruction = waiting.reconstruction or self.reconstruction
         started = time.time()
         # Prior and unCLIP draw from generators seeded by (seed, run, trial): a replay reproduces the images.
-        seed = trial_seed(self.reconstruction.config.seed, msg.run, msg.trial)
+        seed = trial_seed(reconstruction.config.seed, msg.run, msg.trial)
         try:
-            output = self.reconstruction.decode(msg.betas, seed=seed)
+            output = reconstruction.decode(msg.betas, seed=seed)
             path, thumb = self._save_png(msg, output.image[0], "recon")
         except (RtMindEyeError, RuntimeError, ValueError, OSError) as exc:
             log.exception("reconstruction of run %d trial %d (%s v%d) failed", msg.run, msg.trial,

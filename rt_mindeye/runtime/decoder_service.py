@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from rt_mindeye.calibration.bundle import CalibrationBundle
+from rt_mindeye.errors import RtMindEyeError
 from rt_mindeye.runtime.config import SessionConfig
 from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.service_support import POLL_S, setup_logging
@@ -41,34 +41,40 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     once their retrieval result is recorded (reconstructions are not waited for: after a restart, pending ones are
     not redone).
     """
-    from rt_mindeye.runtime.decoder import (ReconstructionWorker, RepeatAverager, TrialDecoder, build_decoder,
-                                            load_reconstructor, reconstruction_decoder, warm_up_reconstructor)
+    from rt_mindeye.runtime.decoder import (ReconstructionWorker, RepeatAverager, TrialDecoder, load_reconstructor,
+                                            reconstruction_decoder, warm_up_reconstructor)
+    from rt_mindeye.runtime.reload import BundleHistory, DecoderBundles, control_handler
     from rt_mindeye.transport.channel import ReliableReceiver
     from rt_mindeye.transport.config import client_security, server_security
     from rt_mindeye.transport.pubsub import SnapshotPublisher
+    from rt_mindeye.transport.reqrep import StatusServer
 
     stop = stop or threading.Event()
     s = config.session
     d = config.decoder
     layout = SessionLayout(s.dir).create()
     setup_logging(layout, "decoder")
-    bundle = CalibrationBundle.open(s.bundle)
-    bundle.check(subject=s.subject, volume=None)
-    decoder, _ = build_decoder(bundle, d.decode, device=_device(d.device), blurry_vae=d.blurry_vae)
+    t = config.transport
+    factory = _BundleDecoders(d)
+    # The bundle this service last switched to (a reload before a restart), else the configured one.
+    bundles = DecoderBundles(factory.build, BundleHistory(layout, "decoder"), s.subject, s.bundle,
+                             (t.recon_policy, t.recon_max_pending))
+    decoder, _ = bundles.current
     reconstruction = None
     if d.unclip_checkpoint is not None and d.decode.reconstruct:
         model_config = decoder.model_forward.model.config
         reconstructor = load_reconstructor(d.unclip_checkpoint, d.decode.reconstruction,
                                            token_dim=int(model_config.token_dim),
                                            use_prior=bool(model_config.use_prior))
+        factory.reconstructor, factory.token_dim = reconstructor, int(model_config.token_dim)
         reconstruction = reconstruction_decoder(decoder, reconstructor)
+        bundles.loaded[bundles.current_id] = (decoder, reconstruction)
         log.info("reconstructor warm-up took %.1f s", warm_up_reconstructor(reconstructor, model_config.token_seq))
     elif d.unclip_checkpoint is not None:
         log.info("decoder.decode.reconstruct is off: %s is not loaded", d.unclip_checkpoint)
-    t = config.transport
     averager = RepeatAverager(layout.repeats_journal) if d.average_repeats else None
-    trial_decoder = TrialDecoder(decoder, session=s.id, recon_dir=layout.recon_dir, policy=t.recon_policy,
-                                 max_pending=t.recon_max_pending, stimuli_dir=s.stimuli_dir,
+    trial_decoder = TrialDecoder(decoder, session=s.id, recon_dir=layout.recon_dir, policy=bundles.policy[0],
+                                 max_pending=bundles.policy[1], stimuli_dir=s.stimuli_dir,
                                  reconstruction=reconstruction, averager=averager)
     receiver = ReliableReceiver(t.connect_endpoint("trials"), session=s.id, service="decoder",
                                 client_security=client_security(t, "decoder", "scanner"),
@@ -79,7 +85,10 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                                   heartbeat_interval_s=t.heartbeat_interval_s)
     results = ResultsLog(layout.decoder_results)
     counts = {"decoded": 0, "superseded": 0, "reconstructed": 0, "recon_skipped": 0, "recon_superseded": 0,
-              "recon_failed": 0, "averaged": 0, "feedback_sent": 0, "feedback_not_sent": 0}
+              "recon_failed": 0, "averaged": 0, "failed": 0, "feedback_sent": 0, "feedback_not_sent": 0}
+    control = StatusServer(t.bind_endpoint("decoder_status"),
+                           control_handler("decoder", bundles.reload, lambda: {**bundles.status(), **counts}),
+                           session=s.id, service="decoder", server_security=server_security(t, "decoder"))
 
     counts_lock = threading.Lock()
     feedback = _Feedback.start(config, layout, publisher, counts, counts_lock, trial_decoder.reconstructs)
@@ -104,6 +113,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
              _device(d.device), f"on {reconstruction.reconstructor.device} ({t.recon_policy}, "
                                 f"{t.recon_max_pending} waiting at most)" if worker else "off")
     last = time.time()
+    decoded_trials: set[tuple[int, int]] = set()
     try:
         while not stop.is_set():
             if worker is not None and worker.failure is not None:
@@ -129,23 +139,37 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                     results.write({"seq": m.seq, "run": m.run, "trial": m.trial, "kind": m.estimate_kind,
                                    "version": m.estimate_version, "superseded_by": newest[(m.run, m.trial)].seq})
                     counts["superseded"] += 1
-            for m in sorted(newest.values(), key=lambda m: m.seq):
+            # A trial's first estimate goes before the newer estimates of trials already decoded: it is the one the
+            # participant's feedback and the operator's first look wait for. Repeat averages come after the batch.
+            decoded_now = []
+            for m in sorted(newest.values(), key=lambda m: (m.run, (m.run, m.trial) in decoded_trials, m.seq)):
+                try:
+                    for outcome in bundles.prepare(m, trial_decoder):  # a reload takes effect between runs
+                        deliver(outcome)
+                except RtMindEyeError as exc:  # its bundle is unknown or no longer loads: recorded, acknowledged
+                    log.error("run %d trial %d (seq %d) cannot be decoded: %s", m.run, m.trial, m.seq, exc)
+                    results.write({"seq": m.seq, "run": m.run, "trial": m.trial, "kind": m.estimate_kind,
+                                   "version": m.estimate_version, "bundle": m.bundle_id, "failed": str(exc)})
+                    counts["failed"] += 1
+                    continue
                 retrieval = trial_decoder.retrieve(m, now)
                 if not feedback_averaged:  # otherwise it waits for the average below
                     feedback.offer(lambda policy: policy.on_retrieval(retrieval.result))
                 for outcome in retrieval.outcomes:  # earlier estimates the policy dropped or this one replaced
                     deliver(outcome)
-                results.write(_result_record(m, retrieval.result))
+                results.write(_result_record(m, retrieval.result, bundles.current_id))
                 publisher.publish(retrieval.result)
                 counts["decoded"] += 1
-                if averager is not None:
-                    averaged = trial_decoder.average(m, now)
-                    if feedback_averaged:
-                        feedback.offer(lambda policy: policy.on_retrieval(retrieval.result, averaged))
-                    if averaged is not None:
-                        results.write(_averaged_record(m, averaged))
-                        publisher.publish(averaged)
-                        counts["averaged"] += 1
+                decoded_trials.add((m.run, m.trial))
+                decoded_now.append((m, retrieval.result))
+            for m, result in decoded_now if averager is not None else ():
+                averaged = trial_decoder.average(m, now)
+                if feedback_averaged:
+                    feedback.offer(lambda policy: policy.on_retrieval(result, averaged))
+                if averaged is not None:
+                    results.write(_averaged_record(m, averaged))
+                    publisher.publish(averaged)
+                    counts["averaged"] += 1
             results.flush()  # recorded before it is acknowledged
             receiver.ack(max(m.seq for m in batch))
     finally:
@@ -155,6 +179,7 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
                             d.recon_stop_timeout_s)
             for outcome in trial_decoder.drop_waiting("the decoder stopped"):
                 deliver(outcome)
+        control.close()
         feedback.close()
         if averager is not None:
             averager.close()
@@ -162,6 +187,30 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
         receiver.close()
         publisher.close()
     return counts
+
+
+class _BundleDecoders:
+    """Builds the decoding side of a bundle: its retrieval decoder and, once the unCLIP reconstructor is loaded
+    (shared by every bundle), its reconstruction decoder, refusing a bundle whose model cannot condition it."""
+
+    def __init__(self, section):
+        self.section = section
+        self.reconstructor = None
+        self.token_dim: int | None = None
+
+    def build(self, bundle):
+        from rt_mindeye.runtime.decoder import UnclipCheckpointError, build_decoder, reconstruction_decoder
+
+        decoder, _ = build_decoder(bundle, self.section.decode, device=_device(self.section.device),
+                                   blurry_vae=self.section.blurry_vae)
+        if self.reconstructor is None:
+            return decoder, None
+        model_config = decoder.model_forward.model.config
+        if not model_config.use_prior or int(model_config.token_dim) != self.token_dim:
+            raise UnclipCheckpointError(self.section.unclip_checkpoint, f"the model of bundle {bundle.root} "
+                                        f"({'no prior' if not model_config.use_prior else model_config.token_dim}) "
+                                        f"cannot condition the loaded reconstructor ({self.token_dim}-d tokens)")
+        return decoder, reconstruction_decoder(decoder, self.reconstructor)
 
 
 class _Feedback:
@@ -255,8 +304,9 @@ class ResultsLog:
             self._file.close()
 
 
-def _result_record(msg: TrialBetas, result) -> dict:
+def _result_record(msg: TrialBetas, result, bundle_id: str) -> dict:
     return {"seq": msg.seq, "run": result.run, "trial": result.trial, "kind": result.estimate_kind,
+            "bundle": bundle_id,
             "version": result.estimate_version, "stim_file": result.stim_file, "topk": list(result.topk_labels),
             "scores": list(result.topk_scores), "recon": result.reconstruction_path,
             "acquisition_time": result.acquisition_time, "received_at": result.received_at,

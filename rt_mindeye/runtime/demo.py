@@ -207,7 +207,7 @@ def _write_session_config(out: Path, phantom_dir: Path, bundle_dir: Path, sessio
                     "run_end_timeout_s": 3.0},
         "watcher": {"gap_timeout_tr": 2.0, "existing_files": "process"},
         "transport": {"journal_fsync": False},
-        "decoder": {"device": "cpu", "idle_timeout_s": 0.0},
+        "decoder": {"device": "cpu", "idle_timeout_s": 0.0, "average_repeats": True},
     }
     path = out / "session.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -17,6 +17,7 @@
         recon/run-XX_trial-YYY.png          reconstructions (and blurry images)
         gallery/index.html                  browsable gallery that updates as trials arrive
         timings.jsonl                       per-stage timings of every volume and trial
+        bundles.jsonl                       calibration bundles loaded, reloaded and refused, and per run
       logs/                                 one log file per service
 
 Only this module knows these paths; every service asks a :class:`SessionLayout` for them.
@@ -89,6 +90,21 @@ class SessionLayout:
         """Every record the decoder wrote so far (retrieval per estimate, superseded estimates, reconstruction
         events), in order; a line still being written is left for the next read."""
         return self.read_jsonl(self.decoder_results)
+
+    @property
+    def bundles_jsonl(self) -> Path:
+        """Which calibration bundle each service loaded, staged, refused and switched to, and from which run."""
+        return self.derivatives / "bundles.jsonl"
+
+    def bundles_by_run(self, service: str = "decoder") -> dict[int, list[str]]:
+        """The bundle ids ``service`` used for each run (from ``bundles.jsonl``'s ``run`` records)."""
+        runs: dict[int, list[str]] = {}
+        for record in self.read_jsonl(self.bundles_jsonl):
+            if record.get("service") == service and record.get("event") == "run":
+                ids = runs.setdefault(int(record["run"]), [])
+                if record["bundle_id"] not in ids:
+                    ids.append(record["bundle_id"])
+        return runs
 
     @property
     def repeats_journal(self) -> Path:

@@ -128,7 +128,7 @@ def check_ports(config) -> list[Check]:
     t = config.transport
     out = []
     names = ["trials", "scanner_pub", "scanner_snapshot", "stimulus", "decoder_pub", "decoder_snapshot",
-             "decoder_status"]
+             "decoder_status", "scanner_control"]
     if config.decoder.feedback.enabled:
         names.append("feedback")
     for name in names:

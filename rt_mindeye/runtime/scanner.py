@@ -165,6 +165,11 @@ class ScannerPipeline:
     def run_active(self) -> bool:
         return self._run is not None
 
+    @property
+    def active_series(self) -> int | None:
+        """Series number of the run in progress (None between runs)."""
+        return None if self._run is None else self._run.series
+
     def end_current_run(self) -> list[Message]:
         """End the run in progress (the scanner stopped sending): its final estimates, or nothing."""
         return self._end_run(self._run.series) if self._run is not None else []
@@ -196,6 +201,21 @@ class ScannerPipeline:
         for message in waiting:
             out += self._stimulus(message)
         return out
+
+    def use_calibration(self, *, reference: Volume, mask: np.ndarray, glm: RealtimeGLM,
+                        align_session_start: bool = False) -> None:
+        """Between runs, continue with another calibration bundle's reference, voxels and frozen GLM (a reload).
+
+        Motion correction is refitted on the new reference at the next volume; run numbering goes on.
+        """
+        if self._run is not None:
+            raise RuntimeError(f"run {self._run.plan.run} is in progress: a bundle changes between runs only")
+        self.reference = reference
+        self.mask = np.asarray(mask, dtype=bool)
+        self.glm = glm
+        self.align_session_start = align_session_start
+        self.session_transform = None
+        self._fitted = False
 
     def warm_up(self) -> float:
         """Fit the motion corrector and run one registration on the reference, so the first live volume does not

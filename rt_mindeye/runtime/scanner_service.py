@@ -28,13 +28,16 @@ NO_BETAS = np.zeros(0, dtype=np.float32)
 ACK_DRAIN_S = 10.0
 
 
-def _send_all(messages, sender, publisher, decoder_index: np.ndarray) -> int:
-    """Journal and send trial estimates (restricted to the decoder's voxels), publish everything; count trials."""
+def _send_all(messages, sender, publisher, bundles) -> int:
+    """Journal and send trial estimates (restricted to the decoder's voxels of the current bundle, stamped with its
+    id), publish everything; count trials."""
     trials = 0
     for msg in messages:
         if isinstance(msg, TrialBetas):
-            msg = replace(msg, betas=np.ascontiguousarray(msg.betas[decoder_index]))
+            current = bundles.current
+            msg = replace(msg, betas=np.ascontiguousarray(msg.betas[current.decoder_index]), bundle_id=current.id)
             sender.send(msg)  # journaled before it is sent
+            bundles.note_run(msg.run)
             trials += 1
             # The console needs to know the estimate exists, not its betas: keep its snapshot history small.
             msg = replace(msg, betas=NO_BETAS)
@@ -61,18 +64,36 @@ def _align_session_start(config: SessionConfig, bundle: CalibrationBundle) -> bo
     return mode == "always" or (mode == "auto" and bundle.info.session != config.session.id)
 
 
+def _use_bundle(pipeline, staged, config: SessionConfig, realtime_glm) -> None:
+    """Between runs: continue with a reloaded bundle (its reference, GLM voxels and frozen GLM)."""
+    pipeline.use_calibration(reference=staged.reference, mask=staged.glm_mask,
+                             glm=realtime_glm(staged.calibration, config.glm),
+                             align_session_start=_align_session_start(config, staged.bundle))
+
+
+def _stage_again(bundles, pending: dict) -> None:
+    """A reload accepted before a restart is staged again (or, if it no longer validates, logged and dropped)."""
+    from rt_mindeye.errors import RtMindEyeError
+
+    try:
+        bundles.reload({"bundle": pending["bundle"]})
+    except (RtMindEyeError, OSError, ValueError) as exc:
+        log.warning("the reload staged before the restart (%s) is refused now: %s", pending["bundle"], exc)
+
+
 def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> dict:
     """Watch the export folder, correct motion, estimate betas, journal and send them. Returns a summary."""
-    from rt_mindeye.glm.estimator import GLMCalibration
     from rt_mindeye.glm.realtime import RealtimeGLM
     from rt_mindeye.ingest.series import RunEnded, VolumeReady
     from rt_mindeye.ingest.watcher import FolderWatcher
     from rt_mindeye.preprocess.motion import MotionCorrector
+    from rt_mindeye.runtime.reload import BundleHistory, ScannerBundle, ScannerBundles, control_handler
     from rt_mindeye.runtime.scanner import ScannerPipeline
     from rt_mindeye.transport.channel import ReliableSender
     from rt_mindeye.transport.config import server_security
     from rt_mindeye.transport.pubsub import SnapshotPublisher
     from rt_mindeye.transport.stimulus import StimulusEventServer
+    from rt_mindeye.transport.reqrep import StatusServer
 
     stop = stop or threading.Event()
     s = config.session
@@ -83,13 +104,14 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     if s.events_dir is None and not live_events:
         raise SessionError(None, "session.events_dir: with events.live off the real-time GLM needs the run's "
                                  "planned events file")
-    bundle = CalibrationBundle.open(s.bundle)
-    bundle.check(subject=s.subject, volume=None)
-    calibration = GLMCalibration.load(bundle.glm_dir)
-    decoder_index = bundle.decoder_index()
-    glm_mask = bundle.glm_mask()
-    pipeline = ScannerPipeline(reference=bundle.reference(), mask=glm_mask,
-                               glm=RealtimeGLM(calibration, config.glm), motion=MotionCorrector(config.motion),
+    # The bundle this service last switched to (a reload before a restart), else the configured one.
+    history = BundleHistory(layout, "scanner")
+    bundles = ScannerBundles(ScannerBundle.load(history.current(s.bundle), s.subject), history, s.subject)
+    history.start(bundles.current.path, bundles.current.id, s.bundle)
+    bundle = bundles.current.bundle
+    pipeline = ScannerPipeline(reference=bundles.current.reference, mask=bundles.current.glm_mask,
+                               glm=RealtimeGLM(bundles.current.calibration, config.glm),
+                               motion=MotionCorrector(config.motion),
                                planner=EventsPlanner(s.events_dir, s.first_live_run), session=s.id,
                                first_volume=config.watcher.first_volume, motion_dir=layout.derivatives / "motion",
                                align_session_start=_align_session_start(config, bundle), func_dir=layout.func_dir,
@@ -105,6 +127,11 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
     stimulus = (StimulusEventServer(t.bind_endpoint("stimulus"), session=s.id,
                                     server_security=server_security(t, "scanner")) if live_events else None)
     watcher = FolderWatcher(s.watch_dir, replace(config.watcher, record_dir=layout.root), clock=time.time)
+    control = StatusServer(t.bind_endpoint("scanner_control"), control_handler("scanner", bundles.reload,
+                                                                               bundles.status),
+                           session=s.id, service="scanner", server_security=server_security(t, "scanner"))
+    if (pending := history.staged()) is not None:  # accepted before a restart, not yet applied
+        _stage_again(bundles, pending)
     runs_ended = 0
     trials_sent = 0
     volumes = 0
@@ -118,13 +145,13 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
         log.info("scanner host watching %s", s.watch_dir)
         while not stop.is_set():
             if stimulus is not None:
-                trials_sent += _send_all(_stimulus_reports(stimulus, pipeline), sender, publisher, decoder_index)
+                trials_sent += _send_all(_stimulus_reports(stimulus, pipeline), sender, publisher, bundles)
             event = watcher.get(timeout=POLL_S)
             now = time.time()
             if event is None:
                 if pipeline.run_active and now - last_activity > s.run_end_timeout_s:
                     log.info("no volume for %.1f s: the run has ended", s.run_end_timeout_s)
-                    _send_all(pipeline.end_current_run(), sender, publisher, decoder_index)
+                    _send_all(pipeline.end_current_run(), sender, publisher, bundles)
                     runs_ended += 1
                     if s.live_runs and runs_ended >= s.live_runs:
                         log.info("%d live run(s) ended: stopping", runs_ended)
@@ -134,10 +161,14 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                     break
                 continue
             last_activity = now
+            if not pipeline.run_active and (staged := bundles.take_staged()) is not None:
+                _use_bundle(pipeline, staged, config, RealtimeGLM)
+                checked_geometry = False
             if isinstance(event, VolumeReady):
                 volumes += 1
+                bundles.last_volume = event.volume
                 if not checked_geometry:
-                    bundle.check(subject=None, volume=event.volume)
+                    bundles.current.bundle.check(subject=None, volume=event.volume)
                     checked_geometry = True
                 if not low_disk_warned and layout.free_bytes() < s.min_free_gb * 1e9:
                     low_disk_warned = True
@@ -145,8 +176,10 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                                 layout.free_bytes() / 1e9, s.min_free_gb)
                     publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
                                                 detail=f"low disk: {layout.free_bytes() / 1e9:.1f} GB free"))
+            # A run the silence timeout already ended is not counted again when the watcher ends its series.
+            ends_a_run = isinstance(event, RunEnded) and pipeline.active_series == event.series
             errors_before = len(pipeline.run_errors)
-            trials_sent += _send_all(pipeline.handle(event), sender, publisher, decoder_index)
+            trials_sent += _send_all(pipeline.handle(event), sender, publisher, bundles)
             for run, problem in pipeline.run_errors[errors_before:]:
                 publisher.publish(Heartbeat(session=s.id, service="scanner", state="warning",
                                             detail=f"run {run} not analysed: {problem}"))
@@ -154,12 +187,12 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                 timings.write(json.dumps({"service": "scanner", **row}) + "\n")
             pipeline.timings.clear()
             timings.flush()
-            if isinstance(event, RunEnded):
+            if ends_a_run:
                 runs_ended += 1
                 if s.live_runs and runs_ended >= s.live_runs:
                     log.info("%d live run(s) ended: stopping", runs_ended)
                     break
-        trials_sent += _send_all(pipeline.end_current_run(), sender, publisher, decoder_index)
+        trials_sent += _send_all(pipeline.end_current_run(), sender, publisher, bundles)
         if not sender.wait_acked(sender.last_seq, ACK_DRAIN_S):
             log.warning("stopping with unacknowledged trials (acked %d of %d): they stay in the journal and are "
                         "re-sent when the scanner host restarts", sender.acked_seq, sender.last_seq)
@@ -170,6 +203,7 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
         watcher.stop()
         if stimulus is not None:
             stimulus.close()
+        control.close()
         sender.close()
         publisher.close()
         timings.close()

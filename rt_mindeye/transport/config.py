@@ -24,6 +24,7 @@ _ENDPOINT_PORTS = {
     "decoder_snapshot": ("decoder", "port_decoder_snapshot"),
     "decoder_status": ("decoder", "port_decoder_status"),
     "feedback": ("decoder", "port_feedback"),
+    "scanner_control": ("scanner", "port_scanner_control"),
 }
 
 
@@ -48,6 +49,8 @@ class TransportConfig:
                                                                       "reload", min=1, max=65535)
     port_feedback: int = setting(protocol.PORT_FEEDBACK, "decoder ROUTER: feedback to the stimulus computer",
                                  min=1, max=65535)
+    port_scanner_control: int = setting(protocol.PORT_SCANNER_CONTROL, "scanner REP: status / reload", min=1,
+                                        max=65535)
     curve_keys_dir: Path | None = setting(None, "folder of CURVE certificates (scanner, decoder, console, stimulus "
                                                 "*.key / *.key_secret and authorized_clients/); None = loopback only")
     heartbeat_interval_s: float = setting(protocol.HEARTBEAT_INTERVAL_S, "seconds between heartbeats", min=0.01,

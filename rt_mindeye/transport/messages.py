@@ -285,12 +285,14 @@ class Ack(Message):
 
 @_message
 class StatusRequest(Message):
-    """Lazy Pirate request (status query or preflight ping)."""
+    """Lazy Pirate request: a status query, a preflight ping, or a control command (``query="reload"`` with its
+    ``args``, e.g. ``{"bundle": PATH}``)."""
 
     TOPIC: ClassVar[bytes] = protocol.TOPIC_STATUS_REQUEST
 
     service: str
     query: str = "status"
+    args: dict[str, str] = field(default_factory=dict)
 
 
 @_message

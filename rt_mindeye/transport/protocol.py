@@ -71,6 +71,7 @@ PORT_DECODER_SNAPSHOT = 5559  # decoder host, ROUTER: late-join snapshot of the 
 PORT_STIMULUS = 5560          # scanner host, ROUTER: stimulus events from the stimulus computer
 PORT_DECODER_STATUS = 5561    # decoder host, REP: status / preflight ping / reload (Lazy Pirate)
 PORT_FEEDBACK = 5562          # decoder host, ROUTER: reliable feedback stream to the stimulus computer
+PORT_SCANNER_CONTROL = 5563   # scanner host, REP: status / reload (Lazy Pirate)
 
 #: Hosts that count as loopback: a service may listen there without CURVE keys.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -94,6 +95,10 @@ STOPPED_STATES = (STATE_STOPPED, STATE_SESSION_DONE)
 FEEDBACK_ON_TIME = "on_time"
 FEEDBACK_LATE = "late"
 FEEDBACK_STATUSES = (FEEDBACK_ON_TIME, FEEDBACK_LATE)
+
+#: Replies to a control request (StatusReply.state): taken (and applied between runs) or refused (details["error"]).
+STATE_ACCEPTED = "accepted"
+STATE_REFUSED = "refused"
 
 #: Reconstruction policies of the decoder (ReconstructionQueue), shown on the console.
 RECON_POLICIES = ("newest", "skip", "fifo")

@@ -52,10 +52,11 @@ class LazyPirateClient:
             self._socket.close(linger=0)
             self._socket = None
 
-    def request(self, query: str = "status") -> StatusReply:
+    def request(self, query: str = "status", args: dict[str, str] | None = None) -> StatusReply:
         """Send one request; returns the matching reply or raises TransportTimeout after every retry."""
         self._seq += 1
-        request = StatusRequest(session=self.session, seq=self._seq, service=self.service, query=query)
+        request = StatusRequest(session=self.session, seq=self._seq, service=self.service, query=query,
+                                args=dict(args or {}))
         frames = encode(request)
         started = time.monotonic()
         for _attempt in range(self.retries):

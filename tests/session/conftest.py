@@ -75,7 +75,7 @@ def _write_session_yaml(path: Path, phantom: CalibratedPhantom, session_dir: Pat
     export.mkdir(parents=True, exist_ok=True)
     ports = {name: port_base + i for i, name in enumerate(
         ("port_trials", "port_scanner_pub", "port_scanner_snapshot", "port_stimulus", "port_decoder_pub",
-         "port_decoder_snapshot", "port_decoder_status", "port_feedback"))}
+         "port_decoder_snapshot", "port_decoder_status", "port_feedback", "port_scanner_control"))}
     session = {"id": "test", "subject": "phantom01", "dir": str(session_dir), "watch_dir": str(export),
                "bundle": str(phantom.bundle_dir), "events_dir": str(phantom.phantom_dir / "events"),
                "stimuli_dir": str(phantom.phantom_dir / "stimuli"), "first_live_run": 3, "live_runs": 1,
@@ -85,3 +85,46 @@ def _write_session_yaml(path: Path, phantom: CalibratedPhantom, session_dir: Pat
               "decoder": {"device": "cpu"}}
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def cli_bundle(calibrated_phantom, tmp_path_factory):
+    """A second bundle for the same subject, made by the `rt-mindeye calibrate` command as a process (with another
+    seed: another fine-tuned model): ``(bundle_dir, completed process)``."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("cli_bundle")
+    config = root / "calibrate.yaml"
+    config.write_text(yaml.safe_dump({"calibration": {
+        "subject": "phantom01", "calibration_runs": 2, "condition_column": "stim_file",
+        "anatomical_mask": str(calibrated_phantom.phantom_dir / "truth" / "visual_mask.nii.gz"),
+        "noise_pool_voxels": 300, "pretrained": str(calibrated_phantom.root / "pretrained" / "last.pth"),
+        "holdout_fraction": 0.0, "train": {"epochs": 1, "batch_size": 8, "time_budget_min": 0.0, "seed": 7}}}))
+    out = root / "bundle"
+    done = subprocess.run([sys.executable, "-m", "rt_mindeye", "calibrate", str(calibrated_phantom.phantom_dir),
+                           "--config", str(config), "--out", str(out), "--dicom-dir",
+                           str(calibrated_phantom.phantom_dir / "dicom")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ), cwd=root)
+    return out, done
+
+
+@pytest.fixture(scope="session")
+def new_series():
+    """``make(files, series, dest) -> paths``: copies of a run's DICOMs as another series."""
+    return _as_new_series
+
+
+def _as_new_series(files, series: int, dest: Path) -> tuple[Path, ...]:
+    """Copies of a run's DICOMs as another series (a second live run of the same images)."""
+    from rt_mindeye.replay.emulator import rewrite_series
+
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in files:
+        volume = int(path.stem.rsplit("_", 1)[1])
+        target = dest / f"001_{series:06d}_{volume:06d}.dcm"
+        target.write_bytes(rewrite_series(path.read_bytes(), path, series, f"2.25.{series}{volume:06d}"))
+        out.append(target)
+    return tuple(out)

@@ -25,7 +25,7 @@ def test_every_trial_gets_feedback_once_through_a_stimulus_computer_restart(cali
                                                                             tmp_path):
     phantom = calibrated_phantom
     session_dir = tmp_path / "session"
-    config = load_session_config(session_yaml(tmp_path / "s.yaml", phantom, session_dir, tmp_path / "export", 51000))
+    config = load_session_config(session_yaml(tmp_path / "s.yaml", phantom, session_dir, tmp_path / "export", 23100))
     t = config.transport
     layout = SessionLayout(session_dir)
     scanner = ServiceThread(run_scanner, config)

@@ -19,9 +19,11 @@ PNG = np.frombuffer(b"\x89PNG\r\n\x1a\n" + bytes(range(200)), dtype=np.uint8)
 
 
 def _free_endpoint() -> str:
+    """A port that is free now, below the kernel's ephemeral range (so no outgoing connection takes it before the
+    test binds it)."""
     ctx = zmq.Context.instance()
     probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    port = probe.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=30000)
     probe.close(0)
     return f"tcp://127.0.0.1:{port}"
 
