@@ -135,30 +135,39 @@ def latency_view(state: ConsoleState) -> Panel:
 
 
 def trials_view(state: ConsoleState, shown: int = 10) -> Panel:
+    rows = state.trials[-shown:][::-1]
+    # The repeat-average and feedback columns appear once the session has any (they are options).
+    with_averaged = any(row.averaged_topk for row in state.trials)
+    with_feedback = any(row.feedback for row in state.trials)
     table = Table(expand=True, pad_edge=False)
     table.add_column("run/trial", no_wrap=True)
     table.add_column("type")
     table.add_column("estimate")
     table.add_column("top-5 retrieval (score)")
-    table.add_column("repeats averaged")
+    if with_averaged:
+        table.add_column("repeats averaged")
     table.add_column("recon")
-    table.add_column("feedback")
+    if with_feedback:
+        table.add_column("feedback")
     table.add_column("latency", justify="right")
     table.add_column("flags")
-    for row in state.trials[-shown:][::-1]:
+    for row in rows:
         top = ", ".join(f"{r.label or r.id} ({r.score:.2f})" for r in row.topk[:5]) or "-"
         recon = (Text("✓ " + row.thumbnail_path.rsplit("/", 1)[-1], style="green") if row.thumbnail_path
                  else Text("✓", style="green") if row.reconstruction_path
                  else Text(row.policy_decision or "-", style="yellow" if row.policy_decision == "queued" else "dim"))
         latency = row.reconstruction_latency_s if row.reconstruction_latency_s is not None else row.retrieval_latency_s
-        feedback = (Text(f"{row.feedback} {_seconds(row.feedback_latency_s)}",
-                         style="green" if row.feedback == "on_time" else "bold yellow") if row.feedback
-                    else Text("-", style="dim"))
-        averaged = (f"{row.averaged_topk[0].label or row.averaged_topk[0].id} ({row.averaged_topk[0].score:.2f}) "
-                    f"x{row.n_repeats}" if row.averaged_topk else "-")
-        table.add_row(f"{row.run}/{row.trial}", row.trial_type or "-",
-                      f"{row.estimate_kind} v{row.estimate_version}" if row.estimate_kind else "-",
-                      top, averaged, recon, feedback, _seconds(latency), trial_flags(row))
+        cells = [f"{row.run}/{row.trial}", row.trial_type or "-",
+                 f"{row.estimate_kind} v{row.estimate_version}" if row.estimate_kind else "-", top]
+        if with_averaged:
+            cells.append(f"{row.averaged_topk[0].label or row.averaged_topk[0].id} ({row.averaged_topk[0].score:.2f}) "
+                         f"x{row.n_repeats}" if row.averaged_topk else "-")
+        cells.append(recon)
+        if with_feedback:
+            cells.append(Text(f"{row.feedback} {_seconds(row.feedback_latency_s)}",
+                              style="green" if row.feedback == "on_time" else "bold yellow") if row.feedback
+                         else Text("-", style="dim"))
+        table.add_row(*cells, _seconds(latency), trial_flags(row))
     return Panel(table, title=f"trials ({len(state.trials)})", border_style="green")
 
 

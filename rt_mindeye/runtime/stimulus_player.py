@@ -6,9 +6,10 @@ stimulus when it is "shown" (at its onset on the replay's accelerated clock) and
 each trial. It follows the scanner emulator: hand :meth:`on_volume` to :meth:`ScannerEmulator.run` as
 ``on_progress`` and a run's trigger is the acquisition start of its first volume.
 
-Trials are numbered as the real-time GLM numbers them: 0, 1, ... in onset order within the run. Onsets are reported in
-scan seconds after the trigger (wall seconds x ``speed``), measured when the event is sent, as a stimulus computer
-measures them from its own flips.
+Trials are numbered as the real-time GLM numbers them: 0, 1, ... in onset order within the run. Each stimulus
+"appears" exactly at its planned onset (scan seconds after the trigger; wall seconds x ``speed`` on the replay), and
+its report goes out when that moment has passed, as a PsychoPy experiment reports the time of its flip: a report that
+is sent late (a busy machine) is late, not wrong.
 """
 
 from __future__ import annotations
@@ -111,8 +112,7 @@ class StimulusPlayer:
                     self._wake.wait(min(wait, 0.1))
                     continue
                 self._queue.pop(0)
-                onset = (time.time() - self.triggers[stim.run]) * self.speed  # "measured" from the flip
-                self._client.event(run=stim.run, trial=stim.trial, onset=onset, duration=stim.duration,
+                self._client.event(run=stim.run, trial=stim.trial, onset=stim.onset, duration=stim.duration,
                                    trial_type=stim.trial_type, stim_file=stim.stim_file)
                 self.sent.append(stim)
 
