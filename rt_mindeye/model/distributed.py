@@ -212,13 +212,14 @@ class GlobalBatchDraws(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if kwargs.get("generator") is not None:
             return func(*args, **kwargs)
+        if func in (torch.rand, torch.randn, torch.randint) and "size" in kwargs:
+            kwargs["size"] = self._global_size(func, kwargs["size"])
+            return self._local(func(*args, **kwargs))
         if func in (torch.rand, torch.randn):
             size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
             return self._local(func(self._global_size(func, size), **kwargs))
-        if func is torch.randint:
-            size = kwargs.pop("size") if "size" in kwargs else args[-1]
-            bounds = args if "size" in kwargs else args[:-1]
-            return self._local(torch.randint(*bounds, self._global_size(func, size), **kwargs))
+        if func is torch.randint:  # (high, size) or (low, high, size)
+            return self._local(func(*args[:-1], self._global_size(func, args[-1]), **kwargs))
         if func in (torch.rand_like, torch.randn_like, torch.randint_like):
             like, rest = args[0], args[1:]
             factory = {torch.rand_like: torch.rand, torch.randn_like: torch.randn,
@@ -229,7 +230,8 @@ class GlobalBatchDraws(TorchFunctionMode):
             return self._local(factory(*rest, self._global_size(func, like.shape), **kwargs))
         if func is F.dropout:
             return self._dropout(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and float(kwargs.get("dropout_p", 0.0)) > 0:
+        if func is F.scaled_dot_product_attention and float(kwargs.get("dropout_p", args[4] if len(args) > 4
+                                                                           else 0.0)) > 0:
             raise DistributedError("model", "attention dropout cannot be drawn per global batch; set it to 0")
         if func in _UNSHARDABLE_DRAWS:
             raise DistributedError("model", f"{getattr(func, '__qualname__', func)} draws random numbers that "

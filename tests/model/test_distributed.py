@@ -237,7 +237,7 @@ def test_draws_for_the_global_batch_are_the_single_process_draws():
 
     def draws():
         return (F.dropout(x, 0.3, True), torch.randn_like(x), torch.randint(0, 100, (len(x),)),
-                torch.rand(len(x)), torch.randn(len(x), 2))
+                torch.rand(len(x)), torch.randn(len(x), 2), torch.randint(7, size=(len(x), 2)))
 
     torch.manual_seed(0)
     single = draws()
@@ -249,7 +249,7 @@ def test_draws_for_the_global_batch_are_the_single_process_draws():
     torch.manual_seed(0)
     with GlobalBatchDraws(rows, 10):
         mine = (F.dropout(x[rows], 0.3, True), torch.randn_like(x[rows]), torch.randint(0, 100, (5,)),
-                torch.rand(5), torch.randn(5, 2))
+                torch.rand(5), torch.randn(5, 2), torch.randint(7, size=(5, 2)))
     for a, b in zip(single, mine):
         assert torch.equal(a[rows], b)
     assert torch.get_rng_state().equal(_state_after(draws))  # every rank's RNG stays in step with one process
