@@ -400,6 +400,18 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         return float(local.item())
 
+    @torch.no_grad()
+    def evaluate_top1(self, data, subject, device=None) -> float:
+        """On every rank, the whole validation set (the same number everywhere). Under FSDP the root unit's
+        parameters are gathered around it (the other units gather their own as they run)."""
+        if self.strategy != "fsdp":
+            return super().evaluate_top1(data, subject, device)
+        self._step.unshard()
+        try:
+            return super().evaluate_top1(data, subject, device)
+        finally:
+            self._step.reshard()
+
     # -- placement -------------------------------------------------------------------------------------------------
 
     def _module(self) -> nn.Module:
@@ -488,6 +500,7 @@ class TrainingJob:
     checkpoint_path: Path | None = None
     resume_from: Path | None = None
     strategy: str = "auto"
+    validation: SubjectData | None = None  # held-out trials of ridge head 0, scored after every epoch
 
 
 @dataclass
@@ -524,7 +537,7 @@ def _jobs_worker(jobs: list[TrainingJob]) -> list[JobResult]:
         for job in jobs:
             trainer = DistributedTrainer(build_job_model(job), job.config, world, job.checkpoint_path,
                                          progress=False, strategy=job.strategy)
-            result = trainer.fit(job.datasets, resume_from=job.resume_from)
+            result = trainer.fit(job.datasets, validation=job.validation, resume_from=job.resume_from)
             state = trainer.full_state_dict()  # collective under FSDP
             results.append(JobResult(result=result, state_dict=state if world.is_main else None))
         return results

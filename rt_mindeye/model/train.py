@@ -447,7 +447,8 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
         optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        return save_container(path, self.model if model is None else model, epoch=epoch, optimizer_state=optimizer_state,
+        model = self.model if model is None else model
+        return save_container(path, model, epoch=epoch, optimizer_state=optimizer_state,
                               lr_scheduler_state=scheduler.state_dict(), train_losses=losses, lrs=lrs,
                               extra={TRAIN_STATE_KEY: state})
 

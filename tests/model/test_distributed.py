@@ -42,11 +42,10 @@ OUTPUT_RTOL = 1e-4  # outputs pass the low-level decoder, whose one-channel Grou
 SETTINGS = TrainConfig(epochs=4, batch_size=16, max_lr=3e-3, seed=7, warmup_epochs=1.0, mixup_pct=0.5)
 
 
-def _reference(config, data, settings, path):
+def _reference(config, data, settings, path, validation=None):
     torch.manual_seed(settings.seed)
     model = MindEyeModule(config)
-    pretrain(model, data, settings, checkpoint_path=path, progress=False)
-    return model
+    return model, pretrain(model, data, settings, checkpoint_path=path, validation=validation, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +55,11 @@ def runs(micro, subject_data, tmp_path_factory):
     config = micro((20, 24))
     blurry_data = [subject_data(48, 20, 1, blurry_config, "s1"), subject_data(48, 24, 2, blurry_config, "s2")]
     data = [subject_data(48, 20, 1, config, "s1"), subject_data(48, 24, 2, config, "s2")]
+    held_out = subject_data(24, 20, 11, config, "s1 held out")
 
-    ref = {"ddp": _reference(blurry_config, blurry_data, SETTINGS, tmp / "ref_ddp.pth"),
-           "fsdp": _reference(config, data, SETTINGS, tmp / "ref_fsdp.pth")}
-    control = _reference(config, data, dataclasses.replace(SETTINGS, seed=8), tmp / "control.pth")
+    ref = {"ddp": _reference(blurry_config, blurry_data, SETTINGS, tmp / "ref_ddp.pth")[0]}
+    ref["fsdp"], ref_fsdp_result = _reference(config, data, SETTINGS, tmp / "ref_fsdp.pth", validation=held_out)
+    control, _ = _reference(config, data, dataclasses.replace(SETTINGS, seed=8), tmp / "control.pth")
 
     # A single-process run stopped after epoch 2 (checkpoint every 2), to be resumed by 2 processes.
     torch.manual_seed(SETTINGS.seed)
@@ -85,7 +85,8 @@ def runs(micro, subject_data, tmp_path_factory):
 
     jobs = {
         "ddp": TrainingJob(blurry_data, SETTINGS, blurry_config, checkpoint_path=tmp / "ddp.pth", strategy="ddp"),
-        "fsdp": TrainingJob(data, SETTINGS, config, checkpoint_path=tmp / "fsdp.pth", strategy="fsdp"),
+        "fsdp": TrainingJob(data, SETTINGS, config, checkpoint_path=tmp / "fsdp.pth", strategy="fsdp",
+                            validation=held_out),
         "resume_ddp": TrainingJob(data, SETTINGS, config, checkpoint_path=tmp / "resume_ddp.pth",
                                   resume_from=tmp / "half.pth", strategy="ddp"),
         "resume_fsdp": TrainingJob(data, SETTINGS, config, checkpoint_path=tmp / "resume_fsdp.pth",
@@ -97,7 +98,8 @@ def runs(micro, subject_data, tmp_path_factory):
     }
     results = run_jobs(list(jobs.values()), nproc=2)
     by_rank = {rank: dict(zip(jobs, rank_results)) for rank, rank_results in results.items()}
-    return dict(tmp=tmp, ref=ref, control=control, jobs=by_rank, data={"ddp": blurry_data, "fsdp": data},
+    return dict(tmp=tmp, ref=ref, ref_fsdp_result=ref_fsdp_result, control=control, jobs=by_rank,
+                data={"ddp": blurry_data, "fsdp": data},
                 configs={"ddp": blurry_config, "fsdp": config}, new=new)
 
 
@@ -154,6 +156,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs, strate
     trained.load_state_dict(job.state_dict)
     for a, b in zip(_outputs(ref, runs["data"][strategy]), _outputs(trained, runs["data"][strategy])):
         torch.testing.assert_close(b, a, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * a.abs().max().item())
+
+
+def test_validation_after_each_epoch_is_the_single_process_one(runs):
+    """Scored on every rank (under FSDP every rank must take part in the forward), after each epoch."""
+    expected = [h.val_top1 for h in runs["ref_fsdp_result"].history]
+    assert None not in expected
+    for rank in (0, 1):
+        assert [h.val_top1 for h in runs["jobs"][rank]["fsdp"].result.history] == expected
 
 
 def test_a_run_with_other_random_draws_misses_the_tolerances_by_far(runs):
