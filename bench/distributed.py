@@ -21,6 +21,17 @@ Run from the repository root::
    ``train_log.json`` (the first epoch, which includes DDP's set-up, reported apart) and the whole command's time.
    On a busy machine these timings say little; the table says whether the machine was loaded.
 
+3. **Measured memory and step time (where GPUs are lent; not run in this work).** On a GPU node::
+
+       torchrun --standalone --nproc-per-node 8 bench/distributed.py --measure --preset full
+       torchrun --standalone --nproc-per-node 1 bench/distributed.py --measure --preset light --strategy ddp
+
+   fine-tunes a randomly initialised model of that preset (one subject of 15,724 voxels, 256 x 1664 tokens) on
+   random data at a global batch of 24 for two epochs of ``--steps`` steps with the real trainer, and reports per
+   rank the peak GPU memory (``torch.cuda.max_memory_allocated``) and the second epoch's time per step. Every rank
+   builds the model in host memory first (full: 9 GB of fp32 per rank). ``--preset tiny --nproc 2`` is a CPU smoke
+   run of the same code (gloo; peak RSS instead of GPU memory).
+
 Prints tables and writes ``bench/results/distributed.json``.
 """
 
@@ -137,6 +148,61 @@ def wall_time(epochs: int) -> dict:
             "max_loss_rel_diff": max(abs(a - b) / abs(a) for a, b in zip(runs[0]["losses"], runs[1]["losses"]))}
 
 
+def _measure_worker(preset: str, strategy: str, steps: int) -> dict:
+    """One rank of ``--measure``: a two-epoch fine-tune on random data; peak memory and the second epoch's step."""
+    import resource
+
+    import torch.distributed as dist
+
+    from rt_mindeye.model.distributed import DistributedTrainer, close_worker, init_worker
+    from rt_mindeye.model.mindeye import MindEyeModule
+    from rt_mindeye.model.train import SubjectData, TrainConfig
+
+    world = init_worker("auto")
+    try:
+        fields = {} if preset == "tiny" else dict(token_seq=256, token_dim=1664)
+        config = MindEyeConfig.preset(preset, [NSD_SUBJ01_VOXELS if preset != "tiny" else 500], **fields)
+        n = FINETUNE_BATCH * steps
+        g = torch.Generator().manual_seed(0)
+        blurry = aux = None
+        if config.blurry_recon:
+            side = config.blurry_size
+            blurry = torch.randn(n, config.blurry_out_channels, side, side, generator=g)
+            aux = torch.randn(n, config.blurry_grid ** 2, config.blurry_aux_dim, generator=g)
+        data = SubjectData(torch.randn(n, config.subject_voxels[0], generator=g),
+                           torch.randn(n, config.token_seq, config.token_dim, generator=g), blurry, aux, name="random")
+        torch.manual_seed(0)
+        model = MindEyeModule(config)
+        settings = TrainConfig(epochs=2, batch_size=FINETUNE_BATCH, warmup_epochs=0.5)
+        trainer = DistributedTrainer(model, settings, world, progress=False, strategy=strategy)
+        if world.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(world.device)
+        result = trainer.fit([data])
+        peak = (torch.cuda.max_memory_allocated(world.device) if world.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        row = {"rank": world.rank, "gpus": world.world_size, "device": str(world.device),
+                "gpu_name": torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else None,
+                "strategy": trainer.strategy, "preset": preset, "parameters": model.parameter_counts()["total"],
+                "peak_bytes": peak, "peak_kind": "cuda max_memory_allocated" if world.device.type == "cuda"
+                else "peak RSS (CPU)", "step_s": result.history[-1].seconds / result.steps_per_epoch,
+                "losses": [h.loss for h in result.history]}
+        rows: list = [None] * world.world_size
+        dist.all_gather_object(rows, row)
+        return rows
+    finally:
+        close_worker()
+
+
+def measure(preset: str, strategy: str, steps: int, nproc: int) -> list[dict] | None:
+    """Every rank's row, in the process that reports (rank 0 under torchrun, else this launcher); None elsewhere."""
+    from rt_mindeye.model.distributed import launch_local, launched
+
+    if launched():  # under torchrun this process is one of the ranks
+        rows = _measure_worker(preset, strategy, steps)
+        return rows if int(os.environ["RANK"]) == 0 else None
+    return launch_local(_measure_worker, (preset, strategy, steps), nproc)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -145,7 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="only the computed memory table")
     parser.add_argument("--walltime", action="store_true", help="only the CPU wall-time comparison")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--measure", action="store_true",
+                        help="measure peak memory and step time of a fine-tune (run under torchrun on GPUs)")
+    parser.add_argument("--preset", default="full", choices=("tiny", "light", "full"))
+    parser.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"))
+    parser.add_argument("--steps", type=int, default=4, help="--measure: steps per epoch")
+    parser.add_argument("--nproc", type=int, default=2, help="--measure without torchrun: local processes")
     args = parser.parse_args(argv)
+    if args.measure:
+        rows = measure(args.preset, args.strategy, args.steps, args.nproc)
+        return _report_measure(rows, console_width=150) if rows is not None else 0
     both = not (args.memory or args.walltime)
     console = Console(width=150)
     results: dict = {}
@@ -180,6 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / "distributed.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**previous, **results}, indent=2, default=str))
+    console.print(f"wrote {path}")
+    return 0
+
+
+def _report_measure(rows: list[dict], console_width: int) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=console_width)
+    table = Table(title=f"{rows[0]['preset']} fine-tune, global batch {FINETUNE_BATCH}, {rows[0]['strategy'].upper()} "
+                        f"on {rows[0]['gpus']} x {rows[0]['gpu_name'] or 'CPU'} (MEASURED)")
+    for column in ("rank", "peak GiB", "peak of", "step s", "losses"):
+        table.add_column(column, justify="right")
+    for row in sorted(rows, key=lambda r: r["rank"]):
+        table.add_row(str(row["rank"]), f"{row['peak_bytes'] / GIB:.2f}", row["peak_kind"], f"{row['step_s']:.3f}",
+                      ", ".join(f"{x:.3f}" for x in row["losses"]))
+    console.print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"distributed_measure_{rows[0]['preset']}_{rows[0]['gpus']}.json"
+    path.write_text(json.dumps(rows, indent=2))
     console.print(f"wrote {path}")
     return 0
 
