@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     parser.add_argument("--pretrain-minutes", type=float, default=3.0, help="time budget of the pretraining")
     parser.add_argument("--finetune-minutes", type=float, default=2.0, help="time budget of the fine-tuning")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true",
+                        help="every step and process at toy sizes with seconds of training (a smoke run in well under "
+                             "a minute; its retrieval figures mean nothing)")
     view = parser.add_mutually_exclusive_group()
     view.add_argument("--live", dest="live", action="store_true", default=None, help="full-screen console")
     view.add_argument("--headless", dest="live", action="store_false", help="log lines instead of the live console")
@@ -25,8 +28,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rt_mindeye.runtime.demo import DemoOptions, run_demo
+    from rt_mindeye.runtime.demo import DemoOptions, quick_options, run_demo
 
-    summary = run_demo(DemoOptions(out=args.out, speed=args.speed, pretrain_budget_min=args.pretrain_minutes,
-                                   finetune_budget_min=args.finetune_minutes, seed=args.seed, live_console=args.live))
+    options = DemoOptions(out=args.out, speed=args.speed, pretrain_budget_min=args.pretrain_minutes,
+                          finetune_budget_min=args.finetune_minutes, seed=args.seed, live_console=args.live)
+    summary = run_demo(quick_options(options) if args.quick else options)
     return 0 if summary["trials_decoded"] > 0 else 1

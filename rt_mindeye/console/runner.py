@@ -20,7 +20,9 @@ from rt_mindeye.console.gallery import Gallery
 from rt_mindeye.console.state import ConsoleState, apply, apply_event, tick
 from rt_mindeye.console.views import make_layout, update_layout
 from rt_mindeye.transport import protocol
-from rt_mindeye.transport.messages import DecodeResult, DesignNotice, Feedback, Heartbeat, VolumeStatus
+from rt_mindeye.transport.messages import (
+    DecodeResult, DesignNotice, Feedback, Heartbeat, StimulusEvent, TrialBetas, VolumeStatus,
+)
 from rt_mindeye.transport.pubsub import Delivery, SnapshotSubscriber, Source
 
 __all__ = ["OperatorConsole", "Console", "fold"]
@@ -132,7 +134,7 @@ class OperatorConsole:
             log.log(logging.WARNING if status == "DEAD" else logging.INFO, "%s is %s", delivery.source, status)
             return
         msg = delivery.message
-        if isinstance(msg, Heartbeat):
+        if isinstance(msg, (Heartbeat, TrialBetas)):  # an estimate's line is its result's
             return
         if isinstance(msg, VolumeStatus):
             log.info("run %d volume %d fd %.3f mm%s latency %.0f ms", msg.run, msg.volume, msg.fd,
@@ -149,6 +151,9 @@ class OperatorConsole:
         elif isinstance(msg, Feedback):
             log.info("run %d trial %d feedback %s (%s) %.0f ms after acquisition", msg.run, msg.trial, msg.status,
                      ", ".join(msg.topk_labels[:1]) or msg.text or "-", (msg.created_at - msg.acquisition_time) * 1e3)
+        elif isinstance(msg, StimulusEvent):
+            log.info("run %d trial %d shown at %.2f s: %s", msg.run, msg.trial, msg.onset, msg.stim_file or
+                     msg.trial_type)
         else:
             log.info("%s: %s", delivery.source, type(msg).__name__)
 

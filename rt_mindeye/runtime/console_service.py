@@ -34,6 +34,8 @@ def run_console(config: SessionConfig, stop: threading.Event | None = None, *, h
         console_config = replace(console_config, gallery_dir=layout.gallery_dir)
     if console_config.stimulus_dir is None and s.stimuli_dir is not None:
         console_config = replace(console_config, stimulus_dir=s.stimuli_dir.parent)
+    if headless or (headless is None and console_config.headless):
+        _log_to_stdout()
     console = OperatorConsole(console_config, console_sources(config),
                               heartbeat_interval_s=config.transport.heartbeat_interval_s,
                               heartbeat_liveness=config.transport.heartbeat_liveness)
@@ -43,3 +45,17 @@ def run_console(config: SessionConfig, stop: threading.Event | None = None, *, h
         return console.run(duration_s=duration_s, headless=headless)
     finally:
         console.close()
+
+
+def _log_to_stdout() -> None:
+    """A headless console's lines go to standard output (once per process)."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("rt_mindeye.console")
+    if not any(getattr(h, "rt_mindeye_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.rt_mindeye_console = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

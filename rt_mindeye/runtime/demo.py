@@ -43,6 +43,42 @@ class DemoOptions:
     seed: int = 1
     live_console: bool | None = None  # None: live view when stdout is a terminal
     phantom_overrides: tuple[tuple[str, object], ...] = ()
+    quick: bool = False  # toy sizes: see quick_options
+
+
+# --- `rt-mindeye demo --quick` ---------------------------------------------------------------------------------------
+
+#: The quick demo's phantom: 3 runs of 12 trials (2 for calibration, 1 live), 200 visual voxels.
+QUICK_PHANTOM = (("n_runs", 3), ("calibration_runs", 2), ("trials_per_run", 12), ("repeated_images", 6),
+                 ("repeats", 2), ("rest_end_s", 9.0), ("visual_voxels", 200))
+
+
+def quick_options(options: DemoOptions) -> DemoOptions:
+    """Every step of the demo, every process and the closed loop, at toy sizes: a smoke run in well under a minute
+    (tests, a first look on a new machine). The shared model is not pretrained (an untrained tiny model of the right
+    shapes) and is fine-tuned for seconds: its retrieval figures mean nothing."""
+    return dataclasses.replace(options, quick=True, speed=max(options.speed, 20.0), pretrain_budget_min=0.0,
+                               finetune_budget_min=0.05, phantom_overrides=QUICK_PHANTOM + options.phantom_overrides)
+
+
+def _untrained_shared_model(model_dir: Path, options: DemoOptions, console) -> Path:
+    """The quick demo's shared model: the tiny architecture at the phantom embedder's shapes, not trained."""
+    import torch
+
+    from rt_mindeye.convert.mindeye2 import save_container
+    from rt_mindeye.model.config import MindEyeConfig, tiny_fields_for
+    from rt_mindeye.model.data import image_targets
+    from rt_mindeye.model.embedders import PhantomEmbedder
+    from rt_mindeye.model.mindeye import MindEyeModule
+
+    torch.manual_seed(options.seed)
+    shapes = image_targets(np.zeros((1, 64, 64, 3), dtype=np.uint8), PhantomEmbedder())  # target shapes only
+    seq, dim = shapes.tokens.shape[1:]
+    fields = dict(token_seq=int(seq), token_dim=int(dim), **tiny_fields_for(int(dim), shapes.blurry, shapes.aux))
+    config = MindEyeConfig.preset("tiny", [64], subject_names=("untrained",), **fields)
+    checkpoint = save_container(model_dir / "last.pth", MindEyeModule(config))
+    console.print("--quick: an untrained shared model (no pretraining)")
+    return checkpoint
 
 
 def demo_phantom_config(**overrides):
@@ -142,9 +178,12 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     so what the shared model learns must generalise to new images, which is what the live runs need. The checkpoint
     is reused by later demos while the recipe is unchanged.
     """
+    if options.quick:
+        return _untrained_shared_model(model_dir / "quick", options, console)
     checkpoint = model_dir / "last.pth"
-    recipe = {"version": 2, "subjects": list(PRETRAIN_SUBJECTS), "runs": PRETRAIN_RUNS,
-              "trials_per_run": PRETRAIN_TRIALS_PER_RUN, "first_stimulus": cfg.n_images, "seed": options.seed,
+    subjects, n_runs, trials_per_run = PRETRAIN_SUBJECTS, PRETRAIN_RUNS, PRETRAIN_TRIALS_PER_RUN
+    recipe = {"version": 2, "subjects": list(subjects), "runs": n_runs,
+              "trials_per_run": trials_per_run, "first_stimulus": cfg.n_images, "seed": options.seed,
               "budget_min": options.pretrain_budget_min}
     recipe_path = model_dir / "recipe.json"
     if checkpoint.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == recipe:
@@ -158,10 +197,10 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     from rt_mindeye.phantom.session import simulate_session
 
     datasets = []
-    per_subject = PRETRAIN_RUNS * PRETRAIN_TRIALS_PER_RUN
-    for k, subject in enumerate(PRETRAIN_SUBJECTS):
-        other_cfg = dataclasses.replace(cfg, n_runs=PRETRAIN_RUNS, calibration_runs=0, repeated_images=0,
-                                        trials_per_run=PRETRAIN_TRIALS_PER_RUN,
+    per_subject = n_runs * trials_per_run
+    for k, subject in enumerate(subjects):
+        other_cfg = dataclasses.replace(cfg, n_runs=n_runs, calibration_runs=0, repeated_images=0,
+                                        trials_per_run=trials_per_run,
                                         stimulus_offset=cfg.stimulus_offset + cfg.n_images + k * per_subject)
         other = simulate_session(other_cfg, subject=subject, seed=100 + subject)
         targets = image_targets(other.images, PhantomEmbedder())
@@ -177,7 +216,7 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
                       log=console.print)
     recipe_path.write_text(json.dumps(recipe))
-    console.print(f"pretrained on subjects {PRETRAIN_SUBJECTS} ({sum(len(d) for d in datasets)} trials of their own "
+    console.print(f"pretrained on subjects {subjects} ({sum(len(d) for d in datasets)} trials of their own "
                   f"images, {result.epochs} epochs)")
     return checkpoint
 

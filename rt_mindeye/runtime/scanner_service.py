@@ -193,7 +193,9 @@ def run_scanner(config: SessionConfig, stop: threading.Event | None = None) -> d
                     log.info("%d live run(s) ended: stopping", runs_ended)
                     break
         trials_sent += _send_all(pipeline.end_current_run(), sender, publisher, bundles)
-        if not sender.wait_acked(sender.last_seq, ACK_DRAIN_S):
+        # No decoder connected: nothing to wait for (the journal keeps everything for the next one).
+        if not (sender.peer_alive and sender.wait_acked(sender.last_seq, ACK_DRAIN_S)) and \
+                sender.acked_seq < sender.last_seq:
             log.warning("stopping with unacknowledged trials (acked %d of %d): they stay in the journal and are "
                         "re-sent when the scanner host restarts", sender.acked_seq, sender.last_seq)
         publisher.publish(Heartbeat(session=s.id, service="scanner", state=STATE_SESSION_DONE,
