@@ -144,6 +144,7 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
     # default: local LSA +-6, ridge toward the calibration mean beta, AR(1) 0.2 prewhitening, drift <= 1 with the
     # slope shrunk; previous: the same without prewhitening, slope shrinkage and prior mean.
     variants = {"default": {},
+                "without the issue-9 priors": {"noise_prior": 0.0, "snr_ridge": False, "final_denoise": False},
                 "previous default": previous,
                 "previous, constant drift": {**previous, "max_drift_degree": 0},
                 "default, ar_rho 0": {"ar_rho": 0.0},

@@ -48,6 +48,18 @@ class RealtimeConfig:
     noise_pcs: bool = setting(True, "use the calibration's noise components (frozen spatial loadings applied to "
                                     "the live noise pool) as nuisance regressors in early/refined estimates")
     use_motion: bool = setting(True, "use motion parameters passed to add_volume as nuisance regressors")
+    noise_prior: float = setting(
+        1.0, "live noise regressors (the calibration's live_noise_pcs spatial components applied to each volume's "
+             "noise pool) get per-voxel coefficients shrunk toward the ones the calibration runs gave, with the weight "
+             "of this many runs of data (0 = free coefficients, and only the calibration's cross-validated PC count)",
+        min=0.0, max=1000.0)
+    snr_ridge: bool = setting(
+        True, "own-trial ridge parameter of each voxel = its calibration noise variance / across-trial beta variance "
+              "(the posterior mean under a Gaussian prior on the betas) instead of the alpha of its type-d ridge "
+              "fraction; used in early/refined and end-of-run estimates")
+    final_denoise: bool = setting(
+        True, "end-of-run estimate: subtract each voxel's calibration-predicted shared noise (its frozen coefficients "
+              "times the live noise regressors) before the refit")
     final_ridge: bool = setting(True, "apply the calibration's ridge fractions in the end-of-run estimate")
     zscore: bool = setting(True, "z-score each voxel's betas with the calibration betas' mean and standard deviation")
 
@@ -86,6 +98,10 @@ class GLMConfig:
                                            doc="ridge fractions tried per voxel (type d)")
     n_alpha_grid: int = setting(120, "points of the log-spaced ridge-parameter grid used to map fractions to "
                                      "ridge parameters", min=10, max=2000)
+    live_noise_pcs: int = setting(
+        20, "types c/d: noise components (spatial loadings of the noise pool) frozen for the real-time estimator, "
+            "with each voxel's coefficients on them in the calibration runs (at least the chosen PC count)",
+        min=0, max=100)
     refit_hrf: bool = setting(True, "types c/d: choose each voxel's HRF again with the chosen noise regressors in "
                                     "the model (GLMsingle keeps the type-b choice made without them)")
     rescale: bool = setting(True, "after ridge, scale and offset each voxel's betas to best match its unregularised "

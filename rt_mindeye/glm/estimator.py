@@ -63,10 +63,13 @@ class GLMCalibration:
     ridge_alpha: np.ndarray | None = None  # (V,) chosen ridge parameter, one for all runs (0 = OLS)
     hrf_peak_at_tr: bool = False
     scale_offset: np.ndarray | None = None  # (V, 2) rescaling of the ridge betas (type d with rescale)
+    noise_coef: np.ndarray | None = None    # (V, n_live) each voxel's coefficients on the live noise regressors
+    snr_alpha: np.ndarray | None = None     # (V,) ridge parameter noise variance / beta variance (types c/d)
+    snr_scale_offset: np.ndarray | None = None  # (V, 2) rescaling of the betas with snr_alpha toward OLS
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
-    _OPTIONAL = ("ridge_alpha", "scale_offset")
+    _OPTIONAL = ("ridge_alpha", "scale_offset", "noise_coef", "snr_alpha", "snr_scale_offset")
 
     @property
     def n_voxels(self) -> int:
@@ -118,7 +121,8 @@ class GLMSingle:
                  n_pcs: int | None = None, pc_stop: float = round(1 / 1.05, 6), noise_pool_r2: float | None = None,
                  brain_percentile: float = 99.0, brain_fraction: float = 0.1, max_pool_voxels: int = 20000,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS, n_alpha_grid: int = 120, rescale: bool = True,
-                 refit_hrf: bool = True, save_types: str = "", progress: ProgressCallback | None = None):
+                 refit_hrf: bool = True, live_noise_pcs: int = 20, save_types: str = "",
+                 progress: ProgressCallback | None = None):
         self.model = model
         self.canonical_hrf = canonical_hrf
         self.slice_time_ref = slice_time_ref
@@ -135,6 +139,7 @@ class GLMSingle:
         self.n_alpha_grid = n_alpha_grid
         self.rescale = rescale
         self.refit_hrf = refit_hrf
+        self.live_noise_pcs = live_noise_pcs
         self.save_types = save_types
         self.progress = progress
 
@@ -339,8 +344,26 @@ class GLMSingle:
             hrf_r2 = hrf_r2.max(axis=0)
             self._report("HRF library (denoised)", 1, 1)
 
+        # Live noise regressors need pool voxels among the fitted ones (the real-time vector holds only those): the
+        # pool's spatial loadings (live_noise_pcs of them, at least the chosen count) and each voxel's coefficients
+        # on them in the calibration runs, fitted with its single-trial design (the real-time prior).
+        live_pool = cand_pool if noise_runs is None else (in_brain & (r2_onoff < threshold))
+        live_index = F.subsample_pool(live_pool, self.max_pool_voxels)
+        self._report("noise loadings", 0, 1)
+        n_live = max(n_pcs, int(self.live_noise_pcs)) if model in ("c", "d") else 0
+        n_live = min(n_live, max(live_index.size - 1, 0), min(y.shape[0] for y in psc))
+        noise_coef = None
+        if n_live > 0:
+            loadings, scale = F.spatial_noise_loadings([y[:, live_index] for y in psc], bases, n_live)
+            live = [F.live_components(y[:, live_index], loadings, scale) for y in psc]
+            noise_coef = F.noise_coefficients(psc, regs, bases, live, hrf_index).astype(np.float32)
+        else:
+            loadings, scale = np.zeros((live_index.size, 0)), np.ones(live_index.size)
+        self._report("noise loadings", 1, 1)
+
         self._report("single-trial fit", 0, 1)
         rot = F.rotate(psc, regs, nuisance, hrf_index, hrfs.n_hrfs)
+        dof = sum(y.shape[0] - n.shape[1] - len(ev) for y, n, ev in zip(psc, nuisance, events))
         del psc, noise_psc
         n_vox = hrf_index.size
         fractions = np.asarray(self.fractions, dtype=np.float64)
@@ -355,6 +378,12 @@ class GLMSingle:
         alpha = np.zeros(n_vox)
         scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
         betas, sse = ols, ols_sse
+        snr_alpha = snr_scale_offset = None
+        if model in ("c", "d"):
+            snr_alpha = F.signal_to_noise_alpha(rot, hrf_index, ols, ols_sse, dof)
+            snr_betas = F.betas_and_sse(rot, hrf_index, np.repeat(snr_alpha[None, :], n_runs, axis=0))[0]
+            snr_scale_offset = F.rescale_to(snr_betas, ols)
+            del snr_betas
         if model == "d":
             betas, sse, frac, alpha, scale_offset = self._ridge(rot, hrf_index, fractions, ols, cv)
             self.betas_by_type_["d"] = betas
@@ -363,17 +392,6 @@ class GLMSingle:
         with np.errstate(invalid="ignore", divide="ignore"):
             r2 = np.where(total > 0, 1.0 - sse / total, 0.0)
         del rot
-
-        # Live noise regressors need pool voxels among the fitted ones (the real-time vector holds only those).
-        live_pool = cand_pool if noise_runs is None else (in_brain & (r2_onoff < threshold))
-        live_index = F.subsample_pool(live_pool, self.max_pool_voxels)
-        self._report("noise loadings", 0, 1)
-        if n_pcs > 0 and live_index.size > n_pcs:
-            loadings, scale = F.spatial_noise_loadings([F.percent_signal(y[:, live_index])[0] for y in data],
-                                                       bases, n_pcs)
-        else:
-            loadings, scale = np.zeros((live_index.size, 0)), np.ones(live_index.size)
-        self._report("noise loadings", 1, 1)
 
         self.tr_ = tr
         self.betas_ = betas
@@ -396,6 +414,9 @@ class GLMSingle:
         self.noise_components_ = [c[:, :n_pcs] for c in components]
         self.noise_loadings_ = loadings
         self.noise_scale_ = scale
+        self.noise_coef_ = noise_coef
+        self.snr_alpha_ = snr_alpha
+        self.snr_scale_offset_ = snr_scale_offset
         self.n_pcs_ = int(n_pcs)
         self.pc_scores_ = pc_scores
         self.mean_ = mean
@@ -521,7 +542,8 @@ class GLMSingle:
             noise_loadings=self.noise_loadings_, noise_scale=self.noise_scale_, beta_mean=self.beta_mean_,
             beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid), ridge_alpha=self.ridge_alpha_,
             hrf_peak_at_tr=bool(self.hrf_peak_at_tr),
-            scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None)
+            scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None,
+            noise_coef=self.noise_coef_, snr_alpha=self.snr_alpha_, snr_scale_offset=self.snr_scale_offset_)
 
     def zscored_betas(self) -> np.ndarray:
         self._check_fitted()

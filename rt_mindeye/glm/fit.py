@@ -378,3 +378,69 @@ def run_regressors(hrfs: HRFSet, events: RunEvents, n_frames: int, tr: float, sl
 def onoff_regressors(regressors: np.ndarray) -> np.ndarray:
     """The on-off model: all trials as one condition, (H, T, 1)."""
     return regressors.sum(axis=2, keepdims=True)
+
+
+# --- statistics for the real-time estimator ------------------------------------------------------------------------
+
+def live_components(pool_psc: np.ndarray, loadings: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(T, n) live noise regressors of one run, exactly as the real-time stage computes them from each volume."""
+    return (np.asarray(pool_psc, dtype=np.float64) / scale) @ loadings
+
+
+def noise_coefficients(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], bases: Sequence[np.ndarray],
+                       components: Sequence[np.ndarray], hrf_index: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Per voxel, the coefficients (V, n) of the live noise regressors ``components[r] (T, n)`` in the calibration
+    runs, fitted jointly with the voxel's single-trial design (its own HRF) and the drift/motion ``bases``.
+
+    By Frisch-Waugh-Lovell, with ``c~`` the components with the run's trial design and basis projected out, the
+    coefficients are ``(sum_r c~'c~)^-1 sum_r c~' y`` (``c~' y = c~' y~`` needs no projection of the data), so the
+    cost is one small QR per run and HRF plus an (n x T) x (T x V) product per run."""
+    n_vox = data[0].shape[1]
+    n = components[0].shape[1] if components else 0
+    out = np.zeros((n_vox, n))
+    if n == 0:
+        return out
+    used = np.unique(hrf_index)
+    gram = {int(h): np.zeros((n, n)) for h in used}
+    cross = np.zeros((n, n_vox))
+    groups = {int(h): np.flatnonzero(hrf_index == h) for h in used}
+    for r, y in enumerate(data):
+        for h, idx in groups.items():
+            q, _ = np.linalg.qr(np.concatenate([bases[r], regressors[r][h]], axis=1))
+            ct = components[r] - q @ (q.T @ components[r])
+            gram[h] += ct.T @ ct
+            for start in range(0, idx.size, chunk):
+                part = idx[start:start + chunk]
+                cross[:, part] += ct.T @ y[:, part].astype(np.float64)
+    for h, idx in groups.items():
+        g = gram[h] + 1e-9 * max(np.trace(gram[h]), 1e-300) * np.eye(n)
+        out[idx] = np.linalg.solve(g, cross[:, idx]).T
+    return out
+
+
+def signal_to_noise_alpha(rot: Rotated, hrf_index: np.ndarray, ols: np.ndarray, sse: np.ndarray, dof: int,
+                          floor: float = 0.05) -> np.ndarray:
+    """Per voxel, the ridge parameter ``sigma^2 / tau^2`` of a Gaussian prior on its single-trial betas (V,): the
+    residual variance per volume of the unregularised single-trial fit over the variance of the true betas across
+    trials, estimated as the betas' variance minus the part the noise explains (``sigma^2`` times the mean diagonal of
+    ``(X'X)^-1``); ``tau^2`` is kept above ``floor`` times the betas' variance."""
+    sigma2 = sse / max(dof, 1)
+    n_runs, n_hrfs = rot.s.shape[:2]
+    diag_sum = np.zeros(hrf_index.size)
+    for r in range(n_runs):
+        k = int(rot.n_trials[r])
+        if k == 0:
+            continue
+        s = rot.s[r, :, :k]
+        tol = kernels.SINGULAR_TOL * np.maximum(s[:, :1], 1e-300)
+        inv = np.zeros_like(s)
+        np.divide(1.0, s * s, out=inv, where=s > tol)
+        per_hrf = np.einsum("hjk,hk->h", rot.W[r, :, :k, :k] ** 2, inv)  # trace of (X'X)^-1 per HRF
+        diag_sum += per_hrf[hrf_index]
+    mean_diag = diag_sum / max(int(rot.n_trials.sum()), 1)
+    var = np.concatenate([ols[:, i:i + 16384].astype(np.float64).var(axis=0)
+                          for i in range(0, ols.shape[1], 16384)]) if ols.shape[1] else np.zeros(0)
+    tau2 = np.maximum(var - sigma2 * mean_diag, floor * var)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        alpha = np.where(tau2 > 0, sigma2 / tau2, 0.0)
+    return np.nan_to_num(alpha, nan=0.0, posinf=0.0)

@@ -103,7 +103,11 @@ class RealtimeGLM:
         self._used_hrfs = np.unique(self._hrf_index)
         # Voxels share one solve per (HRF, ridge level); ridge parameters are quantised to 25% steps (ridge
         # solutions change little within a step) so a handful of small pseudo-inverses serve every voxel.
-        alpha = cal.ridge_alpha if (cfg.ridge and cal.ridge_alpha is not None) else np.zeros(cal.n_voxels)
+        alpha = np.zeros(cal.n_voxels)
+        if cfg.ridge and cfg.snr_ridge and cal.snr_alpha is not None:
+            alpha = np.asarray(cal.snr_alpha, dtype=np.float64)
+        elif cfg.ridge and cal.ridge_alpha is not None:
+            alpha = cal.ridge_alpha
         self._support = np.array([self._hrfs.support(d) for d in events.durations])
         if cfg.ridge and cfg.ridge_floor > 0 and len(events):
             # Floor: a voxel whose calibration kept fraction 1 (alpha 0) or nearly would otherwise solve an
@@ -131,7 +135,12 @@ class RealtimeGLM:
         n_vox = cal.n_voxels
         k = len(events)
         self._n_poly = cfg.max_drift_degree + 1
-        self._n_pcs = cal.n_pcs if (cfg.noise_pcs and cal.noise_loadings.shape[1]) else 0
+        # Live noise regressors: with a prior, every frozen component (coefficients shrunk toward the calibration's);
+        # without, the calibration's cross-validated count with free coefficients.
+        prior = cfg.noise_pcs and cfg.noise_prior > 0 and cal.noise_coef is not None and cal.noise_coef.shape[1] > 0
+        self._n_pcs = (cal.noise_loadings.shape[1] if prior
+                       else min(cal.n_pcs, cal.noise_loadings.shape[1]) if cfg.noise_pcs else 0)
+        self._noise_prior = (cfg.noise_prior, np.asarray(cal.noise_coef, dtype=np.float64)) if prior else None
         self._n_motion = None  # fixed by the first volume
         self._pool_mean = cal.mean[cal.noise_pool_index]
         self._scale = np.where(cal.mean > 0, 100.0 / np.where(cal.mean > 0, cal.mean, 1.0), 0.0)
@@ -336,15 +345,26 @@ class RealtimeGLM:
         # (drift_shrinkage / elapsed fraction of the run^2), so the run's first trials, with fewer volumes than
         # unpenalised columns, stay solvable and the columns are nearly free once the run is long.
         extra = np.flatnonzero(cols >= self._n_poly)
+        elapsed = max(len(self._frames) / self._planned_frames, 1e-3)
+        prior = self._noise_prior
+        pcs = np.flatnonzero(cols >= self._n_poly + (self._n_motion or 0))
+        if prior is not None and pcs.size:
+            extra = np.setdiff1d(extra, pcs)
         if self.config_.drift_shrinkage and extra.size:
-            elapsed = max(len(self._frames) / self._planned_frames, 1e-3)
             weight = np.diagonal(self._nn)[cols[extra]]
             gram[:, m + 1 + extra, m + 1 + extra] += self.config_.drift_shrinkage / elapsed ** 2 * weight
+        if prior is not None and pcs.size:
+            strength, coef = prior
+            lam = strength * np.diagonal(self._nn)[cols[pcs]] / elapsed
+            gram[:, m + 1 + pcs, m + 1 + pcs] += lam
         # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
         # the weights that turn the right-hand sides into this trial's beta. A relative 1e-9 ridge on every column
-        # keeps columns that are still empty (e.g. no other trial yet) from making the system singular.
-        scale = np.maximum(np.abs(np.diagonal(gram, axis1=1, axis2=2)).max(axis=1), 1e-300)
-        gram[:, np.arange(size), np.arange(size)] += 1e-9 * scale[:, None]
+        # (relative to the column's own weight, as the noise columns' weights dwarf the trials'; to the largest weight
+        # for a column that is still empty) keeps columns that are still empty (e.g. no other trial yet) from making
+        # the system singular.
+        diag = np.abs(np.diagonal(gram, axis1=1, axis2=2))
+        scale = np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
+        gram[:, np.arange(size), np.arange(size)] += 1e-9 * np.maximum(diag, 1e-6 * scale)
         unit = np.zeros((hs.size, size, 1))
         unit[:, at, 0] = 1.0
         weights = np.linalg.solve(gram, unit)[:, :, 0]
@@ -356,6 +376,8 @@ class RealtimeGLM:
             # Penalty alpha * |b_own - mu|^2 adds alpha * mu to each own column's right-hand side.
             alpha = self._group_alpha[self._group_of_voxel]
             beta = beta + alpha * self.calibration_.beta_mean * w[:, :m].sum(axis=1)
+        if prior is not None and pcs.size:
+            beta = beta + np.einsum("vk,vk->v", w[:, m + 1 + pcs], lam[None, :] * coef[:, :pcs.size])
         self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)
@@ -378,14 +400,33 @@ class RealtimeGLM:
             return []
         cal, cfg = self.calibration_, self.config_
         if not cfg.final_ridge:
-            cal = dataclasses.replace(cal, frac=np.ones_like(cal.frac))
+            cal = dataclasses.replace(cal, frac=np.ones_like(cal.frac), ridge_alpha=None, scale_offset=None)
+        elif cfg.snr_ridge and cal.snr_alpha is not None:
+            cal = dataclasses.replace(cal, model="d", ridge_alpha=cal.snr_alpha, scale_offset=cal.snr_scale_offset)
         frames = np.asarray(self._frames, dtype=np.int64)
         n_frames = max(int(frames[-1]) + 1, int(n_volumes or 0))
         motion = np.stack(self._motion_rows) if self._n_motion else None
-        betas = fit_run_frozen(cal, np.stack(self._rows), self.events_, frames=frames, n_frames=n_frames,
-                               motion=motion, tr=self.tr_)
+        rows = np.stack(self._rows)
+        if cfg.final_denoise and cal.noise_coef is not None and cal.noise_coef.shape[1]:
+            rows = self._denoised(rows)
+        betas = fit_run_frozen(cal, rows, self.events_, frames=frames, n_frames=n_frames, motion=motion,
+                               tr=self.tr_)
         return [self._package(j, "final", int(self._n_post[j]), betas[j].astype(np.float64))
                 for j in np.flatnonzero(self._n_post > 0)]
+
+    def _denoised(self, rows: np.ndarray) -> np.ndarray:
+        """The run's volumes (T, V) minus each voxel's calibration-predicted shared noise: its frozen coefficients
+        times the live noise regressors, computed volume by volume as in the early estimates (back in raw units)."""
+        cal = self.calibration_
+        out = np.empty_like(rows)
+        coef = np.asarray(cal.noise_coef, dtype=np.float32)
+        unit = (cal.mean / 100.0).astype(np.float32)
+        for start in range(0, rows.shape[0], 64):
+            part = rows[start:start + 64].astype(np.float64)
+            psc = part * self._scale - 100.0 * (self._scale > 0)
+            comps = (psc[:, cal.noise_pool_index] / cal.noise_scale) @ cal.noise_loadings
+            out[start:start + 64] = part - (comps.astype(np.float32) @ coef.T) * unit
+        return out
 
     # --- live revisions of the run's events ----------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -82,7 +84,7 @@ def test_estimates_equal_batch_lss_and_gaps_are_dropped_not_zero_filled(calibrat
     data, events = s.runs[3], s.events[3]
     gap = 30
     cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, max_drift_degree=1, neighbors=0,
-                         ridge=False, ar_rho=0.0, drift_shrinkage=0.0)
+                         ridge=False, ar_rho=0.0, drift_shrinkage=0.0, noise_prior=0.0)
     rt = RealtimeGLM(cal, cfg).start_run(events, s.tr, n_volumes=data.shape[0])
     live = {e.trial: e for e in run_stream(rt, data, gap=gap)}
     affected = [e for e in live.values() if e.last_volume > gap and e.last_volume - gap < 8]
@@ -126,7 +128,8 @@ def test_cost_per_trial_does_not_grow_with_run_length(calibrated, session_factor
 
 def test_final_equals_offline_per_run_fit_with_frozen_choices(calibrated, synthetic_session):
     s = synthetic_session
-    rt = RealtimeGLM(calibrated, RealtimeConfig(zscore=False)).start_run(s.events[0], s.tr)
+    frozen_choices = RealtimeConfig(zscore=False, snr_ridge=False, final_denoise=False)
+    rt = RealtimeGLM(calibrated, frozen_choices).start_run(s.events[0], s.tr)
     run_stream(rt, s.runs[0])
     final = np.stack([e.betas for e in rt.end_run()])
     k0 = len(s.events[0])
@@ -135,6 +138,33 @@ def test_final_equals_offline_per_run_fit_with_frozen_choices(calibrated, synthe
     rt.start_run(s.events[3], s.tr)
     run_stream(rt, s.runs[3])
     assert np.allclose(np.stack([e.betas for e in rt.end_run()]), frozen, atol=1e-4)
+
+
+def test_default_final_subtracts_the_predicted_noise_and_uses_the_snr_ridge(calibrated, synthetic_session,
+                                                                          correlation):
+    s = synthetic_session
+    cal = calibrated.calibration_
+    assert cal.noise_coef.shape == (cal.n_voxels, cal.noise_loadings.shape[1]) and cal.noise_coef.shape[1] > cal.n_pcs
+    rt = RealtimeGLM(cal, RealtimeConfig(zscore=False)).start_run(s.events[3], s.tr)
+    run_stream(rt, s.runs[3])
+    final = np.stack([e.betas for e in rt.end_run()])
+    # Batch reference from the definitions: live components of every volume, each voxel's frozen coefficients,
+    # back to intensities; then the frozen per-run fit with the signal-to-noise ridge and its rescaling.
+    data = s.runs[3].astype(np.float64)
+    psc = data * (100.0 / cal.mean) - 100.0
+    comps = (psc[:, cal.noise_pool_index] / cal.noise_scale) @ cal.noise_loadings
+    cleaned = data - (comps @ cal.noise_coef.T.astype(np.float64)) * (cal.mean / 100.0)
+    snr = dataclasses.replace(cal, ridge_alpha=cal.snr_alpha, scale_offset=cal.snr_scale_offset)
+    reference = fit_run_frozen(snr, cleaned.astype(np.float32), s.events[3])
+    assert np.allclose(final, reference, atol=1e-3 * max(1.0, np.abs(reference).max()))
+    # ...and it is closer to the truth than the end-of-run estimate with the frozen type-d choices alone.
+    plain = RealtimeGLM(cal, RealtimeConfig(zscore=False, snr_ridge=False, final_denoise=False))
+    plain.start_run(s.events[3], s.tr)
+    run_stream(plain, s.runs[3])
+    k0 = sum(len(e) for e in s.events[:3])
+    truth = s.true_betas[k0:k0 + len(s.events[3])]
+    before = correlation(np.stack([e.betas for e in plain.end_run()]), truth, s.responsive)
+    assert correlation(final, truth, s.responsive) > before + 0.01
 
 
 def test_realtime_accuracy_improves_with_delay_and_final(calibrated, synthetic_session, correlation):
@@ -224,7 +254,7 @@ def test_local_ridge_estimate_equals_batch_ridge_fit(calibrated, synthetic_sessi
 
 
 def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, neighbors, alpha,
-                              rho, drift_shrinkage, n_pcs):
+                              rho, drift_shrinkage, n_pcs, noise_prior=0.0):
     """Batch fit of the full early-estimate model for one trial, straight from its definition: own columns for the
     trial and its started neighbours (ridge alpha toward the calibration mean beta), one column for every other
     trial, drift (slope ridge = drift_shrinkage x the constant column's weight) and noise components (ridge =
@@ -251,9 +281,13 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
         penalty[constant + 1:constant + 1 + degree] = drift_shrinkage * (design[:, constant] ** 2).sum()
         elapsed = frames.size / 200.0  # the run was started without n_volumes: a typical run of 200 volumes
         pcs = slice(constant + 1 + degree, design.shape[1])
-        penalty[pcs] = drift_shrinkage / elapsed ** 2 * (design[:, pcs] ** 2).sum(axis=0)
         prior = np.zeros(design.shape[1])
         prior[:n_own] = calibration.beta_mean[v]
+        if noise_prior:  # coefficients shrunk toward the calibration's, weight noise_prior runs of data
+            penalty[pcs] = noise_prior / elapsed * (design[:, pcs] ** 2).sum(axis=0)
+            prior[pcs] = calibration.noise_coef[v, :n_pcs]
+        else:
+            penalty[pcs] = drift_shrinkage / elapsed ** 2 * (design[:, pcs] ** 2).sum(axis=0)
         coef = np.linalg.solve(design.T @ design + np.diag(penalty) + 1e-12 * np.eye(design.shape[1]),
                                design.T @ (whiten @ psc[:, v]) + penalty * prior)
         betas[v] = coef[own.index(trial)]
@@ -266,8 +300,9 @@ def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_acro
     cal = calibrated.calibration_
     gap = 65
     cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, neighbors=2, ar_rho=0.3, drift_shrinkage=0.05)
-    assert cfg.ridge_prior_mean and cfg.max_drift_degree == 1
+    assert cfg.ridge_prior_mean and cfg.max_drift_degree == 1 and cfg.noise_prior > 0
     rt = RealtimeGLM(cal, cfg).start_run(s.events[0], s.tr)
+    assert rt._n_pcs == cal.noise_loadings.shape[1] > cal.n_pcs  # every frozen component, with the prior
     emitted = run_stream(rt, s.runs[0], gap=gap)
     alpha = rt._group_alpha[rt._group_of_voxel]
     # Estimates fitted across the gap, late enough for the linear drift term (round(minutes / 2) >= 1).
@@ -276,24 +311,26 @@ def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_acro
     for e in across[:2]:
         frames = np.array([f for f in range(e.last_volume + 1) if f != gap])
         ref = _whitened_ridge_reference(cal, s.runs[0][frames], frames, s.events[0], s.tr, e.trial, rt._time_scale,
-                                        1, 2, alpha, 0.3, 0.05, rt._n_pcs)
+                                        1, 2, alpha, 0.3, 0.05, rt._n_pcs, cfg.noise_prior)
         close = np.abs(e.betas - ref) <= 1e-3 * max(1.0, np.abs(ref).max())
         assert close.mean() > 0.98 and np.all(close | (alpha == 0)), e.trial
-    # Each of the three changes the estimate (so the reference above checks all three).
+    # Each of the four changes the estimate (so the reference above checks all four).
     base = dict(early_volumes=5, refine_every=0, zscore=False, neighbors=2)
     full = {e.trial: e.betas for e in emitted}
     for off in ({"ar_rho": 0.0, "drift_shrinkage": 0.05}, {"ar_rho": 0.3, "drift_shrinkage": 0.0},
-                {"ar_rho": 0.3, "drift_shrinkage": 0.05, "ridge_prior_mean": False}):
+                {"ar_rho": 0.3, "drift_shrinkage": 0.05, "ridge_prior_mean": False},
+                {"ar_rho": 0.3, "drift_shrinkage": 0.05, "noise_prior": 0.0}):
         other = RealtimeGLM(cal, RealtimeConfig(**base, **off)).start_run(s.events[0], s.tr)
         changed = {e.trial: e.betas for e in run_stream(other, s.runs[0], gap=gap)}
         assert not np.allclose(changed[across[0].trial], full[across[0].trial], atol=1e-3), off
 
 
 def test_early_model_choices_raise_accuracy_at_the_default_delay(calibrated, synthetic_session, correlation):
-    """At 5 post-onset volumes, prewhitening + drift shrinkage + prior-mean ridge beat the plain local ridge fit."""
+    """At 5 post-onset volumes, prewhitening + drift shrinkage + prior-mean ridge + the noise-coefficient prior and
+    the signal-to-noise ridge beat the plain local ridge fit."""
     sess, cal = synthetic_session, calibrated
     k0 = sum(len(e) for e in sess.events[:3])
-    plain = dict(ar_rho=0.0, drift_shrinkage=0.0, ridge_prior_mean=False)
+    plain = dict(ar_rho=0.0, drift_shrinkage=0.0, ridge_prior_mean=False, noise_prior=0.0, snr_ridge=False)
     score = {}
     for name, options in (("plain", plain), ("default", {})):
         cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, **options)
@@ -306,4 +343,4 @@ def test_early_model_choices_raise_accuracy_at_the_default_delay(calibrated, syn
                 rows.append(start + e.trial)
             start += len(sess.events[r])
         score[name] = correlation(np.stack(got), sess.true_betas[rows], sess.responsive)
-    assert score["default"] > score["plain"] + 0.01, score
+    assert score["default"] > score["plain"] + 0.02, score
