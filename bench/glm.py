@@ -235,6 +235,74 @@ def timing(n_runs: int, n_frames: int, n_vox: int, trials_per_run: int, skip_num
     return out
 
 
+def whole_brain_data(cache: Path, preset: str = "realistic") -> Path:
+    """Every in-brain voxel's time series of the phantom's runs (no motion applied; the motion parameters kept as
+    regressors), written once to ``cache`` as ``run{r}.npy`` (T, V) float32, ``motion{r}.npy``, ``events{r}.json``
+    (the realistic preset: ~4 min to simulate the session plus ~1 min per run)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    done = cache / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("preset") == preset:
+        return cache
+    from rt_mindeye.phantom.config import phantom_config
+    from rt_mindeye.phantom.session import simulate_session as simulate_phantom
+
+    ps = simulate_phantom(phantom_config(preset), subject=1, seed=0)
+    brain = ps.masks["brain"]
+    for r in range(ps.n_runs):
+        np.save(cache / f"run{r}.npy", np.ascontiguousarray(ps.bold(r, motion=False)[brain].T, dtype=np.float32))
+        np.save(cache / f"motion{r}.npy", np.asarray(ps.motion[r], dtype=np.float64))
+        (cache / f"events{r}.json").write_text(json.dumps(ps.events(r), default=float))
+        ps._cache.clear()
+        console.print(f"whole brain: run {r + 1}/{ps.n_runs} written ({int(brain.sum())} voxels)")
+    done.write_text(json.dumps({"preset": preset, "voxels": int(brain.sum()), "runs": ps.n_runs}))
+    return cache
+
+
+def whole_brain_child(cache: Path) -> int:
+    """In its own process: the calibration workflow's GLM call (``GLMSingle.from_config`` of the default ``glm``
+    config, with motion) on the cached whole-brain runs; prints wall time, stage times and peak RSS as JSON."""
+    import resource
+
+    from rt_mindeye.glm.config import GLMConfig
+
+    n_runs = json.loads((cache / "done.json").read_text())["runs"]
+    runs = [np.load(cache / f"run{r}.npy") for r in range(n_runs)]
+    motion = [np.load(cache / f"motion{r}.npy") for r in range(n_runs)]
+    events = [RunEvents.from_records(json.loads((cache / f"events{r}.json").read_text()), condition_column="stim_file")
+              for r in range(n_runs)]
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    stages = {}
+
+    def record(stage, done, total):
+        stages.setdefault(stage, [time.perf_counter(), None])
+        if done >= total:
+            stages[stage][1] = time.perf_counter()
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = GLMSingle.from_config(GLMConfig(), progress=record).fit(runs, events, 1.5, motion=motion)
+    wall = time.perf_counter() - start
+    print(json.dumps({"voxels": int(runs[0].shape[1]), "runs": n_runs, "volumes": int(sum(r.shape[0] for r in runs)),
+                      "trials": int(fitted.betas_.shape[0]), "fit_s": wall, "n_pcs": fitted.n_pcs_,
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                      "data_rss_gb": loaded_rss,
+                      "stages_s": {k: (v[1] or v[0]) - v[0] for k, v in stages.items()}}))
+    return 0
+
+
+def whole_brain(cache: Path) -> dict:
+    """Whole-brain calibration fit (the realistic phantom's in-brain voxels, 11 runs) in a child process."""
+    whole_brain_data(cache)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--whole-brain-child", str(cache)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - start
+    console.print(out)
+    return out
+
+
 def reference_python(option: str | None) -> str | None:
     """The python of the reference GLMsingle's environment (see the module docstring), or None."""
     candidates = [option] if option not in (None, "auto") else [
@@ -384,8 +452,15 @@ def main(argv=None) -> int:
     parser.add_argument("--command-timing", default="8000x8,20000x11",
                         help="VOXELSxRUNS sizes for the whole-command timing against GLMsingle ('' = skip)")
     parser.add_argument("--max-delay", type=int, default=16, help="largest post-onset volume count on the curve")
+    parser.add_argument("--whole-brain", action="store_true",
+                        help="time the calibration fit on every in-brain voxel of the realistic phantom (11 runs)")
+    parser.add_argument("--whole-brain-cache", default=str(Path(tempfile.gettempdir()) / "rt_mindeye_glm_whole_brain"),
+                        help="folder for the whole-brain phantom runs (simulated once, ~15 min)")
+    parser.add_argument("--whole-brain-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "glm.json"))
     args = parser.parse_args(argv)
+    if args.whole_brain_child:
+        return whole_brain_child(Path(args.whole_brain_child))
     results = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                            "platform": platform.platform(), "load": os.getloadavg()}, "quick": args.quick}
     ref_python = reference_python(args.reference_glmsingle) if args.reference_glmsingle else None
@@ -403,6 +478,8 @@ def main(argv=None) -> int:
         if args.phantom:
             results["accuracy"] = accuracy(args.preset, args.quick, args.max_delay)
             _print_accuracy(results["accuracy"])
+        if args.whole_brain:
+            results["whole_brain"] = whole_brain(Path(args.whole_brain_cache))
         if not args.skip_timing:
             if args.command_timing and ref_python:
                 sizes = [tuple(int(x) for x in item.split("x")) for item in args.command_timing.split(",") if item]

@@ -100,7 +100,8 @@ class GLMConfig:
                                      "ridge parameters", min=10, max=2000)
     live_noise_pcs: int = setting(
         20, "types c/d: noise components (spatial loadings of the noise pool) frozen for the real-time estimator, "
-            "with each voxel's coefficients on them in the calibration runs (at least the chosen PC count)",
+            "with each voxel's coefficients on them in the calibration runs (at least the cross-validated PC count, "
+            "at most 5 times it; none when the cross-validation chose no PCs)",
         min=0, max=100)
     chunk_voxels: int = setting(50000, "voxels per chunk of the single-trial fit (bounds its memory on whole-brain "
                                        "data; results do not depend on it)", min=1)

@@ -353,7 +353,9 @@ class GLMSingle:
         live_pool = cand_pool if noise_runs is None else (in_brain & (r2_onoff < threshold))
         live_index = F.subsample_pool(live_pool, self.max_pool_voxels)
         self._report("noise loadings", 0, 1)
-        n_live = max(n_pcs, int(self.live_noise_pcs)) if model in ("c", "d") else 0
+        # Only where the cross-validation found noise regressors worth having, and at most 5x as many: a pool that
+        # holds responsive voxels (e.g. a small region fitted alone) would put signal into the live components.
+        n_live = min(max(n_pcs, int(self.live_noise_pcs)), 5 * n_pcs) if model in ("c", "d") else 0
         n_live = min(n_live, max(live_index.size - 1, 0), min(y.shape[0] for y in psc))
         noise_coef = None
         if n_live > 0:
