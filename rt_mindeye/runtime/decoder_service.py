@@ -76,22 +76,33 @@ def run_decoder(config: SessionConfig, stop: threading.Event | None = None) -> d
     trial_decoder = TrialDecoder(decoder, session=s.id, recon_dir=layout.recon_dir, policy=bundles.policy[0],
                                  max_pending=bundles.policy[1], stimuli_dir=s.stimuli_dir,
                                  reconstruction=reconstruction, averager=averager)
-    receiver = ReliableReceiver(t.connect_endpoint("trials"), session=s.id, service="decoder",
-                                client_security=client_security(t, "decoder", "scanner"),
-                                state_path=layout.decoder_dir / "receiver.state", auto_ack=False,
-                                heartbeat_interval_s=t.heartbeat_interval_s, heartbeat_liveness=t.heartbeat_liveness)
-    publisher = SnapshotPublisher(t.bind_endpoint("decoder_pub"), t.bind_endpoint("decoder_snapshot"), session=s.id,
-                                  service="decoder", server_security=server_security(t, "decoder"),
-                                  heartbeat_interval_s=t.heartbeat_interval_s)
-    results = ResultsLog(layout.decoder_results)
     counts = {"decoded": 0, "superseded": 0, "reconstructed": 0, "recon_skipped": 0, "recon_superseded": 0,
               "recon_failed": 0, "averaged": 0, "failed": 0, "feedback_sent": 0, "feedback_not_sent": 0}
-    control = StatusServer(t.bind_endpoint("decoder_status"),
-                           control_handler("decoder", bundles.reload, lambda: {**bundles.status(), **counts}),
-                           session=s.id, service="decoder", server_security=server_security(t, "decoder"))
-
     counts_lock = threading.Lock()
-    feedback = _Feedback.start(config, layout, publisher, counts, counts_lock, trial_decoder.reconstructs)
+    results = ResultsLog(layout.decoder_results)
+    opened: list = [results]  # closed again if a later one cannot start (e.g. its port is taken)
+    try:
+        publisher = SnapshotPublisher(t.bind_endpoint("decoder_pub"), t.bind_endpoint("decoder_snapshot"),
+                                      session=s.id, service="decoder", server_security=server_security(t, "decoder"),
+                                      heartbeat_interval_s=t.heartbeat_interval_s)
+        opened.append(publisher)
+        control = StatusServer(t.bind_endpoint("decoder_status"),
+                               control_handler("decoder", bundles.reload, lambda: {**bundles.status(), **counts}),
+                               session=s.id, service="decoder", server_security=server_security(t, "decoder"))
+        opened.append(control)
+        feedback = _Feedback.start(config, layout, publisher, counts, counts_lock, trial_decoder.reconstructs)
+        opened.append(feedback)
+        receiver = ReliableReceiver(t.connect_endpoint("trials"), session=s.id, service="decoder",
+                                    client_security=client_security(t, "decoder", "scanner"),
+                                    state_path=layout.decoder_dir / "receiver.state", auto_ack=False,
+                                    heartbeat_interval_s=t.heartbeat_interval_s,
+                                    heartbeat_liveness=t.heartbeat_liveness)
+    except BaseException:
+        for thing in reversed(opened):
+            thing.close()
+        if averager is not None:
+            averager.close()
+        raise
     feedback_averaged = d.feedback.averaged and averager is not None
     if d.feedback.averaged and averager is None:
         log.warning("decoder.feedback.averaged needs decoder.average_repeats: single-trial results are fed back")

@@ -9,6 +9,9 @@ import pytest
 import yaml
 
 
+EPHEMERAL_PORTS_FROM = 32768
+
+
 @dataclass(frozen=True)
 class CalibratedPhantom:
     root: Path
@@ -73,6 +76,11 @@ def _write_session_yaml(path: Path, phantom: CalibratedPhantom, session_dir: Pat
                         **session_overrides) -> Path:
     """A session YAML on loopback with its own ports (tests run next to each other)."""
     export.mkdir(parents=True, exist_ok=True)
+    # Services bind below the kernel's ephemeral port range (32768-60999 on Linux by default): a port in it can be
+    # held for a moment by any outgoing connection on the machine, and a bind then fails. Bases given in 47000-
+    # 47999 move to 27000-27999.
+    if port_base >= EPHEMERAL_PORTS_FROM:
+        port_base -= 20000
     ports = {name: port_base + i for i, name in enumerate(
         ("port_trials", "port_scanner_pub", "port_scanner_snapshot", "port_stimulus", "port_decoder_pub",
          "port_decoder_snapshot", "port_decoder_status", "port_feedback", "port_scanner_control"))}
