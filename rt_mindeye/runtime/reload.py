@@ -12,9 +12,10 @@ bundle's id (``TrialBetas.bundle_id``); the decoder decodes each estimate with t
 can never disagree, a trial already journaled is decoded with its own bundle, and nothing is lost or decoded twice
 (the reliable stream is untouched by a reload).
 
-Every load, refusal and switch is recorded in ``derivatives/rt-mindeye/bundles.jsonl`` (``SessionLayout.bundles``),
-with the run it applied from: the session says which bundle decoded which run, and a restarted service continues with
-the bundle it last switched to, not the one in the YAML file.
+Every load, refusal and switch is recorded in ``derivatives/rt-mindeye/bundles.jsonl``
+(``SessionLayout.bundles_jsonl``, ``SessionLayout.bundles_by_run()``), with the run it applied from: the session says
+which bundle made and decoded which run, and a restarted service continues with the bundle and policy it last switched
+to (unless the YAML file now names another bundle than at its last start).
 """
 
 from __future__ import annotations
