@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import zmq
 
 from rt_mindeye.transport.feedback import FeedbackServer
 from rt_mindeye.transport.journal import read_journal
@@ -18,14 +17,10 @@ HB = 0.1
 PNG = np.frombuffer(b"\x89PNG\r\n\x1a\n" + bytes(range(200)), dtype=np.uint8)
 
 
-def _free_endpoint() -> str:
-    """A port that is free now, below the kernel's ephemeral range (so no outgoing connection takes it before the
-    test binds it)."""
-    ctx = zmq.Context.instance()
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=30000)
-    probe.close(0)
-    return f"tcp://127.0.0.1:{port}"
+def _endpoint(folder, name: str = "feedback") -> str:
+    """A loopback endpoint no other process can hold (a Unix socket in the test's folder): a restarted server binds
+    the same address again, and tests running beside this one never cross."""
+    return f"ipc://{folder}/{name}.sock"
 
 
 def _feedback(trial: int, run: int = 1, **changes) -> Feedback:
@@ -39,8 +34,8 @@ def _feedback(trial: int, run: int = 1, **changes) -> Feedback:
 
 def _client(endpoint: str, **kwargs) -> StimulusClient:
     # The stimulus endpoint is never served here: only the feedback half is under test.
-    return StimulusClient(_free_endpoint(), session="s", run=1, feedback_endpoint=endpoint,
-                          heartbeat_interval_s=HB, **kwargs)
+    unused = endpoint.replace(".sock", "-stimulus-unused.sock")
+    return StimulusClient(unused, session="s", run=1, feedback_endpoint=endpoint, heartbeat_interval_s=HB, **kwargs)
 
 
 def _server(endpoint: str, journal) -> FeedbackServer:
@@ -52,7 +47,7 @@ def _trials(client) -> list[int]:
 
 
 def test_feedback_reaches_the_stimulus_client_with_its_content(tmp_path, helpers):
-    endpoint = _free_endpoint()
+    endpoint = _endpoint(tmp_path)
     with _server(endpoint, tmp_path / "feedback.journal") as server:
         client = _client(endpoint)
         server.send(_feedback(1))
@@ -71,7 +66,7 @@ def test_feedback_reaches_the_stimulus_client_with_its_content(tmp_path, helpers
 
 
 def test_stimulus_computer_disconnects_and_comes_back_without_loss_or_duplicates(tmp_path, helpers):
-    endpoint = _free_endpoint()
+    endpoint = _endpoint(tmp_path)
     state = str(tmp_path / "stimulus.state")
     with _server(endpoint, tmp_path / "feedback.journal") as server:
         first = _client(endpoint, feedback_state=state)
@@ -89,18 +84,19 @@ def test_stimulus_computer_disconnects_and_comes_back_without_loss_or_duplicates
         time.sleep(5 * HB)  # heartbeats and catch-up requests go on: still nothing twice
         assert _trials(first) + _trials(second) == list(range(7))
         assert server.wait_acked(5.0) and server.acked_seq == 7
-        # A stimulus program without a state file is sent what was never acknowledged: here, nothing.
+        second.close(0.1)
+        # A stimulus program without a state file is sent what was never acknowledged: here, only what comes next.
+        # (One stimulus computer at a time: the acknowledged watermark is the stream's.)
         third = _client(endpoint)
         server.send(_feedback(7))
         assert helpers.wait_for(lambda: len(third.feedback_received) == 1, 5.0)
         time.sleep(5 * HB)
         assert _trials(third) == [7]
-        second.close(0.1)
         third.close(0.1)
 
 
 def test_decoder_restart_resends_the_unacknowledged_and_never_feeds_a_trial_back_twice(tmp_path, helpers):
-    endpoint = _free_endpoint()
+    endpoint = _endpoint(tmp_path)
     journal = tmp_path / "feedback.journal"
     server = _server(endpoint, journal)
     server.send(_feedback(0))
@@ -121,8 +117,8 @@ def test_decoder_restart_resends_the_unacknowledged_and_never_feeds_a_trial_back
     restarted.close()
 
 
-def test_feedback_receiver_never_blocks_the_experiment_without_a_decoder():
-    client = _client(_free_endpoint())
+def test_feedback_receiver_never_blocks_the_experiment_without_a_decoder(tmp_path):
+    client = _client(_endpoint(tmp_path))
     began = time.monotonic()
     assert client.feedback(trial=1, timeout_s=0.2) is None
     assert client.poll_feedback() == [] and not client.feedback_connected
@@ -138,7 +134,7 @@ def test_psychopy_example_dry_run_receives_the_feedback(tmp_path):
     from rt_mindeye.transport.stimulus import StimulusEventServer
 
     example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "psychopy_stimulus.py"
-    endpoint = _free_endpoint()
+    endpoint = _endpoint(tmp_path)
     with StimulusEventServer("tcp://127.0.0.1:0", session="s") as scanner, \
             _server(endpoint, tmp_path / "feedback.journal") as decoder:
         decoder.send(_feedback(0, session="sub-01_ses-01"))
