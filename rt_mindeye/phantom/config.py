@@ -49,6 +49,9 @@ class PhantomConfig:
     rest_end_s: float = setting(12.0, "blank period after the last trial of a run (s)", min=0.0, max=120.0)
     repeated_images: int = setting(10, "number of images shown several times (in different runs)", min=0)
     repeats: int = setting(3, "how many times each repeated image is shown", min=1, max=64)
+    test_repeated_images: int = setting(
+        0, "further repeated images whose repeats all fall in the real-time runs (never in a calibration run), "
+           "like MindEye2's held-out test images: a decoder can be scored on their repeat-averaged betas", min=0)
     first_series: int = setting(5, "DICOM SeriesNumber of the first run; later runs count up from it", min=1,
                                 max=9999)
     run_gap_s: float = setting(90.0, "clock time between the end of a run and the start of the next (s)",
@@ -64,8 +67,19 @@ class PhantomConfig:
                                             "log-normally around it)", min=0.0, max=20.0)
     image_modulation: float = setting(0.6, "image-specific response spread relative to the mean response",
                                       min=0.0, max=5.0)
-    trial_variability: float = setting(0.15, "trial-to-trial variability of the response to the same image, "
-                                             "relative to the mean response", min=0.0, max=5.0)
+    trial_variability: float = setting(0.4, "trial-to-trial (neural) variability of the response to the same image, "
+                                            "relative to the mean response; with the scanner noise it sets the "
+                                            "betas' single-trial reliability (docs/phantom.md: calibrated to 3T "
+                                            "values)", min=0.0, max=5.0)
+    driving_network: str = setting(
+        "efficientnet-lite2", "pretrained network whose features drive the mid and high tuning tiers; not the "
+                              "decoder's target embedder (EfficientNet-Lite0), so decoding is not scored against the "
+                              "network that made the brain (lite0 reproduces the earlier, inflated phantom)",
+        choices=("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"))
+    tuning_nonlinearity: str = setting(
+        "rectified", "how a voxel mixes the network's features: 'rectified' pools half-rectified units (a "
+                     "non-linear mixture no linear read-out inverts exactly), 'linear' a plain linear mixture",
+        choices=("rectified", "linear"))
     hrf_spread: float = setting(3.0, "spread (in library indices) of the per-voxel HRF choice around the "
                                      "subject's typical HRF", min=0.0, max=20.0)
 
@@ -100,12 +114,19 @@ class PhantomConfig:
             raise ValueError(f"calibration_runs ({self.calibration_runs}) exceeds n_runs ({self.n_runs})")
         if self.repeated_images and self.repeats > self.n_runs:
             raise ValueError(f"repeats ({self.repeats}) exceeds n_runs ({self.n_runs}): repeats go to different runs")
+        if self.test_repeated_images and self.repeats > self.n_runs - self.calibration_runs:
+            raise ValueError(f"repeats ({self.repeats}) exceeds the {self.n_runs - self.calibration_runs} real-time "
+                             f"runs: test_repeated_images repeat in distinct real-time runs")
         if self.isi_jitter_s > self.isi_s:
             raise ValueError(f"isi_jitter_s ({self.isi_jitter_s}) exceeds isi_s ({self.isi_s})")
         total = self.n_runs * self.trials_per_run
-        if self.repeated_images * self.repeats > total:
-            raise ValueError(f"repeated_images x repeats ({self.repeated_images * self.repeats}) exceeds the "
+        if (self.repeated_images + self.test_repeated_images) * self.repeats > total:
+            raise ValueError(f"(repeated_images + test_repeated_images) x repeats "
+                             f"({(self.repeated_images + self.test_repeated_images) * self.repeats}) exceeds the "
                              f"number of trials ({total})")
+        live_slots = (self.n_runs - self.calibration_runs) * self.trials_per_run
+        if self.test_repeated_images * self.repeats > live_slots:
+            raise ValueError(f"test_repeated_images x repeats exceeds the real-time runs' {live_slots} trials")
 
     @property
     def n_trials(self) -> int:
@@ -114,7 +135,8 @@ class PhantomConfig:
     @property
     def n_images(self) -> int:
         """Distinct images the session shows (repeated ones once, plus one per remaining trial)."""
-        return self.repeated_images + (self.n_trials - self.repeated_images * self.repeats)
+        repeated = self.repeated_images + self.test_repeated_images
+        return repeated + (self.n_trials - repeated * self.repeats)
 
 
 PRESETS: dict[str, PhantomConfig] = {

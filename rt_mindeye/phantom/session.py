@@ -452,13 +452,22 @@ def _ar1(innovations: np.ndarray, rho: float) -> np.ndarray:
 # --- design --------------------------------------------------------------------------------------------------------
 
 def _assign_trials(cfg: PhantomConfig, rng: np.random.Generator) -> list[list[int]]:
-    """Image index of every trial, per run: repeated images go to distinct runs, the rest are shown once."""
+    """Image index of every trial, per run: repeated images go to distinct runs (``test_repeated_images`` to distinct
+    real-time runs), the rest are shown once."""
     n_images = cfg.n_images
     order = rng.permutation(n_images)
+    n_test = cfg.test_repeated_images
+    test_repeated = order[cfg.repeated_images:cfg.repeated_images + n_test]
     repeated = order[:cfg.repeated_images]
-    unique = list(order[cfg.repeated_images:])
+    unique = list(order[cfg.repeated_images + n_test:])
     capacity = np.full(cfg.n_runs, cfg.trials_per_run)
     runs: list[list[int]] = [[] for _ in range(cfg.n_runs)]
+    live = np.arange(cfg.calibration_runs, cfg.n_runs)
+    for image in test_repeated:  # drawn only when there are some: sessions without them are unchanged
+        ranking = live[np.lexsort((rng.random(live.size), -capacity[live]))]
+        for r in ranking[:cfg.repeats]:
+            runs[r].append(int(image))
+            capacity[r] -= 1
     for image in repeated:
         # The runs with most free slots (random tie-break) keep every run full at the end.
         ranking = np.lexsort((rng.random(cfg.n_runs), -capacity))
@@ -519,7 +528,8 @@ def simulate_session(config: PhantomConfig | str = "small", subject: int | Subje
     stimuli = [stimulus(cfg.stimulus_offset + i) for i in range(cfg.n_images)]
     images = render_all(stimuli, cfg.image_size)
     feats: ImageFeatures = compute_features(
-        images, progress=(lambda d, n: progress("image features", d, n)) if progress else None)
+        images, progress=(lambda d, n: progress("image features", d, n)) if progress else None,
+        network=cfg.driving_network)
     tuned = subj.tuned_responses(feats)
 
     assignment = _assign_trials(cfg, rng)

@@ -3,15 +3,18 @@
 Everything here depends only on the subject number and the acquisition geometry of the configuration, never on the
 session seed: the same subject scanned twice has the same brain, masks, HRFs and receptive fields. Different subjects
 differ in head size, position and tilt, cortical folding, ventricle size, the number of visual voxels, their
-receptive-field maps and their feature tuning (a random projection of EfficientNet-Lite0 features per subject).
+receptive-field maps and their feature tuning (random projections of the driving network's features per subject).
 
 Voxel tuning has three tiers mixed per voxel, with a posterior-to-anterior gradient as along the visual hierarchy:
 
 * low: a 2-D Gaussian population receptive field (pRF) pooling local contrast energy, luminance and colour
   opponency (retinotopic: contralateral hemifield, eccentricity growing forwards, the upper bank seeing the lower
   field);
-* mid: the same pRF pooling a few random directions of EfficientNet-Lite0 stage-5 channels;
-* high: a random projection of the pooled 1280-d embedding (no spatial selectivity).
+* mid: the same pRF pooling a few random directions of the driving network's stage-5 channels (EfficientNet-Lite2 by
+  default), each half-rectified (a unit that fires for one sign of its feature) with the default
+  ``tuning_nonlinearity``;
+* high: a random projection of the pooled 1280-d embedding (no spatial selectivity), half-rectified about each
+  unit's mean over the session's images.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from rt_mindeye.phantom import brain
 from rt_mindeye.phantom.config import PhantomConfig
-from rt_mindeye.phantom.features import LOW_GRID, ImageFeatures
+from rt_mindeye.phantom.features import LOW_GRID, ImageFeatures, mid_channels
 
 _SUBJECT_SEED = 7_340_033
 MID_DIRECTIONS = 8
@@ -64,11 +67,13 @@ class Subject:
     low_weights: np.ndarray
     """(V, 4) weights of contrast energy, luminance, red-green, blue-yellow."""
     mid_directions: np.ndarray
-    """(MID_DIRECTIONS, 112) random channel directions of the stage-5 features."""
+    """(MID_DIRECTIONS, C) random channel directions of the stage-5 features (C: the driving network's channels)."""
     mid_mix: np.ndarray
     """(V, MID_DIRECTIONS) each voxel's mix of those directions."""
     high_projection: np.ndarray
     """(1280, V) random projection of the embedding."""
+    rectified: bool = True
+    """Half-rectify the mid and high units before pooling (the phantom's ``tuning_nonlinearity``)."""
 
     @property
     def n_voxels(self) -> int:
@@ -89,12 +94,19 @@ class Subject:
             low += (low_maps[:, m] @ prf_low) * self.low_weights[:, m]
         mid_grid = features.mid.shape[-1]
         prf_mid = brain.prf_weights(self.prf_centres, self.prf_sizes, mid_grid).T  # (196, V)
-        channels = features.mid.reshape(n_images, features.mid.shape[1], -1)  # (N, 112, 196)
-        mid_maps = np.matmul(self.mid_directions[None], channels)  # (N, K, 196)
+        channels = features.mid.reshape(n_images, features.mid.shape[1], -1)  # (N, C, g*g)
+        if channels.shape[1] != self.mid_directions.shape[1]:
+            raise ValueError(f"mid features have {channels.shape[1]} channels; this subject was built for "
+                             f"{self.mid_directions.shape[1]} (another driving network)")
+        mid_maps = np.matmul(self.mid_directions[None], channels)  # (N, K, g*g)
+        if self.rectified:
+            mid_maps = np.maximum(mid_maps, 0.0)
         mid = np.zeros((n_images, self.n_voxels), np.float32)
         for k in range(MID_DIRECTIONS):
             mid += (mid_maps[:, k] @ prf_mid) * self.mid_mix[:, k]
         high = features.high @ self.high_projection
+        if self.rectified:
+            high = np.maximum(high - high.mean(axis=0, keepdims=True), 0.0)
         tiers = [_zscore(low), _zscore(mid), _zscore(high)]
         combined = sum(t * self.tier_weights[:, i] for i, t in enumerate(tiers))
         return _zscore(combined).astype(np.float32)
@@ -158,7 +170,8 @@ def make_subject(config: PhantomConfig, subject_id: int = 1) -> Subject:
     tier_weights = (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32)
     low_weights = np.column_stack([np.ones(n_vox), tuning_rng.normal(0, 0.3, n_vox), tuning_rng.normal(0, 0.4, n_vox),
                                    tuning_rng.normal(0, 0.4, n_vox)]).astype(np.float32)
-    mid_directions = tuning_rng.normal(size=(MID_DIRECTIONS, 112)).astype(np.float32) / np.sqrt(112)
+    channels = mid_channels(config.driving_network)
+    mid_directions = tuning_rng.normal(size=(MID_DIRECTIONS, channels)).astype(np.float32) / np.sqrt(channels)
     mid_mix = tuning_rng.normal(size=(n_vox, MID_DIRECTIONS)).astype(np.float32)
     high_projection = (tuning_rng.normal(size=(1280, n_vox)) / np.sqrt(1280)).astype(np.float32)
 
@@ -183,4 +196,5 @@ def make_subject(config: PhantomConfig, subject_id: int = 1) -> Subject:
         labels=labels, anatomy=anatomy, coil=coil, brain_mask=brain_mask, visual_mask=visual_mask,
         voxel_indices=voxel_indices, responsive=responsive, hrf_index=hrf_index, mean_response=mean_response,
         noise_scale=noise_scale.astype(np.float32), prf_centres=centres, prf_sizes=sizes, tier_weights=tier_weights,
-        low_weights=low_weights, mid_directions=mid_directions, mid_mix=mid_mix, high_projection=high_projection)
+        low_weights=low_weights, mid_directions=mid_directions, mid_mix=mid_mix, high_projection=high_projection,
+        rectified=config.tuning_nonlinearity == "rectified")

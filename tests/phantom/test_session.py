@@ -186,7 +186,9 @@ def test_true_betas_and_estimates_are_decodable(tiny_session):
     different = images[:, None] != images[None, :]
     truth = session.all_betas()[:, keep]
     corr = np.corrcoef(truth - truth.mean(axis=0))
-    assert corr[same].mean() > 0.7 and abs(corr[different].mean()) < 0.1
+    # Repeats share the image-driven pattern but not the trial-to-trial (neural) variability, calibrated so that the
+    # GLM betas' single-trial reliability is 3T-like (docs/phantom.md): clearly related, far from identical.
+    assert 0.45 < corr[same].mean() < 0.85 and abs(corr[different].mean()) < 0.1
     # Single-trial least squares with the true HRFs on the noisy data, z-scored within run (as real-time
     # MindEye does): repeats of an image still correlate more than different images.
     estimates = []
