@@ -79,7 +79,11 @@ def _normalised_rows(embeddings: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RetrievalScores:
-    """Top-1 accuracies in [0, 1] (image retrieval = brain -> image, brain retrieval = image -> brain)."""
+    """Top-1 accuracies in [0, 1], named as the MindEye2 paper's text names them: image retrieval = brain -> image,
+    brain retrieval = image -> brain. MindEye2's published *numbers* come from code that swaps the two (its
+    similarity helper returns the transposed matrix): compare :attr:`brain_retrieval` (image -> brain) with its
+    "image retrieval" 79.0 % and :attr:`image_retrieval` (brain -> image) with its "brain retrieval" 57.4 %
+    (``docs/eval.md``, :data:`rt_mindeye.eval.decoding.PUBLISHED_COLUMN`)."""
 
     image_retrieval: float
     brain_retrieval: float
@@ -89,6 +93,14 @@ class RetrievalScores:
     @property
     def chance(self) -> float:
         return 1.0 / self.n_way
+
+    @property
+    def brain_to_image(self) -> float:
+        return self.image_retrieval
+
+    @property
+    def image_to_brain(self) -> float:
+        return self.brain_retrieval
 
 
 def top1_accuracy(similarity: torch.Tensor) -> float:
