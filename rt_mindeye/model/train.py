@@ -59,6 +59,9 @@ class TrainConfig:
                                         "subject, whose fresh head would otherwise send noise into the pretrained "
                                         "parts; 0 = MindEye2's fine-tune of everything from the start",
                                    min=0.0, max=1.0)
+    adapter_rank: int = setting(0, "fine-tuning only: 0 trains the shared parts themselves; r > 0 freezes them and "
+                                   "trains rank-r low-rank adapters on the backbone's linear layers instead "
+                                   "(rt_mindeye.model.adapt; merged into the weights at the end)", min=0)
     warmup_epochs: float = setting(2.0, "OneCycle warm-up length in epochs (capped at half the run)", min=0.0)
     mixup_pct: float = setting(0.33, "fraction of epochs trained with BiMixCo before SoftCLIP", min=0.0, max=1.0)
     mixco_beta: float = setting(0.15, "Beta(a, a) parameter of the MixCo weights", min=1e-3)
@@ -524,10 +527,23 @@ def finetune(checkpoint: str | Path, data: SubjectData, config: TrainConfig,
              checkpoint_path: str | Path | None = None, validation: SubjectData | None = None,
              resume_from: str | Path | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> tuple[MindEyeModule, TrainResult]:
-    """Fine-tune a pretrained checkpoint on a new subject: fresh ridge head, everything else trained."""
+    """Fine-tune a pretrained checkpoint on a new subject: fresh ridge head, everything else trained (or, with
+    ``config.adapter_rank``, low-rank adapters in place of the shared parts, merged into the weights at the end)."""
     from rt_mindeye.convert.mindeye2 import load_mindeye2
 
     loaded = load_mindeye2(checkpoint, new_subject_voxels=data.voxels.shape[1], new_subject_name=data.name or None,
                            dtype=torch.float32, seed=config.seed)
-    result = Trainer(loaded.model, config, checkpoint_path, progress, log).fit([data], validation, 0, resume_from)
+    if not config.adapter_rank:
+        result = Trainer(loaded.model, config, checkpoint_path, progress, log).fit([data], validation, 0, resume_from)
+        return loaded.model, result
+    from rt_mindeye.convert.mindeye2 import save_container
+    from rt_mindeye.model.adapt import add_adapters, merge_adapters
+
+    if resume_from is not None:
+        raise ConfigError(resume_from, "train.adapter_rank", "an adapter fine-tune cannot resume (it is short)")
+    handle = add_adapters(loaded.model, config.adapter_rank)
+    result = Trainer(loaded.model, config, None, progress, log).fit([data], validation, 0)
+    merge_adapters(loaded.model, handle)
+    if checkpoint_path is not None:
+        result.checkpoint = save_container(checkpoint_path, loaded.model, epoch=result.epochs)
     return loaded.model, result
