@@ -47,8 +47,13 @@ class CalibrationConfig:
     convnext_checkpoint: Path | None = setting(None, "ConvNeXt teacher weights (MindEye2's convnext_xlarge_alpha0.75"
                                                      "_fullckpt.pth) for the auxiliary low-level targets, with "
                                                      "blurry_vae")
-    holdout_fraction: float = setting(0.15, "calibration trials held out to report retrieval before the live runs",
-                                      min=0.0, max=0.5)
+    holdout_fraction: float = setting(0.15, "fraction of the calibration trials held out to report retrieval before the "
+                                            "live runs; whole images are held out (repeated ones first), never one "
+                                            "image on both sides", min=0.0, max=0.5)
+    finetune_betas: str = setting(
+        "realtime", "betas the model is fine-tuned on: 'realtime' replays the calibration runs through the real-time "
+                    "estimator (first, last refined and end-of-run estimates: what the live decoder sees), "
+                    "'offline' the offline fit's betas, 'both' the two together", choices=("realtime", "offline", "both"))
     exclude_motion_gated: bool = setting(True, "leave the calibration trials over the motion gate (motion.gate_fd_mm "
                                                "in their window) out of fine-tuning; the report counts them")
     glm: GLMConfig = field(default_factory=GLMConfig, metadata={"doc": "offline GLM of the calibration runs"})

@@ -102,6 +102,17 @@ def read_event_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle, delimiter="\t"))
 
 
+def onset_ordered(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Rows sorted by onset (stable), the order in which the GLMs number a run's trials."""
+    def onset(row):
+        try:
+            return float(row.get("onset", "nan"))
+        except ValueError:
+            return float("nan")
+
+    return sorted(rows, key=onset)
+
+
 def list_stimuli(stimuli_dir: Path) -> list[Path]:
     files = sorted(p for p in Path(stimuli_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -179,7 +190,7 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
                                       f"{config.calibration_runs} calibration runs")
     calib = runs[:config.calibration_runs]
     events = [find_events(events_dir, r.ordinal) for r in calib]
-    rows = [read_event_rows(p) for p in events]
+    rows = [onset_ordered(read_event_rows(p)) for p in events]
     stimuli = list_stimuli(stimuli_dir)
     image_ids = np.concatenate([stimulus_ids(r, stimuli, p) for r, p in zip(rows, events)])
     say(f"calibration runs: {', '.join(f'{r.ordinal} (series {r.series}, {len(r.files)} volumes)' for r in calib)}")
@@ -238,13 +249,15 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
         f"(median repeat reliability {rel_median:.3f})")
     lap("masks")
 
-    # 5. fine-tune, without the trials over the motion gate
+    # 5. fine-tune on the betas the live decoder will see, without the trials over the motion gate
     gate = _motion_gate(motion or MotionConfig(), motion_params, run_events, reference.tr or 1.0)
     excluded = gate if config.exclude_motion_gated and not gate.all() else np.zeros_like(gate)
     say(f"motion gate (FD > {(motion or MotionConfig()).gate_fd_mm:g} mm in a trial's window): {int(gate.sum())} of "
         f"{gate.size} trials" + (", left out of fine-tuning" if excluded.any() else ""))
-    holdout_top1, chance, n_epochs = _finetune(out, config, z[:, decoder_index], image_ids, stimuli, say,
-                                               exclude=excluded)
+    train_betas, train_ids, train_trials = finetune_set(config, glm, z, series, run_events, motion_params,
+                                                        reference.tr or 1.0, image_ids)
+    holdout_top1, chance, n_epochs = _finetune(out, config, train_betas[:, decoder_index], train_ids, stimuli, say,
+                                               exclude=excluded[train_trials])
     lap("finetune")
 
     # 6. bundle
@@ -269,6 +282,84 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     _write_report(bundle, result, config)
     say(f"bundle written: {out}")
     return result
+
+
+def realtime_replay(calibration, glm_config, series: Sequence[np.ndarray], run_events, motion: Sequence | None,
+                    tr: float, kinds: Sequence[str] = ("early", "refined", "final")) -> tuple[np.ndarray, np.ndarray]:
+    """Replay the calibration runs through the real-time estimator with the frozen calibration, volume by volume as
+    the scanner host would: the z-scored estimates of every trial, one row per (kind, trial) (``refined``: the last
+    refined estimate), and each row's trial index into the runs' trials (onset order, runs concatenated)."""
+    from rt_mindeye.glm.realtime import RealtimeGLM
+
+    rows, index = [], []
+    first = 0
+    for r, (data, events) in enumerate(zip(series, run_events)):
+        rt = RealtimeGLM(calibration, glm_config).start_run(events, tr, run=r, n_volumes=len(data))
+        got: dict[str, dict[int, np.ndarray]] = {kind: {} for kind in kinds}
+        for i, volume in enumerate(data):
+            params = None if motion is None else motion[r][i]
+            for estimate in rt.add_volume(i, volume, motion_params=params):
+                if estimate.kind in got and (estimate.kind != "early" or estimate.trial not in got["early"]):
+                    got[estimate.kind][estimate.trial] = estimate.betas
+        for estimate in rt.end_run():
+            if "final" in got:
+                got["final"][estimate.trial] = estimate.betas
+        for kind in kinds:
+            for trial, betas in sorted(got[kind].items()):
+                rows.append(betas)
+                index.append(first + trial)
+        first += len(events)
+    return np.asarray(rows, dtype=np.float32), np.asarray(index, dtype=np.int64)
+
+
+def finetune_set(config: CalibrationConfig, glm, offline_z: np.ndarray, series, run_events, motion, tr: float,
+                 image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fine-tuning betas (all voxels), their image ids and calibration-trial indices, per
+    ``config.finetune_betas``: the offline fit's betas, the calibration runs replayed through the real-time estimator
+    (what the live decoder sees), or both."""
+    parts, trials = [], []
+    if config.finetune_betas in ("offline", "both"):
+        parts.append(offline_z)
+        trials.append(np.arange(len(image_ids)))
+    if config.finetune_betas in ("realtime", "both"):
+        replayed, trial = realtime_replay(glm.calibration_, config.glm, series, run_events, motion, tr)
+        parts.append(replayed)
+        trials.append(trial)
+    trial = np.concatenate(trials)
+    return np.concatenate(parts), image_ids[trial], trial
+
+
+def offline_betas(bundle: CalibrationBundle, dicom_dir: Path, events_dir: Path, ordinals: Sequence[int],
+                  stimuli: Sequence[Path], config: CalibrationConfig | None = None,
+                  motion: MotionConfig | None = None, watcher: WatcherConfig | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The offline type-d GLM of runs ``ordinals`` (1-based), fitted on those runs alone with the calibration's GLM
+    settings, motion-corrected to the bundle's reference, z-scored with its own statistics (as an offline analysis
+    z-scores a session; another fit's statistics would mis-scale betas that are regularised differently) and cut to
+    the decoder's voxels: the offline reference against which real-time estimates of the same runs are judged.
+    Returns (betas (trials, decoder voxels), index into ``stimuli`` per trial), trials in run then onset order."""
+    from rt_mindeye.glm.design import RunEvents
+    from rt_mindeye.glm.estimator import GLMSingle
+
+    config = config or CalibrationConfig()
+    runs = {r.ordinal: r for r in discover_runs(dicom_dir, watcher)}
+    missing = [o for o in ordinals if o not in runs]
+    if missing:
+        raise SessionError(dicom_dir, f"run(s) {missing} not found")
+    glm_mask = bundle.glm_mask()
+    reference = bundle.reference()
+    corrector = MotionCorrector(motion or MotionConfig()).fit(reference, voxel_mask=glm_mask)
+    series, params, events, ids = [], [], [], []
+    for ordinal in ordinals:
+        ts, mp = corrected_timeseries(runs[ordinal].files, corrector, glm_mask)
+        series.append(ts)
+        params.append(mp)
+        path = find_events(events_dir, ordinal)
+        events.append(RunEvents.from_tsv(path, condition_column=config.condition_column))
+        ids.append(stimulus_ids(onset_ordered(read_event_rows(path)), stimuli, path))
+    glm_kwargs = {k: getattr(config.glm, k) for k in _glm_parameters()}
+    fit = GLMSingle(**glm_kwargs).fit(series, events, reference.tr or 1.0, motion=params)
+    return fit.zscored_betas()[:, bundle.decoder_index()], np.concatenate(ids)
 
 
 def _first_existing(root: Path, names: Sequence[str]) -> Path:
@@ -331,11 +422,12 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     if config.blurry_vae is not None:  # the full model: VAE-latent and ConvNeXt targets from local weights
         low_level = LowLevelModels.from_files(config.blurry_vae, config.convnext_checkpoint, seed=config.train.seed)
     targets = image_targets(images, embedder, low_level=low_level)
-    rng = np.random.default_rng(config.train.seed)
+    from rt_mindeye.eval.decoding import split_by_image
+
+    # Whole images are held out (repeated ones first), so no image is on both sides: a random split by trial would
+    # score the model on repeats of images it was trained on.
+    holdout = split_by_image(image_ids, config.holdout_fraction, seed=config.train.seed)
     n = betas.shape[0]
-    holdout = np.zeros(n, dtype=bool)
-    if config.holdout_fraction > 0:
-        holdout[rng.choice(n, size=max(1, int(round(config.holdout_fraction * n))), replace=False)] = True
     stats = (np.zeros(betas.shape[1], np.float32), np.ones(betas.shape[1], np.float32))  # already z-scored
     exclude = np.zeros(n, dtype=bool) if exclude is None else exclude
     train = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=~holdout & ~exclude)
@@ -355,15 +447,18 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     top1 = None
     chance = None
     if val is not None:
+        from rt_mindeye.eval.decoding import top1_among_candidates, two_afc_hardest
+
         model.eval()
         with torch.no_grad():
-            clip = model(val.voxels.float()).clip_voxels.flatten(1)
-        cand = torch.from_numpy(candidates).flatten(1)
-        sims = torch.nn.functional.normalize(clip, dim=1) @ torch.nn.functional.normalize(cand, dim=1).T
-        predicted = sims.argmax(dim=1).numpy()
-        top1 = float(np.mean(predicted == image_ids[holdout]))
+            clip = model(val.voxels.float()).clip_voxels
+        every = np.arange(len(stimuli))
+        top1 = top1_among_candidates(clip, image_ids[holdout], candidates, every)
+        afc = two_afc_hardest(clip, image_ids[holdout], candidates, every)
         chance = 1.0 / len(stimuli)
-        say(f"held-out calibration retrieval: top-1 {top1:.2%} among {len(stimuli)} images (chance {chance:.2%})")
+        say(f"held-out calibration retrieval ({int(holdout.sum())} trials of {len(np.unique(image_ids[holdout]))} "
+            f"images never trained on): top-1 {top1:.2%} among {len(stimuli)} images (chance {chance:.2%}), "
+            f"2AFC against the most similar image {afc:.1%}")
     return top1, chance, int(result.epochs)
 
 

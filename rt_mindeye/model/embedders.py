@@ -188,7 +188,10 @@ class PhantomEmbedder(ImageEmbedder):
 
     @torch.no_grad()
     def feature_maps(self, pixels: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        features = self.net.features(pixels.to(self.device))
+        stages = [name for name in layers if name.startswith("stage")]
+        # Stop after the deepest stage asked for: the phantom's stage-5 tokens skip stages 6-7 and the head.
+        until = max(stages, key=lambda name: int(name[5:])) if len(stages) == len(layers) else None
+        features = self.net.features(pixels.to(self.device), until=until)
         return {name: features[name] for name in layers}
 
     def pool_tokens(self, fmap: torch.Tensor) -> torch.Tensor:

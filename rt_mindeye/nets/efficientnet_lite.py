@@ -210,13 +210,16 @@ class EfficientNetLite(nn.Module):
             raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
         return images.to(self.image_mean.device, self.image_mean.dtype)
 
-    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, images: torch.Tensor, until: str | None = None) -> dict[str, torch.Tensor]:
         """Named intermediate features for images (N, 3, H, W) in [0, 1] (``image_size`` is the trained size).
 
         Returns ``stem`` (N, 32, H/2, W/2), ``stage1`` ... ``stage7`` (each stage's output map), ``head`` (N, 1280,
         H/32, W/32, after the 1x1 head conv + BN + ReLU6), ``embedding`` (N, 1280: ``head`` averaged over space, the
-        penultimate layer the classifier reads) and ``logits`` (N, 1000).
+        penultimate layer the classifier reads) and ``logits`` (N, 1000). ``until`` (a stage name) stops after that
+        stage and returns only the maps computed so far (the later stages cost most of the time of a stage-5 read-out).
         """
+        if until is not None and until not in STAGE_NAMES:
+            raise ValueError(f"until must be one of {STAGE_NAMES}, got {until!r}")
         x = self.normalize(self._check_images(images))
         out: dict[str, torch.Tensor] = {}
         x = F.relu6(conv_bn(self._conv_stem, self._bn0, x))
@@ -226,6 +229,8 @@ class EfficientNetLite(nn.Module):
             x = block(x)
             if index == self.stage_ends[stage]:
                 out[STAGE_NAMES[stage]] = x
+                if STAGE_NAMES[stage] == until:
+                    return out
                 stage += 1
         x = F.relu6(conv_bn(self._conv_head, self._bn1, x))
         out["head"] = x
