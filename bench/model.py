@@ -47,13 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rt_mindeye.calibration.config import CalibrationConfig  # noqa: E402
 from rt_mindeye.model.config import MindEyeConfig  # noqa: E402
 from rt_mindeye.model.mindeye import MindEyeModule, build_model  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PRETRAIN_GLOBAL_BATCH = 32  # trials per pretraining step, split evenly across the subjects
-FINETUNE_HEAD_ONLY_PCT = 0.33  # the calibration workflow's default (rt_mindeye.calibration.config)
 NSD_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense BF16 tensor core peak
 ASSUMED_MFU = (0.25, 0.45)
@@ -131,194 +129,455 @@ def training_flops_per_step(config: MindEyeConfig, batch: int) -> dict[str, floa
 
 # -- phantom experiment --------------------------------------------------------------------------------------------
 
+#: Fine-tuning recipes compared at equal wall time (each gets the same budget; epochs are planned from its measured
+#: step time, up to MindEye2's 150). Keys are what ``--methods`` takes.
+METHODS = {
+    "adapters": ("pretrained + low-rank adapters (shared parts frozen)", dict(adapter_rank=8, max_lr=3e-3)),
+    "head_first": ("pretrained + fine-tuned, head alone for the first third", dict(head_only_pct=0.33, max_lr=1e-3)),
+    "mindeye2": ("pretrained + fine-tuned, MindEye2's recipe (all parts from the start)", dict(max_lr=3e-4)),
+    "scratch": ("from scratch, same data, same wall time", dict(max_lr=1e-3)),
+    "ridge_tokens": ("reference: ridge regression from voxels to the image tokens (no MindEye)", None),
+    "adapters_cf": ("pretrained + closed-form head, then low-rank adapters",
+                    dict(adapter_rank=8, head_init="closed_form", max_lr=1e-3)),
+    "head_cf": ("pretrained + closed-form head only (no gradient steps)", None),
+}
+DEFAULT_METHODS = ("adapters", "head_first", "mindeye2", "scratch", "ridge_tokens")
+KINDS = ("early", "refined", "final", "offline")  # the test betas a model is scored on (plus "true" for the ceiling)
+KIND_LABELS = {"early": "real-time, first estimate (5 volumes)", "refined": "real-time, last refined estimate",
+               "final": "real-time, end of run", "offline": "offline type-d GLM of the live runs",
+               "true": "phantom ground truth"}
 
-def phantom_setup(args, console):
-    """Images, targets and data: the new subject sees stimuli 0..n-1, each pretraining subject its own next block.
 
-    As in NSD (where MindEye2's pretraining subjects saw ~9,000 mostly distinct images each), the shared model must
-    learn a brain-to-image map that generalises to images it never saw, not memorise a few hundred: pretraining
-    subjects therefore see images that neither the new subject nor the other pretraining subjects see.
-    """
-    from rt_mindeye.model.data import image_targets, phantom_subject_data, subject_data, trial_arrays, zscore_stats
-    from rt_mindeye.model.embedders import PhantomEmbedder
-    from rt_mindeye.phantom import phantom_config, simulate_session
+def new_subject_config(args):
+    """The new subject's session: calibration runs, then real-time runs whose repeated images are held out."""
+    from rt_mindeye.phantom import phantom_config
+
+    network = dict(driving_network=args.phantom_network, tuning_nonlinearity=args.nonlinearity)
+    if args.preset == "realistic":
+        return phantom_config("realistic", **network)
+    if args.quick:
+        return phantom_config("small", n_runs=4, calibration_runs=2, trials_per_run=30, repeated_images=6,
+                              test_repeated_images=6, repeats=2, **network)
+    return phantom_config("small", n_runs=8, calibration_runs=4, trials_per_run=40, repeated_images=20,
+                          test_repeated_images=15, **network)
+
+
+def image_set(args, new_cfg):
+    """Images of the new subject (stimuli 0..n-1) and of each pretraining subject (its own next block)."""
     from rt_mindeye.phantom.stimuli import render_all, stimulus_set
 
-    # GLM betas: a few images repeat across the new subject's runs (the type-d fit chooses its ridge fractions by
-    # cross-validating repeats, as in a real calibration); repeated images are then left out of the test set.
-    repeats = dict(repeated_images=10, repeats=3) if args.betas == "glm" else dict(repeated_images=0)
-    new_cfg = phantom_config("small", n_runs=args.new_runs, calibration_runs=args.calibration_runs,
-                             trials_per_run=args.trials_per_run, **repeats)
     per_subject = args.pretrain_runs * args.trials_per_run
     offsets = [new_cfg.n_images + k * per_subject for k in range(args.subjects)]
-    n_images = new_cfg.n_images + args.subjects * per_subject
-    began = time.perf_counter()
-    images = render_all(stimulus_set(n_images), new_cfg.image_size)
-    targets = image_targets(images, PhantomEmbedder(layer=PHANTOM_LAYER, grid=PHANTOM_GRID))
-    console.print(f"image targets for {n_images} images: {time.perf_counter() - began:.1f} s")
+    images = render_all(stimulus_set(new_cfg.n_images + args.subjects * per_subject), new_cfg.image_size)
+    return images, offsets
 
-    new_id = args.subjects + 1
-    new = simulate_session(new_cfg, subject=new_id, seed=new_id)
-    if not np.array_equal(new.images, images[:len(new.images)]):
-        raise RuntimeError("phantom images differ between sessions: image indices would not match")
-    calib = new.calibration_runs
-    held_out = [r for r in range(new.n_runs) if r not in calib]
-    pretrain = []
+
+def cached_targets(images: np.ndarray):
+    """The decoder's targets of ``images`` (EfficientNet-Lite0 stage-5 tokens, blurry and auxiliary targets), cached
+    under bench/results/cache by the images' content and the embedder's settings."""
+    import hashlib
+
+    from rt_mindeye.model.data import ImageTargets, image_targets
+    from rt_mindeye.model.embedders import PhantomEmbedder
+
+    digest = hashlib.sha1(images.tobytes() + repr((images.shape, PHANTOM_LAYER, PHANTOM_GRID)).encode()).hexdigest()
+    path = RESULTS / "cache" / f"targets-lite0-{digest[:16]}.pt"
+    if path.exists():
+        data = torch.load(path, weights_only=True)
+        return ImageTargets(tokens=data["tokens"], blurry=data["blurry"], aux=data["aux"])
+    targets = image_targets(images, PhantomEmbedder(layer=PHANTOM_LAYER, grid=PHANTOM_GRID))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"tokens": targets.tokens, "blurry": targets.blurry, "aux": targets.aux}, path)
+    return targets
+
+
+def pretrained_checkpoint(args, images, offsets, targets, console) -> tuple[Path, dict]:
+    """The shared tiny model, pretrained on phantom subjects' true betas (standing for NSD's 40-session betas) of
+    images the new subject never sees; cached under bench/results/cache by recipe."""
+    import hashlib
+
+    from rt_mindeye.convert.mindeye2 import save_container
+    from rt_mindeye.model.data import phantom_subject_data
+    from rt_mindeye.model.train import TrainConfig, pretrain, split_global_batch
+    from rt_mindeye.phantom import phantom_config, simulate_session
+
+    recipe = {"version": 3, "subjects": args.subjects, "runs": args.pretrain_runs, "trials": args.trials_per_run,
+              "offsets": offsets, "epochs": args.pretrain_epochs, "network": args.phantom_network,
+              "nonlinearity": args.nonlinearity, "seed": args.seed, "targets": [PHANTOM_LAYER, PHANTOM_GRID],
+              "threads": torch.get_num_threads()}
+    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = RESULTS / "cache" / f"pretrained-{key}.pth"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        console.print(f"reusing the pretrained model {path.relative_to(REPO)}")
+        return path, json.loads(meta_path.read_text())
+    datasets = []
     for subject, offset in zip(range(1, args.subjects + 1), offsets):
         cfg = phantom_config("small", n_runs=args.pretrain_runs, calibration_runs=0, repeated_images=0,
-                             trials_per_run=args.trials_per_run, stimulus_offset=offset)
+                             trials_per_run=args.trials_per_run, stimulus_offset=offset,
+                             driving_network=args.phantom_network, tuning_nonlinearity=args.nonlinearity)
         session = simulate_session(cfg, subject=subject, seed=subject)
-        betas, index = trial_arrays(session, range(session.n_runs))
-        pretrain.append(subject_data(betas, index + offset, targets, zscore_stats(betas), name=f"phantom{subject:02d}"))
-    if args.betas == "glm":
-        finetune_data, test_data, test_index = _glm_subject_data(new, calib, held_out, targets, console)
-    else:
-        finetune_data, _ = phantom_subject_data(new, calib, targets, name=f"phantom{new_id:02d}", stats_runs=calib)
-        test_data, test_index = phantom_subject_data(new, held_out, targets, name=f"phantom{new_id:02d}",
-                                                     stats_runs=calib)
-    return dict(images=images, targets=targets, pretrain=pretrain, finetune=finetune_data, test=test_data,
-                test_index=test_index, pretrain_images=args.subjects * per_subject)
+        if not np.array_equal(session.images, images[offset:offset + len(session.images)]):
+            raise RuntimeError("phantom images differ between sessions: image indices would not match")
+        shifted = _offset_targets(targets, offset, len(session.images))
+        data, _ = phantom_subject_data(session, range(session.n_runs), shifted, name=f"phantom{subject:02d}")
+        datasets.append(data)
+    config = tiny_config([d.voxels.shape[1] for d in datasets], targets, tuple(d.name for d in datasets))
+    torch.manual_seed(args.seed)
+    settings = TrainConfig(epochs=args.pretrain_epochs, batch_size=split_global_batch(PRETRAIN_GLOBAL_BATCH,
+                                                                                     args.subjects),
+                           max_lr=1e-3, seed=args.seed)
+    began = time.perf_counter()
+    model = MindEyeModule(config)
+    result = pretrain(model, datasets, settings, progress=not args.no_progress, log=console.print)
+    meta = {"recipe": recipe, "seconds": time.perf_counter() - began, "epochs": result.epochs,
+            "final_loss": result.history[-1].loss, "trials": [len(d) for d in datasets]}
+    save_container(path, model)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return path, meta
 
 
-def _glm_subject_data(session, calib, held_out, targets, console):
-    """The new subject's betas from the offline type-d GLM of its runs (no ground truth), z-scored with the
-    calibration runs' statistics; the test set keeps only images never shown in a calibration run."""
+def _offset_targets(targets, offset: int, n: int):
+    from rt_mindeye.model.data import ImageTargets
+
+    window = slice(offset, offset + n)
+    return ImageTargets(tokens=targets.tokens[window], blurry=None if targets.blurry is None else targets.blurry[window],
+                        aux=None if targets.aux is None else targets.aux[window])
+
+
+def tiny_config(subject_voxels, targets, names=()):
+    seq, dim = targets.tokens.shape[1:]
+    return MindEyeConfig.preset("tiny", list(subject_voxels), subject_names=tuple(names), token_seq=int(seq),
+                                token_dim=int(dim), prior_dim_head=PRIOR_DIM_HEAD,
+                                prior_heads=int(dim) // PRIOR_DIM_HEAD, blurry_aux_dim=int(targets.aux.shape[-1]))
+
+
+def new_subject_sets(session, targets, console, top_fraction: float = 0.6) -> dict:
+    """Training and test betas of the new subject, as a session produces them.
+
+    * train: the offline type-d GLM of the calibration runs only (the real-time runs never enter it), z-scored with
+      its own statistics, on the decoder voxels (the calibration workflow's rule: the most repeat-reliable
+      ``top_fraction`` of the visual voxels); or ("realtime") the calibration runs replayed through the real-time
+      estimator with that frozen fit (first, last refined and end-of-run estimates of every calibration trial);
+    * test: real-time runs' trials whose image was never shown in a calibration run, as the real-time GLM (frozen
+      calibration) emits them: first ("early"), last refined and end-of-run estimates; plus the offline type-d GLM
+      fitted on the real-time runs alone (the reference the real-time estimates are compared with; z-scored with its
+      own statistics) and the phantom's true betas (a ceiling, z-scored with the calibration runs' statistics).
+    """
+    from rt_mindeye.calibration.workflow import realtime_replay
+    from rt_mindeye.eval.decoding import assert_disjoint_images, ncsnr
+    from rt_mindeye.glm.config import RealtimeConfig
     from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.estimator import GLMSingle
-    from rt_mindeye.model.data import subject_data, trial_arrays, zscore_stats
+    from rt_mindeye.glm.realtime import RealtimeGLM
+    from rt_mindeye.model.data import trial_arrays
+    from rt_mindeye.preprocess.masks import reliability, reliability_mask
 
     began = time.perf_counter()
+    calib = list(session.calibration_runs)
+    live = [r for r in range(session.n_runs) if r not in calib]
     runs = [session.visual_timeseries(r) for r in range(session.n_runs)]
     events = [RunEvents.from_records(session.events(r), condition_column="stim_file") for r in range(session.n_runs)]
-    fit = GLMSingle(model="d").fit(runs, events, tr=session.tr)
-    betas = np.asarray(fit.betas_, dtype=np.float32)
-    truth, index = trial_arrays(session, range(session.n_runs))
+    truth, image_ids = trial_arrays(session, range(session.n_runs))
     run_of = np.concatenate([[r] * len(session.trials(r)) for r in range(session.n_runs)])
     in_calib = np.isin(run_of, calib)
-    held = np.isin(run_of, held_out) & ~np.isin(index, index[in_calib])
-    r = np.median([np.corrcoef(betas[:, v], truth[:, v])[0, 1] for v in np.flatnonzero(session.subject.responsive)])
-    console.print(f"offline GLM type d of the new subject: {time.perf_counter() - began:.0f} s, median correlation "
-                  f"with the true betas over responsive voxels {r:.3f}")
-    stats = zscore_stats(betas[in_calib])
-    name = "glm"
-    return (subject_data(betas, index, targets, stats, name=name, keep=in_calib),
-            subject_data(betas, index, targets, stats, name=name, keep=held), index[held])
+    cal_fit = GLMSingle(model="d").fit([runs[r] for r in calib], [events[r] for r in calib], session.tr)
+    z_cal = cal_fit.zscored_betas()
+    cal_ids = image_ids[in_calib]
+    # The calibration runs replayed through the real-time estimator (the calibration workflow's default training set).
+    replayed, replayed_trial = realtime_replay(cal_fit.calibration_, RealtimeConfig(), [runs[r] for r in calib],
+                                               [events[r] for r in calib], None, session.tr)
+    conditions = [str(i) for i in cal_ids]
+    scores = reliability(z_cal, conditions)
+    if np.isfinite(scores).any():
+        voxels = reliability_mask(z_cal, conditions, top_n=max(1, int(round(top_fraction * z_cal.shape[1]))))
+    else:
+        voxels = np.ones(z_cal.shape[1], bool)
+
+    estimates: dict[str, dict[int, np.ndarray]] = {"early": {}, "refined": {}, "final": {}}
+    offsets = np.concatenate([[0], np.cumsum([len(e) for e in events])])
+    for r in live:
+        rt = RealtimeGLM(cal_fit, RealtimeConfig()).start_run(events[r], session.tr, run=r,
+                                                              n_volumes=runs[r].shape[0])
+        for i, row in enumerate(runs[r]):
+            for e in rt.add_volume(i, row):
+                row_index = offsets[r] + e.trial
+                if e.kind == "early":
+                    estimates["early"].setdefault(row_index, e.betas)
+                else:
+                    estimates["refined"][row_index] = e.betas  # the last refined one wins
+        for e in rt.end_run():
+            estimates["final"][offsets[r] + e.trial] = e.betas
+    live_rows = np.flatnonzero(~in_calib)
+    live_fit = GLMSingle(model="d").fit([runs[r] for r in live], [events[r] for r in live], session.tr)
+    offline = live_fit.zscored_betas()  # its own statistics, as an offline analysis z-scores a session
+    glm_s = time.perf_counter() - began
+
+    test = live_rows[~np.isin(image_ids[live_rows], cal_ids)]
+    assert_disjoint_images(cal_ids, image_ids[test])
+    position_in_live = {row: k for k, row in enumerate(live_rows)}
+    true_mean, true_sd = truth[in_calib].mean(axis=0), truth[in_calib].std(axis=0)
+    true_sd = np.where(true_sd > 1e-8, true_sd, 1.0)
+    test_betas = {kind: np.stack([estimates[kind][row] for row in test])[:, voxels] for kind in estimates}
+    test_betas["offline"] = offline[[position_in_live[row] for row in test]][:, voxels]
+    test_betas["true"] = ((truth[test] - true_mean) / true_sd).astype(np.float32)[:, voxels]
+    responsive = np.asarray(session.subject.responsive)
+    true_cal_z = ((truth[in_calib] - true_mean) / true_sd).astype(np.float32)
+    reliability_report = {
+        "ncsnr_median_decoder_voxels_offline": float(np.nanmedian(ncsnr(z_cal[:, voxels], conditions))),
+        "ncsnr_median_visual_offline": float(np.nanmedian(ncsnr(z_cal, conditions))),
+        "ncsnr_median_responsive_offline": float(np.nanmedian(ncsnr(z_cal[:, responsive], conditions))),
+        "ncsnr_median_decoder_voxels_true": float(np.nanmedian(ncsnr(true_cal_z[:, voxels], conditions))),
+        "repeated_conditions_in_calibration": int(sum(np.sum(cal_ids == i) > 1 for i in np.unique(cal_ids))),
+    }
+    console.print(f"new subject: {len(voxels)} visual voxels, {int(voxels.sum())} decoder voxels; GLM fits and "
+                  f"real-time estimates {glm_s:.0f} s; median single-trial ncsnr in the decoder voxels "
+                  f"{reliability_report['ncsnr_median_decoder_voxels_offline']:.3f} (offline type d, calibration "
+                  f"runs)")
+    return {
+        "train": {"offline": (z_cal[:, voxels], cal_ids), "realtime": (replayed[:, voxels], cal_ids[replayed_trial]),
+                  "true": (true_cal_z[:, voxels], cal_ids)},
+        "test_ids": image_ids[test], "test_betas": test_betas, "voxels": int(voxels.sum()),
+        "visual_voxels": int(len(voxels)), "reliability": reliability_report, "glm_seconds": glm_s,
+        "n_calibration_trials": int(in_calib.sum()), "n_live_trials": int(len(live_rows)),
+    }
+
+
+def train_method(method: str, checkpoint: Path, data, args, seed: int, console):
+    """One fine-tune (or scratch training) within the shared wall-time budget; returns (model, seconds, epochs)."""
+    from rt_mindeye.model.train import TrainConfig, Trainer, finetune, plan_epochs
+
+    _, options = METHODS[method]
+    began = time.perf_counter()
+    if method in ("head_cf", "ridge_tokens"):
+        model = closed_form_model(method, checkpoint, data, seed)
+        seconds = time.perf_counter() - began
+        console.print(f"seed {seed}: {method}: closed form in {seconds:.1f} s")
+        return model, seconds, 0
+    settings = TrainConfig(epochs=args.max_epochs, batch_size=16, seed=seed, **options)
+    base = _checkpoint_config(checkpoint) if checkpoint else tiny_config([1], args.targets).to_dict()
+    scratch_config = MindEyeConfig.from_dict({**base, "subject_voxels": [data.voxels.shape[1]], "subject_names": []})
+    step_s = cpu_step_seconds(method, settings, checkpoint, scratch_config, data)
+    steps_per_epoch = max(1, len(data) // settings.batch_size)
+    epochs = plan_epochs(args.budget_s, step_s, steps_per_epoch, args.max_epochs)
+    settings = TrainConfig(**{**settings.to_dict(), "epochs": epochs})
+    cpu_began = time.process_time()
+    if method == "scratch":
+        torch.manual_seed(seed)
+        model = MindEyeModule(scratch_config)
+        result = Trainer(model, settings, progress=not args.no_progress).fit([data])
+    else:
+        model, result = finetune(checkpoint, data, settings, progress=not args.no_progress)
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    console.print(f"seed {seed}: {method}: {result.epochs} epochs ({step_s * 1000:.0f} ms CPU per step), "
+                  f"{cpu:.0f} s CPU, {seconds:.0f} s wall")
+    return model.eval(), cpu, result.epochs
+
+
+def cpu_step_seconds(method: str, settings, checkpoint, scratch_config, data, repeats: int = 5) -> float:
+    """Median CPU time of one training step (forward, backward, update) of ``method``'s model as it will train.
+
+    Every method gets the same budget of *CPU* time (1 thread), so its epochs do not depend on what else the machine
+    runs: on a quiet machine CPU time is wall time, on a shared one wall time would hand the budget to whichever
+    method happened to be measured at a quiet moment."""
+    from rt_mindeye.convert.mindeye2 import load_mindeye2
+    from rt_mindeye.model.adapt import add_adapters
+    from rt_mindeye.model.train import Trainer, parameter_groups
+
+    torch.manual_seed(settings.seed)
+    if method == "scratch":
+        model = MindEyeModule(scratch_config)
+    else:
+        model = load_mindeye2(checkpoint, new_subject_voxels=data.voxels.shape[1], dtype=torch.float32).model
+        if settings.adapter_rank:
+            add_adapters(model, settings.adapter_rank)
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=1e-6)
+    trainer = Trainer(model, settings, progress=False)
+    index = torch.arange(min(settings.batch_size, len(data)))
+    batches = [{"voxels": data.voxels[index], "image_tokens": data.image_tokens[index],
+                "blurry": None if data.blurry_targets is None else data.blurry_targets[index],
+                "aux": None if data.aux_targets is None else data.aux_targets[index]}]
+    times = []
+    for _ in range(repeats + 1):
+        began = time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = trainer._loss(batches, torch.device("cpu"), False, settings.soft_temp_start,
+                                torch.Generator().manual_seed(0))
+        loss.backward()
+        optimizer.step()
+        times.append(time.process_time() - began)
+    return float(np.median(times[1:]))
+
+
+class _TokenRidge(torch.nn.Module):
+    """The linear reference decoder: voxels -> flattened image tokens by ridge regression (GCV penalty)."""
+
+    def __init__(self, weights, bias, shape):
+        super().__init__()
+        self.weights, self.bias, self.shape = weights, bias, shape
+
+    def forward(self, voxels, subject=0):
+        from rt_mindeye.model.mindeye import MindEyeOutput
+
+        tokens = (voxels.float() @ self.weights + self.bias).reshape(len(voxels), *self.shape)
+        return MindEyeOutput(tokens=tokens, clip_voxels=tokens)
+
+
+def closed_form_model(method: str, checkpoint: Path, data, seed: int):
+    from rt_mindeye.convert.mindeye2 import load_mindeye2
+    from rt_mindeye.model.adapt import init_head_closed_form, ridge_fit
+
+    if method == "ridge_tokens":
+        weights, bias, _ = ridge_fit(data.voxels, data.image_tokens.flatten(1),
+                                     alphas=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))
+        return _TokenRidge(weights, bias, tuple(data.image_tokens.shape[1:]))
+    model = load_mindeye2(checkpoint, new_subject_voxels=data.voxels.shape[1], dtype=torch.float32, seed=seed).model
+    init_head_closed_form(model, data.voxels, data.image_tokens, seed=seed)
+    return model
+
+
+def _checkpoint_config(path: Path) -> dict:
+    from rt_mindeye.convert.mindeye2 import CONFIG_KEY
+
+    return torch.load(path, map_location="cpu", weights_only=True)[CONFIG_KEY]
 
 
 @torch.no_grad()
-def retrieval(model: MindEyeModule, data, test_index: np.ndarray, targets) -> dict:
-    """Top-1 brain -> image retrieval among the distinct held-out images."""
-    from rt_mindeye.decode.retrieval import Retriever
+def score(model, betas: np.ndarray, image_ids: np.ndarray, targets) -> dict:
+    from rt_mindeye.eval.decoding import decoding_report
 
-    model.eval()
-    candidates = np.unique(test_index)
-    retriever = Retriever(targets.tokens[torch.from_numpy(candidates)])
-    out = model(data.voxels, 0)
-    top, _ = retriever.topk(out.clip_voxels, k=1)
-    retrieved = candidates[np.asarray(top)[:, 0]]
-    correct = retrieved == test_index
-    return {"top1": float(correct.mean()), "chance": 1.0 / len(candidates), "n_trials": int(len(test_index)),
-            "n_candidates": int(len(candidates)), "retrieved": retrieved.tolist(),
-            "blurry": out.blurry_latent}
+    embed = lambda b: model(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)), 0).clip_voxels  # noqa: E731
+    return decoding_report(embed, betas, image_ids, targets.tokens).as_dict()
 
 
-def save_grid(path: Path, images: np.ndarray, test_index: np.ndarray, result: dict, n: int = 8) -> Path:
-    """Rows: seen image, retrieved image, blurry reconstruction (the low-level head's 28x28 RGB), for n trials."""
+def save_grid(path: Path, images: np.ndarray, model, betas: np.ndarray, image_ids: np.ndarray, targets,
+              n: int = 8) -> Path:
+    """Rows: seen image, top-1 retrieved image, blurry reconstruction (the tiny low-level head's 28x28 RGB) for every
+    k-th held-out trial (k = trials // n), picked without looking at the result."""
     from PIL import Image
 
+    from rt_mindeye.eval.decoding import cosine_matrix
+
     size = 96
-    picks = np.linspace(0, len(test_index) - 1, n).astype(int)
-    rows = [[images[test_index[i]] for i in picks], [images[result["retrieved"][i]] for i in picks]]
-    if result["blurry"] is not None:
-        blurry = ((result["blurry"][picks].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    picks = np.arange(0, len(image_ids), max(1, len(image_ids) // n))[:n]
+    candidates = np.unique(image_ids)
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(betas[picks], dtype=np.float32)), 0)
+    retrieved = candidates[cosine_matrix(out.clip_voxels, targets.tokens[torch.from_numpy(candidates)])
+                           .argmax(dim=1).numpy()]
+    rows = [[images[image_ids[i]] for i in picks], [images[r] for r in retrieved]]
+    if out.blurry_latent is not None:
+        blurry = ((out.blurry_latent.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         rows.append(list(blurry))
-    canvas = Image.new("RGB", (n * (size + 4) + 4, len(rows) * (size + 4) + 4), "white")
+    canvas = Image.new("RGB", (len(picks) * (size + 4) + 4, len(rows) * (size + 4) + 4), "white")
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             tile = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((size, size), Image.BICUBIC)
             canvas.paste(tile, (4 + c * (size + 4), 4 + r * (size + 4)))
+    path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
 
 
 def run_phantom(args, console) -> dict:
-    from rt_mindeye.convert.mindeye2 import save_container
-    from rt_mindeye.model.train import TrainConfig, Trainer, finetune, pretrain, split_global_batch
+    """Pretrain (cached), build the new subject's GLM betas, then per seed fine-tune every method within the same
+    budget and score it on every kind of test betas. Progress is saved after each run (``--resume`` skips what is
+    done)."""
+    from rt_mindeye.model.data import subject_data
+    from rt_mindeye.phantom import simulate_session
 
-    setup = phantom_setup(args, console)
-    seq, dim = setup["targets"].tokens.shape[1:]
-    fields = dict(token_seq=int(seq), token_dim=int(dim), prior_dim_head=PRIOR_DIM_HEAD,
-                  prior_heads=int(dim) // PRIOR_DIM_HEAD,
-                  blurry_aux_dim=int(setup["targets"].aux.shape[-1]))
-    pre_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in setup["pretrain"]],
-                                      subject_names=tuple(d.name for d in setup["pretrain"]), **fields)
-    torch.manual_seed(args.seed)
-    shared = MindEyeModule(pre_config)
-    pre_settings = TrainConfig(epochs=args.pretrain_epochs,
-                               batch_size=split_global_batch(PRETRAIN_GLOBAL_BATCH, args.subjects),
-                               max_lr=1e-3, seed=args.seed,
-                               time_budget_min=args.pretrain_budget_min)
+    new_cfg = new_subject_config(args)
     began = time.perf_counter()
-    pre = pretrain(shared, setup["pretrain"], pre_settings, progress=not args.no_progress, log=console.print)
-    pretrain_s = time.perf_counter() - began
-    checkpoint = save_container(RESULTS / "model_pretrained_tiny.pth", shared)
+    images, offsets = image_set(args, new_cfg)
+    targets = args.targets = cached_targets(images)
+    console.print(f"image targets for {len(images)} images: {time.perf_counter() - began:.1f} s")
+    needs_pretraining = any(m not in ("ridge_tokens", "scratch") for m in args.methods)
+    checkpoint, pre_meta = (pretrained_checkpoint(args, images, offsets, targets, console) if needs_pretraining
+                            else (None, {"epochs": 0, "seconds": 0.0, "skipped": "no method needs it"}))
 
-    # Per seed: the calibration workflow's fine-tune (head alone first), MindEye2's fine-tune (everything from the
-    # start), and the same model trained from scratch on the same data, for as many epochs as the fine-tune got and
-    # for the full 150 (scratch training gains from longer runs; the comparison gives it that chance).
-    variants: dict[str, dict] = {}
+    new_id = args.subjects + 1
+    session = simulate_session(new_cfg, subject=new_id, seed=new_id)
+    if not np.array_equal(session.images, images[:len(session.images)]):
+        raise RuntimeError("phantom images differ between sessions: image indices would not match")
+    sets = new_subject_sets(session, targets, console)
+    identity = (np.zeros(sets["voxels"], np.float32), np.ones(sets["voxels"], np.float32))  # already z-scored
+    train = subject_data(*sets["train"][args.train_betas], targets, identity, name="new")
+    train_true = subject_data(*sets["train"]["true"], targets, identity, name="new")
 
-    def record(name: str, model, epochs: int, seconds: float, seed: int) -> dict:
-        result = retrieval(model, setup["test"], setup["test_index"], setup["targets"])
-        entry = variants.setdefault(name, {"epochs": epochs, "seconds": [], "top1": [], "seeds": []})
-        entry["seconds"].append(seconds)
-        entry["top1"].append(result["top1"])
-        entry["seeds"].append(seed)
-        console.print(f"seed {seed}: {name}: top-1 {result['top1']:.1%} ({epochs} epochs, {seconds:.0f} s)")
-        return result
-
-    grid_result = None
-    scratch_config = pre_config.replace(subject_voxels=(setup["finetune"].voxels.shape[1],), subject_names=())
+    progress_path = RESULTS / f"model_runs_{args.tag}.json"
+    runs = json.loads(progress_path.read_text()) if args.resume and progress_path.exists() else {}
+    grid = None
     for seed in range(args.seed, args.seed + args.seeds):
-        for name, head_only in (("pretrained + fine-tuned (head alone first)", args.head_only_pct),
-                                ("pretrained + fine-tuned (MindEye2: all parts from the start)", 0.0)):
-            settings = TrainConfig(epochs=args.finetune_max_epochs, batch_size=24, max_lr=1e-3, seed=seed,
-                                   head_only_pct=head_only, time_budget_min=args.finetune_budget_min)
-            began = time.perf_counter()
-            tuned, fine = finetune(checkpoint, setup["finetune"], settings, progress=not args.no_progress,
-                                   log=console.print)
-            result = record(name, tuned, fine.epochs, time.perf_counter() - began, seed)
-            if grid_result is None:
-                grid_result, fine_epochs, step_s = result, fine.epochs, fine.step_seconds
-        for name, epochs in (("from scratch, same data, same epochs", fine_epochs),
-                             (f"from scratch, same data, {args.scratch_long_epochs} epochs", args.scratch_long_epochs)):
-            torch.manual_seed(seed)
-            scratch = MindEyeModule(scratch_config)
-            began = time.perf_counter()
-            Trainer(scratch, TrainConfig(epochs=epochs, batch_size=24, max_lr=1e-3, seed=seed),
-                    progress=not args.no_progress).fit([setup["finetune"]])
-            record(name, scratch, epochs, time.perf_counter() - began, seed)
-
-    grid = save_grid(RESULTS / ("model_grid.png" if args.betas == "true" else "model_grid_glm.png"), setup["images"], setup["test_index"], grid_result)
-    for entry in variants.values():
-        entry["mean_top1"] = float(np.mean(entry["top1"]))
+        for method in args.methods + (["ceiling"] if args.ceiling else []):
+            key = f"{method}/{seed}"
+            if key in runs:
+                continue
+            if method == "ceiling":  # the default method trained and tested on the phantom's true betas
+                model, seconds, epochs = train_method(args.methods[0], checkpoint, train_true, args, seed, console)
+                scores = {"true": score(model, sets["test_betas"]["true"], sets["test_ids"], targets)}
+            else:
+                model, seconds, epochs = train_method(method, checkpoint, train, args, seed, console)
+                scores = {kind: score(model, sets["test_betas"][kind], sets["test_ids"], targets) for kind in KINDS}
+                if grid is None and method == args.methods[0]:
+                    grid = save_grid(RESULTS / f"model_grid_{args.tag}.png", images, model,
+                                     sets["test_betas"]["early"], sets["test_ids"], targets)
+            runs[key] = {"method": method, "seed": seed, "seconds": seconds, "epochs": epochs, "scores": scores}
+            line = ", ".join(f"{k} {v['top1']:.1%}" for k, v in scores.items())
+            console.print(f"  top-1: {line}")
+            progress_path.write_text(json.dumps(runs, indent=2))
+    example = next(iter(runs.values()))["scores"]
+    first = example.get("early") or example.get("true")
     return {
-        "betas": ("new subject: offline type-d GLM betas (no ground truth); pretraining subjects: true betas"
-                  if args.betas == "glm" else "phantom ground-truth betas (not GLM estimates)")
-                 + ", z-scored with calibration-run statistics",
-        "pretrain": {"subjects": len(setup["pretrain"]), "trials": [len(d) for d in setup["pretrain"]],
-                     "epochs": pre.epochs, "seconds": pretrain_s, "step_seconds": pre.step_seconds,
-                     "final_loss": pre.history[-1].loss},
-        "finetune": {"trials": len(setup["finetune"]), "max_epochs": args.finetune_max_epochs,
-                     "budget_min": args.finetune_budget_min, "head_only_pct": args.head_only_pct,
-                     "measured_step_seconds": step_s},
-        "test": {"trials": grid_result["n_trials"], "candidates": grid_result["n_candidates"],
-                 "chance": grid_result["chance"], "pretraining_images": setup["pretrain_images"],
-                 "shared_with_new_subject": 0},
-        "variants": variants,
-        "grid_png": str(grid.relative_to(REPO)),
-        "model": pre_config.to_dict(),
+        "new_subject": {"preset": new_cfg.preset, "driving_network": new_cfg.driving_network,
+                        "tuning_nonlinearity": new_cfg.tuning_nonlinearity,
+                        "calibration_trials": sets["n_calibration_trials"], "live_trials": sets["n_live_trials"],
+                        "test_trials": int(len(sets["test_ids"])), "candidates": first["n_candidates"],
+                        "chance": first["chance"], "visual_voxels": sets["visual_voxels"],
+                        "decoder_voxels": sets["voxels"], "reliability": sets["reliability"],
+                        "glm_seconds": sets["glm_seconds"], "train_betas": args.train_betas,
+                        "train_rows": len(train)},
+        "pretrain": pre_meta, "budget_s": args.budget_s, "methods": {m: METHODS[m][0] for m in args.methods},
+        "runs": runs, "grid_png": str(grid.relative_to(REPO)) if grid else None,
+        "model": _checkpoint_config(checkpoint) if checkpoint else None,
     }
+
+
+def summarise(phantom: dict) -> dict:
+    """Mean and sample standard deviation over seeds of every score, per method and kind of betas."""
+    table: dict = {}
+    for run in phantom["runs"].values():
+        for kind, scores in run["scores"].items():
+            entry = table.setdefault(run["method"], {}).setdefault(kind, {})
+            flat = {"top1": scores["top1"], "two_afc": scores["two_afc"], "top1_averaged": scores["top1_averaged"],
+                    "single_brain_to_image": scores["single"]["brain_to_image"],
+                    "single_image_to_brain": scores["single"]["image_to_brain"]}
+            if scores["averaged"] is not None:
+                flat.update(averaged_brain_to_image=scores["averaged"]["brain_to_image"],
+                            averaged_image_to_brain=scores["averaged"]["image_to_brain"],
+                            averaged_n_way=scores["averaged"]["n_way"])
+            flat["single_n_way"] = scores["single"]["n_way"]
+            for name, value in flat.items():
+                entry.setdefault(name, []).append(value)
+        table[run["method"]].setdefault("_seconds", []).append(run["seconds"])
+        table[run["method"]].setdefault("_epochs", []).append(run["epochs"])
+    out: dict = {}
+    for method, kinds in table.items():
+        out[method] = {}
+        for kind, values in kinds.items():
+            if kind.startswith("_"):
+                out[method][kind[1:]] = _stats(values)
+            else:
+                out[method][kind] = {name: _stats(v) for name, v in values.items()}
+    return out
+
+
+def _stats(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0, "values": []}
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values), "values": [float(v) for v in values]}
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
@@ -420,6 +679,66 @@ def real_size_load(console) -> dict:
     return result
 
 
+def _fmt(stat: dict, percent: bool = True) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    if percent:
+        return f"{stat['mean']:.1%} ± {stat['sd']:.1%}"
+    return f"{stat['mean']:.0f} ± {stat['sd']:.0f}"
+
+
+def print_phantom(phantom: dict, summary: dict, console) -> None:
+    from rich.table import Table
+
+    chance = phantom["new_subject"]["chance"]
+    title = (f"held-out top-1 (brain -> image among {phantom['new_subject']['candidates']} images, chance "
+             f"{chance:.1%}); mean ± sd over seeds; every fine-tune gets {phantom['budget_s']:.0f} s of CPU time")
+    table = Table(title=title)
+    table.add_column("model")
+    for kind in KINDS:
+        table.add_column(KIND_LABELS[kind], justify="right")
+    table.add_column("early / offline", justify="right")
+    for method, label in phantom["methods"].items():
+        row = summary.get(method, {})
+        cells = [_fmt(row.get(kind, {}).get("top1")) for kind in KINDS]
+        early, offline = row.get("early", {}).get("top1", {}), row.get("offline", {}).get("top1", {})
+        ratio = early["mean"] / offline["mean"] if early and offline and offline.get("mean") else float("nan")
+        table.add_row(label, *cells, f"{ratio:.2f}")
+    if "ceiling" in summary:
+        table.add_row("ceiling: " + phantom["methods"][next(iter(phantom["methods"]))] + ", true betas",
+                      *["" for _ in KINDS[:-1]], _fmt(summary["ceiling"]["true"]["top1"]), "")
+    console.print(table)
+
+    default = next(iter(phantom["methods"]))
+    detail = Table(title=f"{phantom['methods'][default]}: directions, repeat averaging and 2AFC (mean ± sd)")
+    for column in ("betas", "single trial: brain -> image (the paper's text: image retrieval)",
+                   "single trial: image -> brain", "repeats averaged: brain -> image (published 'brain' column)",
+                   "repeats averaged: image -> brain (published 'image' column)", "averaged, among all",
+                   "2AFC vs most similar"):
+        detail.add_column(column, justify="right" if column != "betas" else "left")
+    for kind in KINDS + ("true",):
+        source = summary.get("ceiling" if kind == "true" else default, {}).get(kind)
+        if not source:
+            continue
+        detail.add_row(KIND_LABELS[kind], _fmt(source["single_brain_to_image"]), _fmt(source["single_image_to_brain"]),
+                       _fmt(source.get("averaged_brain_to_image")), _fmt(source.get("averaged_image_to_brain")),
+                       _fmt(source.get("top1_averaged")), _fmt(source["two_afc"]))
+    console.print(detail)
+    times = Table(title="fine-tune time (tiny, CPU seconds of 1 thread; equals wall time on a quiet machine)")
+    for column in ("model", "CPU seconds", "epochs"):
+        times.add_column(column, justify="left" if column == "model" else "right")
+    for method, label in phantom["methods"].items():
+        if method in summary:
+            times.add_row(label, _fmt(summary[method]["seconds"], False), _fmt(summary[method]["epochs"], False))
+    console.print(times)
+    rel = phantom["new_subject"]["reliability"]
+    console.print(f"new subject: {phantom['new_subject']['decoder_voxels']} decoder voxels of "
+                  f"{phantom['new_subject']['visual_voxels']}; single-trial ncsnr (offline type d, calibration "
+                  f"runs): decoder voxels {rel['ncsnr_median_decoder_voxels_offline']:.3f}, all visual "
+                  f"{rel['ncsnr_median_visual_offline']:.3f}; pretraining {phantom['pretrain']['epochs']} epochs "
+                  f"({phantom['pretrain']['seconds']:.0f} s when it ran); grid: {phantom['grid_png']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -432,59 +751,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-size-load", action="store_true",
                         help="write a real-size light checkpoint (1.6 GB, fp16) and measure check/load time and memory")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--preset", choices=("small", "realistic"), default="small", help="the new subject's phantom")
+    parser.add_argument("--phantom-network", default="efficientnet-lite2",
+                        choices=("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"),
+                        help="network driving the phantom's voxels (lite0 = the decoder's own embedder: inflated)")
+    parser.add_argument("--nonlinearity", choices=("rectified", "linear"), default="rectified")
+    parser.add_argument("--train-betas", choices=("offline", "realtime"), default="offline",
+                        help="fine-tune on the calibration runs' offline type-d betas, or on those runs replayed "
+                             "through the real-time estimator (the calibration workflow's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--betas", choices=("true", "glm"), default="true",
-                        help="new subject's betas: the phantom's ground truth, or the offline type-d GLM of its runs")
-    parser.add_argument("--seeds", type=int, default=None, help="fine-tune / scratch seeds (default 2; --quick 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
-    parser.add_argument("--finetune-budget-min", type=float, default=None, help="override the fine-tune budget")
-    parser.add_argument("--head-only-pct", type=float, default=FINETUNE_HEAD_ONLY_PCT,
-                        help="fraction of the fine-tune in which only the new ridge head trains (0 = MindEye2's recipe)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None,
-                        help="pretraining epochs (default 20)")
+    parser.add_argument("--seeds", type=int, default=None, help="fine-tune seeds (default 3; --quick 1)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated fine-tune methods, the first is the default ({', '.join(METHODS)})")
+    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                        help="skip the true-beta ceiling row")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="CPU time of every fine-tune, 1 thread (default 90 s; epochs planned from each method's "
+                             "measured CPU step time)")
+    parser.add_argument("--max-epochs", type=int, default=150, help="epoch cap of a fine-tune (MindEye2: 150)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: deterministic numbers; on a shared, busy machine also fastest)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default 20)")
+    parser.add_argument("--resume", action="store_true", help="keep finished (method, seed) runs of the same --tag")
+    parser.add_argument("--tag", default=None, help="name of this run's result files (default from the options)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    console = Console(width=150)
+    torch.set_num_threads(args.threads)
+    console = Console(width=180)
     if args.write_keys:
         console.print(f"wrote {write_key_list(REPO / 'docs' / 'mindeye2_keys.md')}")
         return 0
     quick = args.quick
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     args.subjects = 2 if quick else 4
-    args.seeds = args.seeds or (1 if quick else 2)
-    args.scratch_long_epochs = 40 if quick else 150
-    # Pretraining subjects see more images than the new subject (as NSD subjects did), minus its held-out ones.
+    args.seeds = args.seeds or (1 if quick else 3)
     args.pretrain_runs = 4 if quick else 12
     args.trials_per_run = 30 if quick else 40
-    args.new_runs, args.calibration_runs = (4, 2) if quick else (6, 3)
-    # Pretraining runs fixed epochs; the fine-tune plans its epochs from the budget up to the calibration default.
-    fixed_pretrain = args.pretrain_epochs
-    args.pretrain_epochs = fixed_pretrain or 20  # fixed, so the accuracy does not depend on the machine's speed
-    args.pretrain_budget_min = 0.0
-    args.finetune_max_epochs = 20 if quick else CalibrationConfig().train.epochs  # what a session's fine-tune gets
-    budget = args.finetune_budget_min
-    args.finetune_budget_min = budget if budget is not None else (0.0 if quick else 3.0)
+    args.pretrain_epochs = args.pretrain_epochs or (3 if quick else 20)
+    args.budget_s = args.budget_s if args.budget_s is not None else (10.0 if quick else 90.0)
+    if args.tag is None:
+        short = args.phantom_network.replace("efficientnet-", "")
+        args.tag = f"{args.preset}-{short}-{args.nonlinearity}-{args.train_betas}" + ("-quick" if quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    results: dict = {"quick": quick, "torch_threads": torch.get_num_threads()}
+    results: dict = {"quick": quick, "torch_threads": torch.get_num_threads(), "tag": args.tag}
     tiny = None
     if not args.timing_only:
         phantom = run_phantom(args, console)
         results["phantom"] = phantom
-        tiny = MindEyeConfig.from_dict(phantom["model"])
-        table = Table(title=f"new phantom subject: held-out top-1 retrieval ({args.betas} betas)")
-        for column in ("model", "epochs", "train s", "top-1 per seed", "mean", "x chance"):
-            table.add_column(column, justify="right" if column != "model" else "left")
-        chance = phantom["test"]["chance"]
-        for label, entry in phantom["variants"].items():
-            table.add_row(label, str(entry["epochs"]), f"{np.median(entry['seconds']):.0f}",
-                          " / ".join(f"{t:.1%}" for t in entry["top1"]), f"{entry['mean_top1']:.1%}",
-                          f"{entry['mean_top1'] / chance:.1f}")
-        console.print(table)
-        console.print(f"pretraining: {phantom['pretrain']['subjects']} subjects, {phantom['pretrain']['epochs']} "
-                      f"epochs, {phantom['pretrain']['seconds']:.0f} s; grid: {phantom['grid_png']}")
-    else:
+        results["summary"] = summarise(phantom)
+        tiny = MindEyeConfig.from_dict(phantom["model"]) if phantom["model"] else None
+        print_phantom(phantom, results["summary"], console)
+    if tiny is None:
         tiny = MindEyeConfig.preset("tiny", [450], token_seq=PHANTOM_GRID ** 2, token_dim=112,
                                     prior_dim_head=PRIOR_DIM_HEAD, prior_heads=112 // PRIOR_DIM_HEAD,
                                     blurry_aux_dim=112)
@@ -507,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         s = timing["light_cpu_step_batch4"]
         t.add_row("light, CPU step, batch 4 (measured)", f"{s['seconds']:.1f} s ({s['achieved_gflops']:.0f} GFLOP/s)")
     console.print(t)
-    out = RESULTS / ("model.json" if args.betas == "true" else "model_glm.json")
+    out = RESULTS / f"model_{args.tag}.json"
     out.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {out.relative_to(REPO)}")
     return 0

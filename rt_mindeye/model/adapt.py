@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,3 +114,102 @@ def merge_adapters(model: MindEyeModule, handle: AdapterHandle) -> MindEyeModule
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- a closed-form start for the new subject's head ------------------------------------------------------------------
+
+
+def invert_backbone(model: MindEyeModule, image_tokens: torch.Tensor, steps: int = 200, lr: float = 0.05,
+                    temperature: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """Hidden vectors (n, hidden) that the frozen pretrained backbone maps onto the given images' tokens: the
+    retrieval embedding of ``backbone(h_i)`` is made closest to image i's tokens and far from the other images'
+    (InfoNCE over the images, plus a cosine pull). Only ``h`` is optimised; the model is left as it was."""
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = F.normalize(image_tokens.float().flatten(1), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    hidden = (0.01 * torch.randn(len(targets), 1, model.config.hidden_dim, generator=generator)).requires_grad_(True)
+    optimizer = torch.optim.Adam([hidden], lr=lr)
+    labels = torch.arange(len(targets))
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                pred = F.normalize(retrieval_path(model.backbone, hidden).flatten(1), dim=1)
+                sims = pred @ targets.T
+                loss = F.cross_entropy(sims / temperature, labels) + (1.0 - sims.diagonal()).mean()
+                loss.backward()
+                optimizer.step()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.train(was_training)
+    return hidden.detach()[:, 0]
+
+
+def retrieval_path(backbone, hidden: torch.Tensor) -> torch.Tensor:
+    """``backbone(hidden).clip_voxels`` without the low-level head (which the inversion does not need and which
+    costs most of a tiny backbone's forward): the same residual blocks, token map and projector, in the same order."""
+    x = hidden if hidden.ndim == 3 else hidden.unsqueeze(1)
+    residual1, residual2 = x, x.transpose(1, 2)
+    for block1, block2 in zip(backbone.mixer_blocks1, backbone.mixer_blocks2):
+        x = block1(x) + residual1
+        residual1 = x
+        x = x.transpose(1, 2)
+        x = block2(x) + residual2
+        residual2 = x
+        x = x.transpose(1, 2)
+    x = x.reshape(x.shape[0], -1)
+    tokens = backbone.backbone_linear(x).reshape(x.shape[0], backbone.config.token_seq, backbone.config.token_dim)
+    return backbone.clip_proj(tokens)
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, alphas=(0.1, 1.0, 10.0, 100.0, 1000.0)
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ridge regression y ~ x W + b with the penalty chosen by generalised cross-validation (one SVD for all
+    penalties, scaled to the data: alpha x mean squared singular value). Returns (W (in, out), b (out,), alpha)."""
+    x = x.double()
+    y = y.double()
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    xc, yc = x - x_mean, y - y_mean
+    u, s, vt = torch.linalg.svd(xc, full_matrices=False)
+    uty = u.T @ yc
+    scale = float((s ** 2).mean())
+    best = None
+    n = x.shape[0]
+    for alpha in alphas:
+        lam = alpha * scale
+        shrink = s ** 2 / (s ** 2 + lam)
+        fitted = u @ (shrink[:, None] * uty)
+        gcv = float(((yc - fitted) ** 2).sum() / (1.0 - shrink.sum() / n) ** 2)
+        if best is None or gcv < best[0]:
+            best = (gcv, alpha, lam)
+    _, alpha, lam = best
+    weights = vt.T @ ((s / (s ** 2 + lam))[:, None] * uty)
+    bias = y_mean - x_mean @ weights
+    return weights.float(), bias.float(), float(alpha)
+
+
+@torch.no_grad()
+def init_head_closed_form(model: MindEyeModule, voxels: torch.Tensor, image_tokens: torch.Tensor,
+                          subject: int = 0, image_keys: torch.Tensor | None = None, seed: int = 0) -> float:
+    """Start the new subject's ridge head at the best linear map into the pretrained model's input space: invert the
+    frozen backbone for each training image (:func:`invert_backbone`), then regress those hidden vectors on the
+    voxels in closed form (:func:`ridge_fit`). ``image_keys`` (n,) groups trials of the same image (default: equal
+    token maps). Returns the chosen ridge penalty."""
+    if image_keys is None:
+        _, image_keys = torch.unique(image_tokens.flatten(1), dim=0, return_inverse=True)
+    unique_keys, first = np.unique(image_keys.numpy(), return_index=True)
+    hidden = invert_backbone(model, image_tokens[torch.from_numpy(first)], seed=seed)
+    position = {int(k): i for i, k in enumerate(unique_keys)}
+    targets = hidden[torch.tensor([position[int(k)] for k in image_keys])]
+    weights, bias, alpha = ridge_fit(voxels.float(), targets)
+    head = model.ridge.linears[subject]
+    head.weight.copy_(weights.T.to(head.weight.dtype))
+    head.bias.copy_(bias.to(head.bias.dtype))
+    return alpha

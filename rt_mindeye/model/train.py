@@ -59,6 +59,10 @@ class TrainConfig:
                                         "subject, whose fresh head would otherwise send noise into the pretrained "
                                         "parts; 0 = MindEye2's fine-tune of everything from the start",
                                    min=0.0, max=1.0)
+    head_init: str = setting("random", "fine-tuning only: how the new subject's ridge head starts: 'random', or "
+                                       "'closed_form' (ridge regression onto hidden vectors found by inverting the "
+                                       "frozen pretrained backbone for each training image; rt_mindeye.model.adapt)",
+                             choices=("random", "closed_form"))
     adapter_rank: int = setting(0, "fine-tuning only: 0 trains the shared parts themselves; r > 0 freezes them and "
                                    "trains rank-r low-rank adapters on the backbone's linear layers instead "
                                    "(rt_mindeye.model.adapt; merged into the weights at the end)", min=0)
@@ -533,6 +537,12 @@ def finetune(checkpoint: str | Path, data: SubjectData, config: TrainConfig,
 
     loaded = load_mindeye2(checkpoint, new_subject_voxels=data.voxels.shape[1], new_subject_name=data.name or None,
                            dtype=torch.float32, seed=config.seed)
+    if config.head_init == "closed_form" and resume_from is None:
+        from rt_mindeye.model.adapt import init_head_closed_form
+
+        alpha = init_head_closed_form(loaded.model, data.voxels, data.image_tokens, seed=config.seed)
+        if log is not None:
+            log(f"new head started in closed form (ridge penalty {alpha:g} x mean squared singular value)")
     if not config.adapter_rank:
         result = Trainer(loaded.model, config, checkpoint_path, progress, log).fit([data], validation, 0, resume_from)
         return loaded.model, result

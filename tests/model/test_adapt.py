@@ -61,3 +61,48 @@ def test_adapter_finetune_trains_head_and_adapters_only_and_saves_a_loadable_che
     torch.testing.assert_close(reloaded(new.voxels[:4]).clip_voxels, tuned(new.voxels[:4]).clip_voxels)
     with pytest.raises(ConfigError, match="adapter_rank"):
         finetune(path, new, dataclasses.replace(FAST, adapter_rank=2), resume_from=out, progress=False)
+
+
+def test_closed_form_head_starts_decoding_before_any_training(micro, subject_data, tmp_path):
+    from rt_mindeye.model.adapt import init_head_closed_form, ridge_fit
+
+    # ridge_fit recovers a linear map
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 10, generator=g)
+    w = torch.randn(10, 3, generator=g)
+    fitted, bias, _ = ridge_fit(x, x @ w + 2.0, alphas=(1e-6,))
+    torch.testing.assert_close(fitted, w, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(bias, torch.full((3,), 2.0), atol=1e-3, rtol=1e-3)
+
+    config = micro((20, 24))
+    torch.manual_seed(0)
+    pretrained = MindEyeModule(config)
+    pretrain_data = [subject_data(64, 20, 1, config, "a"), subject_data(64, 24, 2, config, "b")]
+    from rt_mindeye.model.train import pretrain
+    pretrain(pretrained, pretrain_data, dataclasses.replace(FAST, epochs=15), progress=False)
+    path = save_container(tmp_path / "pre.pth", pretrained)
+    new = subject_data(48, 30, 9, config, "new")
+    random_start = load_mindeye2(path, new_subject_voxels=30, seed=1).model.eval()
+    closed = load_mindeye2(path, new_subject_voxels=30, seed=1).model.eval()
+    init_head_closed_form(closed, new.voxels, new.image_tokens)
+
+    def top1(model):
+        from rt_mindeye.eval.decoding import paired_directions
+        with torch.no_grad():
+            return paired_directions(model(new.voxels).clip_voxels, new.image_tokens).brain_to_image
+
+    assert top1(closed) > top1(random_start) + 0.2
+    shared = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("ridge.")}
+    assert all(torch.equal(v, closed.state_dict()[k]) for k, v in shared.items())  # only the head was set
+    tuned, _ = finetune(path, new, dataclasses.replace(FAST, epochs=1, head_init="closed_form"), progress=False)
+    assert not torch.equal(tuned.state_dict()["ridge.linears.0.weight"],
+                           random_start.state_dict()["ridge.linears.0.weight"])
+
+
+def test_retrieval_path_equals_the_backbones_retrieval_output(micro):
+    from rt_mindeye.model.adapt import retrieval_path
+
+    torch.manual_seed(0)
+    model = MindEyeModule(micro((20,), blurry=True)).eval()
+    hidden = torch.randn(3, 1, model.config.hidden_dim)
+    torch.testing.assert_close(retrieval_path(model.backbone, hidden), model.backbone(hidden).clip_voxels)
