@@ -1,33 +1,43 @@
-"""Benchmark of the shared-subject model on the phantom: does pretraining across subjects help a new subject?
+"""Benchmark of the shared-subject model on the phantom: how well does a new subject decode from its GLM betas?
 
 Run from the repository root::
 
-    python bench/model.py             # 4 pretraining subjects, 2 fine-tune seeds, light-model projection (~30 min)
-    python bench/model.py --quick     # 2 small subjects, short runs, 1 seed (a smoke run, minutes)
-    python bench/model.py --measure-light   # also time one CPU training step of the real-size light model
-    python bench/model.py --write-keys      # regenerate docs/mindeye2_keys.md from the model (meta device)
+    python bench/model.py                               # small phantom, 3 seeds, train on offline betas (~1 h)
+    python bench/model.py --train-betas realtime        # train on the calibration runs' real-time replay (default
+                                                        # of the calibration workflow)
+    python bench/model.py --preset realistic --methods adapters,ridge_tokens     # the realistic preset
+    python bench/model.py --phantom-network efficientnet-lite0 --nonlinearity linear --methods ridge_tokens
+                                                        # the old phantom driven by the decoder's own network
+    python bench/model.py --quick                       # smoke run
+    python bench/model.py --measure-light               # also time one CPU training step of the real-size light model
+    python bench/model.py --write-keys                  # regenerate docs/mindeye2_keys.md from the model (meta device)
     python bench/model.py --timing-only --real-size-load   # load a real-size (1.6 GB) light checkpoint: time, memory
 
 Steps
 
-1. Phantom subjects 1..K (``small`` phantom, 12 runs x 40 trials) give pretraining data: their true single-trial
-   betas (the phantom's ground truth, not GLM estimates) z-scored per subject, and the tokens of the images they saw
-   from the phantom embedder (EfficientNet-Lite0 stage 5 pooled to 4x4 = 16 tokens x 112). Each pretraining subject
-   sees 480 images of its own that neither the new subject nor the other subjects see (as NSD subjects did).
-2. ``tiny`` is pretrained on all K subjects (20 epochs, one global batch of 32 split across them), then fine-tuned on
-   a new subject's 3 calibration runs with a fresh ridge head within a time budget, up to the calibration workflow's
-   60 epochs: with the workflow's recipe (the head alone for the first third) and with MindEye2's (all parts from
-   the start). A model of the same size is trained from scratch on the same data, for the same epochs and for 150.
-3. All decode the new subject's 3 held-out runs from its true betas: top-1 image retrieval among the 120 held-out
-   images (cosine of flattened, L2-normalised tokens, MindEye2's metric; chance = 1 / number of candidates), per
-   seed, and a PNG grid of seen / retrieved / blurry-reconstructed images (the tiny model's low-level head predicts a
-   28x28 RGB image).
-4. Timing: the measured CPU step time of ``tiny``, and for ``light`` on 750 trials (MindEye2's 1-hour fine-tune:
-   batch 24, 150 epochs) a FLOP count per step and the projected H100 time (no GPU here); ``--measure-light`` adds a
-   measured CPU step of the real-size light model (needs ~8 GB of memory).
+1. The phantom's voxels are driven by EfficientNet-Lite2 through half-rectified units; the decoder's targets are
+   EfficientNet-Lite0 stage-5 maps pooled to 4x4 = 16 tokens x 112 (cached in bench/results/cache).
+2. Pretraining (cached by recipe): ``tiny`` on 4 phantom subjects' true betas (standing for NSD's 40-session betas),
+   each subject 480 images of its own that the new subject never sees, one global batch of 32 split across them,
+   20 epochs.
+3. The new subject: 4 calibration runs and 4 real-time runs of 40 trials. The offline type-d GLM is fitted on the
+   calibration runs only; the decoder's voxels are their most repeat-reliable 60 %. Training betas: that fit's
+   z-scored betas (``--train-betas offline``, the issue's protocol) or the calibration runs replayed through the
+   real-time estimator with that frozen fit (``realtime``). Test trials: real-time-run trials whose image was never
+   shown in a calibration run (split by image), as the real-time estimator emits them (first estimate, last
+   refined, end of run), plus the offline type-d fit of the real-time runs alone and the true betas (ceiling: the
+   first method trained and tested on true betas).
+4. Per seed, every method (``--methods``: low-rank adapters, head alone first, MindEye2's recipe, from scratch; a
+   ridge regression onto the tokens as a reference without MindEye) gets the same CPU-time budget (``--budget-s``,
+   1 thread; epochs planned from each method's measured CPU step time, up to 150), then is scored with
+   ``rt_mindeye.eval.decoding``: top-1 brain -> image among the held-out images, both directions on one trial per
+   image and on repeat-averaged betas, and the 2AFC against the most similar image. Mean and sd over seeds.
+5. Timing: the measured CPU step time of ``tiny``, and for ``light`` on 750 trials (MindEye2's 1-hour fine-tune:
+   batch 24, 150 epochs) a FLOP count per step and the projected H100 time (no GPU here).
 
-Prints rich tables and writes ``bench/results/model.json`` and ``bench/results/model_grid.png``. Timings on a busy
-machine are not meaningful; the retrieval numbers are deterministic for a given seed and thread count.
+Prints rich tables and writes ``bench/results/model_<tag>.json`` (``model_runs_<tag>.json`` keeps finished runs for
+``--resume``) and ``bench/results/model_grid_<tag>.png`` (seen / retrieved / blurry for every k-th test trial). The
+retrieval numbers are deterministic for a given seed and thread count; times depend on the machine.
 """
 
 from __future__ import annotations
@@ -627,6 +637,13 @@ def run_timing(args, console, tiny_config: MindEyeConfig | None) -> dict:
         "note": "FLOP count of the matrix products (forward x3); excludes the image embedder (tokens precomputed "
                 "once: ~0.9 TFLOP per ViT-bigG image, ~2 s for 750 images)",
     }
+    # Adapters (the calibration default): frozen weights need no weight gradients, so the backbone and prior cost a
+    # forward and an input-gradient pass (2x) instead of 3x; the new ridge head still trains in full.
+    forward = {k: v / 3.0 for k, v in per_step.items()}
+    adapter_step = 3.0 * forward["ridge"] + 2.0 * (forward["backbone"] + forward["prior"])
+    lo_a, hi_a = (adapter_step * steps / (H100_BF16_DENSE_TFLOPS * 1e12 * mfu) for mfu in reversed(ASSUMED_MFU))
+    out["light_750_trials_adapters_projection"] = {"flops_per_step": adapter_step, "steps": steps,
+                                                   "h100_minutes_range": [lo_a / 60, hi_a / 60]}
     if args.measure_light:
         times = time_steps(light, 4, 1)
         flops4 = sum(training_flops_per_step(light, 4).values())
@@ -823,6 +840,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_row("light, 750 trials x 150 epochs", f"{p['steps']} steps")
     t.add_row(f"light, projected H100 (MFU {ASSUMED_MFU[0]:.0%}-{ASSUMED_MFU[1]:.0%})",
               f"{p['h100_minutes_range'][0]:.1f}-{p['h100_minutes_range'][1]:.1f} min (target <= 10)")
+    pa = timing["light_750_trials_adapters_projection"]
+    t.add_row(f"light with adapters (calibration default), projected H100",
+              f"{pa['h100_minutes_range'][0]:.1f}-{pa['h100_minutes_range'][1]:.1f} min")
     if "light_cpu_step_batch4" in timing:
         s = timing["light_cpu_step_batch4"]
         t.add_row("light, CPU step, batch 4 (measured)", f"{s['seconds']:.1f} s ({s['achieved_gflops']:.0f} GFLOP/s)")

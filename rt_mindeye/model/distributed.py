@@ -521,6 +521,9 @@ def build_job_model(job: TrainingJob) -> MindEyeModule:
     if job.finetune_from is not None:
         from rt_mindeye.convert.mindeye2 import load_mindeye2
 
+        if job.config.adapter_rank or job.config.head_init != "random":  # rt_mindeye.model.adapt is one-process
+            raise DistributedError("train.adapter_rank", "low-rank adapters and a closed-form head fine-tune in one "
+                                                         "process: run without --nproc")
         data = job.datasets[0]
         return load_mindeye2(job.finetune_from, new_subject_voxels=data.voxels.shape[1],
                              new_subject_name=data.name or None, dtype=torch.float32, seed=job.config.seed).model
