@@ -6,8 +6,9 @@
 3. calibrate on the session's first runs (offline GLM, reliability mask, fine-tune within a time budget);
 4. run the remaining runs live: the scanner emulator writes them into an export folder at an accelerated TR, the
    scanner host and the decoder run as separate processes linked by ZeroMQ, the console follows them;
-5. summarise: retrieval accuracy against chance, a latency table, a PNG grid of seen / retrieved / blurry images,
-   and ``summary.json``.
+5. summarise: retrieval accuracy against chance (first real-time estimates; the same model on the offline type-d
+   betas of the live runs; repeats averaged; real-time MindEye's 2AFC), a latency table, a PNG grid of seen /
+   retrieved / blurry images for every k-th trial, and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class DemoOptions:
 
 #: The quick demo's phantom: 3 runs of 12 trials (2 for calibration, 1 live), 200 visual voxels.
 QUICK_PHANTOM = (("n_runs", 3), ("calibration_runs", 2), ("trials_per_run", 12), ("repeated_images", 6),
+                 ("test_repeated_images", 0),
                  ("repeats", 2), ("rest_end_s", 9.0), ("visual_voxels", 200))
 
 
@@ -81,11 +83,18 @@ def _untrained_shared_model(model_dir: Path, options: DemoOptions, console) -> P
     return checkpoint
 
 
+#: The demo's session: 4 calibration and 4 real-time runs of 32 trials (128 live trials, so one trial is under 1 %),
+#: a visual mask of ~1,200 voxels in the small geometry, 16 images repeated across the session (for the calibration's
+#: reliability mask) and 10 repeated only in the real-time runs (scored repeat-averaged).
+DEMO_SESSION = dict(n_runs=8, calibration_runs=4, trials_per_run=32, repeated_images=16, test_repeated_images=10,
+                    repeats=3, visual_voxels=1200)
+
+
 def demo_phantom_config(**overrides):
-    """The demo's phantom: the small geometry with more calibration runs and enough repeats for reliability."""
+    """The demo's phantom: the small geometry (32 x 32 x 16 at 4 mm) with the session of :data:`DEMO_SESSION`."""
     from rt_mindeye.phantom.config import phantom_config
 
-    fields = dict(n_runs=6, calibration_runs=4, trials_per_run=25, repeated_images=15, repeats=3)
+    fields = dict(DEMO_SESSION)
     fields.update(overrides)
     return phantom_config("small", **fields)
 
@@ -144,6 +153,7 @@ def run_demo(options: DemoOptions) -> dict:
         summary = summarise(out / "session", session, live_runs, phantom_dir, calibration=result, live=live,
                             step_seconds=step.times)
         add_feedback_summary(summary, out)
+        summary.update(evaluate_live(bundle_dir, out / "session", phantom_dir, live_runs))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         grid = make_grid(out / "session", phantom_dir, out / "grid.png")
         if grid:
@@ -182,9 +192,11 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
         return _untrained_shared_model(model_dir / "quick", options, console)
     checkpoint = model_dir / "last.pth"
     subjects, n_runs, trials_per_run = PRETRAIN_SUBJECTS, PRETRAIN_RUNS, PRETRAIN_TRIALS_PER_RUN
-    recipe = {"version": 2, "subjects": list(subjects), "runs": n_runs,
+    recipe = {"version": 3, "subjects": list(subjects), "runs": n_runs,
               "trials_per_run": trials_per_run, "first_stimulus": cfg.n_images, "seed": options.seed,
-              "budget_min": options.pretrain_budget_min}
+              "budget_min": options.pretrain_budget_min, "phantom": {
+                  k: getattr(cfg, k) for k in ("driving_network", "tuning_nonlinearity", "trial_variability",
+                                               "visual_voxels", "matrix")}}
     recipe_path = model_dir / "recipe.json"
     if checkpoint.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == recipe:
         console.print(f"reusing {checkpoint}")
@@ -200,7 +212,7 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     per_subject = n_runs * trials_per_run
     for k, subject in enumerate(subjects):
         other_cfg = dataclasses.replace(cfg, n_runs=n_runs, calibration_runs=0, repeated_images=0,
-                                        trials_per_run=trials_per_run,
+                                        test_repeated_images=0, trials_per_run=trials_per_run,
                                         stimulus_offset=cfg.stimulus_offset + cfg.n_images + k * per_subject)
         other = simulate_session(other_cfg, subject=subject, seed=100 + subject)
         targets = image_targets(other.images, PhantomEmbedder())
@@ -468,18 +480,82 @@ def summarise(session_dir: Path, session, live_runs: list[int], phantom_dir: Pat
     return summary
 
 
+def first_estimates(session_dir: Path) -> list:
+    """The first real-time estimate of every live trial, from the scanner host's journal, in trial order."""
+    from rt_mindeye.runtime.layout import SessionLayout
+    from rt_mindeye.transport.journal import read_journal
+    from rt_mindeye.transport.messages import TrialBetas
+
+    journal = SessionLayout(session_dir).betas_dir / "trials.journal"
+    first: dict[tuple[int, int], TrialBetas] = {}
+    if journal.exists():
+        for message in read_journal(journal):
+            if isinstance(message, TrialBetas):
+                first.setdefault((message.run, message.trial), message)
+    return [first[key] for key in sorted(first)]
+
+
+def evaluate_live(bundle_dir: Path, session_dir: Path, phantom_dir: Path, live_runs: list[int]) -> dict:
+    """Scores beyond the decoder's own top-1, with the bundle's model: its top-1 on the offline type-d betas of the
+    live runs (fitted on those runs alone), on the first estimates averaged over each image's repeats in the live runs,
+    and real-time MindEye's 2AFC (seen image against its most similar candidate) on the first estimates."""
+    from rt_mindeye.calibration.bundle import CalibrationBundle
+    from rt_mindeye.calibration.workflow import list_stimuli, offline_betas
+    from rt_mindeye.eval.decoding import average_by_image, top1_among_candidates, two_afc_hardest
+    from rt_mindeye.runtime.decoder import BundleModel
+
+    bundle = CalibrationBundle.open(bundle_dir)
+    model = BundleModel(bundle)
+    candidates = bundle.candidates()
+    tokens, ids = candidates["tokens"], candidates["ids"]
+    index_of = {str(name): int(i) for name, i in zip(candidates["files"], ids)}
+    firsts = [m for m in first_estimates(session_dir) if m.stim_file and Path(m.stim_file).name in index_of]
+    out = {"retrieval_top1_offline": None, "retrieval_top1_averaged": None, "two_afc": None,
+           "averaged_images": 0}
+    if firsts:
+        seen = np.array([index_of[Path(m.stim_file).name] for m in firsts])
+        betas = np.stack([m.betas for m in firsts])
+        out["two_afc"] = two_afc_hardest(model(betas)[0], seen, tokens, ids)
+        repeated = np.array([np.sum(seen == i) > 1 for i in seen])
+        if repeated.any():
+            averaged, avg_ids = average_by_image(betas[repeated], seen[repeated])
+            out["retrieval_top1_averaged"] = top1_among_candidates(model(averaged)[0], avg_ids, tokens, ids)
+            out["averaged_images"] = int(len(avg_ids))
+    # The decoder's own repeat averages (decoder.average_repeats): the last average of each image, decoded live.
+    from rt_mindeye.runtime.layout import SessionLayout
+
+    last_average: dict[str, dict] = {}
+    for rec in SessionLayout(session_dir).read_decoder_results():
+        if rec.get("event") == "averaged" and rec.get("stim_file"):
+            last_average[Path(rec["stim_file"]).name] = rec
+    if last_average:
+        out["retrieval_top1_averaged_live"] = float(np.mean(
+            [bool(r["topk"]) and r["topk"][0] == name for name, r in last_average.items()]))
+    stimuli = list_stimuli(phantom_dir / "stimuli")
+    live_betas, live_ids = offline_betas(bundle, phantom_dir / "dicom", phantom_dir / "events",
+                                         [r + 1 for r in live_runs], stimuli)
+    names = np.array([p.name for p in stimuli])
+    live_seen = np.array([index_of[n] for n in names[live_ids]])
+    out["retrieval_top1_offline"] = top1_among_candidates(model(live_betas)[0], live_seen, tokens, ids)
+    return out
+
+
 def make_grid(session_dir: Path, phantom_dir: Path, path: Path, rows: int = 8) -> Path | None:
-    """seen | top-1 retrieved | blurry reconstruction, for the first ``rows`` trials' final estimates."""
+    """seen | top-1 retrieved | blurry reconstruction of the first real-time estimate, for every k-th live trial
+    (k = trials // rows): the rows are picked by position, never by how well they decoded."""
     from PIL import Image, ImageDraw
 
-    results = [r for r in read_results(session_dir) if r["kind"] == "final"] or read_results(session_dir)
+    firsts: dict[tuple, dict] = {}
+    for rec in read_results(session_dir):
+        firsts.setdefault((rec["run"], rec["trial"]), rec)
+    results = [firsts[key] for key in sorted(firsts)]
     if not results:
         return None
     cell = 112
-    picked = results[:rows]
+    picked = results[::max(1, len(results) // rows)][:rows]
     grid = Image.new("RGB", (3 * cell, len(picked) * cell + 16), "white")
     draw = ImageDraw.Draw(grid)
-    for j, title in enumerate(("seen", "retrieved", "blurry")):
+    for j, title in enumerate(("seen", "retrieved (top-1)", "reconstructed (blurry)")):
         draw.text((j * cell + 4, 2), title, fill="black")
     for i, rec in enumerate(picked):
         tiles = [phantom_dir / "stimuli" / Path(rec["stim_file"] or "").name,
@@ -503,6 +579,11 @@ def print_summary(summary: dict, console) -> None:
     table.add_row("top-1 retrieval (first real-time estimate)", f"{summary['retrieval_top1']:.1%} (chance {chance:.1%})")
     for kind, value in summary["retrieval_top1_by_estimate"].items():
         table.add_row(f"  top-1, {kind} estimates", f"{value:.1%}")
+    for key, label in (("retrieval_top1_offline", "top-1, same model on offline type-d betas of the live runs"),
+                       ("retrieval_top1_averaged", "top-1, first estimates averaged over repeats"),
+                       ("two_afc", "2AFC, seen vs most similar image (first estimates)")):
+        if summary.get(key) is not None:
+            table.add_row(label, f"{summary[key]:.1%}")
     for name, stats in summary["latency_s"].items():
         if stats["n"]:
             table.add_row(f"latency {name} (s) p50 / p99", f"{stats['p50']:.3f} / {stats['p99']:.3f}")
