@@ -164,7 +164,10 @@ def new_subject_config(args):
 
     network = dict(driving_network=args.phantom_network, tuning_nonlinearity=args.nonlinearity)
     if args.preset == "realistic":
-        return phantom_config("realistic", **network)
+        # Its images come after the small subject's and the pretraining subjects' (the same pretrained model serves).
+        small = new_subject_config(type(args)(**{**vars(args), "preset": "small"}))
+        first = small.n_images + args.subjects * args.pretrain_runs * args.trials_per_run
+        return phantom_config("realistic", stimulus_offset=first, **network)
     if args.quick:
         return phantom_config("small", n_runs=4, calibration_runs=2, trials_per_run=30, repeated_images=6,
                               test_repeated_images=6, repeats=2, **network)
@@ -173,13 +176,16 @@ def new_subject_config(args):
 
 
 def image_set(args, new_cfg):
-    """Images of the new subject (stimuli 0..n-1) and of each pretraining subject (its own next block)."""
+    """Images of the small new subject (stimuli 0..n-1), of each pretraining subject (its own next block) and, for
+    the realistic preset, of its new subject (the block after those): returns (images, pretraining offsets)."""
     from rt_mindeye.phantom.stimuli import render_all, stimulus_set
 
+    small = new_cfg if new_cfg.stimulus_offset == 0 else new_subject_config(
+        type(args)(**{**vars(args), "preset": "small"}))
     per_subject = args.pretrain_runs * args.trials_per_run
-    offsets = [new_cfg.n_images + k * per_subject for k in range(args.subjects)]
-    images = render_all(stimulus_set(new_cfg.n_images + args.subjects * per_subject), new_cfg.image_size)
-    return images, offsets
+    offsets = [small.n_images + k * per_subject for k in range(args.subjects)]
+    end = max(small.n_images + args.subjects * per_subject, new_cfg.stimulus_offset + new_cfg.n_images)
+    return render_all(stimulus_set(end), new_cfg.image_size), offsets
 
 
 def cached_targets(images: np.ndarray):
@@ -508,8 +514,10 @@ def run_phantom(args, console) -> dict:
 
     new_id = args.subjects + 1
     session = simulate_session(new_cfg, subject=new_id, seed=new_id)
-    if not np.array_equal(session.images, images[:len(session.images)]):
+    first = new_cfg.stimulus_offset
+    if not np.array_equal(session.images, images[first:first + len(session.images)]):
         raise RuntimeError("phantom images differ between sessions: image indices would not match")
+    images, targets = images[first:first + len(session.images)], _offset_targets(targets, first, len(session.images))
     sets = new_subject_sets(session, targets, console)
     identity = (np.zeros(sets["voxels"], np.float32), np.ones(sets["voxels"], np.float32))  # already z-scored
     train = subject_data(*sets["train"][args.train_betas], targets, identity, name="new")
