@@ -410,10 +410,7 @@ def cpu_step_seconds(method: str, settings, checkpoint, scratch_config, data, re
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=1e-6)
     trainer = Trainer(model, settings, progress=False)
-    index = torch.arange(min(settings.batch_size, len(data)))
-    batches = [{"voxels": data.voxels[index], "image_tokens": data.image_tokens[index],
-                "blurry": None if data.blurry_targets is None else data.blurry_targets[index],
-                "aux": None if data.aux_targets is None else data.aux_targets[index]}]
+    batches = [trainer._batch(data, torch.arange(len(data)), 0)]
     times = []
     for _ in range(repeats + 1):
         began = time.process_time()
@@ -603,7 +600,7 @@ def _stats(values) -> dict:
 
 def time_steps(config: MindEyeConfig, batch: int, repeats: int) -> list[float]:
     """CPU seconds of forward + backward + AdamW update for one subject's batch (random data)."""
-    from rt_mindeye.model.train import TrainConfig, Trainer, parameter_groups
+    from rt_mindeye.model.train import SubjectData, TrainConfig, Trainer, parameter_groups
 
     torch.manual_seed(0)
     model = MindEyeModule(config)
@@ -614,7 +611,7 @@ def time_steps(config: MindEyeConfig, batch: int, repeats: int) -> list[float]:
     blurry = torch.randn(batch, config.blurry_out_channels, config.blurry_size, config.blurry_size) \
         if config.blurry_recon else None
     aux = torch.randn(batch, config.blurry_grid ** 2, config.blurry_aux_dim) if config.blurry_recon else None
-    batches = [{"voxels": voxels, "image_tokens": tokens, "blurry": blurry, "aux": aux}]
+    batches = [trainer._batch(SubjectData(voxels, tokens, blurry, aux), torch.arange(batch), 0)]
     times = []
     for _ in range(repeats + 1):
         began = time.perf_counter()
