@@ -24,7 +24,9 @@ def console_sources(config: SessionConfig):
 
 
 def run_console(config: SessionConfig, stop: threading.Event | None = None, *, headless: bool | None = None,
-                duration_s: float | None = None):
+                duration_s: float | None = None, until=None):
+    """Follow the session until ``stop`` is set, ``duration_s`` has passed or ``until(state)`` holds; returns the
+    console's last state."""
     from rt_mindeye.console.runner import OperatorConsole
 
     s = config.session
@@ -42,7 +44,7 @@ def run_console(config: SessionConfig, stop: threading.Event | None = None, *, h
     if stop is not None:
         threading.Thread(target=lambda: (stop.wait(), console.stop()), daemon=True).start()
     try:
-        return console.run(duration_s=duration_s, headless=headless)
+        return console.run(duration_s=duration_s, headless=headless, until=until)
     finally:
         console.close()
 

@@ -33,6 +33,8 @@ PRETRAIN_SUBJECTS = (2, 3, 4)
 PRETRAIN_RUNS = 8  # x 40 trials: 320 images per pretraining subject, none of them seen by the demo subject
 PRETRAIN_TRIALS_PER_RUN = 40
 DEMO_SUBJECT = 1
+#: How long the console may take, after both services are terminated, to see their goodbye heartbeats.
+CONSOLE_GOODBYE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -290,10 +292,16 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
                                restamp_acquisition=True)
     stimulus_pc = _stimulus_computer(config, phantom_dir, session, live_runs, options)
     stop_console = threading.Event()
+    services_ended = threading.Event()
     console_state = {}
 
     def follow():
-        console_state["state"] = run_console(config, stop_console, headless=not _live_view(options))
+        # Once both services are terminated the console leaves by itself when it has seen each one go (a goodbye
+        # heartbeat shows as "stopped"), so the operator's last view says how the session ended.
+        console_state["state"] = run_console(
+            config, stop_console, headless=not _live_view(options),
+            until=lambda state: services_ended.is_set() and bool(state.peers)
+            and not any(peer.alive for peer in state.peers))
 
     viewer = threading.Thread(target=follow, daemon=True)
     viewer.start()
@@ -314,6 +322,8 @@ def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_run
     finally:
         _close_stimulus_computer(stimulus_pc, out)
         terminate((scanner, decoder))
+        services_ended.set()
+        viewer.join(timeout=CONSOLE_GOODBYE_S)
         stop_console.set()
         viewer.join(timeout=10)
     return {"seconds": time.time() - t0, "scanner_rc": scanner.returncode, "decoder_rc": decoder.returncode,
