@@ -380,23 +380,29 @@ def independent_session(name: str, quick: bool, ref_python: str | None, work: Pa
         cal = GLMSingle(model="d").fit([sess.runs[r] for r in cal_runs], [events[r] for r in cal_runs], sess.tr,
                                        motion=[sess.motion[r] for r in cal_runs])
     delay = RealtimeConfig().early_volumes
-    early, final = {}, {}
+    refined_at = (8, 12)  # post-onset volumes of the refined estimates scored (12 s and 18 s after onset)
+    by_n, final = {n: {} for n in (delay, *refined_at)}, {}
     for r in live_runs:
-        rt = RealtimeGLM(cal, RealtimeConfig(zscore=False, refine_every=0)).start_run(
+        rt = RealtimeGLM(cal, RealtimeConfig(zscore=False, refine_every=1, refine_until=max(refined_at))).start_run(
             events[r], sess.tr, run=r, n_volumes=sess.runs[r].shape[0])
         for i, row in enumerate(sess.runs[r]):
             for e in rt.add_volume(i, row, motion_params=sess.motion[r][i]):
-                early[offsets[r] + e.trial] = e.betas
+                if e.n_volumes in by_n:
+                    by_n[e.n_volumes][offsets[r] + e.trial] = e.betas
         for e in rt.end_run():
             final[offsets[r] + e.trial] = e.betas
+    # A trial too close to the run's end for a refined estimate at n volumes counts with its end-of-run estimate.
+    pick = lambda n: np.stack([by_n[n].get(i, final[i]) for i in live_rows])  # noqa: E731
     out["realtime"] = {"delay_volumes": delay,
-                       "early": score(np.stack([early[i] for i in live_rows]), live_rows),
+                       "early": score(np.stack([by_n[delay][i] for i in live_rows]), live_rows),
+                       **{f"refined_{n}": score(pick(n), live_rows) for n in refined_at},
                        "final": score(np.stack([final[i] for i in live_rows]), live_rows),
-                       "calibration_n_pcs": cal.n_pcs_}
+                       "calibration_n_pcs": cal.n_pcs_, "live_noise_components": int(cal.noise_loadings_.shape[1])}
     out["realtime"]["early_over_offline_d"] = out["realtime"]["early"] / out["live_runs"]["d"]
     out["realtime"]["final_over_offline_d"] = out["realtime"]["final"] / out["live_runs"]["d"]
     if "glmsingle_live_runs" in out:
-        out["realtime"]["early_over_glmsingle_D"] = out["realtime"]["early"] / out["glmsingle_live_runs"]["D"]
+        for key in ("early", "refined_8", "refined_12", "final"):
+            out["realtime"][f"{key}_over_glmsingle_D"] = out["realtime"][key] / out["glmsingle_live_runs"]["D"]
     return out
 
 
@@ -480,12 +486,14 @@ def main(argv=None) -> int:
             _print_accuracy(results["accuracy"])
         if args.whole_brain:
             results["whole_brain"] = whole_brain(Path(args.whole_brain_cache))
+            _print_whole_brain(results["whole_brain"])
         if not args.skip_timing:
             if args.command_timing and ref_python:
                 sizes = [tuple(int(x) for x in item.split("x")) for item in args.command_timing.split(",") if item]
                 if args.quick:
                     sizes = [(1500, 4)]
                 results["command_timing"] = command_timing(sizes, ref_python, work)
+                _print_command_timing(results["command_timing"])
             if args.quick:
                 results["timing"] = timing(3, 120, 2000, 40, args.skip_numpy)
             else:
@@ -513,6 +521,18 @@ def _print_independent(res: dict) -> None:
                       diff, early, f"{rt['final']:.3f} / {r['live_runs']['d']:.3f}", f"{r['offline_s']['d']:.1f}",
                       f"{r['glmsingle_s']:.0f}" if g else "-")
     Console(width=max(console.width, 160)).print(table)
+    rt_table = Table(title="real-time on the live runs (calibration on runs 1-3 with motion; scored on runs 4-8)")
+    for col in ("session", "early (5 vol)", "refined (8 vol)", "refined (12 vol)", "end of run", "offline d",
+                "GLMsingle D", "early / D", "end of run - d"):
+        rt_table.add_column(col, justify="right" if col != "session" else "left")
+    for name, r in res.items():
+        rt = r["realtime"]
+        g = r.get("glmsingle_live_runs")
+        rt_table.add_row(name, *(f"{rt[k]:.3f}" for k in ("early", "refined_8", "refined_12", "final")),
+                         f"{r['live_runs']['d']:.3f}", f"{g['D']:.3f}" if g else "-",
+                         f"{rt['early_over_glmsingle_D']:.3f}" if g else "-",
+                         f"{rt['final'] - r['live_runs']['d']:+.3f}")
+    Console(width=max(console.width, 160)).print(rt_table)
 
 
 def _print_accuracy(acc: dict) -> None:
@@ -539,6 +559,29 @@ def _print_accuracy(acc: dict) -> None:
         cells = [f"{row.get(n, float('nan')):.3f}" for n in shown]
         curve.add_row(key, *cells, *([f"{ratio[key]:.3f}"] if ratio else []))
     Console(width=max(console.width, 120)).print(curve)  # the variant names stay on one line
+
+
+def _print_command_timing(rows: list[dict]) -> None:
+    table = Table(title="whole command vs GLMsingle (same session, same machine, same run)")
+    for col in ("voxels x runs", "rt-mindeye glm fit, whole command (s)", "GLMsingle fit (s)", "speed-up"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(f"{row['voxels']} x {row['runs']}", f"{row['ours_command_s']:.1f}",
+                      f"{row.get('glmsingle_fit_s', float('nan')):.0f}", f"{row.get('speedup', float('nan')):.1f}x")
+    console.print(table)
+
+
+def _print_whole_brain(wb: dict) -> None:
+    table = Table(title=f"whole-brain calibration fit ({wb['voxels']} voxels x {wb['runs']} runs, {wb['trials']} "
+                        "trials, type d with motion, child process)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("fit wall time (s)", f"{wb['fit_s']:.0f}")
+    table.add_row("peak RSS (GB), data loaded included", f"{wb['peak_rss_gb']:.2f}")
+    table.add_row("RSS after loading the data (GB)", f"{wb['data_rss_gb']:.2f}")
+    for k, v in wb["stages_s"].items():
+        table.add_row(f"  stage: {k} (s)", f"{v:.1f}")
+    console.print(table)
 
 
 def _print_timing(tim: dict) -> None:
