@@ -66,10 +66,19 @@ class GLMCalibration:
     noise_coef: np.ndarray | None = None    # (V, n_live) each voxel's coefficients on the live noise regressors
     snr_alpha: np.ndarray | None = None     # (V,) ridge parameter noise variance / beta variance (types c/d)
     snr_scale_offset: np.ndarray | None = None  # (V, 2) rescaling of the betas with snr_alpha toward OLS
+    # With noise_runs (e.g. --noise-mask): the offline noise pool itself, for live noise regressors from the
+    # volumes' noise vectors (indices into the noise-run voxels, their mean, loadings, scales; voxels' coefficients).
+    n_noise_voxels: int = 0
+    noise_ext_index: np.ndarray | None = None
+    noise_ext_mean: np.ndarray | None = None
+    noise_ext_loadings: np.ndarray | None = None
+    noise_ext_scale: np.ndarray | None = None
+    noise_ext_coef: np.ndarray | None = None
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
-    _OPTIONAL = ("ridge_alpha", "scale_offset", "noise_coef", "snr_alpha", "snr_scale_offset")
+    _OPTIONAL = ("ridge_alpha", "scale_offset", "noise_coef", "snr_alpha", "snr_scale_offset", "noise_ext_index",
+                 "noise_ext_mean", "noise_ext_loadings", "noise_ext_scale", "noise_ext_coef")
 
     @property
     def n_voxels(self) -> int:
@@ -364,6 +373,20 @@ class GLMSingle:
             noise_coef = F.noise_coefficients(psc, regs, bases, live, hrf_index).astype(np.float32)
         else:
             loadings, scale = np.zeros((live_index.size, 0)), np.ones(live_index.size)
+        # The offline pool itself, when it comes from separate noise runs: the real-time stage uses it when the
+        # volumes come with their noise-mask vectors (else the fitted voxels in the pool above).
+        external = None
+        if noise_runs is not None and model in ("c", "d") and pool_index.size > 1:
+            n_ext = n_live if n_live > 0 else min(n_pcs, pool_index.size - 1)
+            if n_ext > 0:
+                ext_loadings, ext_scale = F.spatial_noise_loadings([y[:, pool_index] for y in noise_psc], bases,
+                                                                   n_ext)
+                ext_live = [F.live_components(y[:, pool_index], ext_loadings, ext_scale) for y in noise_psc]
+                ext_coef = (F.noise_coefficients(psc, regs, bases, ext_live, hrf_index).astype(np.float32)
+                            if n_live > 0 else None)
+                external = dict(n_noise_voxels=int(noise_psc[0].shape[1]), noise_ext_index=pool_index,
+                                noise_ext_mean=noise_mean[pool_index], noise_ext_loadings=ext_loadings,
+                                noise_ext_scale=ext_scale, noise_ext_coef=ext_coef)
         self._report("noise loadings", 1, 1)
 
         # The single-trial fit is per voxel once the HRFs and the nuisance are chosen: it runs over chunks of
@@ -436,6 +459,7 @@ class GLMSingle:
         self.noise_loadings_ = loadings
         self.noise_scale_ = scale
         self.noise_coef_ = noise_coef
+        self.noise_external_ = external
         self.snr_alpha_ = snr_alpha
         self.snr_scale_offset_ = snr_scale_offset
         self.n_pcs_ = int(n_pcs)
@@ -564,7 +588,8 @@ class GLMSingle:
             beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid), ridge_alpha=self.ridge_alpha_,
             hrf_peak_at_tr=bool(self.hrf_peak_at_tr),
             scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None,
-            noise_coef=self.noise_coef_, snr_alpha=self.snr_alpha_, snr_scale_offset=self.snr_scale_offset_)
+            noise_coef=self.noise_coef_, snr_alpha=self.snr_alpha_, snr_scale_offset=self.snr_scale_offset_,
+            **(self.noise_external_ or {}))
 
     def zscored_betas(self) -> np.ndarray:
         self._check_fitted()
@@ -573,18 +598,20 @@ class GLMSingle:
 
 def fit_run_frozen(calibration: GLMCalibration, data: np.ndarray, events, frames: np.ndarray | None = None,
                    n_frames: int | None = None, motion: np.ndarray | None = None,
-                   tr: float | None = None) -> np.ndarray:
+                   tr: float | None = None, noise_data: np.ndarray | None = None) -> np.ndarray:
     """Single-trial betas (K, V) of one run with the calibration's frozen choices, computed exactly as the offline
     fit computes that run (per-voxel HRF and ridge fraction, the run's own noise components from the frozen pool).
 
     ``data`` (T_present, V) holds the volumes at indices ``frames`` of a run of ``n_frames`` volumes (default: all
-    consecutive); missing volumes are dropped from the fit, not filled.
+    consecutive); missing volumes are dropped from the fit, not filled. ``noise_data`` (T_present, P): the
+    intensities of the calibration's offline noise pool (``noise_ext_index`` of the noise runs) at the same volumes,
+    when the calibration drew its pool from separate noise runs: the run's noise components then come from them.
     """
     with _single_threaded_blas():
-        return _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr)
+        return _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr, noise_data)
 
 
-def _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr) -> np.ndarray:
+def _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr, noise_data=None) -> np.ndarray:
     events = RunEvents.coerce(events)
     data = np.asarray(data, dtype=np.float32)
     if frames is None:
@@ -602,7 +629,9 @@ def _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr) -> 
     hrfs = calibration.hrf_set()
     regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
     comps = np.zeros((frames.size, 0))
-    if calibration.n_pcs > 0 and calibration.noise_pool_index.size > 1:
+    if calibration.n_pcs > 0 and noise_data is not None and calibration.noise_ext_index is not None:
+        comps = F.noise_components(F.percent_signal(noise_data)[0], base, calibration.n_pcs)
+    elif calibration.n_pcs > 0 and calibration.noise_pool_index.size > 1:
         comps = F.noise_components(psc[:, calibration.noise_pool_index], base, calibration.n_pcs)
     nuisance = np.concatenate([base, comps], axis=1)
     hrf_index = calibration.hrf_index.astype(np.int64)

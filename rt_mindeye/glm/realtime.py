@@ -135,14 +135,8 @@ class RealtimeGLM:
         n_vox = cal.n_voxels
         k = len(events)
         self._n_poly = cfg.max_drift_degree + 1
-        # Live noise regressors: with a prior, every frozen component (coefficients shrunk toward the calibration's);
-        # without, the calibration's cross-validated count with free coefficients.
-        prior = cfg.noise_pcs and cfg.noise_prior > 0 and cal.noise_coef is not None and cal.noise_coef.shape[1] > 0
-        self._n_pcs = (cal.noise_loadings.shape[1] if prior
-                       else min(cal.n_pcs, cal.noise_loadings.shape[1]) if cfg.noise_pcs else 0)
-        self._noise_prior = (cfg.noise_prior, np.asarray(cal.noise_coef, dtype=np.float64)) if prior else None
+        self._use_pool(external=False)  # until the first volume says whether noise vectors come with the volumes
         self._n_motion = None  # fixed by the first volume
-        self._pool_mean = cal.mean[cal.noise_pool_index]
         self._scale = np.where(cal.mean > 0, 100.0 / np.where(cal.mean > 0, cal.mean, 1.0), 0.0)
         self._xy = np.zeros((k, n_vox))
         self._sy = np.zeros(n_vox)
@@ -160,6 +154,7 @@ class RealtimeGLM:
         self._previous = None  # (index, psc, nuisance row, active trials) of the last volume, for prewhitening
         self._rows: list[np.ndarray] = []
         self._motion_rows: list[np.ndarray] = []
+        self._pool_rows: list[np.ndarray] = []  # raw intensities of the live pool voxels, per volume
         self._last_motion = None
         self.work_ = {"rows_updated": [], "solve_size": []}
         self._active = True
@@ -178,20 +173,52 @@ class RealtimeGLM:
 
     # --- volumes -----------------------------------------------------------------------------------------------
 
-    def _nuisance_row(self, index: int, psc: np.ndarray, motion: np.ndarray | None) -> np.ndarray:
+    def _use_pool(self, external: bool) -> None:
+        """Where the live noise regressors come from: the calibration's offline noise pool (voxels of the noise
+        runs, given to add_volume as ``noise_vector``) or the fitted voxels in the pool. With a prior, every frozen
+        component (coefficients shrunk toward the calibration's); without, the cross-validated count, free."""
+        cal, cfg = self.calibration_, self.config_
+        if external:
+            index, mean = cal.noise_ext_index, cal.noise_ext_mean
+            loadings, scale, coef = cal.noise_ext_loadings, cal.noise_ext_scale, cal.noise_ext_coef
+        else:
+            index, mean = cal.noise_pool_index, cal.mean[cal.noise_pool_index]
+            loadings, scale, coef = cal.noise_loadings, cal.noise_scale, cal.noise_coef
+        prior = cfg.noise_pcs and cfg.noise_prior > 0 and coef is not None and coef.shape[1] > 0
+        self._n_pcs = loadings.shape[1] if prior else min(cal.n_pcs, loadings.shape[1]) if cfg.noise_pcs else 0
+        self._noise_prior = (cfg.noise_prior, np.asarray(coef, dtype=np.float64)) if prior else None
+        self._pool = (np.asarray(index, dtype=np.int64), np.asarray(mean, dtype=np.float64),
+                      np.asarray(scale, dtype=np.float64), np.asarray(loadings, dtype=np.float64), coef)
+        self._pool_external = external
+
+    def _pool_values(self, raw: np.ndarray) -> np.ndarray:
+        """(P,) raw intensities of the live pool voxels, from the data vector or the noise vector."""
+        return np.asarray(raw, dtype=np.float64)[self._pool[0]]
+
+    def _live_components(self, pool_raw: np.ndarray) -> np.ndarray:
+        """Live noise regressors (..., n) from pool intensities (..., P), as the calibration computed them."""
+        _, mean, scale, loadings, _ = self._pool
+        psc = np.where(mean > 0, pool_raw * (100.0 / np.where(mean > 0, mean, 1.0)) - 100.0, 0.0)
+        return (psc / scale) @ loadings
+
+    def _nuisance_row(self, index: int, pool_raw: np.ndarray, motion: np.ndarray | None) -> np.ndarray:
         cal = self.calibration_
         u = (index + cal.slice_time_ref) * self.tr_ / self._time_scale
         parts = [u ** np.arange(self._n_poly)]
         if self._n_motion:
             parts.append(motion)
         if self._n_pcs:
-            pool = psc[cal.noise_pool_index] / cal.noise_scale
-            parts.append(cal.noise_loadings[:, :self._n_pcs].T @ pool)
+            parts.append(self._live_components(pool_raw)[:self._n_pcs])
         return np.concatenate(parts)
 
-    def add_volume(self, index: int, data_vector: np.ndarray, motion_params=None) -> list[TrialEstimate]:
+    def add_volume(self, index: int, data_vector: np.ndarray, motion_params=None,
+                   noise_vector: np.ndarray | None = None) -> list[TrialEstimate]:
         """Add volume ``index`` (0-based in the run): ``data_vector`` (V,) masked intensities. Returns the
-        estimates this volume completes (early/refined), possibly none."""
+        estimates this volume completes (early/refined), possibly none.
+
+        ``noise_vector``: the volume's intensities at the noise-mask voxels (the ``noise_runs`` voxels of the
+        calibration fit), when the calibration drew its noise pool from them: the live noise regressors then come
+        from the same pool as the offline fit's (without it, from the fitted voxels in the pool, with a warning)."""
         self._require_run()
         index = int(index)
         if self._frames and index <= self._frames[-1]:
@@ -216,8 +243,26 @@ class RealtimeGLM:
                 if motion is None or motion.size != self._n_motion:
                     raise GLMInputError("motion_params", f"expected {self._n_motion} values")
                 self._last_motion = motion
+        cal = self.calibration_
+        if self._ny is None and cal.noise_ext_index is not None and self.config_.noise_pcs:
+            if noise_vector is None:
+                warnings.warn(f"run {self.run_}: the calibration drew its noise pool from noise-mask voxels but the "
+                              "volumes come without noise_vector: live noise regressors from the fitted voxels in "
+                              "the pool instead", GLMWarning, stacklevel=2)
+            self._use_pool(external=noise_vector is not None)
+        if self._pool_external:
+            if noise_vector is None:
+                raise GLMInputError("noise_vector", "this run's first volume came with noise_vector: every volume "
+                                                    "must")
+            noise_vector = np.asarray(noise_vector, dtype=np.float32).ravel()
+            if noise_vector.size != cal.n_noise_voxels:
+                raise GLMInputError("noise_vector", f"has {noise_vector.size} voxels, the calibration's noise mask "
+                                                    f"has {cal.n_noise_voxels}")
+            pool_raw = noise_vector[self._pool[0]].astype(np.float64)
+        else:
+            pool_raw = self._pool_values(y_raw)
         psc = (y_raw.astype(np.float64) * self._scale) - 100.0 * (self._scale > 0)
-        nuis = self._nuisance_row(index, psc, motion)
+        nuis = self._nuisance_row(index, pool_raw, motion)
         if self._ny is None:
             p = nuis.size
             h, k = self._xs.shape
@@ -246,6 +291,7 @@ class RealtimeGLM:
         self._frames.append(index)
         self._rows.append(y_raw)
         self._motion_rows.append(motion if motion is not None else np.zeros(0))
+        self._pool_rows.append(pool_raw)
         self._n_post[ev.onsets <= t] += 1
         return self._emit_due(index)
 
@@ -407,25 +453,24 @@ class RealtimeGLM:
         n_frames = max(int(frames[-1]) + 1, int(n_volumes or 0))
         motion = np.stack(self._motion_rows) if self._n_motion else None
         rows = np.stack(self._rows)
-        if cfg.final_denoise and cal.noise_coef is not None and cal.noise_coef.shape[1]:
-            rows = self._denoised(rows)
+        pool_rows = np.stack(self._pool_rows)
+        coef = self._pool[4]
+        if cfg.final_denoise and coef is not None and coef.shape[1]:
+            rows = self._denoised(rows, pool_rows, coef)
         betas = fit_run_frozen(cal, rows, self.events_, frames=frames, n_frames=n_frames, motion=motion,
-                               tr=self.tr_)
+                               tr=self.tr_, noise_data=pool_rows if self._pool_external else None)
         return [self._package(j, "final", int(self._n_post[j]), betas[j].astype(np.float64))
                 for j in np.flatnonzero(self._n_post > 0)]
 
-    def _denoised(self, rows: np.ndarray) -> np.ndarray:
+    def _denoised(self, rows: np.ndarray, pool_rows: np.ndarray, coef: np.ndarray) -> np.ndarray:
         """The run's volumes (T, V) minus each voxel's calibration-predicted shared noise: its frozen coefficients
         times the live noise regressors, computed volume by volume as in the early estimates (back in raw units)."""
-        cal = self.calibration_
+        comps = self._live_components(pool_rows).astype(np.float32)
+        unit = (self.calibration_.mean / 100.0).astype(np.float32)
+        coef = np.asarray(coef, dtype=np.float32)
         out = np.empty_like(rows)
-        coef = np.asarray(cal.noise_coef, dtype=np.float32)
-        unit = (cal.mean / 100.0).astype(np.float32)
         for start in range(0, rows.shape[0], 64):
-            part = rows[start:start + 64].astype(np.float64)
-            psc = part * self._scale - 100.0 * (self._scale > 0)
-            comps = (psc[:, cal.noise_pool_index] / cal.noise_scale) @ cal.noise_loadings
-            out[start:start + 64] = part - (comps.astype(np.float32) @ coef.T) * unit
+            out[start:start + 64] = rows[start:start + 64] - (comps[start:start + 64] @ coef.T) * unit
         return out
 
     # --- live revisions of the run's events ----------------------------------------------------------------------
@@ -553,7 +598,8 @@ class RealtimeGLM:
             return self._rows[p].astype(np.float64) * self._scale - 100.0 * (self._scale > 0)
 
         def nuisance(p: int, value: np.ndarray) -> np.ndarray:
-            return self._nuisance_row(int(frames[p]), value, self._motion_rows[p] if self._n_motion else None)
+            return self._nuisance_row(int(frames[p]), self._pool_rows[p],
+                                      self._motion_rows[p] if self._n_motion else None)
 
         data = np.zeros((positions.size, self.calibration_.n_voxels))
         nuis = np.zeros((positions.size, self._ny.shape[0])) if with_nuisance else None

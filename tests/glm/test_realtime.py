@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rt_mindeye.glm.config import GLMConfig, RealtimeConfig
-from rt_mindeye.glm.errors import GLMInputError, RealtimeStateError
+from rt_mindeye.glm.errors import GLMInputError, GLMWarning, RealtimeStateError
 from rt_mindeye.glm.estimator import GLMSingle, fit_run_frozen
 from rt_mindeye.glm.realtime import RealtimeGLM
 
@@ -344,3 +344,29 @@ def test_early_model_choices_raise_accuracy_at_the_default_delay(calibrated, syn
             start += len(sess.events[r])
         score[name] = correlation(np.stack(got), sess.true_betas[rows], sess.responsive)
     assert score["default"] > score["plain"] + 0.02, score
+
+
+def test_noise_pool_from_noise_runs_is_the_live_pool_when_volumes_bring_their_noise_vector(synthetic_session):
+    s = synthetic_session
+    roi = np.flatnonzero(s.responsive)[:100]
+    fit = GLMSingle(model="d").fit([y[:, roi] for y in s.runs[:3]], s.events[:3], s.tr, noise_runs=s.runs[:3])
+    cal = fit.calibration_
+    assert cal.n_noise_voxels == s.runs[0].shape[1] and np.array_equal(cal.noise_ext_index, fit.noise_pool_used_)
+    assert cal.noise_ext_coef.shape == (roi.size, cal.noise_ext_loadings.shape[1])
+    # The end-of-run estimate of a calibration run with the frozen choices is the offline fit of that run: its
+    # noise components come from the offline pool (outside the fitted region), as in the offline fit.
+    rt = RealtimeGLM(cal, RealtimeConfig(zscore=False, snr_ridge=False, final_denoise=False))
+    rt.start_run(s.events[1], s.tr)
+    for i, row in enumerate(s.runs[1]):
+        rt.add_volume(i, row[roi], noise_vector=row)
+    assert rt._pool_external and rt._n_pcs == cal.noise_ext_loadings.shape[1]
+    k0, k1 = len(s.events[0]), len(s.events[1])
+    assert np.allclose(np.stack([e.betas for e in rt.end_run()]), fit.betas_[k0:k0 + k1], atol=1e-4)
+    # Without the noise vector: the fitted voxels in the pool, with a warning; a wrong-sized one is an error.
+    rt = RealtimeGLM(cal, RealtimeConfig(zscore=False)).start_run(s.events[3], s.tr)
+    with pytest.warns(GLMWarning, match="noise_vector"):
+        rt.add_volume(0, s.runs[3][0, roi])
+    assert not rt._pool_external
+    rt = RealtimeGLM(cal).start_run(s.events[3], s.tr)
+    with pytest.raises(GLMInputError, match="noise_vector"):
+        rt.add_volume(0, s.runs[3][0, roi], noise_vector=s.runs[3][0, :10])
