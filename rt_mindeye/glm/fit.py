@@ -7,6 +7,8 @@ choice and both cross-validations are computed from the rotated data ``z = U' Yt
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +17,21 @@ import numpy as np
 from rt_mindeye.glm import kernels
 from rt_mindeye.glm.design import RunEvents, drift_degree, frame_times, orthonormal_basis, polynomial_drift
 from rt_mindeye.glm.hrf import HRFSet
+
+
+try:  # optional (see estimator.py): the fit runs with one BLAS thread, the large products below with all cores
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl is a soft dependency
+    threadpool_limits = None
+
+#: Voxels above which a (k x T) x (T x V) product is worth BLAS's threads (small SVDs are not: see estimator.py).
+PARALLEL_VOXELS = 20000
+
+
+def _blas_threads(n_voxels: int):
+    if threadpool_limits is None or n_voxels < PARALLEL_VOXELS:
+        return nullcontext()
+    return threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")
 
 
 # --- data preparation ----------------------------------------------------------------------------------------------
@@ -194,7 +211,8 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
             u, sv, vt = np.linalg.svd(xt, full_matrices=False)
             W[r, h, :kr, :kr] = vt.T
             s[r, h, :kr] = sv
-            Z[r, :kr, idx] = (u.T.astype(np.float32) @ yt[:, idx]).T
+            with _blas_threads(idx.size):
+                Z[r, :kr, idx] = (u.T.astype(np.float32) @ yt[:, idx]).T
     return Rotated(W, s, Z, yss, n_trials)
 
 
@@ -219,7 +237,8 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
             xt = project_out(nuisance[r], regressors[r][h])
             u, sv, _ = np.linalg.svd(xt, full_matrices=False)
             u = u[:, sv > kernels.SINGULAR_TOL * max(sv[0], 1e-300)]
-            z = u.T.astype(np.float32) @ yt
+            with _blas_threads(yt.shape[1]):
+                z = u.T.astype(np.float32) @ yt
             run_fit = np.einsum("kv,kv->v", z, z, dtype=np.float64)
             fitted[h] += run_fit
             if per_run:
