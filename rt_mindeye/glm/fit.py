@@ -156,12 +156,14 @@ def spatial_noise_loadings(pool_psc_runs: Sequence[np.ndarray], bases: Sequence[
     if n <= 0:
         return np.zeros((stacked.shape[1], 0)), scale
     rng = np.random.default_rng(seed)
-    sketch = stacked.T @ (stacked @ rng.standard_normal((stacked.shape[1], n + 10)))
-    for _ in range(3):
-        sketch, _ = np.linalg.qr(sketch)
-        sketch = stacked.T @ (stacked @ sketch)
-    q, _ = np.linalg.qr(sketch)
-    _, _, vt = np.linalg.svd(stacked @ q, full_matrices=False)
+    single = stacked.astype(np.float32)  # the sketch's products in single precision (the subspace is what counts)
+    with _blas_threads(stacked.shape[1]):
+        sketch = single.T @ (single @ rng.standard_normal((stacked.shape[1], n + 10)).astype(np.float32))
+        for _ in range(3):
+            sketch, _ = np.linalg.qr(sketch)
+            sketch = single.T @ (single @ sketch)
+        q, _ = np.linalg.qr(sketch.astype(np.float64))
+        _, _, vt = np.linalg.svd(stacked @ q, full_matrices=False)
     loadings = q @ vt.T[:, :n]
     signs = np.sign(loadings[np.argmax(np.abs(loadings), axis=0), np.arange(n)])
     return loadings * signs, scale
@@ -217,7 +219,7 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
 
 
 def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray],
-                       nuisance: Sequence[np.ndarray], per_run: bool = False):
+                       nuisance: Sequence[np.ndarray], per_run: bool = False, chunk: int = 8192):
     """Per voxel and HRF, R^2 of each run's OLS fit summed over runs: (H, V). One SVD per run and HRF.
 
     With ``per_run``, also each run's own R^2, (R, H, V) float32 (GLMsingle's ``R2run``, from which the per-run
@@ -233,17 +235,29 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
         total += run_total
         if regressors[r].shape[2] == 0:
             continue
+        # Every HRF's left singular vectors side by side: one (sum k_h x T)(T x V) product per chunk of voxels
+        # serves all HRFs (one BLAS call instead of one per HRF), then each HRF's block of squares is summed.
+        bases = []
         for h in range(n_hrfs):
             xt = project_out(nuisance[r], regressors[r][h])
             u, sv, _ = np.linalg.svd(xt, full_matrices=False)
-            u = u[:, sv > kernels.SINGULAR_TOL * max(sv[0], 1e-300)]
-            with _blas_threads(yt.shape[1]):
-                z = u.T.astype(np.float32) @ yt
-            run_fit = np.einsum("kv,kv->v", z, z, dtype=np.float64)
-            fitted[h] += run_fit
-            if per_run:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    runs[r, h] = np.where(run_total > 0, run_fit / run_total, 0.0)
+            bases.append(u[:, sv > kernels.SINGULAR_TOL * max(sv[0], 1e-300)])
+        sizes = np.array([b.shape[1] for b in bases])
+        kept = np.flatnonzero(sizes > 0)  # an empty design explains nothing
+        stacked = np.concatenate([bases[h] for h in kept], axis=1).T.astype(np.float32)
+        blocks = np.zeros((kept.size, stacked.shape[0]), dtype=np.float32)  # sums each HRF's rows of squares
+        blocks[np.repeat(np.arange(kept.size), sizes[kept]), np.arange(stacked.shape[0])] = 1.0
+        run_fit = np.zeros((n_hrfs, n_vox))
+        with _blas_threads(n_vox):
+            for first in range(0, n_vox, chunk):
+                part = slice(first, min(first + chunk, n_vox))
+                z = stacked @ yt[:, part]
+                np.square(z, out=z)
+                run_fit[kept, part] = blocks @ z
+        fitted += run_fit
+        if per_run:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                runs[r] = np.where(run_total > 0, run_fit / run_total, 0.0)
         del yt
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(total > 0, fitted / total, 0.0)
