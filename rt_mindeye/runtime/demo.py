@@ -85,11 +85,12 @@ def _untrained_shared_model(model_dir: Path, options: DemoOptions, console) -> P
     return checkpoint
 
 
-#: The demo's session: 4 calibration and 4 real-time runs of 32 trials (128 live trials, so one trial is under 1 %),
-#: a visual mask of ~1,200 voxels in the small geometry, 16 images repeated across the session (for the calibration's
+#: The demo's session: 6 calibration and 4 real-time runs of 32 trials (192 calibration trials; 128 live trials, so
+#: one trial is under 1 %), a visual mask of ~2,000 voxels in the small geometry (decoding improves with voxels far
+#: more than with anything else the demo can afford), 16 images repeated across the session (for the calibration's
 #: reliability mask) and 10 repeated only in the real-time runs (scored repeat-averaged).
-DEMO_SESSION = dict(n_runs=8, calibration_runs=4, trials_per_run=32, repeated_images=16, test_repeated_images=10,
-                    repeats=3, visual_voxels=1200)
+DEMO_SESSION = dict(n_runs=10, calibration_runs=6, trials_per_run=32, repeated_images=16, test_repeated_images=10,
+                    repeats=3, visual_voxels=2000)
 
 
 def demo_phantom_config(**overrides):
