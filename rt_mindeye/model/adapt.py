@@ -155,17 +155,7 @@ def invert_backbone(model: MindEyeModule, image_tokens: torch.Tensor, steps: int
 def retrieval_path(backbone, hidden: torch.Tensor) -> torch.Tensor:
     """``backbone(hidden).clip_voxels`` without the low-level head (which the inversion does not need and which
     costs most of a tiny backbone's forward): the same residual blocks, token map and projector, in the same order."""
-    x = hidden if hidden.ndim == 3 else hidden.unsqueeze(1)
-    residual1, residual2 = x, x.transpose(1, 2)
-    for block1, block2 in zip(backbone.mixer_blocks1, backbone.mixer_blocks2):
-        x = block1(x) + residual1
-        residual1 = x
-        x = x.transpose(1, 2)
-        x = block2(x) + residual2
-        residual2 = x
-        x = x.transpose(1, 2)
-    x = x.reshape(x.shape[0], -1)
-    tokens = backbone.backbone_linear(x).reshape(x.shape[0], backbone.config.token_seq, backbone.config.token_dim)
+    _, tokens = backbone.mix(hidden)
     return backbone.clip_proj(tokens)
 
 

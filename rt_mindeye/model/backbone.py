@@ -102,7 +102,9 @@ class BrainNetwork(nn.Module):
             nn.Conv2d(aux, aux, 1, bias=True),
         )
 
-    def forward(self, x: torch.Tensor) -> BackboneOutput:
+    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual mixer blocks and the token map: ``(flattened mixer output, tokens)``. Shared by
+        :meth:`forward` and by callers that need the retrieval path without the low-level head."""
         if x.ndim == 2:
             x = x.unsqueeze(1)
         residual1 = x
@@ -116,6 +118,10 @@ class BrainNetwork(nn.Module):
             x = x.transpose(1, 2)
         x = x.reshape(x.shape[0], -1)
         tokens = self.backbone_linear(x).reshape(x.shape[0], self.config.token_seq, self.config.token_dim)
+        return x, tokens
+
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        x, tokens = self.mix(x)
         clip_voxels = self.clip_proj(tokens)
         out = BackboneOutput(tokens=tokens, clip_voxels=clip_voxels)
         if self.config.blurry_recon:
