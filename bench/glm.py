@@ -59,7 +59,7 @@ console = Console()
 @contextmanager
 def numpy_kernels():
     """Swap the numba kernels for the plain numpy ones (the ratio baseline)."""
-    names = ("fraction_alphas", "ridge_cv_badness", "ridge_betas")
+    names = ("fraction_alphas", "gained", "pair_squared_differences", "ridge_betas")
     saved = {n: getattr(kernels, n) for n in names}
     try:
         for n in names:

@@ -280,6 +280,9 @@ class GLMSingle:
             in_brain &= brain
         bases = [F.nuisance_basis(y.shape[0], tr, self.drift_degree, None if motion is None else motion[r])
                  for r, y in enumerate(psc)]
+        # From here on the data are orthogonal to each run's drift/motion basis (projected once, in place).
+        psc = F.project_runs(psc, bases)
+        ortho = [b.shape[1] for b in bases]
         cv = F.cross_validation_sets(events)
         self._check_design(events, data, tr, cv)
 
@@ -288,13 +291,14 @@ class GLMSingle:
         can_regs = [F.run_regressors(canonical, ev, y.shape[0], tr, self.slice_time_ref) for y, ev in zip(psc, events)]
         onoff_regs = [F.onoff_regressors(x) for x in can_regs]
         self._report("on-off R2", 0, 1)
-        r2_onoff = F.explained_fraction(psc, onoff_regs, bases)[0]
+        r2_onoff = F.explained_fraction(psc, onoff_regs, bases, orthogonal_to=ortho)[0]
         self._report("on-off R2", 1, 1)
 
         # Noise-pool candidates: the voxels of ``noise_runs`` (e.g. the whole brain), else the fitted voxels.
         if noise_runs is not None:
             noise_psc, noise_mean = self._noise_candidates(noise_runs, data)
-            cand_r2 = F.explained_fraction(noise_psc, onoff_regs, bases)[0]
+            noise_psc = F.project_runs(noise_psc, bases)
+            cand_r2 = F.explained_fraction(noise_psc, onoff_regs, bases, orthogonal_to=ortho)[0]
             cand_bright = F.brain_voxels(noise_mean, self.brain_percentile, self.brain_fraction) & (noise_mean > 0)
         else:
             noise_psc, cand_r2, cand_bright = psc, r2_onoff, in_brain
@@ -317,7 +321,7 @@ class GLMSingle:
             hrfs = HRFSet.library(peak)
             regs = [F.run_regressors(hrfs, ev, y.shape[0], tr, self.slice_time_ref) for y, ev in zip(psc, events)]
             self._report("HRF library", 0, 1)
-            hrf_r2, hrf_r2_run = F.explained_fraction(psc, regs, bases, per_run=True)
+            hrf_r2, hrf_r2_run = F.explained_fraction(psc, regs, bases, per_run=True, orthogonal_to=ortho)
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
             hrf_index_run = np.argmax(hrf_r2_run, axis=1).astype(np.int16)
             r2_run = np.take_along_axis(hrf_r2_run, hrf_index[None, None, :], axis=1)[:, 0]
@@ -325,7 +329,7 @@ class GLMSingle:
             del hrf_r2_run
             self._report("HRF library", 1, 1)
         if "a" in keep_types and model != "a":
-            rot_a = F.rotate(psc, can_regs, bases, np.zeros(psc[0].shape[1], dtype=np.int64), 1)
+            rot_a = F.rotate(psc, can_regs, bases, np.zeros(psc[0].shape[1], dtype=np.int64), 1, ortho)
             self.betas_by_type_["a"] = F.betas_and_sse(rot_a, np.zeros(psc[0].shape[1], dtype=np.int64),
                                                        np.zeros((n_runs, psc[0].shape[1])))[0]
             del rot_a
@@ -334,24 +338,27 @@ class GLMSingle:
         components = [np.zeros((y.shape[0], 0)) for y in psc]
         if model in ("c", "d") and self.max_pcs > 0 and pool_index.size > 1:
             n_want = self.max_pcs if self.n_pcs is None else max(int(self.n_pcs), 0)
-            components = [F.noise_components(y[:, pool_index], b, n_want) for y, b in zip(noise_psc, bases)]
+            components = [F.noise_components(y[:, pool_index], b, n_want, projected=True)
+                          for y, b in zip(noise_psc, bases)]
             n_max = min(c.shape[1] for c in components)
             if self.n_pcs is not None:
                 n_pcs = min(int(self.n_pcs), n_max)
             elif cv.n_trials:
-                pc_scores = self._pc_curve(psc, regs, bases, components, hrf_index[pcvoxels], pcvoxels, hrfs, cv,
-                                           n_max)
+                stage = "noise PCs (cross-validation)"
+                pc_scores = F.pc_count_scores([y[:, pcvoxels] for y in psc], regs, bases, components,
+                                              hrf_index[pcvoxels], cv, n_max,
+                                              progress=lambda done, total: self._report(stage, done, total))
                 n_pcs = F.choose_pc_count(pc_scores, self.pc_stop)
         nuisance = [np.concatenate([b, c[:, :n_pcs]], axis=1) for b, c in zip(bases, components)]
         if "b" in keep_types and model in ("c", "d") and n_pcs > 0:
-            rot_b = F.rotate(psc, regs, bases, hrf_index, hrfs.n_hrfs)
+            rot_b = F.rotate(psc, regs, bases, hrf_index, hrfs.n_hrfs, ortho)
             self.betas_by_type_["b"] = F.betas_and_sse(rot_b, hrf_index, np.zeros((n_runs, hrf_index.size)))[0]
             del rot_b
         if self.refit_hrf and n_pcs > 0 and model != "a":
             # Choose each voxel's HRF again with the noise regressors in the model: the shared noise no longer
             # drives the choice (GLMsingle keeps the type-b choice; +.003 to +.02 on the independent sessions).
             self._report("HRF library (denoised)", 0, 1)
-            hrf_r2 = F.explained_fraction(psc, regs, nuisance)
+            hrf_r2 = F.explained_fraction(psc, regs, nuisance, orthogonal_to=ortho)
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
             hrf_r2 = hrf_r2.max(axis=0)
             self._report("HRF library (denoised)", 1, 1)
@@ -368,7 +375,10 @@ class GLMSingle:
         n_live = min(n_live, max(live_index.size - 1, 0), min(y.shape[0] for y in psc))
         noise_coef = None
         if n_live > 0:
-            loadings, scale = F.spatial_noise_loadings([y[:, live_index] for y in psc], bases, n_live)
+            # The pool's data are orthogonal to the basis: the live components differ from those of the raw
+            # volumes only by their drift/motion part, which the coefficients' fit projects out anyway.
+            loadings, scale = F.spatial_noise_loadings([y[:, live_index] for y in psc], bases, n_live,
+                                                       projected=True)
             live = [F.live_components(y[:, live_index], loadings, scale) for y in psc]
             noise_coef = F.noise_coefficients(psc, regs, bases, live, hrf_index).astype(np.float32)
         else:
@@ -380,7 +390,7 @@ class GLMSingle:
             n_ext = n_live if n_live > 0 else min(n_pcs, pool_index.size - 1)
             if n_ext > 0:
                 ext_loadings, ext_scale = F.spatial_noise_loadings([y[:, pool_index] for y in noise_psc], bases,
-                                                                   n_ext)
+                                                                   n_ext, projected=True)
                 ext_live = [F.live_components(y[:, pool_index], ext_loadings, ext_scale) for y in noise_psc]
                 ext_coef = (F.noise_coefficients(psc, regs, bases, ext_live, hrf_index).astype(np.float32)
                             if n_live > 0 else None)
@@ -410,7 +420,7 @@ class GLMSingle:
             self._report("single-trial fit", c, n_chunks)
             part = slice(first, min(first + chunk, n_vox))
             h = hrf_index[part]
-            rot = F.rotate([y[:, part] for y in psc], regs, nuisance, h, hrfs.n_hrfs)
+            rot = F.rotate([y[:, part] for y in psc], regs, nuisance, h, hrfs.n_hrfs, ortho)
             part_ols, part_sse = F.betas_and_sse(rot, h, np.zeros((n_runs, h.size)))
             ols[:, part] = part_ols
             sse[part] = part_sse
@@ -509,30 +519,6 @@ class GLMSingle:
             psc.append(p)
             means.append(m)
         return psc, np.where(np.all(np.asarray(means) > 0, axis=0), np.mean(means, axis=0), 0.0)
-
-    def _pc_curve(self, psc, regs, bases, components, hrf_index, voxels, hrfs, cv, n_max) -> np.ndarray:
-        """GLMsingle's PC-count cross-validation on ``voxels`` (pcvoxels): for 0..n_max PCs, the single-trial
-        betas of every run; each held-out trial's unregularised 0-PC beta is compared with its repeats' betas in
-        the other runs (``calcbadness``, z-scored with the 0-PC betas' mean and sd); the score is minus the median
-        over voxels."""
-        sub = [y[:, voxels] for y in psc]
-        n_runs = len(psc)
-        scores = np.zeros(n_max + 1)
-        test = sd = None
-        for n in range(n_max + 1):
-            self._report("noise PCs (cross-validation)", n, n_max + 1)
-            nuis = [np.concatenate([b, c[:, :n]], axis=1) for b, c in zip(bases, components)]
-            rot = F.rotate(sub, regs, nuis, hrf_index, hrfs.n_hrfs)
-            betas = F.betas_and_sse(rot, hrf_index, np.zeros((n_runs, hrf_index.size)))[0]
-            rows = F.cv_rows(cv, rot)
-            train = betas[rows].astype(np.float64)
-            if n == 0:
-                sd = betas.std(axis=0, ddof=1, dtype=np.float64)
-                sd = np.where(sd > 0, sd, 1.0)
-                test = train.copy()
-            scores[n] = -np.median(F.beta_badness(train / sd, test / sd, cv))
-        self._report("noise PCs (cross-validation)", n_max + 1, n_max + 1)
-        return scores
 
     def _ridge(self, rot, hrf_index, fractions, ols, cv):
         """Per-voxel fractional ridge, one fraction for all runs, chosen by GLMsingle's cross-validation in beta

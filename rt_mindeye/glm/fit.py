@@ -8,6 +8,7 @@ choice and both cross-validations are computed from the rotated data ``z = U' Yt
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +33,23 @@ def _blas_threads(n_voxels: int):
     if threadpool_limits is None or n_voxels < PARALLEL_VOXELS:
         return nullcontext()
     return threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")
+
+
+def n_workers() -> int:
+    """Threads for the fit's run- and fraction-level parallelism (BLAS itself stays single-threaded: see
+    estimator.py)."""
+    return max(1, os.cpu_count() or 1)
+
+
+def parallel_map(function, items) -> list:
+    """``[function(item) for item in items]`` on :func:`n_workers` threads (numpy's BLAS calls and the serial numba
+    kernels release the GIL), results in order; plain loop with one worker."""
+    items = list(items)
+    workers = min(n_workers(), len(items))
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, items))
 
 
 # --- data preparation ----------------------------------------------------------------------------------------------
@@ -62,6 +80,33 @@ def project_out(basis: np.ndarray, values: np.ndarray) -> np.ndarray:
         return values.copy()
     coef = basis.T.astype(values.dtype) @ values
     return values - basis.astype(values.dtype) @ coef
+
+
+def project_runs(runs: Sequence[np.ndarray], bases: Sequence[np.ndarray], chunk: int = 65536) -> list[np.ndarray]:
+    """Each run's data minus its projection on its orthonormal nuisance ``bases`` (T, p), in place (float32).
+
+    Done once per fit: every later stage then works on data already orthogonal to the drift (and motion), so a
+    design's left singular vectors (orthogonal to the nuisance too) give the same ``U' y`` without projecting the
+    data again, and adding noise components only removes their own part (they are orthogonal to the basis)."""
+    out = []
+    for y, basis in zip(runs, bases):
+        y = np.asarray(y, dtype=np.float32)
+        if basis.shape[1]:
+            b = basis.astype(np.float32)
+            for first in range(0, y.shape[1], chunk):
+                part = y[:, first:first + chunk]
+                part -= b @ (b.T @ part)
+        out.append(y)
+    return out
+
+
+def sum_squares(y: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Per column sum of squares of a (T, V) array, accumulated in float64."""
+    out = np.empty(y.shape[1])
+    for first in range(0, y.shape[1], chunk):
+        part = y[:, first:first + chunk].astype(np.float64)
+        out[first:first + chunk] = np.einsum("tv,tv->v", part, part)
+    return out
 
 
 def brain_voxels(means: np.ndarray, percentile: float, fraction: float) -> np.ndarray:
@@ -114,19 +159,27 @@ def tail_threshold(values: np.ndarray) -> float:
     return gaussian_mixture_threshold(values)
 
 
-def noise_components(pool_psc: np.ndarray, basis: np.ndarray, n_components: int) -> np.ndarray:
+def noise_components(pool_psc: np.ndarray, basis: np.ndarray, n_components: int,
+                     projected: bool = False) -> np.ndarray:
     """GLMdenoise's per-run noise regressors: top temporal principal components (T, n) of the noise pool.
 
-    Drift/motion is projected out and every voxel scaled to unit norm first, so each voxel counts equally; the
-    components are orthonormal and orthogonal to ``basis``; each one's sign makes its largest entry positive.
+    Drift/motion is projected out (unless ``projected``: the pool is already orthogonal to ``basis``) and every voxel
+    scaled to unit norm first, so each voxel counts equally; the components are orthonormal and orthogonal to
+    ``basis``; each one's sign makes its largest entry positive.
     """
-    pool = project_out(basis, np.asarray(pool_psc, dtype=np.float64))
-    norms = np.linalg.norm(pool, axis=0)
-    pool = pool[:, norms > 0] / norms[norms > 0]
-    n = min(n_components, pool.shape[0] - basis.shape[1], pool.shape[1])
+    pool = np.asarray(pool_psc) if projected else project_out(basis, np.asarray(pool_psc, dtype=np.float64))
+    norms = np.sqrt(sum_squares(pool))
+    good = norms > 0
+    n = min(n_components, pool.shape[0] - basis.shape[1], int(good.sum()))
     if n <= 0:
         return np.zeros((pool.shape[0], 0))
-    evals, evecs = np.linalg.eigh(pool @ pool.T)
+    gram = np.zeros((pool.shape[0], pool.shape[0]))
+    index = np.flatnonzero(good)
+    for first in range(0, index.size, 16384):
+        part = index[first:first + 16384]
+        scaled = pool[:, part].astype(np.float64) / norms[part]
+        gram += scaled @ scaled.T
+    evals, evecs = np.linalg.eigh(gram)
     comps = evecs[:, ::-1][:, :n]
     signs = np.sign(comps[np.argmax(np.abs(comps), axis=0), np.arange(n)])
     return comps * signs
@@ -141,29 +194,31 @@ def subsample_pool(pool_mask: np.ndarray, max_voxels: int) -> np.ndarray:
 
 
 def spatial_noise_loadings(pool_psc_runs: Sequence[np.ndarray], bases: Sequence[np.ndarray], n_components: int,
-                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                           seed: int = 0, projected: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Frozen spatial loadings (P, n) and voxel scales (P,) of the session's noise components, for real-time use.
 
     A live noise-regressor value is ``loadings.T @ (pool_psc / scale)``: the same pattern the calibration's
-    per-run components express, applied to each new volume. Computed with a seeded randomized SVD.
+    per-run components express, applied to each new volume. Computed with a seeded randomized SVD (products in
+    single precision: the subspace is what counts). With ``projected`` the runs are already orthogonal to ``bases``.
     """
-    projected = [project_out(b, np.asarray(p, dtype=np.float64)) for p, b in zip(pool_psc_runs, bases)]
-    stacked = np.concatenate(projected, axis=0)
-    scale = np.sqrt((stacked ** 2).mean(axis=0))
+    runs = [np.asarray(p, dtype=np.float32) if projected else project_out(b, np.asarray(p, dtype=np.float32))
+            for p, b in zip(pool_psc_runs, bases)]
+    stacked = np.concatenate(runs, axis=0)
+    del runs
+    scale = np.sqrt(sum_squares(stacked) / max(stacked.shape[0], 1))
     scale[scale == 0] = 1.0
-    stacked /= scale
+    stacked /= scale.astype(np.float32)
     n = min(n_components, min(stacked.shape))
     if n <= 0:
         return np.zeros((stacked.shape[1], 0)), scale
     rng = np.random.default_rng(seed)
-    single = stacked.astype(np.float32)  # the sketch's products in single precision (the subspace is what counts)
     with _blas_threads(stacked.shape[1]):
-        sketch = single.T @ (single @ rng.standard_normal((stacked.shape[1], n + 10)).astype(np.float32))
+        sketch = stacked.T @ (stacked @ rng.standard_normal((stacked.shape[1], n + 10)).astype(np.float32))
         for _ in range(3):
             sketch, _ = np.linalg.qr(sketch)
-            sketch = single.T @ (single @ sketch)
+            sketch = stacked.T @ (stacked @ sketch)
         q, _ = np.linalg.qr(sketch.astype(np.float64))
-        _, _, vt = np.linalg.svd(stacked @ q, full_matrices=False)
+        _, _, vt = np.linalg.svd((stacked @ q.astype(np.float32)).astype(np.float64), full_matrices=False)
     loadings = q @ vt.T[:, :n]
     signs = np.sign(loadings[np.argmax(np.abs(loadings), axis=0), np.arange(n)])
     return loadings * signs, scale
@@ -186,11 +241,61 @@ class Rotated:
         return np.concatenate([[0], np.cumsum(self.n_trials)]).astype(np.int64)
 
 
+def _projected_designs(regressors: np.ndarray, nuisance: np.ndarray) -> np.ndarray:
+    """(H, T, K) designs with the orthonormal ``nuisance`` (T, p) projected out (float64)."""
+    x = np.asarray(regressors, dtype=np.float64)
+    if nuisance.shape[1] == 0:
+        return x.copy()
+    return x - np.matmul(nuisance, np.matmul(nuisance.T, x))
+
+
+#: Cholesky pivots below this fraction of the largest send a design to the SVD (rank-deficient or ill-conditioned).
+CHOLESKY_PIVOT_TOL = 1e-4
+
+
+def design_ranges(xt: np.ndarray) -> list[np.ndarray]:
+    """Orthonormal bases (T, k_h) of the column spaces of the designs ``xt (H, T, K)``.
+
+    Well-conditioned designs (all of them in practice) by Cholesky QR (``Q = X L^-T`` with ``X'X = L L'``: the same
+    span as the SVD's left singular vectors at a tenth of the cost); a design with a Cholesky pivot below
+    :data:`CHOLESKY_PIVOT_TOL` of the largest (e.g. a trial without any volume) by the SVD, dropping singular values
+    below :data:`kernels.SINGULAR_TOL` of the largest as the pseudo-inverse does."""
+    n_h = xt.shape[0]
+    gram = np.matmul(xt.transpose(0, 2, 1), xt)
+    good = np.zeros(n_h, dtype=bool)
+    chol = np.zeros_like(gram)
+    for h in range(n_h):
+        try:
+            chol[h] = np.linalg.cholesky(gram[h])
+        except np.linalg.LinAlgError:
+            continue
+        pivots = np.abs(np.diagonal(chol[h]))
+        good[h] = pivots.size > 0 and pivots.min() > CHOLESKY_PIVOT_TOL * pivots.max()
+    out: list[np.ndarray] = [None] * n_h  # type: ignore[list-item]
+    if good.any():
+        q = np.linalg.solve(chol[good], xt[good].transpose(0, 2, 1)).transpose(0, 2, 1)
+        for i, h in enumerate(np.flatnonzero(good)):
+            out[h] = q[i]
+    for h in np.flatnonzero(~good):
+        u, sv, _ = np.linalg.svd(xt[h], full_matrices=False)
+        out[h] = u[:, sv > kernels.SINGULAR_TOL * max(sv[0] if sv.size else 0.0, 1e-300)]
+    return out
+
+
+def _split_nuisance(nuisance: np.ndarray, orthogonal_to: int) -> np.ndarray:
+    """The nuisance columns the data are not yet orthogonal to (orthonormal, orthogonal to the first ones)."""
+    return nuisance[:, orthogonal_to:]
+
+
 def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisance: Sequence[np.ndarray],
-           hrf_index: np.ndarray, n_hrfs: int) -> Rotated:
+           hrf_index: np.ndarray, n_hrfs: int, orthogonal_to: Sequence[int] | None = None) -> Rotated:
     """SVD each run's projected design under each HRF some voxel uses; rotate those voxels' projected data.
 
-    ``data[r]`` (T, V) float32, ``regressors[r]`` (H, T, K), ``nuisance[r]`` (T, p) orthonormal.
+    ``data[r]`` (T, V) float32, ``regressors[r]`` (H, T, K), ``nuisance[r]`` (T, p) orthonormal. With
+    ``orthogonal_to[r] = q``, ``data[r]`` is already orthogonal to the first ``q`` nuisance columns (see
+    :func:`project_runs`) and the others are orthonormal noise components orthogonal to those: the data are then not
+    projected again (``U' y`` is the same, ``U`` being orthogonal to the whole nuisance), only their sum of squares
+    loses the components' part.
     """
     n_runs = len(data)
     n_vox = data[0].shape[1]
@@ -203,24 +308,34 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     groups = [(h, np.flatnonzero(hrf_index == h)) for h in range(n_hrfs)]
     groups = [(h, idx) for h, idx in groups if idx.size]
     for r in range(n_runs):
-        yt = project_out(nuisance[r], data[r])
-        yss[r] = np.einsum("tv,tv->v", yt, yt, dtype=np.float64)
+        if orthogonal_to is None or orthogonal_to[r] == 0:
+            yt = project_out(nuisance[r], data[r])
+            yss[r] = sum_squares(yt)
+        else:
+            yt = data[r]
+            extra = _split_nuisance(nuisance[r], orthogonal_to[r])
+            yss[r] = sum_squares(yt)
+            if extra.shape[1]:
+                yss[r] -= sum_squares(extra.T.astype(np.float32) @ yt)
         kr = int(n_trials[r])
         if kr == 0:
             continue
-        for h, idx in groups:
-            xt = project_out(nuisance[r], regressors[r][h])
-            u, sv, vt = np.linalg.svd(xt, full_matrices=False)
-            W[r, h, :kr, :kr] = vt.T
-            s[r, h, :kr] = sv
+        used = [h for h, _ in groups]
+        xt = _projected_designs(regressors[r][used], nuisance[r])
+        u, sv, vt = np.linalg.svd(xt, full_matrices=False)
+        for i, (h, idx) in enumerate(groups):
+            W[r, h, :kr, :kr] = vt[i].T
+            s[r, h, :kr] = sv[i]
             with _blas_threads(idx.size):
-                Z[r, :kr, idx] = (u.T.astype(np.float32) @ yt[:, idx]).T
+                Z[r, :kr][:, idx] = u[i].T.astype(np.float32) @ yt[:, idx]
     return Rotated(W, s, Z, yss, n_trials)
 
 
 def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray],
-                       nuisance: Sequence[np.ndarray], per_run: bool = False, chunk: int = 8192):
-    """Per voxel and HRF, R^2 of each run's OLS fit summed over runs: (H, V). One SVD per run and HRF.
+                       nuisance: Sequence[np.ndarray], per_run: bool = False, chunk: int = 8192,
+                       orthogonal_to: Sequence[int] | None = None):
+    """Per voxel and HRF, R^2 of each run's OLS fit summed over runs: (H, V). One orthonormal basis per run and
+    HRF (:func:`design_ranges`); ``orthogonal_to`` as in :func:`rotate`.
 
     With ``per_run``, also each run's own R^2, (R, H, V) float32 (GLMsingle's ``R2run``, from which the per-run
     HRF choice ``HRFindexrun`` follows)."""
@@ -230,18 +345,21 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
     total = np.zeros(n_vox)
     runs = np.zeros((len(data), n_hrfs, n_vox), dtype=np.float32) if per_run else None
     for r, y in enumerate(data):
-        yt = project_out(nuisance[r], y)
-        run_total = np.einsum("tv,tv->v", yt, yt, dtype=np.float64)
+        if orthogonal_to is None or orthogonal_to[r] == 0:
+            yt = project_out(nuisance[r], y)
+            run_total = sum_squares(yt)
+        else:
+            yt = y
+            extra = _split_nuisance(nuisance[r], orthogonal_to[r])
+            run_total = sum_squares(yt)
+            if extra.shape[1]:
+                run_total -= sum_squares(extra.T.astype(np.float32) @ yt)
         total += run_total
         if regressors[r].shape[2] == 0:
             continue
-        # Every HRF's left singular vectors side by side: one (sum k_h x T)(T x V) product per chunk of voxels
+        # Every HRF's orthonormal basis side by side: one (sum k_h x T)(T x V) product per chunk of voxels
         # serves all HRFs (one BLAS call instead of one per HRF), then each HRF's block of squares is summed.
-        bases = []
-        for h in range(n_hrfs):
-            xt = project_out(nuisance[r], regressors[r][h])
-            u, sv, _ = np.linalg.svd(xt, full_matrices=False)
-            bases.append(u[:, sv > kernels.SINGULAR_TOL * max(sv[0], 1e-300)])
+        bases = design_ranges(_projected_designs(regressors[r], nuisance[r]))
         sizes = np.array([b.shape[1] for b in bases])
         kept = np.flatnonzero(sizes > 0)  # an empty design explains nothing
         stacked = np.concatenate([bases[h] for h in kept], axis=1).T.astype(np.float32)
@@ -314,18 +432,117 @@ def beta_badness(train: np.ndarray, test: np.ndarray, cv: CrossValidation) -> np
     return out
 
 
+def hrf_groups(hrf_index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, slice]]]:
+    """The voxel order that makes each HRF's voxels contiguous (stable), and each used HRF's slice in that order."""
+    order = np.argsort(hrf_index, kind="stable")
+    used, starts, counts = np.unique(hrf_index[order], return_index=True, return_counts=True)
+    return order, [(int(h), slice(int(a), int(a + c))) for h, a, c in zip(used, starts, counts)]
+
+
 def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test: np.ndarray,
                   cv: CrossValidation) -> np.ndarray:
     """:func:`beta_badness` of the ridge betas for every candidate ridge parameter ``alphas (F, V)`` (one per voxel
-    for all runs), against the held-out unregularised betas ``test (n_cv, V)``: (F, V)."""
-    return kernels.ridge_cv_badness(hrf_index.astype(np.int64), rot.W, rot.s, rot.Z, np.ascontiguousarray(alphas),
-                                    rot.n_trials, cv.cv_run, cv.cv_pos, cv.mates_ptr, cv.mates_idx,
-                                    np.ascontiguousarray(test, dtype=np.float64))
+    for all runs), against the held-out unregularised betas ``test (n_cv, V)``: (F, V).
+
+    Voxels are grouped by HRF, so a run's cross-validation betas of a group under one fraction are one BLAS product
+    ``W[cv rows] @ (g * z)``; fractions run in parallel threads (the kernels release the GIL)."""
+    n_frac, n_vox = alphas.shape
+    order, groups = hrf_groups(hrf_index)
+    Z = rot.Z[:, :, order]
+    alphas = np.ascontiguousarray(alphas[:, order], dtype=np.float64)
+    test = np.ascontiguousarray(test[:, order], dtype=np.float64)
+    held_out = np.repeat(np.arange(cv.n_trials), np.diff(cv.mates_ptr)).astype(np.int64)
+    runs = [(r, slice(int(cv.run_cv_ptr[r]), int(cv.run_cv_ptr[r + 1]))) for r in range(rot.s.shape[0])
+            if cv.run_cv_ptr[r + 1] > cv.run_cv_ptr[r] and rot.n_trials[r] > 0]
+
+    def one_fraction(f: int) -> np.ndarray:
+        beta = np.empty((cv.n_trials, n_vox))
+        for r, rows in runs:
+            kr = int(rot.n_trials[r])
+            pos = cv.cv_pos[rows]
+            for h, cols in groups:
+                gz = np.empty((kr, cols.stop - cols.start))
+                kernels.gained(rot.s[r, h, :kr], alphas[f, cols], Z[r, :kr, cols], gz)
+                beta[rows, cols] = rot.W[r, h][pos, :kr] @ gz
+        return kernels.pair_squared_differences(beta, test, held_out, cv.mates_idx)
+
+    out = np.empty((n_frac, n_vox))
+    out[:, order] = np.stack(parallel_map(one_fraction, range(n_frac)))
+    return out
 
 
 def cv_rows(cv: CrossValidation, rot: Rotated) -> np.ndarray:
     """Rows of the cross-validation trials in the all-trials beta matrix."""
     return rot.run_offsets[cv.cv_run] + cv.cv_pos
+
+
+def solve_gram(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``gram^+ rhs`` for a design's Gram matrix ``X'X`` (K, K): a plain solve when its Cholesky pivots are
+    healthy (:data:`CHOLESKY_PIVOT_TOL`), else the pseudo-inverse dropping eigenvalues below ``SINGULAR_TOL^2`` of the
+    largest (the SVD's rule on the singular values of ``X``)."""
+    try:
+        pivots = np.abs(np.diagonal(np.linalg.cholesky(gram)))
+        if pivots.size and pivots.min() > CHOLESKY_PIVOT_TOL * pivots.max():
+            return np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        pass
+    evals, evecs = np.linalg.eigh(gram)
+    keep = evals > kernels.SINGULAR_TOL ** 2 * max(evals.max(initial=0.0), 1e-300)
+    v = evecs[:, keep]
+    return v @ ((v.T @ rhs) / evals[keep, None])
+
+
+def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], bases: Sequence[np.ndarray],
+                    components: Sequence[np.ndarray], hrf_index: np.ndarray, cv: CrossValidation, n_max: int,
+                    progress=None) -> np.ndarray:
+    """GLMsingle's PC-count cross-validation (scores for 0..``n_max`` PCs) on voxels whose ``data[r]`` (T, V) are
+    already orthogonal to ``bases[r]``: for each count, the unregularised single-trial betas of every run; each
+    held-out trial's 0-PC beta is compared with its repeats' betas in the other runs (``calcbadness``, z-scored with
+    the 0-PC betas' mean and sd); the score is minus the median over voxels.
+
+    The data are read once: per run and HRF, ``A = X~' y`` (``X~`` the design without the drift basis), ``C' y`` and
+    ``X~' C`` for the components ``C`` (orthogonal to the basis); with the first ``n`` components in the model the
+    design's Gram matrix is ``X~'X~ - (X~'C_n)(C_n'X~)`` and its right-hand side ``A - (X~'C_n)(C_n'y)``, so each
+    count costs small solves, not another pass over the data."""
+    n_runs = len(data)
+    groups = [(h, np.flatnonzero(hrf_index == h)) for h in np.unique(hrf_index)]
+    n_trials = np.array([reg.shape[2] for reg in regressors], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_trials)]).astype(np.int64)
+    pre = []
+    for r in range(n_runs):
+        y = data[r]
+        comps = np.asarray(components[r][:, :n_max], dtype=np.float64)
+        cy = (comps.T.astype(np.float32) @ y).astype(np.float64)
+        xt = _projected_designs(regressors[r][[h for h, _ in groups]], bases[r])
+        per_group = []
+        for i, (h, idx) in enumerate(groups):
+            a = (xt[i].T.astype(np.float32) @ y[:, idx]).astype(np.float64)
+            per_group.append((xt[i].T @ xt[i], xt[i].T @ comps, a))
+        pre.append((cy, per_group))
+    rows = offsets[cv.cv_run] + cv.cv_pos
+    scores = np.zeros(n_max + 1)
+    test = sd = None
+    for n in range(n_max + 1):
+        if progress is not None:
+            progress(n, n_max + 1)
+        betas = np.zeros((int(offsets[-1]), hrf_index.size))
+        for r in range(n_runs):
+            if n_trials[r] == 0:
+                continue
+            cy, per_group = pre[r]
+            for (h, idx), (gram, xc, a) in zip(groups, per_group):
+                xc_n = xc[:, :n]
+                betas[offsets[r]:offsets[r + 1], idx] = solve_gram(gram - xc_n @ xc_n.T, a - xc_n @ cy[:n, idx])
+        betas = betas.astype(np.float32).astype(np.float64)  # the kernels' single-precision betas
+        train = betas[rows]
+        if n == 0:
+            sd = betas.std(axis=0, ddof=1)
+            sd = np.where(sd > 0, sd, 1.0)
+            test = train.copy()
+        scores[n] = -np.median(beta_badness(train / sd, test / sd, cv))
+    if progress is not None:
+        progress(n_max + 1, n_max + 1)
+    return scores
 
 
 def choose_pc_count(scores: np.ndarray, stop: float) -> int:

@@ -61,44 +61,40 @@ def _gain(s, alpha, smax):
     return s / (s * s + alpha)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def ridge_cv_badness(hrf_index, W, s, Z, alphas, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, test):
-    """GLMsingle's cross-validation in beta space for every candidate ridge parameter ``alphas (F, V)`` (one per
-    voxel for all runs): for each held-out trial ``i`` (the cross-validation trials, sorted by run) and each repeat
-    ``m`` of its condition in another run, ``(beta_alpha[m] - test[i])^2`` summed, where ``test (n_cv, V)`` holds the
-    held-out trials' unregularised betas. Returns (F, V)."""
-    n_frac, n_vox = alphas.shape
-    k_max = Z.shape[1]
-    n_cv = cv_run.shape[0]
-    out = np.zeros((n_frac, n_vox))
-    for v in prange(n_vox):
-        h = hrf_index[v]
-        beta = np.zeros(n_cv)
-        zg = np.zeros(k_max)
-        for f in range(n_frac):
-            alpha = alphas[f, v]
-            current = -1
-            kr = 0
-            for i in range(n_cv):
-                r = cv_run[i]
-                if r != current:
-                    current = r
-                    kr = n_trials[r]
-                    smax = s[r, h, 0]
-                    for k in range(kr):
-                        zg[k] = _gain(s[r, h, k], alpha, smax) * Z[r, k, v]
-                p = cv_pos[i]
-                acc = 0.0
-                for k in range(kr):
-                    acc += W[r, h, p, k] * zg[k]
-                beta[i] = acc
-            total = 0.0
-            for i in range(n_cv):
-                t = test[i, v]
-                for m in range(mates_ptr[i], mates_ptr[i + 1]):
-                    d = beta[mates_idx[m]] - t
-                    total += d * d
-            out[f, v] = total
+@njit(cache=True, nogil=True, fastmath=True)
+def gained(s, alphas, z, out):
+    """``out[k, v] = g(s[k], alphas[v]) * z[k, v]``: the ridge gains of one run's design (singular values ``s (K,)``,
+    descending) times a group of voxels' rotated data ``z (K, V)``; ``W @ out`` are then their ridge betas.
+
+    Serial and without the GIL: the caller runs several at once (one fraction per thread) and the product with
+    ``W`` is a BLAS call."""
+    n_k, n_vox = z.shape
+    smax = s[0] if n_k else 0.0
+    for k in range(n_k):
+        sk = s[k]
+        if sk <= SINGULAR_TOL * smax:
+            for v in range(n_vox):
+                out[k, v] = 0.0
+            continue
+        s2 = sk * sk
+        for v in range(n_vox):
+            out[k, v] = sk / (s2 + alphas[v]) * z[k, v]
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def pair_squared_differences(beta, test, held_out, mates):
+    """GLMsingle's ``calcbadness`` sum for one model: per voxel, ``sum_p (beta[mates[p]] - test[held_out[p]])^2``
+    over the (held-out trial, repeat in another run) pairs ``p``; ``beta`` and ``test`` are (n_cv, V). Serial,
+    without the GIL."""
+    n_vox = beta.shape[1]
+    out = np.zeros(n_vox)
+    for p in range(held_out.shape[0]):
+        i = held_out[p]
+        m = mates[p]
+        for v in range(n_vox):
+            d = beta[m, v] - test[i, v]
+            out[v] += d * d
     return out
 
 

@@ -40,25 +40,15 @@ def _gains(s_row, alphas):
     return g
 
 
-def ridge_cv_badness(hrf_index, W, s, Z, alphas, n_trials, cv_run, cv_pos, mates_ptr, mates_idx, test):
-    n_frac, n_vox = alphas.shape
-    n_cv = cv_run.size
-    counts = np.diff(mates_ptr)
-    held_out = np.repeat(np.arange(n_cv), counts)
-    groups = [(h, np.flatnonzero(hrf_index == h)) for h in np.unique(hrf_index)]
-    run_ptr = np.searchsorted(cv_run, np.arange(W.shape[0] + 1))
-    out = np.zeros((n_frac, n_vox))
-    for f in range(n_frac):
-        beta = np.zeros((n_cv, n_vox))
-        for r in range(W.shape[0]):
-            rows = np.arange(run_ptr[r], run_ptr[r + 1])
-            if rows.size == 0:
-                continue
-            kr = n_trials[r]
-            for h, idx in groups:
-                zg = _gains(s[r, h, :kr], alphas[f, idx]) * Z[r, :kr][:, idx]
-                beta[np.ix_(rows, idx)] = W[r, h][cv_pos[rows], :kr] @ zg
-        out[f] = ((beta[mates_idx] - test[held_out]) ** 2).sum(axis=0)
+def gained(s, alphas, z, out):
+    out[...] = _gains(s, alphas) * z
+    return out
+
+
+def pair_squared_differences(beta, test, held_out, mates):
+    out = np.zeros(beta.shape[1])
+    for start in range(0, held_out.size, 256):
+        out += ((beta[mates[start:start + 256]] - test[held_out[start:start + 256]]) ** 2).sum(axis=0)
     return out
 
 
