@@ -70,7 +70,7 @@ def run_fit(args) -> int:
     from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.errors import GLMInputError, GLMWarning
     from rt_mindeye.glm.estimator import GLMSingle
-    from rt_mindeye.glm.io import load_motion_tsv, load_noise_runs, load_runs, write_outputs
+    from rt_mindeye.glm.io import load_motion_tsv, load_session, write_outputs
 
     config = load(GLMConfig, args.config, "glm") if args.config else from_mapping(GLMConfig, {})
     overrides = {}
@@ -87,9 +87,8 @@ def run_fit(args) -> int:
     if args.motion is not None and len(args.motion) != len(args.bold):
         raise GLMInputError("--motion", f"{len(args.motion)} motion files for {len(args.bold)} runs")
     console = Console(stderr=True, quiet=args.quiet)
-    runs, mask, ref = load_runs(args.bold, args.mask, config.brain_fraction, config.brain_percentile)
-    noise_runs, noise_mask = load_noise_runs(args.bold, mask, args.noise_mask, config.brain_fraction,
-                                             config.brain_percentile)
+    runs, mask, ref, noise_runs, noise_mask = load_session(args.bold, args.mask, args.noise_mask,
+                                                           config.brain_fraction, config.brain_percentile)
     events = [RunEvents.from_tsv(p, condition_column=args.condition_column) for p in args.events]
     motion = [load_motion_tsv(p) for p in args.motion] if args.motion else None
     console.print(f"[bold]glm fit[/]: model {config.model}, {len(runs)} runs, {runs[0].shape[1]} voxels, "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -29,52 +32,72 @@ def load_image(path: str | Path, ndim: int) -> nib.Nifti1Image:
     return img
 
 
-def load_runs(bold_paths: Sequence[str | Path], mask_path: str | Path | None = None,
-              brain_fraction: float = 0.1, brain_percentile: float = 99.0):
-    """Masked (T, V) float32 runs, the 3-D mask and the reference image (for the affine/header of the outputs).
+def _default_mask(first_run: np.ndarray, brain_fraction: float, brain_percentile: float) -> np.ndarray:
+    """Voxels whose mean intensity over the first run exceeds ``brain_fraction`` of its ``brain_percentile``-th
+    percentile."""
+    mean = first_run.mean(axis=3)
+    return mean > brain_fraction * np.percentile(mean, brain_percentile)
 
-    Without a mask file, voxels whose mean intensity in the first run exceeds ``brain_fraction`` of its
-    ``brain_percentile``-th percentile are used.
+
+def _mask_file(path: str | Path, shape: tuple, what: str) -> np.ndarray:
+    mimg = load_image(path, 3)
+    if mimg.shape != shape:
+        raise GLMInputError(what, f"shape {mimg.shape} differs from the runs' {shape}", str(path))
+    return np.asarray(mimg.dataobj) > 0
+
+
+def _parallel(function, items) -> list:
+    """``[function(item) for item in items]`` on one thread per core (zlib and numpy release the GIL)."""
+    items = list(items)
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, items))
+
+
+def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None = None,
+                 noise_mask_path: str | Path | None = None, brain_fraction: float = 0.1,
+                 brain_percentile: float = 99.0):
+    """Every run read once: ``(runs, mask, ref, noise_runs, noise_mask)``.
+
+    ``runs``: masked (T, V) float32 runs of the fitted voxels; ``mask`` their 3-D mask (the file's, else voxels whose
+    mean intensity in the first run exceeds ``brain_fraction`` of its ``brain_percentile``-th percentile); ``ref`` the
+    first image (affine/header of the outputs). ``noise_runs``: (T, P) runs of the noise-pool candidates (the noise
+    mask file's voxels, else that same brain mask of the first run, i.e. the whole brain whatever ``mask_path``
+    chose), or None with ``noise_mask = mask`` when they are the fitted voxels. Runs are decompressed in parallel
+    threads, one at a time each (a whole 4-D run is never held for more than its own masking).
     """
     images = [load_image(p, 4) for p in bold_paths]
     ref = images[0]
     for p, img in zip(bold_paths, images):
         if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
             raise GLMInputError("bold", f"grid {img.shape[:3]} / affine differs from the first run's", str(p))
-    if mask_path is not None:
-        mimg = load_image(mask_path, 3)
-        if mimg.shape != ref.shape[:3]:
-            raise GLMInputError("mask", f"shape {mimg.shape} differs from the runs' {ref.shape[:3]}", str(mask_path))
-        mask = np.asarray(mimg.dataobj) > 0
-    else:
-        mean = np.asarray(ref.dataobj, dtype=np.float32).mean(axis=3)
-        mask = mean > brain_fraction * np.percentile(mean, brain_percentile)
+    mask = _mask_file(mask_path, ref.shape[:3], "mask") if mask_path is not None else None
+    noise_mask = _mask_file(noise_mask_path, ref.shape[:3], "noise mask") if noise_mask_path is not None else None
+    first = None
+    if mask is None or noise_mask is None:
+        first = np.asarray(ref.dataobj, dtype=np.float32)
+        brain = _default_mask(first, brain_fraction, brain_percentile)
+        mask = brain if mask is None else mask
+        noise_mask = brain if noise_mask is None else noise_mask
     if not mask.any():
         raise GLMInputError("mask", "selects no voxels", str(mask_path) if mask_path else None)
-    runs = [np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[mask].T) for img in images]
-    return runs, mask, ref
-
-
-def load_noise_runs(bold_paths: Sequence[str | Path], fit_mask: np.ndarray, noise_mask_path: str | Path | None,
-                    brain_fraction: float = 0.1, brain_percentile: float = 99.0):
-    """(T, P) runs of the noise-pool candidates and their 3-D mask, or ``(None, fit_mask)`` when they are the fitted
-    voxels. Without a file, the brain mask of the first run's mean (the whole brain, whatever ``--mask`` chose)."""
-    images = [load_image(p, 4) for p in bold_paths]
-    if noise_mask_path is not None:
-        mimg = load_image(noise_mask_path, 3)
-        if mimg.shape != images[0].shape[:3]:
-            raise GLMInputError("noise mask", f"shape {mimg.shape} differs from the runs' {images[0].shape[:3]}",
-                                str(noise_mask_path))
-        mask = np.asarray(mimg.dataobj) > 0
-    else:
-        mean = np.asarray(images[0].dataobj, dtype=np.float32).mean(axis=3)
-        mask = mean > brain_fraction * np.percentile(mean, brain_percentile)
-    if not mask.any():
+    if not noise_mask.any():
         raise GLMInputError("noise mask", "selects no voxels", str(noise_mask_path) if noise_mask_path else None)
-    if np.array_equal(mask, fit_mask):
-        return None, fit_mask
-    runs = [np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[mask].T) for img in images]
-    return runs, mask
+    separate = not np.array_equal(noise_mask, mask)
+
+    def masked(index: int):
+        data = first if index == 0 and first is not None else np.asarray(images[index].dataobj, dtype=np.float32)
+        run = np.ascontiguousarray(data[mask].T)
+        return run, (np.ascontiguousarray(data[noise_mask].T) if separate else None)
+
+    loaded = _parallel(masked, range(len(images)))
+    del first
+    runs = [run for run, _ in loaded]
+    if not separate:
+        return runs, mask, ref, None, mask
+    return runs, mask, ref, [noise for _, noise in loaded], noise_mask
 
 
 def load_motion_tsv(path: str | Path) -> np.ndarray:
@@ -107,10 +130,25 @@ def _unmask(values: np.ndarray, mask: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+#: Uncompressed bytes per gzip member written by one thread (see :func:`_save`).
+GZIP_MEMBER_BYTES = 4 << 20
+
+
 def _save(data: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
+    """Write a NIfTI file; ``.gz`` as several gzip members compressed in parallel threads (a multi-member gzip
+    file, which every gzip reader, nibabel's included, reads as one stream), at nibabel's compression level."""
     img = nib.Nifti1Image(data, ref.affine)
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
+    if not str(path).endswith(".gz"):
+        nib.save(img, str(path))
+        return
+    raw = memoryview(img.to_bytes())
+    pieces = [raw[i:i + GZIP_MEMBER_BYTES] for i in range(0, len(raw), GZIP_MEMBER_BYTES)] or [raw]
+    level = nib.openers.Opener.default_compresslevel
+    members = _parallel(lambda piece: gzip.compress(piece, compresslevel=level, mtime=0), pieces)
+    with open(path, "wb") as f:
+        for member in members:
+            f.write(member)
 
 
 def write_outputs(estimator, mask: np.ndarray, ref: nib.Nifti1Image, out_dir: str | Path,
