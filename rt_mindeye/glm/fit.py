@@ -100,13 +100,12 @@ def project_runs(runs: Sequence[np.ndarray], bases: Sequence[np.ndarray], chunk:
     return out
 
 
-def sum_squares(y: np.ndarray, chunk: int = 16384) -> np.ndarray:
+def sum_squares(y: np.ndarray) -> np.ndarray:
     """Per column sum of squares of a (T, V) array, accumulated in float64."""
-    out = np.empty(y.shape[1])
-    for first in range(0, y.shape[1], chunk):
-        part = y[:, first:first + chunk].astype(np.float64)
-        out[first:first + chunk] = np.einsum("tv,tv->v", part, part)
-    return out
+    y = np.asarray(y)
+    if y.dtype not in (np.float32, np.float64):
+        y = y.astype(np.float64)
+    return kernels.column_sum_squares(np.ascontiguousarray(y), np.empty(y.shape[1]))
 
 
 def brain_voxels(means: np.ndarray, percentile: float, fraction: float) -> np.ndarray:

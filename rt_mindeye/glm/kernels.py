@@ -54,6 +54,20 @@ def fraction_alphas(ratio, alpha_grid, fractions, grid_index):
     return out
 
 
+@njit(cache=True, nogil=True)
+def column_sum_squares(y, out):
+    """``out[v] = sum_t y[t, v]^2`` accumulated in double precision, row by row (one pass over a C-ordered
+    ``y (T, V)``, no double-precision copy)."""
+    n_t, n_vox = y.shape
+    for v in range(n_vox):
+        out[v] = 0.0
+    for t in range(n_t):
+        for v in range(n_vox):
+            x = np.float64(y[t, v])
+            out[v] += x * x
+    return out
+
+
 @njit(cache=True, inline="always")
 def _gain(s, alpha, smax):
     if s <= SINGULAR_TOL * smax:

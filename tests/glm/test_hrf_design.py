@@ -209,3 +209,22 @@ def test_hrf_peak_at_tr_scales_the_tr_samples_to_one():
     at_tr = HRFSet.library(peak_tr=tr).regressors(frames, np.array([0.0]), np.array([3.0]))[:, :, 0]
     assert np.allclose(at_tr.max(axis=1), 1.0)
     assert np.all(continuous.max(axis=1) <= 1.0 + 1e-9) and np.any(continuous.max(axis=1) < 0.99)
+
+
+def test_own_pchip_and_gamma_density_equal_scipy():
+    from scipy.interpolate import PchipInterpolator
+
+    from rt_mindeye.glm.hrf import Pchip, gamma_pdf
+    rng = np.random.default_rng(4)
+    knots = np.cumsum(rng.uniform(0.05, 1.0, size=40))
+    values = np.concatenate([rng.normal(size=(40, 3)), np.zeros((40, 1)),
+                             np.repeat(np.arange(40.0)[:, None], 1, axis=1) ** 2], axis=1)
+    values[10:14, 0] = 1.5  # flat stretch: zero slopes
+    points = np.concatenate([rng.uniform(knots[0] - 1, knots[-1] + 1, size=500), knots])
+    want = PchipInterpolator(knots, values, axis=0, extrapolate=False)(points)
+    got = Pchip(knots, values)(points)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-12, atol=1e-12)
+    t = np.concatenate([np.linspace(-1.0, 40.0, 700), [0.0]])
+    for shape, scale in ((6.0 / 0.9, 0.9), (16.0, 1.0), (1.0, 2.0)):
+        assert np.allclose(gamma_pdf(t, shape, scale), gamma.pdf(t, shape, scale=scale), rtol=1e-12, atol=1e-300)
