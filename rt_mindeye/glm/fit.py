@@ -56,12 +56,9 @@ def parallel_map(function, items) -> list:
 
 def percent_signal(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(T, V) data as % signal change about each voxel's mean over the run; voxels with mean <= 0 become 0."""
-    data = np.asarray(data, dtype=np.float32)
-    mean = data.mean(axis=0, dtype=np.float64)
-    scale = np.zeros_like(mean)
-    good = mean > 0
-    scale[good] = 100.0 / mean[good]
-    psc = (data - mean.astype(np.float32)) * scale.astype(np.float32)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    mean = np.empty(data.shape[1])
+    psc = kernels.percent_signal(data, mean, np.empty_like(data))
     return psc, mean
 
 
@@ -590,25 +587,11 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
     return kernels.fraction_alphas(ratio, grids, fractions, hrf_index.astype(np.int64))
 
 
-def rescale_to(betas: np.ndarray, target: np.ndarray, chunk: int = 16384) -> np.ndarray:
+def rescale_to(betas: np.ndarray, target: np.ndarray) -> np.ndarray:
     """GLMsingle's rescaling: per voxel, the scale and offset (V, 2) that best fit ``target`` (the unregularised
     betas, trials x voxels) from ``betas``; a negative scale falls back to (1, 0)."""
-    n_vox = betas.shape[1]
-    out = np.tile([1.0, 0.0], (n_vox, 1))
-    for start in range(0, n_vox, chunk):
-        b = betas[:, start:start + chunk].astype(np.float64)
-        t = target[:, start:start + chunk].astype(np.float64)
-        bm, tm = b.mean(axis=0), t.mean(axis=0)
-        cov = ((b - bm) * (t - tm)).sum(axis=0)
-        var = ((b - bm) ** 2).sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = np.where(var > 0, cov / var, 1.0)
-        offset = tm - scale * bm
-        bad = ~(scale >= 0) | (var <= 0)
-        scale[bad], offset[bad] = 1.0, 0.0
-        out[start:start + chunk, 0] = scale
-        out[start:start + chunk, 1] = offset
-    return out
+    return kernels.scale_offset(np.ascontiguousarray(betas), np.ascontiguousarray(target),
+                                np.empty((betas.shape[1], 2)))
 
 
 def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

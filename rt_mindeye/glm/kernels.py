@@ -68,6 +68,63 @@ def column_sum_squares(y, out):
     return out
 
 
+@njit(cache=True, nogil=True)
+def percent_signal(data, mean, psc):
+    """``psc (T, V)`` float32: ``data (T, V)`` as % signal change about each voxel's mean over the run (float64
+    ``mean``, accumulated row by row); 0 where the mean is not positive. Arithmetic as numpy's float32
+    ``(data - mean32) * (100 / mean)32``."""
+    n_t, n_vox = data.shape
+    for v in range(n_vox):
+        mean[v] = 0.0
+    for t in range(n_t):
+        for v in range(n_vox):
+            mean[v] += np.float64(data[t, v])
+    mean32 = np.empty(n_vox, dtype=np.float32)
+    scale32 = np.zeros(n_vox, dtype=np.float32)
+    for v in range(n_vox):
+        mean[v] /= n_t
+        mean32[v] = np.float32(mean[v])
+        if mean[v] > 0:
+            scale32[v] = np.float32(100.0 / mean[v])
+    for t in range(n_t):
+        for v in range(n_vox):
+            psc[t, v] = (np.float32(data[t, v]) - mean32[v]) * scale32[v]
+    return psc
+
+
+@njit(cache=True, nogil=True)
+def scale_offset(betas, target, out):
+    """GLMsingle's rescaling per voxel: least-squares ``scale, offset`` fitting ``target (N, V)`` from
+    ``betas (N, V)`` (two passes in double precision: means, then centred products); a negative or undefined scale
+    (no variance) gives (1, 0). ``out (V, 2)``."""
+    n, n_vox = betas.shape
+    bm = np.zeros(n_vox)
+    tm = np.zeros(n_vox)
+    for i in range(n):
+        for v in range(n_vox):
+            bm[v] += np.float64(betas[i, v])
+            tm[v] += np.float64(target[i, v])
+    for v in range(n_vox):
+        bm[v] /= n
+        tm[v] /= n
+    cov = np.zeros(n_vox)
+    var = np.zeros(n_vox)
+    for i in range(n):
+        for v in range(n_vox):
+            db = np.float64(betas[i, v]) - bm[v]
+            cov[v] += db * (np.float64(target[i, v]) - tm[v])
+            var[v] += db * db
+    for v in range(n_vox):
+        scale = cov[v] / var[v] if var[v] > 0 else 1.0
+        if var[v] > 0 and scale >= 0:
+            out[v, 0] = scale
+            out[v, 1] = tm[v] - scale * bm[v]
+        else:
+            out[v, 0] = 1.0
+            out[v, 1] = 0.0
+    return out
+
+
 @njit(cache=True, inline="always")
 def _gain(s, alpha, smax):
     if s <= SINGULAR_TOL * smax:
