@@ -313,6 +313,7 @@ class GLMSingle:
             pcvoxels = np.zeros_like(valid)
             pcvoxels[np.argsort(-r2_onoff)[:100]] = True
 
+        library_parts = []
         if model == "a":
             hrfs, regs = canonical, can_regs
             hrf_index = np.zeros(psc[0].shape[1], dtype=np.int64)
@@ -321,7 +322,10 @@ class GLMSingle:
             hrfs = HRFSet.library(peak)
             regs = [F.run_regressors(hrfs, ev, y.shape[0], tr, self.slice_time_ref) for y, ev in zip(psc, events)]
             self._report("HRF library", 0, 1)
-            hrf_r2, hrf_r2_run = F.explained_fraction(psc, regs, bases, per_run=True, orthogonal_to=ortho)
+            # The per-run fitted sums of squares are kept for the refit with the noise components (refit_hrf).
+            keep = self.refit_hrf and model in ("c", "d")
+            hrf_r2, hrf_r2_run, *library_parts = F.explained_fraction(psc, regs, bases, per_run=True,
+                                                                      orthogonal_to=ortho, keep_parts=keep)
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
             hrf_index_run = np.argmax(hrf_r2_run, axis=1).astype(np.int16)
             r2_run = np.take_along_axis(hrf_r2_run, hrf_index[None, None, :], axis=1)[:, 0]
@@ -358,10 +362,12 @@ class GLMSingle:
             # Choose each voxel's HRF again with the noise regressors in the model: the shared noise no longer
             # drives the choice (GLMsingle keeps the type-b choice; +.003 to +.02 on the independent sessions).
             self._report("HRF library (denoised)", 0, 1)
-            hrf_r2 = F.explained_fraction(psc, regs, nuisance, orthogonal_to=ortho)
+            hrf_r2 = F.explained_fraction_with_components(psc, regs, bases, [c[:, :n_pcs] for c in components],
+                                                          library_parts[0])
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
             hrf_r2 = hrf_r2.max(axis=0)
             self._report("HRF library (denoised)", 1, 1)
+        del library_parts
 
         # Live noise regressors need pool voxels among the fitted ones (the real-time vector holds only those): the
         # pool's spatial loadings (live_noise_pcs of them, at least the chosen count) and each voxel's coefficients

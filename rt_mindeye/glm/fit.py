@@ -102,6 +102,8 @@ def sum_squares(y: np.ndarray) -> np.ndarray:
     y = np.asarray(y)
     if y.dtype not in (np.float32, np.float64):
         y = y.astype(np.float64)
+    if y.flags.f_contiguous and not y.flags.c_contiguous:  # e.g. y[:, index]: no copy, sum along its rows
+        return kernels.row_sum_squares(y.T, np.empty(y.shape[1]))
     return kernels.column_sum_squares(np.ascontiguousarray(y), np.empty(y.shape[1]))
 
 
@@ -327,19 +329,30 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     return Rotated(W, s, Z, yss, n_trials)
 
 
+@dataclass
+class ExplainedParts:
+    """What :func:`explained_fraction` summed: per run, each HRF's fitted sum of squares ``fitted (R, H, V)`` float32
+    and the data's ``total (R, V)``; :func:`explained_fraction_with_components` starts from them."""
+
+    fitted: np.ndarray
+    total: np.ndarray
+
+
 def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray],
                        nuisance: Sequence[np.ndarray], per_run: bool = False, chunk: int = 8192,
-                       orthogonal_to: Sequence[int] | None = None):
+                       orthogonal_to: Sequence[int] | None = None, keep_parts: bool = False):
     """Per voxel and HRF, R^2 of each run's OLS fit summed over runs: (H, V). One orthonormal basis per run and
     HRF (:func:`design_ranges`); ``orthogonal_to`` as in :func:`rotate`.
 
     With ``per_run``, also each run's own R^2, (R, H, V) float32 (GLMsingle's ``R2run``, from which the per-run
-    HRF choice ``HRFindexrun`` follows)."""
+    HRF choice ``HRFindexrun`` follows); with ``keep_parts``, also the :class:`ExplainedParts` (returned last)."""
     n_hrfs = regressors[0].shape[0]
     n_vox = data[0].shape[1]
     fitted = np.zeros((n_hrfs, n_vox))
     total = np.zeros(n_vox)
     runs = np.zeros((len(data), n_hrfs, n_vox), dtype=np.float32) if per_run else None
+    parts = (ExplainedParts(np.zeros((len(data), n_hrfs, n_vox), dtype=np.float32), np.zeros((len(data), n_vox)))
+             if keep_parts else None)
     for r, y in enumerate(data):
         if orthogonal_to is None or orthogonal_to[r] == 0:
             yt = project_out(nuisance[r], y)
@@ -351,6 +364,8 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
             if extra.shape[1]:
                 run_total -= sum_squares(extra.T.astype(np.float32) @ yt)
         total += run_total
+        if parts is not None:
+            parts.total[r] = run_total
         if regressors[r].shape[2] == 0:
             continue
         # Every HRF's orthonormal basis side by side: one (sum k_h x T)(T x V) product per chunk of voxels
@@ -369,13 +384,103 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
                 np.square(z, out=z)
                 run_fit[kept, part] = blocks @ z
         fitted += run_fit
+        if parts is not None:
+            parts.fitted[r] = run_fit
         if per_run:
             with np.errstate(invalid="ignore", divide="ignore"):
                 runs[r] = np.where(run_total > 0, run_fit / run_total, 0.0)
         del yt
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(total > 0, fitted / total, 0.0)
-    return (r2, runs) if per_run else r2
+    out = (r2,) + ((runs,) if per_run else ()) + ((parts,) if keep_parts else ())
+    return out if len(out) > 1 else r2
+
+
+#: Smallest eigenvalue of ``I - M'M`` (``M = U'C``: a design's orthonormal basis against the components) for the
+#: update of :func:`explained_fraction_with_components`; below it (a component within ~6 degrees of the design's
+#: span) the update would amplify the single-precision products' rounding by more than 100x, and that design is
+#: recomputed directly.
+WOODBURY_MIN_EIGENVALUE = 1e-2
+
+
+def explained_fraction_with_components(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray],
+                                       bases: Sequence[np.ndarray], components: Sequence[np.ndarray],
+                                       parts: ExplainedParts, chunk: int = 8192) -> np.ndarray:
+    """:func:`explained_fraction` with ``[bases | components]`` as the nuisance, (H, V), from the ``parts`` of the
+    fit with ``bases`` alone (``keep_parts``), for data already orthogonal to ``bases``.
+
+    With ``U`` an orthonormal basis of a run's design under one HRF (drift removed), ``C`` the run's components
+    (orthonormal, orthogonal to the drift), ``w = U'y``, ``e = C'y``, ``M = U'C``: the design with the components
+    projected out spans ``(I - CC')U``, whose Gram matrix is ``I - MM'``, so its fitted sum of squares is
+    ``u'(I - MM')^-1 u`` with ``u = w - Me``, which by Woodbury is
+    ``|w|^2 - 2 e'f + e'Ke + q'(I - K)^-1 q`` with ``f = M'w = (UM)'y``, ``K = M'M``, ``q = f - Ke``. ``|w|^2`` is
+    the kept fitted sum of squares, so the data are read through ``(UM)'`` (n rows per HRF) instead of ``U'`` (one
+    row per trial): a sixth of the products of a full pass at 10 components."""
+    n_hrfs = regressors[0].shape[0]
+    n_vox = data[0].shape[1]
+    fitted = np.zeros((n_hrfs, n_vox))
+    total = np.zeros(n_vox)
+    for r, y in enumerate(data):
+        comps = np.asarray(components[r], dtype=np.float64)
+        n = comps.shape[1]
+        if n == 0:
+            fitted += parts.fitted[r]
+            total += parts.total[r]
+            continue
+        c32 = comps.T.astype(np.float32)
+        if regressors[r].shape[2] == 0:
+            total += parts.total[r] - sum_squares(c32 @ y)
+            continue
+        ranges = design_ranges(_projected_designs(regressors[r], bases[r]))
+        updated, direct = [], []
+        k_mats, s_inv, d_cols = [], [], []
+        for h, u in enumerate(ranges):
+            if u.shape[1] == 0:
+                continue  # an empty design explains nothing, with or without the components
+            m = u.T @ comps
+            k = m.T @ m
+            s = np.eye(n) - k
+            if np.linalg.eigvalsh(s).min() > WOODBURY_MIN_EIGENVALUE:
+                updated.append(h)
+                k_mats.append(k)
+                s_inv.append(np.linalg.inv(s))
+                d_cols.append(u @ m)
+            else:
+                direct.append(h)
+        rows = [np.concatenate(d_cols, axis=1).T] if d_cols else []
+        direct_sizes = []
+        if direct:
+            nuisance = np.concatenate([bases[r], comps], axis=1)
+            for u in design_ranges(_projected_designs(regressors[r][direct], nuisance)):
+                rows.append(u.T)
+                direct_sizes.append(u.shape[1])
+        stacked = np.concatenate(rows, axis=0).astype(np.float32) if rows else np.zeros((0, y.shape[0]), np.float32)
+        k_mats = np.asarray(k_mats).reshape(len(updated), n, n)
+        s_inv = np.asarray(s_inv).reshape(len(updated), n, n)
+        n_upd = len(updated) * n
+        run_total = np.empty(n_vox)
+        with _blas_threads(n_vox):
+            for first in range(0, n_vox, chunk):
+                part = slice(first, min(first + chunk, n_vox))
+                e32 = c32 @ y[:, part]
+                run_total[part] = parts.total[r, part] - sum_squares(e32)
+                prod = stacked @ y[:, part]
+                if updated:
+                    e = e32.astype(np.float64)
+                    f = prod[:n_upd].astype(np.float64).reshape(len(updated), n, -1)
+                    ke = np.matmul(k_mats, e)
+                    q = f - ke
+                    fitted[updated, part] += (parts.fitted[r][updated, part] - 2.0 * np.einsum("nc,hnc->hc", e, f)
+                                              + np.einsum("nc,hnc->hc", e, ke)
+                                              + np.einsum("hnc,hnc->hc", q, np.matmul(s_inv, q)))
+                start = n_upd
+                for h, size in zip(direct, direct_sizes):
+                    z = prod[start:start + size].astype(np.float64)
+                    fitted[h, part] += np.einsum("kc,kc->c", z, z)
+                    start += size
+        total += run_total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, fitted / total, 0.0)
 
 
 # --- cross-validation ----------------------------------------------------------------------------------------------

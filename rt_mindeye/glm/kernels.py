@@ -69,6 +69,20 @@ def column_sum_squares(y, out):
 
 
 @njit(cache=True, nogil=True)
+def row_sum_squares(x, out):
+    """``out[v] = sum_t x[v, t]^2`` in double precision (the same order of additions as
+    :func:`column_sum_squares` on ``x.T``)."""
+    n_vox, n_t = x.shape
+    for v in range(n_vox):
+        acc = 0.0
+        for t in range(n_t):
+            e = np.float64(x[v, t])
+            acc += e * e
+        out[v] = acc
+    return out
+
+
+@njit(cache=True, nogil=True)
 def percent_signal(data, mean, psc):
     """``psc (T, V)`` float32: ``data (T, V)`` as % signal change about each voxel's mean over the run (float64
     ``mean``, accumulated row by row); 0 where the mean is not positive. Arithmetic as numpy's float32

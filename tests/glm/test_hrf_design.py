@@ -228,3 +228,33 @@ def test_own_pchip_and_gamma_density_equal_scipy():
     t = np.concatenate([np.linspace(-1.0, 40.0, 700), [0.0]])
     for shape, scale in ((6.0 / 0.9, 0.9), (16.0, 1.0), (1.0, 2.0)):
         assert np.allclose(gamma_pdf(t, shape, scale), gamma.pdf(t, shape, scale=scale), rtol=1e-12, atol=1e-300)
+
+
+def test_refit_with_components_equals_a_full_pass_with_them_in_the_nuisance():
+    from rt_mindeye.glm.fit import (explained_fraction, explained_fraction_with_components, nuisance_basis,
+                                    project_runs)
+    rng = np.random.default_rng(5)
+    t, n_vox, lib = 80, 300, HRFSet.library()
+    data, regs, bases, comps = [], [], [], []
+    for r in range(3):
+        onsets = np.sort(rng.uniform(0, t * 1.5 - 20, size=8))
+        x = lib.regressors(frame_times(t, 1.5), onsets, np.full(8, 3.0))
+        regs.append(x)
+        b = nuisance_basis(t, 1.5, None)
+        # Data driven partly by a component, so removing it matters; one run's first component inside a trial's
+        # span (that design is recomputed directly).
+        first = x[4][:, :1] if r == 2 else rng.normal(size=(t, 1))
+        c = np.linalg.qr(np.concatenate([b, first, rng.normal(size=(t, 2))], axis=1))[0][:, b.shape[1]:]
+        y = (x[rng.integers(0, 20)] @ rng.normal(size=8))[:, None] + rng.normal(size=(t, n_vox)) \
+            + 3 * c[:, :1] * rng.normal(size=n_vox)
+        data.append(y.astype(np.float32))
+        bases.append(b)
+        comps.append(c)
+    data = project_runs(data, bases)
+    ortho = [b.shape[1] for b in bases]
+    _, parts = explained_fraction(data, regs, bases, orthogonal_to=ortho, keep_parts=True)
+    want = explained_fraction(data, regs, [np.concatenate([b, c], axis=1) for b, c in zip(bases, comps)],
+                              orthogonal_to=ortho)
+    got = explained_fraction_with_components(data, regs, bases, comps, parts)
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(np.argmax(got, axis=0), np.argmax(want, axis=0))
