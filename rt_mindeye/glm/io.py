@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,15 @@ import numpy as np
 
 from rt_mindeye.glm.design import write_trials_tsv
 from rt_mindeye.glm.errors import GLMInputError
+
+try:  # ISA-L's gzip codec: the same format, ~2x faster to read and ~10x faster to write than zlib's (optional)
+    from isal import igzip as gzip_codec
+    from isal.isal_zlib import error as _isal_error
+
+    GZIP_ERRORS: tuple = (OSError, EOFError, ValueError, zlib.error, _isal_error)
+except ImportError:  # pragma: no cover - isal is a soft dependency
+    gzip_codec = gzip
+    GZIP_ERRORS = (OSError, EOFError, ValueError, zlib.error)
 
 OUTPUT_FILES = ("betas.nii.gz", "trials.tsv", "hrf_index.nii.gz", "r2.nii.gz", "frac.nii.gz", "noise_pool.nii.gz",
                 "noise_pool_candidates.nii.gz", "pcvoxels.nii.gz", "meanvol.nii.gz", "onoff_r2.nii.gz",
@@ -30,6 +40,17 @@ def load_image(path: str | Path, ndim: int) -> nib.Nifti1Image:
     if len(img.shape) != ndim:
         raise GLMInputError("image", f"expected a {ndim}-D image, got shape {img.shape}", str(path))
     return img
+
+
+def _image_data(img: nib.spatialimages.SpatialImage, path: str | Path) -> np.ndarray:
+    """An image's data as float32; a gzipped file is decompressed in one call (:data:`gzip_codec`, which releases the
+    GIL, so runs decompress in parallel threads)."""
+    if str(path).endswith(".gz") and hasattr(type(img), "from_bytes"):
+        try:
+            img = type(img).from_bytes(gzip_codec.decompress(Path(path).read_bytes()))
+        except GZIP_ERRORS as exc:
+            raise GLMInputError("image", f"cannot decompress NIfTI ({exc})", str(path)) from exc
+    return np.asarray(img.dataobj, dtype=np.float32)
 
 
 def _default_mask(first_run: np.ndarray, brain_fraction: float, brain_percentile: float) -> np.ndarray:
@@ -77,7 +98,7 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
     noise_mask = _mask_file(noise_mask_path, ref.shape[:3], "noise mask") if noise_mask_path is not None else None
     first = None
     if mask is None or noise_mask is None:
-        first = np.asarray(ref.dataobj, dtype=np.float32)
+        first = _image_data(ref, bold_paths[0])
         brain = _default_mask(first, brain_fraction, brain_percentile)
         mask = brain if mask is None else mask
         noise_mask = brain if noise_mask is None else noise_mask
@@ -88,7 +109,7 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
     separate = not np.array_equal(noise_mask, mask)
 
     def masked(index: int):
-        data = first if index == 0 and first is not None else np.asarray(images[index].dataobj, dtype=np.float32)
+        data = first if index == 0 and first is not None else _image_data(images[index], bold_paths[index])
         run = np.ascontiguousarray(data[mask].T)
         return run, (np.ascontiguousarray(data[noise_mask].T) if separate else None)
 
@@ -130,13 +151,16 @@ def _unmask(values: np.ndarray, mask: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+#: Compression level of the gzipped outputs (1: nibabel's default with zlib; ISA-L's level 1 compresses as well).
+GZIP_LEVEL = 1
+
 #: Uncompressed bytes per gzip member written by one thread (see :func:`_save`).
 GZIP_MEMBER_BYTES = 4 << 20
 
 
 def _save(data: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
     """Write a NIfTI file; ``.gz`` as several gzip members compressed in parallel threads (a multi-member gzip
-    file, which every gzip reader, nibabel's included, reads as one stream), at nibabel's compression level."""
+    file, which every gzip reader, nibabel's included, reads as one stream) with :data:`gzip_codec`."""
     img = nib.Nifti1Image(data, ref.affine)
     img.header.set_xyzt_units("mm", "sec")
     if not str(path).endswith(".gz"):
@@ -144,8 +168,7 @@ def _save(data: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
         return
     raw = memoryview(img.to_bytes())
     pieces = [raw[i:i + GZIP_MEMBER_BYTES] for i in range(0, len(raw), GZIP_MEMBER_BYTES)] or [raw]
-    level = nib.openers.Opener.default_compresslevel
-    members = _parallel(lambda piece: gzip.compress(piece, compresslevel=level, mtime=0), pieces)
+    members = _parallel(lambda piece: gzip_codec.compress(piece, compresslevel=GZIP_LEVEL), pieces)
     with open(path, "wb") as f:
         for member in members:
             f.write(member)

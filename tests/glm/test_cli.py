@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -110,3 +111,11 @@ def test_fit_errors_are_one_line_with_exit_status_2(bids_runs, capsys, tmp_path)
                "--out", str(tmp_path), "--quiet"])
     assert rc == 2
     assert "missing.tsv" in capsys.readouterr().err
+    # A gzipped run cut short: a one-line error naming the file, not a traceback.
+    cut = tmp_path / "cut_bold.nii.gz"
+    whole = Path(bold[0]).read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    rc = main(["glm", "fit", "--bold", str(cut), "--events", events[0], "--tr", "1.5", "--out", str(tmp_path / "o"),
+               "--quiet"])
+    assert rc == 2
+    assert "cut_bold.nii.gz" in capsys.readouterr().err
