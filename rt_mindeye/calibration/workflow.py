@@ -273,6 +273,7 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
         affine=tuple(tuple(float(v) for v in row) for row in reference.affine), tr=float(reference.tr or 0.0),
         n_voxels=int(decoder_index.size), calibration_runs=tuple(r.ordinal for r in calib),
         extra={"glm_voxels": int(glm_mask.sum()), "glm_model": config.glm.model, "embedder": config.embedder,
+               "condition_column": config.condition_column,
                "finetune_epochs": n_epochs, "reliability_median": rel_median})
     bundle = write_bundle_info(out, info)
     result = CalibrationResult(bundle=bundle, n_glm_voxels=int(glm_mask.sum()), n_decoder_voxels=int(decoder_index.size),
@@ -337,11 +338,15 @@ def offline_betas(bundle: CalibrationBundle, dicom_dir: Path, events_dir: Path, 
     settings, motion-corrected to the bundle's reference, z-scored with its own statistics (as an offline analysis
     z-scores a session; another fit's statistics would mis-scale betas that are regularised differently) and cut to
     the decoder's voxels: the offline reference against which real-time estimates of the same runs are judged.
-    Returns (betas (trials, decoder voxels), index into ``stimuli`` per trial), trials in run then onset order."""
+    Returns (betas (trials, decoder voxels), index into ``stimuli`` per trial), trials in run then onset order.
+
+    Without ``config``, the events column that identified repeats in the calibration (recorded in the bundle) is used:
+    the type-d fit cross-validates across repeats, so a generic column (every trial ``image``) would make every trial
+    a repeat of one condition and spoil the betas."""
     from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.estimator import GLMSingle
 
-    config = config or CalibrationConfig()
+    config = config or CalibrationConfig(condition_column=str(bundle.info.extra.get("condition_column", "trial_type")))
     runs = {r.ordinal: r for r in discover_runs(dicom_dir, watcher)}
     missing = [o for o in ordinals if o not in runs]
     if missing:

@@ -33,6 +33,8 @@ PRETRAIN_SUBJECTS = (2, 3, 4)
 PRETRAIN_RUNS = 8  # x 40 trials: 320 images per pretraining subject, none of them seen by the demo subject
 PRETRAIN_TRIALS_PER_RUN = 40
 DEMO_SUBJECT = 1
+#: The phantom's events name every trial's ``trial_type`` "image"; the stimulus file identifies repeats.
+CONDITION_COLUMN = "stim_file"
 #: How long the console may take, after both services are terminated, to see their goodbye heartbeats.
 CONSOLE_GOODBYE_S = 10.0
 
@@ -41,8 +43,8 @@ CONSOLE_GOODBYE_S = 10.0
 class DemoOptions:
     out: Path
     speed: float = 8.0
-    pretrain_budget_min: float = 3.0
-    finetune_budget_min: float = 2.0
+    pretrain_budget_min: float = 2.0
+    finetune_budget_min: float = 2.5
     seed: int = 1
     live_console: bool | None = None  # None: live view when stdout is a terminal
     phantom_overrides: tuple[tuple[str, object], ...] = ()
@@ -86,11 +88,13 @@ def _untrained_shared_model(model_dir: Path, options: DemoOptions, console) -> P
 
 
 #: The demo's session: 6 calibration and 4 real-time runs of 32 trials (192 calibration trials; 128 live trials, so
-#: one trial is under 1 %), a visual mask of ~2,000 voxels in the small geometry (decoding improves with voxels far
-#: more than with anything else the demo can afford), 16 images repeated across the session (for the calibration's
-#: reliability mask) and 10 repeated only in the real-time runs (scored repeat-averaged).
+#: one trial is under 1 %), a visual mask of ~5,200 voxels in the small geometry (about 3,100 decoder voxels after
+#: the reliability selection: decoding improves with voxels far more than with anything else the demo can afford;
+#: a ridge map from the ~1,000 decoder voxels of a 2,000-voxel mask reached 2-5 % top-1 among the 268 candidates,
+#: from ~3,100 about twice that), 16 images repeated across the session (for the calibration's reliability mask) and
+#: 10 repeated only in the real-time runs (scored repeat-averaged).
 DEMO_SESSION = dict(n_runs=10, calibration_runs=6, trials_per_run=32, repeated_images=16, test_repeated_images=10,
-                    repeats=3, visual_voxels=2000)
+                    repeats=3, visual_voxels=6000)
 
 
 def demo_phantom_config(**overrides):
@@ -195,7 +199,7 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
         return _untrained_shared_model(model_dir / "quick", options, console)
     checkpoint = model_dir / "last.pth"
     subjects, n_runs, trials_per_run = PRETRAIN_SUBJECTS, PRETRAIN_RUNS, PRETRAIN_TRIALS_PER_RUN
-    recipe = {"version": 3, "subjects": list(subjects), "runs": n_runs,
+    recipe = {"version": 4, "subjects": list(subjects), "runs": n_runs,
               "trials_per_run": trials_per_run, "first_stimulus": cfg.n_images, "seed": options.seed,
               "budget_min": options.pretrain_budget_min, "phantom": {
                   k: getattr(cfg, k) for k in ("driving_network", "tuning_nonlinearity", "trial_variability",
@@ -226,8 +230,10 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     fields.update(tiny_fields_for(int(dim), datasets[0].blurry_targets, datasets[0].aux_targets))
     model_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in datasets],
                                         subject_names=tuple(d.name for d in datasets), **fields)
+    # One checkpoint at the end (checkpoint_every = epochs): the shared model with three subjects' heads and its
+    # optimiser state is ~35 MB, and writing it every epoch cost a noticeable part of the budget.
     train = TrainConfig(epochs=150, batch_size=split_global_batch(32, len(datasets)), max_lr=1e-3,
-                        time_budget_min=options.pretrain_budget_min, seed=options.seed)
+                        time_budget_min=options.pretrain_budget_min, seed=options.seed, checkpoint_every=150)
     result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
                       log=console.print)
     recipe_path.write_text(json.dumps(recipe))
@@ -245,7 +251,7 @@ def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, o
                                 seed=options.seed)
     config = CalibrationConfig(
         subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
-        events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column="stim_file",
+        events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column=CONDITION_COLUMN,
         anatomical_mask=phantom_dir / "truth" / "visual_mask.nii.gz", pretrained=pretrained,
         train=train)
     return calibrate(phantom_dir, bundle_dir, config, dicom_dir=phantom_dir / "dicom", session_id="demo",
@@ -511,6 +517,7 @@ def evaluate_live(bundle_dir: Path, session_dir: Path, phantom_dir: Path, live_r
     live runs (fitted on those runs alone), on the first estimates averaged over each image's repeats in the live runs,
     and real-time MindEye's 2AFC (seen image against its most similar candidate) on the first estimates."""
     from rt_mindeye.calibration.bundle import CalibrationBundle
+    from rt_mindeye.calibration.config import CalibrationConfig
     from rt_mindeye.calibration.workflow import list_stimuli, offline_betas
     from rt_mindeye.eval.decoding import average_by_image, top1_among_candidates, two_afc_hardest
     from rt_mindeye.runtime.decoder import BundleModel
@@ -543,8 +550,10 @@ def evaluate_live(bundle_dir: Path, session_dir: Path, phantom_dir: Path, live_r
         out["retrieval_top1_averaged_live"] = float(np.mean(
             [bool(r["topk"]) and r["topk"][0] == name for name, r in last_average.items()]))
     stimuli = list_stimuli(phantom_dir / "stimuli")
+    # The calibration's condition column: with the generic trial_type every trial would be a repeat of one condition.
     live_betas, live_ids = offline_betas(bundle, phantom_dir / "dicom", phantom_dir / "events",
-                                         [r + 1 for r in live_runs], stimuli)
+                                         [r + 1 for r in live_runs], stimuli,
+                                         CalibrationConfig(condition_column=CONDITION_COLUMN))
     names = np.array([p.name for p in stimuli])
     live_seen = np.array([index_of[n] for n in names[live_ids]])
     out["retrieval_top1_offline"] = top1_among_candidates(model(live_betas)[0], live_seen, tokens, ids)

@@ -54,3 +54,8 @@ def test_offline_reference_betas_of_a_live_run_are_z_scored_on_the_decoder_voxel
     trials = calibrated_phantom.session.trials(2)
     expected = [next(k for k, p in enumerate(stimuli) if p.name == t.stim_file.split("/")[-1]) for t in trials]
     np.testing.assert_array_equal(ids, expected)
+    # Without a config, the bundle's recorded condition column (stim_file here, not the generic trial_type that
+    # would make every trial a repeat of one condition) gives the same fit.
+    assert bundle.info.extra["condition_column"] == "stim_file"
+    default, _ = offline_betas(bundle, phantom_dir / "dicom", phantom_dir / "events", [3], stimuli)
+    np.testing.assert_array_equal(default, betas)
