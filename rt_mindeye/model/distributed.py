@@ -393,6 +393,9 @@ class DistributedTrainer(Trainer):
                                 device, model=model, optimizer_state=optimizer_state)
         return Path(path)
 
+    def _replanned_epochs(self, done: int, epochs: int, elapsed_s: float) -> int:
+        return epochs  # every rank must run the same steps: the plan agreed on at the start stands
+
     def measure_step_seconds(self, datasets, device, amp_dtype) -> float:
         """The slowest rank's step time: the run goes at its pace."""
         local = torch.tensor([super().measure_step_seconds(datasets, device, amp_dtype)], dtype=torch.float64,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -263,8 +264,31 @@ class Trainer:
         mix_epochs = int(cfg.mixup_pct * epochs)
         head_only_epochs = int(round(cfg.head_only_pct * epochs))
         self._trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        fit_began = time.perf_counter()
         with _progress(self.progress, epochs, start_epoch) as (bar, task):
-            for epoch in range(start_epoch, epochs):
+            epoch = start_epoch
+            while epoch < epochs:
+                if step_s is not None and epoch > start_epoch:
+                    shorter = self._replanned_epochs(epoch, epochs, time.perf_counter() - fit_began)
+                    if shorter < epochs:
+                        # The probe steps under-estimated the real epochs (a loaded machine, checkpoints,
+                        # evaluation): shorten the run so that it still ends within the budget, and give the
+                        # schedule its new length (the one-cycle schedule then still ends at its low rate).
+                        self.log(f"epochs take {(time.perf_counter() - fit_began) / (epoch - start_epoch):.1f} s "
+                                 f"each, more than planned: {shorter} epochs instead of {epochs} to stay within "
+                                 f"{cfg.time_budget_min:g} min")
+                        epochs = shorter
+                        result.epochs = epochs
+                        scheduler = one_cycle(optimizer, cfg.max_lr, epochs * steps_per_epoch,
+                                              cfg.warmup_epochs / epochs)
+                        with warnings.catch_warnings():  # fast-forwarding the new schedule, no update skipped
+                            warnings.simplefilter("ignore", UserWarning)
+                            for _ in range(epoch * steps_per_epoch):
+                                scheduler.step()
+                        if bar is not None:
+                            bar.update(task, total=epochs)
+                        mix_epochs = int(cfg.mixup_pct * epochs)
+                        head_only_epochs = int(round(cfg.head_only_pct * epochs))
                 began = time.perf_counter()
                 self._freeze_shared(epoch < head_only_epochs)
                 sums = self._train_epoch(datasets, epoch, epochs, mix_epochs, steps_per_epoch, optimizer, scheduler,
@@ -283,8 +307,19 @@ class Trainer:
                     if entry.val_top1 is not None:
                         desc += f" val {entry.val_top1:.2f}"
                     bar.update(task, advance=1, description=desc)
+                epoch += 1
         self._freeze_shared(False)
         return result
+
+    def _replanned_epochs(self, done: int, epochs: int, elapsed_s: float) -> int:
+        """The run's length after ``done`` epochs took ``elapsed_s``: unchanged while the budget holds, otherwise the
+        epochs that fit what is left of it at the measured pace (never fewer than ``done + 1``, never more than
+        planned). A distributed trainer keeps its plan (every rank must run the same number of steps)."""
+        per_epoch = elapsed_s / max(done, 1)
+        budget = self.config.time_budget_min * 60 * BUDGET_SAFETY
+        if elapsed_s + (epochs - done) * per_epoch <= budget * 1.05:
+            return epochs
+        return int(min(epochs, max(done + 1, done + math.floor((budget - elapsed_s) / per_epoch))))
 
     def _freeze_shared(self, frozen: bool) -> None:
         """Stop (or restart) gradients into everything but the ridge heads. AdamW skips parameters without a

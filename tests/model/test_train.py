@@ -141,6 +141,24 @@ def test_time_budget_plans_epochs_from_a_measured_step(micro, subject_data):
     assert plan_epochs(0.01, 1.0, 10, 20) == 1
 
 
+def test_a_run_whose_epochs_overrun_the_probe_is_shortened_and_its_schedule_still_ends(micro, subject_data,
+                                                                                       monkeypatch):
+    config, data = _setup(micro, subject_data)
+    torch.manual_seed(0)
+    trainer = Trainer(MindEyeModule(config), dataclasses.replace(FAST, epochs=40, time_budget_min=1e-4),
+                      progress=False)
+    monkeypatch.setattr(trainer, "measure_step_seconds", lambda *a: 1e-9)  # a probe far too optimistic
+    result = trainer.fit(data)
+    assert 2 <= result.epochs < 40 and len(result.history) == result.epochs
+    # The shortened schedule ends where a run planned at that length from the start ends.
+    torch.manual_seed(0)
+    planned = Trainer(MindEyeModule(config), dataclasses.replace(FAST, epochs=result.epochs), progress=False).fit(data)
+    assert result.history[-1].lr == pytest.approx(planned.history[-1].lr)
+    assert trainer._replanned_epochs(5, 10, 1e-3) == 10  # within the budget: the plan stands
+    budget = 1e-4 * 60 * 0.85
+    assert trainer._replanned_epochs(1, 10, budget) == 2  # budget spent: one more epoch to end the schedule
+
+
 def test_a_global_batch_is_split_across_the_pretraining_subjects():
     assert split_global_batch(42, 7) == 6  # MindEye2's multisubject setting
     assert split_global_batch(32, 4) == 8 and split_global_batch(32, 16) == 4  # never below the minimum
