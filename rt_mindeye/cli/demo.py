@@ -15,8 +15,8 @@ def register(subparsers) -> None:
                     "host, decoder and console at an accelerated TR, and write DIR/summary.json and DIR/grid.png.")
     parser.add_argument("--out", type=cli_path, default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--speed", type=float, default=8.0, help="replay speed of the live runs (x real time)")
-    parser.add_argument("--pretrain-minutes", type=float, default=3.0, help="time budget of the pretraining")
-    parser.add_argument("--finetune-minutes", type=float, default=2.0, help="time budget of the fine-tuning")
+    parser.add_argument("--pretrain-minutes", type=float, default=2.0, help="time budget of the pretraining")
+    parser.add_argument("--finetune-minutes", type=float, default=2.5, help="time budget of the fine-tuning")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
                         help="every step and process at toy sizes with seconds of training (a smoke run in well under "
