@@ -617,21 +617,23 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
     design's Gram matrix is ``X~'X~ - (X~'C_n)(C_n'X~)`` and its right-hand side ``A - (X~'C_n)(C_n'y)``, so each
     count costs small solves, not another pass over the data."""
     n_runs = len(data)
-    groups = [(h, np.flatnonzero(hrf_index == h)) for h in np.unique(hrf_index)]
+    # Voxels sorted by HRF: each HRF's voxels are one slice (scores are per voxel, then a median: order-free).
+    order, groups = hrf_groups(hrf_index)
+    used = [h for h, _ in groups]
     n_trials = np.array([reg.shape[2] for reg in regressors], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(n_trials)]).astype(np.int64)
     pre = []
     for r in range(n_runs):
-        y = data[r]
+        y = data[r][:, order]
         comps = np.asarray(components[r][:, :n_max], dtype=np.float64)
         cy = (comps.T.astype(np.float32) @ y).astype(np.float64)
-        xt = _projected_designs(regressors[r][[h for h, _ in groups]], bases[r])
-        per_group = []
-        for i, (h, idx) in enumerate(groups):
-            a = (xt[i].T.astype(np.float32) @ y[:, idx]).astype(np.float64)
-            per_group.append((xt[i].T @ xt[i], xt[i].T @ comps, a))
-        pre.append((cy, per_group))
+        xt = _projected_designs(regressors[r][used], bases[r])
+        grams = np.matmul(xt.transpose(0, 2, 1), xt)
+        xcs = np.matmul(xt.transpose(0, 2, 1), comps)
+        rhs = [(xt[i].T.astype(np.float32) @ y[:, cols]).astype(np.float64) for i, (_, cols) in enumerate(groups)]
+        pre.append((cy, grams, xcs, rhs))
     rows = offsets[cv.cv_run] + cv.cv_pos
+    held_out = np.repeat(np.arange(cv.n_trials), np.diff(cv.mates_ptr)).astype(np.int64)
     scores = np.zeros(n_max + 1)
     test = sd = None
     for n in range(n_max + 1):
@@ -641,20 +643,45 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
         for r in range(n_runs):
             if n_trials[r] == 0:
                 continue
-            cy, per_group = pre[r]
-            for (h, idx), (gram, xc, a) in zip(groups, per_group):
-                xc_n = xc[:, :n]
-                betas[offsets[r]:offsets[r + 1], idx] = solve_gram(gram - xc_n @ xc_n.T, a - xc_n @ cy[:n, idx])
+            cy, grams, xcs, rhs = pre[r]
+            xc_n = xcs[:, :, :n]
+            inverses = _gram_inverses(grams - np.matmul(xc_n, xc_n.transpose(0, 2, 1)))
+            for i, (_, cols) in enumerate(groups):
+                right = rhs[i] - xc_n[i] @ cy[:n, cols]
+                betas[offsets[r]:offsets[r + 1], cols] = (inverses[i] @ right if inverses[i] is not None
+                                                          else solve_gram(grams[i] - xc_n[i] @ xc_n[i].T, right))
         betas = betas.astype(np.float32).astype(np.float64)  # the kernels' single-precision betas
         train = betas[rows]
         if n == 0:
             sd = betas.std(axis=0, ddof=1)
             sd = np.where(sd > 0, sd, 1.0)
-            test = train.copy()
-        scores[n] = -np.median(beta_badness(train / sd, test / sd, cv))
+            test = np.ascontiguousarray(train / sd)
+        badness = kernels.pair_squared_differences(np.ascontiguousarray(train / sd), test, held_out, cv.mates_idx)
+        scores[n] = -np.median(badness)
     if progress is not None:
         progress(n_max + 1, n_max + 1)
     return scores
+
+
+def _gram_inverses(grams: np.ndarray) -> list:
+    """Inverses of a stack of Gram matrices (G, K, K) whose Cholesky pivots are healthy
+    (:data:`CHOLESKY_PIVOT_TOL`, as :func:`solve_gram`), None for the others (solved by :func:`solve_gram`)."""
+    healthy = np.zeros(grams.shape[0], dtype=bool)
+    try:
+        pivots = np.abs(np.diagonal(np.linalg.cholesky(grams), axis1=1, axis2=2))
+        healthy = pivots.min(axis=1) > CHOLESKY_PIVOT_TOL * pivots.max(axis=1)
+    except np.linalg.LinAlgError:  # some matrix not positive definite: check one by one
+        for g in range(grams.shape[0]):
+            try:
+                p = np.abs(np.diagonal(np.linalg.cholesky(grams[g])))
+                healthy[g] = p.min() > CHOLESKY_PIVOT_TOL * p.max()
+            except np.linalg.LinAlgError:
+                pass
+    out: list = [None] * grams.shape[0]
+    if healthy.any():
+        for g, inverse in zip(np.flatnonzero(healthy), np.linalg.inv(grams[healthy])):
+            out[g] = inverse
+    return out
 
 
 def choose_pc_count(scores: np.ndarray, stop: float) -> int:
