@@ -66,3 +66,40 @@ def ridge_betas(hrf_index, W, s, Z, alphas, yss, n_trials, run_offsets):
             sse[idx] += (e * e - z * z).sum(axis=0)
             betas[run_offsets[r]:run_offsets[r] + kr, idx] = W[r, h][:kr, :kr] @ (g * z)
     return betas, sse
+
+
+def column_sum_squares(y, out):
+    for first in range(0, y.shape[1], 16384):
+        part = y[:, first:first + 16384].astype(np.float64)
+        out[first:first + 16384] = np.einsum("tv,tv->v", part, part)
+    return out
+
+
+def row_sum_squares(x, out):
+    return column_sum_squares(x.T, out)
+
+
+def percent_signal(data, mean, psc):
+    mean[:] = data.mean(axis=0, dtype=np.float64)
+    scale = np.zeros_like(mean)
+    good = mean > 0
+    scale[good] = 100.0 / mean[good]
+    psc[:] = (data - mean.astype(np.float32)) * scale.astype(np.float32)
+    return psc
+
+
+def scale_offset(betas, target, out):
+    for start in range(0, betas.shape[1], 16384):
+        b = betas[:, start:start + 16384].astype(np.float64)
+        t = target[:, start:start + 16384].astype(np.float64)
+        bm, tm = b.mean(axis=0), t.mean(axis=0)
+        cov = ((b - bm) * (t - tm)).sum(axis=0)
+        var = ((b - bm) ** 2).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(var > 0, cov / var, 1.0)
+        offset = tm - scale * bm
+        bad = ~(scale >= 0) | (var <= 0)
+        scale[bad], offset[bad] = 1.0, 0.0
+        out[start:start + 16384, 0] = scale
+        out[start:start + 16384, 1] = offset
+    return out

@@ -258,3 +258,23 @@ def test_refit_with_components_equals_a_full_pass_with_them_in_the_nuisance():
     got = explained_fraction_with_components(data, regs, bases, comps, parts)
     assert np.allclose(got, want, rtol=1e-4, atol=1e-6)
     assert np.array_equal(np.argmax(got, axis=0), np.argmax(want, axis=0))
+
+
+def test_data_kernels_equal_their_numpy_versions():
+    rng = np.random.default_rng(6)
+    data = (rng.normal(size=(60, 500)) * 4 + rng.uniform(-5, 900, size=500)).astype(np.float32)
+    data[:, :3] = 0.0
+    assert np.allclose(kernels.column_sum_squares(data, np.empty(500)),
+                       kernels_reference.column_sum_squares(data, np.empty(500)), rtol=1e-12)
+    assert np.allclose(kernels.row_sum_squares(data.T, np.empty(500)),
+                       kernels_reference.row_sum_squares(data.T, np.empty(500)), rtol=1e-12)
+    mean_a, mean_b = np.empty(500), np.empty(500)
+    psc_a = kernels.percent_signal(data, mean_a, np.empty_like(data))
+    psc_b = kernels_reference.percent_signal(data, mean_b, np.empty_like(data))
+    assert np.allclose(mean_a, mean_b, rtol=1e-12) and np.allclose(psc_a, psc_b, rtol=1e-5, atol=1e-5)
+    assert np.all(psc_a[:, :3] == 0)
+    target = (0.7 * data[:40] + rng.normal(size=(40, 500))).astype(np.float32)
+    target[:, 10] = -data[:40, 10]  # negative scale: falls back to (1, 0)
+    got = kernels.scale_offset(data[:40], target, np.empty((500, 2)))
+    assert np.allclose(got, kernels_reference.scale_offset(data[:40], target, np.empty((500, 2))), rtol=1e-9)
+    assert tuple(got[10]) == (1.0, 0.0) and tuple(got[0]) == (1.0, 0.0)  # no variance: (1, 0)
