@@ -473,7 +473,8 @@ def main(argv=None) -> int:
     parser.add_argument("--whole-brain-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--command-repeats", type=int, default=3, help="runs of our command per size (median)")
     parser.add_argument("--update", action="store_true",
-                        help="keep the sections of an existing --out file that this run does not measure")
+                        help="keep the sections of an existing --out file that this run does not measure (the "
+                             "machine's state per section goes to machine_by_section)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "glm.json"))
     args = parser.parse_args(argv)
     if args.whole_brain_child:
@@ -513,9 +514,10 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.update and Path(args.out).exists():
         kept = json.loads(Path(args.out).read_text())
-        previous = kept.get("machine_of_kept_sections", kept.get("machine"))
-        results = {**kept, **results, "machine_of_kept_sections": previous,
-                   "updated_sections": sorted(set(results) - {"machine", "quick", "reference_glmsingle"})}
+        measured = sorted(set(results) - {"machine", "quick", "reference_glmsingle"})
+        by_section = kept.get("machine_by_section", {})
+        by_section.update({name: results["machine"] for name in measured})
+        results = {**kept, **results, "machine_by_section": by_section, "updated_sections": measured}
     Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
     console.print(f"wrote {args.out}")
     return 0
