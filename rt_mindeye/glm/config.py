@@ -42,6 +42,13 @@ class RealtimeConfig:
         0.2, "AR(1) coefficient of the noise used to prewhiten early/refined estimates: every volume's data and "
              "regressors minus ar_rho times the previous volume's (after a missing volume the chain restarts). "
              "One value for all voxels (0.2: SPM's classic global AR(1)); 0 = no prewhitening", min=0.0, max=0.9)
+    drift_walk: float = setting(
+        0.01, "random-walk (local-level) baseline of early/refined estimates: variance of the baseline's step per "
+              "volume relative to the noise variance. Each volume's data and regressors enter the running sums as "
+              "their Kalman innovations (minus a causal, exponentially forgetting estimate of the baseline, one gain "
+              "for all voxels), then AR(1) prewhitening, so the newest trial rides on the baseline its own pre-trial "
+              "volumes pin. Chosen on development sessions (flat from 0.003 to 0.03). 0 = none (constant + linear "
+              "drift only)", min=0.0, max=10.0)
     ridge_prior_mean: bool = setting(
         True, "shrink the trials' own columns toward each voxel's calibration mean beta (its typical response to "
               "any image) instead of toward zero, so partially seen neighbours are not pulled to no response")

@@ -10,7 +10,7 @@ nuisance regressors, and small per-HRF Gram terms), so the work per volume is ``
 an estimate is one batched solve of at most ``2 * neighbors + 2 + nuisance`` unknowns per (HRF, ridge level) group
 and a ``size x V`` combination, however long the run has been going. A missing volume simply never enters the statistics (dropped, not zero-filled).
 
-Three choices keep the newest trial's estimate from being confounded while only the rising part of its response has
+Four choices keep the newest trial's estimate from being confounded while only the rising part of its response has
 been seen (measured on the phantom and the synthetic sessions, see docs/glm.md):
 
 * AR(1) prewhitening (``ar_rho``): each volume enters the sums as ``row_t - rho * row_{t-1}`` (data, trial, sum and
@@ -22,6 +22,10 @@ been seen (measured on the phantom and the synthetic sessions, see docs/glm.md):
 * Ridge toward the prior mean (``ridge_prior_mean``): the trials' own columns are shrunk toward the voxel's
   calibration mean beta rather than toward zero, so a neighbour whose response has barely started is assumed to
   respond as usual rather than not at all.
+* Random-walk baseline (``drift_walk``): the baseline is a local level that walks (scanner drift is random-walk
+  like); every volume's data and regressors enter the sums as their Kalman innovations under that model (then
+  AR(1) prewhitening), which is generalised least squares with the level as a diffuse nuisance, so the newest
+  trial's estimate rests on the baseline of the volumes just before it rather than on the run's average.
 
 A trial is first emitted ("early") once ``early_volumes`` volumes at or after its onset have arrived, then
 "refined" every ``refine_every`` further volumes up to ``refine_until``, and "final" at :meth:`end_run`, which
@@ -44,6 +48,7 @@ from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle, fit_run_frozen
 
 KINDS = ("early", "refined", "final")
 RIDGE_STEP = 1.25
+WALK_DROP = 1e-3  # a trial's random-walk filter state below this (all HRFs) is dropped: bounds the work per volume
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,9 @@ class RealtimeGLM:
         self._emitted = np.zeros(k, dtype=np.int64)  # n_post of the last emitted estimate (0 = none yet)
         self._frames: list[int] = []
         self._previous = None  # (index, psc, nuisance row, active trials) of the last volume, for prewhitening
+        self._nuis_weight = None
+        self._last_nuisance = None
+        self._walk = None  # Kalman state of the random-walk baseline (drift_walk > 0), see _walk_innovations
         self._rows: list[np.ndarray] = []
         self._motion_rows: list[np.ndarray] = []
         self._pool_rows: list[np.ndarray] = []  # raw intensities of the live pool voxels, per volume
@@ -273,7 +281,22 @@ class RealtimeGLM:
         t = (index + self.calibration_.slice_time_ref) * self.tr_
         ev = self.events_
         active = np.flatnonzero((ev.onsets <= t) & (t <= ev.onsets + self._support))
-        rows, psc_w, nuis_w, touched = self._whitened(index, psc, nuis, active)
+        if self.config_.drift_walk:
+            rows, psc_w, nuis_w, touched = self._walk_whitened(index, psc, nuis, active)
+        else:
+            rows, psc_w, nuis_w, touched = self._whitened(index, psc, nuis, active)
+        if self._nuis_weight is None:
+            self._nuis_weight = np.zeros(nuis.size)
+        # Each nuisance column's (prewhitened) weight without the walk filter: the scale of the slope, motion and
+        # noise priors, which therefore do not depend on the baseline model.
+        if self.config_.drift_walk:
+            rho, last = self.config_.ar_rho, self._last_nuisance
+            plain = (nuis - rho * last[1] if last is not None and last[0] == index - 1
+                     else np.sqrt(1.0 - rho * rho) * nuis)
+            self._last_nuisance = (index, nuis)
+            self._nuis_weight += plain ** 2
+        else:
+            self._nuis_weight += nuis_w ** 2
         s_row = rows.sum(axis=1)
         # Sufficient statistics: only the active trials' rows, the trial sum and the nuisance rows touch V voxels.
         if touched.size:
@@ -318,6 +341,63 @@ class RealtimeGLM:
         touched = np.union1d(active, previous[3])
         rows = self._trial_rows(index, touched) - rho * self._trial_rows(index - 1, touched)
         return rows, psc - rho * previous[1], nuis - rho * previous[2], touched
+
+    def _walk_whitened(self, index: int, psc: np.ndarray, nuis: np.ndarray, active: np.ndarray):
+        """As :meth:`_whitened` with a random-walk baseline: the raw rows' Kalman innovations
+        (:meth:`_walk_innovations`), then AR(1) prewhitening of the innovations (the noise around the baseline)."""
+        rows, psc, nuis, both, weight = self._walk_innovations(index, self._trial_rows(index, active), psc, nuis,
+                                                               active)
+        rho = self.config_.ar_rho
+        previous, self._previous = self._previous, (index, psc, nuis, both, rows, weight)
+        if not rho:
+            return rows, psc, nuis, both
+        if previous is None or previous[0] != index - 1 or previous[5] == 0:
+            c = np.sqrt(1.0 - rho * rho)
+            return c * rows, c * psc, c * nuis, both
+        touched = np.union1d(both, previous[3])
+        out = np.zeros((rows.shape[0], touched.size))
+        out[:, np.searchsorted(touched, both)] += rows
+        out[:, np.searchsorted(touched, previous[3])] -= rho * previous[4]
+        return out, psc - rho * previous[1], nuis - rho * previous[2], touched
+
+    def _walk_innovations(self, index: int, rows: np.ndarray, psc: np.ndarray, nuis: np.ndarray,
+                          touched: np.ndarray):
+        """Kalman innovations of this volume's (prewhitened) rows under a local-level baseline.
+
+        Model: every column c (data, each trial's regressor, nuisance) is observed as c_t = level_t + white noise,
+        level_t = level_{t-1} + step (variance ``drift_walk`` relative to the noise). Regressing the data's
+        innovations on the regressors' innovations, each weighted by 1 / sqrt(innovation variance), is generalised
+        least squares with the level as an unknown (diffuse) nuisance (de Jong's augmented Kalman filter). The gain
+        depends only on the volume count, so one filter serves every voxel and column; the sums stay sums of
+        outer products. A trial's innovation decays geometrically after its response ends and is dropped below
+        1e-3 of the regressors' peak, which bounds the trials a volume touches."""
+        q = self.config_.drift_walk
+        h, k = self._xs.shape
+        walk = self._walk
+        if walk is None:
+            walk = self._walk = {"p": np.inf, "x": np.zeros((h, k)), "y": np.zeros_like(psc),
+                                 "n": np.zeros_like(nuis), "index": index - 1}
+        p = walk["p"] + q * (index - walk["index"] - 1)  # predictions only across missing volumes
+        walk["index"] = index
+        state = walk["x"]
+        alive = np.flatnonzero(np.any(state != 0, axis=0))
+        both = np.union1d(touched, alive)
+        full = np.zeros((h, both.size))
+        full[:, np.searchsorted(both, touched)] = rows
+        v_x = full - state[:, both]
+        v_y = psc - walk["y"]
+        v_n = nuis - walk["n"]
+        if np.isinf(p):  # diffuse start: the first volume only sets the level
+            gain, weight, walk["p"] = 1.0, 0.0, 1.0 + q
+        else:
+            f = p + 1.0
+            gain, weight, walk["p"] = p / f, 1.0 / np.sqrt(f), p / f + q
+        new_state = state[:, both] + gain * v_x
+        new_state[:, np.all(np.abs(new_state) < WALK_DROP, axis=0)] = 0.0
+        state[:, both] = new_state
+        walk["y"] = walk["y"] + gain * v_y
+        walk["n"] = walk["n"] + gain * v_n
+        return weight * v_x, weight * v_y, weight * v_n, both, weight
 
     def add_gap(self, index: int) -> list[TrialEstimate]:
         """Record that volume ``index`` will never arrive: it is left out of every fit (with prewhitening the next
@@ -386,7 +466,7 @@ class RealtimeGLM:
         # Drift slope(s): a ridge proportional to the constant column's weight (see ``drift_shrinkage``).
         sloped = m + 1 + np.flatnonzero((cols >= 1) & (cols < self._n_poly))
         if self.config_.drift_shrinkage and sloped.size:
-            gram[:, sloped, sloped] += self.config_.drift_shrinkage * self._nn[0, 0]
+            gram[:, sloped, sloped] += self.config_.drift_shrinkage * self._nuis_weight[0]
         # Motion and noise-PC columns: shrunk relative to their own weight by the same law as the slope
         # (drift_shrinkage / elapsed fraction of the run^2), so the run's first trials, with fewer volumes than
         # unpenalised columns, stay solvable and the columns are nearly free once the run is long.
@@ -397,11 +477,11 @@ class RealtimeGLM:
         if prior is not None and pcs.size:
             extra = np.setdiff1d(extra, pcs)
         if self.config_.drift_shrinkage and extra.size:
-            weight = np.diagonal(self._nn)[cols[extra]]
+            weight = self._nuis_weight[cols[extra]]
             gram[:, m + 1 + extra, m + 1 + extra] += self.config_.drift_shrinkage / elapsed ** 2 * weight
         if prior is not None and pcs.size:
             strength, coef = prior
-            lam = strength * np.diagonal(self._nn)[cols[pcs]] / elapsed
+            lam = strength * self._nuis_weight[cols[pcs]] / elapsed
             gram[:, m + 1 + pcs, m + 1 + pcs] += lam
         # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
         # the weights that turn the right-hand sides into this trial's beta. A relative 1e-9 ridge on every column
@@ -560,6 +640,38 @@ class RealtimeGLM:
             out[:, rest] = self._hrfs.regressors(t, events.onsets[trials], events.durations[trials])
         return out
 
+    def _walk_replay(self, frames: np.ndarray, values: np.ndarray, drop: bool = False):
+        """The rows ``values`` (T, ...) of the retained volumes as :meth:`add_volume` entered them with a random-walk
+        baseline (Kalman innovations, then AR(1)), element by element the same operations. ``drop``: columns are
+        (H, trials) and a trial's state is dropped below ``WALK_DROP`` as online. Returns (whitened rows, the
+        filter state after the last volume, the last volume's weighted innovations)."""
+        q, rho = self.config_.drift_walk, self.config_.ar_rho
+        state = np.zeros(values.shape[1:])
+        innov = np.zeros_like(values, dtype=np.float64)
+        weights = np.zeros(frames.size)
+        p, last = np.inf, (int(frames[0]) - 1 if frames.size else 0)
+        for t, f in enumerate(frames):
+            p += q * (int(f) - last - 1)
+            last = int(f)
+            if np.isinf(p):
+                gain, weights[t], p = 1.0, 0.0, 1.0 + q
+            else:
+                d = p + 1.0
+                gain, weights[t], p = p / d, 1.0 / np.sqrt(d), p / d + q
+            v = values[t] - state
+            new = state + gain * v
+            if drop:
+                new[:, np.all(np.abs(new) < WALK_DROP, axis=0)] = 0.0
+            state = new
+            innov[t] = weights[t] * v
+        if not rho:
+            return innov, state, (innov[-1] if frames.size else None)
+        follows = np.zeros(frames.size, dtype=bool)
+        follows[1:] = (np.diff(frames) == 1) & (weights[:-1] != 0)
+        out = np.sqrt(1.0 - rho * rho) * innov
+        out[follows] = innov[follows] - rho * innov[np.flatnonzero(follows) - 1]
+        return out, state, (innov[-1] if frames.size else None)
+
     def _chain(self, frames: np.ndarray) -> tuple[np.ndarray, float]:
         """Which retained volumes follow their predecessor (AR(1) chain continues) and the restart scale."""
         rho = self.config_.ar_rho
@@ -571,6 +683,8 @@ class RealtimeGLM:
                        trials: np.ndarray | None = None) -> np.ndarray:
         """The trial rows every retained volume added to the sums under ``events`` (prewhitened as in add_volume)."""
         rows = self._raw_rows(frames, events, table, trials)
+        if self.config_.drift_walk:
+            return self._walk_replay(frames, rows.transpose(1, 0, 2), drop=True)[0].transpose(1, 0, 2)
         rho = self.config_.ar_rho
         if not rho:
             return rows
@@ -591,6 +705,11 @@ class RealtimeGLM:
                        with_nuisance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(% signal change rows, nuisance rows or None) of the retained volumes at ``positions`` (indices into
         ``frames``), prewhitened as they entered the sums in :meth:`add_volume`."""
+        if self.config_.drift_walk:  # every volume's innovation depends on all before it
+            data = np.stack([r.astype(np.float64) * self._scale - 100.0 * (self._scale > 0) for r in self._rows])
+            data = self._walk_replay(frames, data)[0][positions]
+            nuis = self._walk_replay(frames, self._raw_nuisance(frames))[0][positions] if with_nuisance else None
+            return data, nuis
         rho = self.config_.ar_rho
         follows, c = self._chain(frames)
 
@@ -617,10 +736,17 @@ class RealtimeGLM:
                     nuis[n] = scale * nuisance(p, current)
         return data, nuis
 
+    def _raw_nuisance(self, frames: np.ndarray) -> np.ndarray:
+        """(T, p) nuisance rows of the retained volumes before any filter."""
+        return np.stack([self._nuisance_row(int(f), self._pool_rows[p], self._motion_rows[p] if self._n_motion else None)
+                         for p, f in enumerate(frames)])
+
     def _whitened_nuisance(self, frames: np.ndarray) -> np.ndarray:
         """(T, p) nuisance rows of the retained volumes as they entered the sums. They do not depend on the events,
         so they are kept between revisions of a run and only new volumes are computed."""
         cache = getattr(self, "_nuisance_cache", None)
+        if self.config_.drift_walk:
+            return self._walk_replay(frames, self._raw_nuisance(frames))[0]
         if cache is None or cache[0] is not self._rows:  # a new run
             cache = self._nuisance_cache = (self._rows, [])
         done = cache[1]
@@ -652,10 +778,16 @@ class RealtimeGLM:
             total = rows.sum(axis=2)
             nuis = self._whitened_nuisance(frames)
             sy = self._sy - self._xy[gone].sum(axis=0)
+            whole = None
             for j in np.flatnonzero(~same):
                 reached = np.flatnonzero(np.any(rows[:, :, j] != 0, axis=0))
                 if reached.size:
-                    data, _ = self._whitened_data(frames, reached)
+                    if self.config_.drift_walk:  # one replay of the whole run serves every moved trial
+                        if whole is None:
+                            whole = self._whitened_data(frames, np.arange(frames.size))[0]
+                        data = whole[reached]
+                    else:
+                        data, _ = self._whitened_data(frames, reached)
                     per_voxel = rows[:, reached, j][self._hrf_index]  # (V, n): each voxel's own HRF
                     xy[j] = np.einsum("vn,nv->v", per_voxel, data)
                 sy += xy[j]
@@ -673,7 +805,15 @@ class RealtimeGLM:
         t = (frames + cal.slice_time_ref) * self.tr_
         self._n_post = (t[None, :] >= new.onsets[:, None]).sum(axis=1).astype(np.int64)
         self._emitted = emitted
-        if self._previous is not None:
+        if self._previous is not None and self.config_.drift_walk:
+            # The filter state of every trial and the last volume's innovations, as if the run had these events.
+            raw = self._raw_rows(frames, new, table).transpose(1, 0, 2)
+            _, state, last = self._walk_replay(frames, raw, drop=True)
+            self._walk["x"] = state
+            both = np.flatnonzero(np.any(last != 0, axis=0))
+            index, psc, nuis_row, _, _, weight = self._previous
+            self._previous = (index, psc, nuis_row, both, last[:, both], weight)
+        elif self._previous is not None:
             index, psc, nuis_row, _ = self._previous
             t_last = (index + cal.slice_time_ref) * self.tr_
             active = np.flatnonzero((new.onsets <= t_last) & (t_last <= new.onsets + self._support))
