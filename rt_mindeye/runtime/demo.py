@@ -87,13 +87,13 @@ def _untrained_shared_model(model_dir: Path, options: DemoOptions, console) -> P
     return checkpoint
 
 
-#: The demo's session: 8 calibration and 4 real-time runs of 32 trials (256 calibration trials; 128 live trials, so
+#: The demo's session: 6 calibration and 4 real-time runs of 32 trials (192 calibration trials; 128 live trials, so
 #: one trial is under 1 %), a visual mask of ~5,200 voxels in the small geometry (about 3,100 decoder voxels after
 #: the reliability selection: decoding improves with voxels far more than with anything else the demo can afford;
 #: a ridge map from the ~1,000 decoder voxels of a 2,000-voxel mask reached 2-5 % top-1 among the 268 candidates,
 #: from ~3,100 about twice that), 16 images repeated across the session (for the calibration's reliability mask) and
 #: 10 repeated only in the real-time runs (scored repeat-averaged).
-DEMO_SESSION = dict(n_runs=12, calibration_runs=8, trials_per_run=32, repeated_images=16, test_repeated_images=10,
+DEMO_SESSION = dict(n_runs=10, calibration_runs=6, trials_per_run=32, repeated_images=16, test_repeated_images=10,
                     repeats=3, visual_voxels=6000)
 
 
