@@ -212,12 +212,11 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     # 3. offline GLM
     from rt_mindeye.glm.estimator import GLMSingle
 
-    glm_kwargs = {k: getattr(config.glm, k) for k in _glm_parameters()}
     say(f"GLM type {config.glm.model} on {int(glm_mask.sum())} voxels x {sum(len(s) for s in series)} volumes")
     from rt_mindeye.glm.design import RunEvents
 
     run_events = [RunEvents.from_tsv(p, condition_column=config.condition_column) for p in events]
-    glm = GLMSingle(**glm_kwargs).fit(series, run_events, reference.tr or 1.0, motion=motion_params)
+    glm = GLMSingle.from_config(config.glm).fit(series, run_events, reference.tr or 1.0, motion=motion_params)
     lap("glm")
 
     # 4. decoder voxels: anatomical ∩ reliability
@@ -362,8 +361,7 @@ def offline_betas(bundle: CalibrationBundle, dicom_dir: Path, events_dir: Path, 
         path = find_events(events_dir, ordinal)
         events.append(RunEvents.from_tsv(path, condition_column=config.condition_column))
         ids.append(stimulus_ids(onset_ordered(read_event_rows(path)), stimuli, path))
-    glm_kwargs = {k: getattr(config.glm, k) for k in _glm_parameters()}
-    fit = GLMSingle(**glm_kwargs).fit(series, events, reference.tr or 1.0, motion=params)
+    fit = GLMSingle.from_config(config.glm).fit(series, events, reference.tr or 1.0, motion=params)
     return fit.zscored_betas()[:, bundle.decoder_index()], np.concatenate(ids)
 
 
@@ -372,14 +370,6 @@ def _first_existing(root: Path, names: Sequence[str]) -> Path:
         if (root / name).is_dir():
             return root / name
     raise SessionError(root, f"none of {', '.join(names)} exists in the session folder")
-
-
-def _glm_parameters() -> tuple[str, ...]:
-    from dataclasses import fields
-
-    from rt_mindeye.glm.config import GLMConfig
-
-    return tuple(f.name for f in fields(GLMConfig) if f.name != "realtime")
 
 
 def make_embedder(config: CalibrationConfig):
