@@ -180,24 +180,33 @@ def accuracy(preset: str, quick: bool, max_delay: int) -> dict:
     return results
 
 
+class StageTimes:
+    """A GLMSingle ``progress`` callback that times each stage from its first report to its completion."""
+
+    def __init__(self):
+        self._spans: dict[str, list] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        span = self._spans.setdefault(stage, [time.perf_counter(), None])
+        if done >= total:
+            span[1] = time.perf_counter()
+
+    def seconds(self) -> dict[str, float]:
+        return {stage: (end or start) - start for stage, (start, end) in self._spans.items()}
+
+
 def timing(n_runs: int, n_frames: int, n_vox: int, trials_per_run: int, skip_numpy: bool) -> dict:
     sess = simulate_session(n_runs=n_runs, n_frames=n_frames, n_vox=n_vox, responsive_fraction=0.3, seed=1)
-    sess.runs = sess.runs
     out = {"session": {"runs": n_runs, "volumes_per_run": n_frames, "voxels": n_vox,
                        "trials": int(sum(len(e["onset"]) for e in sess.events))}, "threads": os.cpu_count()}
     events = [RunEvents.coerce(e) for e in sess.events]
     GLMSingle(model="d").fit([y[:, :200] for y in sess.runs[:2]], events[:2], sess.tr)  # compile / warm caches
-    stages = {}
-
-    def record(stage, done, total):
-        stages.setdefault(stage, [time.perf_counter(), None])
-        if done >= total:
-            stages[stage][1] = time.perf_counter()
+    stages = StageTimes()
 
     t = time.perf_counter()
-    fitted = GLMSingle(model="d", progress=record).fit(sess.runs, events, sess.tr)
+    fitted = GLMSingle(model="d", progress=stages).fit(sess.runs, events, sess.tr)
     out["fit_numba_s"] = time.perf_counter() - t
-    out["fit_numba_stages_s"] = {k: (v[1] or v[0]) - v[0] for k, v in stages.items()}
+    out["fit_numba_stages_s"] = stages.seconds()
     if not skip_numpy:
         t = time.perf_counter()
         with numpy_kernels():
@@ -278,23 +287,18 @@ def whole_brain_child(cache: Path) -> int:
     events = [RunEvents.from_records(json.loads((cache / f"events{r}.json").read_text()), condition_column="stim_file")
               for r in range(n_runs)]
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    stages = {}
-
-    def record(stage, done, total):
-        stages.setdefault(stage, [time.perf_counter(), None])
-        if done >= total:
-            stages[stage][1] = time.perf_counter()
+    stages = StageTimes()
 
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fitted = GLMSingle.from_config(GLMConfig(), progress=record).fit(runs, events, 1.5, motion=motion)
+        fitted = GLMSingle.from_config(GLMConfig(), progress=stages).fit(runs, events, 1.5, motion=motion)
     wall = time.perf_counter() - start
     print(json.dumps({"voxels": int(runs[0].shape[1]), "runs": n_runs, "volumes": int(sum(r.shape[0] for r in runs)),
                       "trials": int(fitted.betas_.shape[0]), "fit_s": wall, "n_pcs": fitted.n_pcs_,
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                       "data_rss_gb": loaded_rss,
-                      "stages_s": {k: (v[1] or v[0]) - v[0] for k, v in stages.items()}}))
+                      "stages_s": stages.seconds()}))
     return 0
 
 
