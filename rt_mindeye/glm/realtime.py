@@ -266,7 +266,7 @@ class RealtimeGLM:
             if noise_vector.size != cal.n_noise_voxels:
                 raise GLMInputError("noise_vector", f"has {noise_vector.size} voxels, the calibration's noise mask "
                                                     f"has {cal.n_noise_voxels}")
-            pool_raw = noise_vector[self._pool[0]].astype(np.float64)
+            pool_raw = self._pool_values(noise_vector)
         else:
             pool_raw = self._pool_values(y_raw)
         psc = (y_raw.astype(np.float64) * self._scale) - 100.0 * (self._scale > 0)
