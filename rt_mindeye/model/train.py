@@ -261,8 +261,7 @@ class Trainer:
             start_epoch = int(resume_state["epoch"])
             losses, lrs = list(resume_state["train_losses"]), list(resume_state["lrs"])
 
-        mix_epochs = int(cfg.mixup_pct * epochs)
-        head_only_epochs = int(round(cfg.head_only_pct * epochs))
+        mix_epochs, head_only_epochs = self._phase_epochs(epochs)
         self._trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
         fit_began = time.perf_counter()
         with _progress(self.progress, epochs, start_epoch) as (bar, task):
@@ -287,8 +286,7 @@ class Trainer:
                                 scheduler.step()
                         if bar is not None:
                             bar.update(task, total=epochs)
-                        mix_epochs = int(cfg.mixup_pct * epochs)
-                        head_only_epochs = int(round(cfg.head_only_pct * epochs))
+                        mix_epochs, head_only_epochs = self._phase_epochs(epochs)
                 began = time.perf_counter()
                 self._freeze_shared(epoch < head_only_epochs)
                 sums = self._train_epoch(datasets, epoch, epochs, mix_epochs, steps_per_epoch, optimizer, scheduler,
@@ -310,6 +308,10 @@ class Trainer:
                 epoch += 1
         self._freeze_shared(False)
         return result
+
+    def _phase_epochs(self, epochs: int) -> tuple[int, int]:
+        """(BiMixCo epochs, head-only epochs) of a run of ``epochs``."""
+        return int(self.config.mixup_pct * epochs), int(round(self.config.head_only_pct * epochs))
 
     def _replanned_epochs(self, done: int, epochs: int, elapsed_s: float) -> int:
         """The run's length after ``done`` epochs took ``elapsed_s``: unchanged while the budget holds, otherwise the
