@@ -517,10 +517,10 @@ def evaluate_live(bundle_dir: Path, session_dir: Path, phantom_dir: Path, live_r
     live runs (fitted on those runs alone), on the first estimates averaged over each image's repeats in the live runs,
     and real-time MindEye's 2AFC (seen image against its most similar candidate) on the first estimates."""
     from rt_mindeye.calibration.bundle import CalibrationBundle
-    from rt_mindeye.calibration.config import CalibrationConfig
     from rt_mindeye.calibration.workflow import list_stimuli, offline_betas
     from rt_mindeye.eval.decoding import average_by_image, top1_among_candidates, two_afc_hardest
     from rt_mindeye.runtime.decoder import BundleModel
+    from rt_mindeye.runtime.layout import SessionLayout
 
     bundle = CalibrationBundle.open(bundle_dir)
     model = BundleModel(bundle)
@@ -540,8 +540,6 @@ def evaluate_live(bundle_dir: Path, session_dir: Path, phantom_dir: Path, live_r
             out["retrieval_top1_averaged"] = top1_among_candidates(model(averaged)[0], avg_ids, tokens, ids)
             out["averaged_images"] = int(len(avg_ids))
     # The decoder's own repeat averages (decoder.average_repeats): the last average of each image, decoded live.
-    from rt_mindeye.runtime.layout import SessionLayout
-
     last_average: dict[str, dict] = {}
     for rec in SessionLayout(session_dir).read_decoder_results():
         if rec.get("event") == "averaged" and rec.get("stim_file"):
@@ -550,10 +548,9 @@ def evaluate_live(bundle_dir: Path, session_dir: Path, phantom_dir: Path, live_r
         out["retrieval_top1_averaged_live"] = float(np.mean(
             [bool(r["topk"]) and r["topk"][0] == name for name, r in last_average.items()]))
     stimuli = list_stimuli(phantom_dir / "stimuli")
-    # The calibration's condition column: with the generic trial_type every trial would be a repeat of one condition.
+    # offline_betas takes the condition column the calibration recorded in the bundle (CONDITION_COLUMN).
     live_betas, live_ids = offline_betas(bundle, phantom_dir / "dicom", phantom_dir / "events",
-                                         [r + 1 for r in live_runs], stimuli,
-                                         CalibrationConfig(condition_column=CONDITION_COLUMN))
+                                         [r + 1 for r in live_runs], stimuli)
     names = np.array([p.name for p in stimuli])
     live_seen = np.array([index_of[n] for n in names[live_ids]])
     out["retrieval_top1_offline"] = top1_among_candidates(model(live_betas)[0], live_seen, tokens, ids)
