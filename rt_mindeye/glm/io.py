@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +13,7 @@ import numpy as np
 
 from rt_mindeye.glm.design import write_trials_tsv
 from rt_mindeye.glm.errors import GLMInputError
+from rt_mindeye.glm.fit import parallel_map
 
 try:  # ISA-L's gzip codec: the same format, ~2x faster to read and ~10x faster to write than zlib's (optional)
     from isal import igzip as gzip_codec
@@ -67,16 +66,6 @@ def _mask_file(path: str | Path, shape: tuple, what: str) -> np.ndarray:
     return np.asarray(mimg.dataobj) > 0
 
 
-def _parallel(function, items) -> list:
-    """``[function(item) for item in items]`` on one thread per core (zlib and numpy release the GIL)."""
-    items = list(items)
-    workers = min(len(items), os.cpu_count() or 1)
-    if workers <= 1:
-        return [function(item) for item in items]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(function, items))
-
-
 def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None = None,
                  noise_mask_path: str | Path | None = None, brain_fraction: float = 0.1,
                  brain_percentile: float = 99.0):
@@ -113,7 +102,7 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
         run = np.ascontiguousarray(data[mask].T)
         return run, (np.ascontiguousarray(data[noise_mask].T) if separate else None)
 
-    loaded = _parallel(masked, range(len(images)))
+    loaded = parallel_map(masked, range(len(images)))
     del first
     runs = [run for run, _ in loaded]
     if not separate:
@@ -168,7 +157,7 @@ def _save(data: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
         return
     raw = memoryview(img.to_bytes())
     pieces = [raw[i:i + GZIP_MEMBER_BYTES] for i in range(0, len(raw), GZIP_MEMBER_BYTES)] or [raw]
-    members = _parallel(lambda piece: gzip_codec.compress(piece, compresslevel=GZIP_LEVEL), pieces)
+    members = parallel_map(lambda piece: gzip_codec.compress(piece, compresslevel=GZIP_LEVEL), pieces)
     with open(path, "wb") as f:
         for member in members:
             f.write(member)
