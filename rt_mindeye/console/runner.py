@@ -106,14 +106,19 @@ class OperatorConsole:
             delivery = self._receive(min(period, max(0.0, next_paint - time.monotonic())) or 0.001)
             # Fold everything that is waiting before painting: a slow repaint must not make the console fall behind.
             while delivery is not None:
+                before = self.state
                 self.state = fold(self.state, delivery, time.time(), self.gallery)
                 if repaint is None:
                     self._log(delivery)
+                    self._log_peers(before, self.state)
                 if time.monotonic() >= next_paint + period:
                     break  # a flood: paint now and then go on
                 delivery = self._receive(0.0)
             if time.monotonic() >= next_paint:
+                before = self.state
                 self.state = tick(self.state, time.time(), self._dead_after_s)
+                if repaint is None:
+                    self._log_peers(before, self.state)
                 if self.gallery is not None and self.state.trials != trials_written:
                     self.gallery.update(self.state)
                     trials_written = self.state.trials
@@ -126,12 +131,20 @@ class OperatorConsole:
         if repaint is not None:
             repaint(self.state)
 
+    @staticmethod
+    def _log_peers(before: ConsoleState, after: ConsoleState) -> None:
+        """Headless mode: a line for each peer whose liveness changed, whichever way the state learnt it (the
+        subscriber's peer event, or the console's own silence check, which can come first and would otherwise leave
+        a normal stop without its line)."""
+        was_alive = {p.name: p.alive for p in before.peers}
+        for peer in after.peers:
+            if was_alive.get(peer.name) != peer.alive:
+                status = "alive" if peer.alive else "stopped" if peer.stopped else "DEAD"
+                log.log(logging.WARNING if status == "DEAD" else logging.INFO, "%s is %s", peer.name, status)
+
     def _log(self, delivery: Delivery) -> None:
-        """Headless mode: one log line per event worth an operator's attention."""
+        """Headless mode: one log line per message worth an operator's attention (peers: :meth:`_log_peers`)."""
         if delivery.event is not None:
-            peer = next((p for p in self.state.peers if p.name == delivery.source), None)
-            status = "alive" if delivery.event.alive else "stopped" if peer is not None and peer.stopped else "DEAD"
-            log.log(logging.WARNING if status == "DEAD" else logging.INFO, "%s is %s", delivery.source, status)
             return
         msg = delivery.message
         if isinstance(msg, (Heartbeat, TrialBetas)):  # an estimate's line is its result's
