@@ -2,7 +2,7 @@
 
     rt-mindeye glm fit --bold RUN1.nii.gz RUN2.nii.gz --events RUN1_events.tsv RUN2_events.tsv --tr 1.5 \\
         [--mask MASK.nii.gz] [--noise-mask BRAIN.nii.gz] [--model d] [--n-pcs K] [--no-rescale] \\
-        [--save-types abcd] [--motion RUN1_motion.tsv ...] [--config session.yaml] --out DIR
+        [--prewhiten auto|off|RHO] [--save-types abcd] [--motion RUN1_motion.tsv ...] [--config session.yaml] --out DIR
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                      help="use K noise components instead of choosing the count by cross-validation")
     fit.add_argument("--no-rescale", action="store_true",
                      help="skip GLMsingle's scale-and-offset rescaling of the ridge betas")
+    fit.add_argument("--prewhiten", default=None, metavar="auto|off|RHO",
+                     help="AR(1) prewhitening of data and designs: auto (default: the noise pool's lag-1 "
+                          "autocorrelation), off (as GLMsingle) or a coefficient in [0, 0.95]")
     fit.add_argument("--save-types", default="", metavar="abcd",
                      help="also write betas_type<x>.nii.gz for each of these model types (up to --model)")
     fit.add_argument("--model", choices=("a", "b", "c", "d"), default=None, help="GLMsingle model type (default: "
@@ -80,6 +83,8 @@ def run_fit(args) -> int:
         overrides["n_pcs"] = args.n_pcs
     if args.no_rescale:
         overrides["rescale"] = False
+    if args.prewhiten is not None:
+        overrides["prewhiten"] = _prewhiten_option(args.prewhiten)
     if overrides:
         config = from_mapping(GLMConfig, {**to_mapping(config), **overrides}, source="command line")
     if len(args.events) != len(args.bold):
@@ -104,5 +109,19 @@ def run_fit(args) -> int:
         console.print(f"[yellow]warning[/]: {message}")
     out = write_outputs(estimator, mask, ref, args.out, to_mapping(config), noise_mask=noise_mask)
     console.print(f"fitted in {time.perf_counter() - start:.1f} s: {estimator.n_pcs_} noise PCs, median fraction "
-                  f"{float(np.median(estimator.frac_)):.2f}; wrote {out}")
+                  f"{float(np.median(estimator.frac_)):.2f}, AR(1) prewhitening {estimator.ar_rho_:.2f}; wrote {out}")
     return 0
+
+
+def _prewhiten_option(text: str) -> float | None:
+    """``--prewhiten``: auto -> None (estimated), off -> 0, else the coefficient."""
+    from rt_mindeye.glm.errors import GLMInputError
+
+    if text.strip().lower() == "auto":
+        return None
+    if text.strip().lower() == "off":
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        raise GLMInputError("--prewhiten", f"expected auto, off or a number in [0, 0.95], got {text!r}") from None

@@ -114,6 +114,10 @@ class GLMConfig:
                                        "data; results do not depend on it)", min=1)
     refit_hrf: bool = setting(True, "types c/d: choose each voxel's HRF again with the chosen noise regressors in "
                                     "the model (GLMsingle keeps the type-b choice made without them)")
+    prewhiten: float | None = setting(
+        None, "AR(1) coefficient with which each run's data and designs are prewhitened (generalised least squares "
+              "for autocorrelated noise); null = the noise pool's median lag-1 autocorrelation after the drift is "
+              "removed; 0 = no prewhitening, as GLMsingle", min=0.0, max=0.95)
     rescale: bool = setting(True, "after ridge, scale and offset each voxel's betas to best match its unregularised "
                                   "betas (GLMsingle's wantautoscale; a negative scale falls back to 1, 0)")
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig, metadata={"doc": "real-time estimator"})

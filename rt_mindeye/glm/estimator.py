@@ -74,6 +74,8 @@ class GLMCalibration:
     noise_ext_loadings: np.ndarray | None = None
     noise_ext_scale: np.ndarray | None = None
     noise_ext_coef: np.ndarray | None = None
+    # AR(1) coefficient the calibration prewhitened with (0: none, as calibrations made before it existed).
+    ar_rho: float = 0.0
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
@@ -131,7 +133,7 @@ class GLMSingle:
                  brain_percentile: float = 99.0, brain_fraction: float = 0.1, max_pool_voxels: int = 20000,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS, n_alpha_grid: int = 120, rescale: bool = True,
                  refit_hrf: bool = True, live_noise_pcs: int = 20, chunk_voxels: int = 50000, save_types: str = "",
-                 progress: ProgressCallback | None = None):
+                 prewhiten: float | None = None, progress: ProgressCallback | None = None):
         self.model = model
         self.canonical_hrf = canonical_hrf
         self.slice_time_ref = slice_time_ref
@@ -151,6 +153,7 @@ class GLMSingle:
         self.live_noise_pcs = live_noise_pcs
         self.chunk_voxels = chunk_voxels
         self.save_types = save_types
+        self.prewhiten = prewhiten
         self.progress = progress
 
     @classmethod
@@ -177,6 +180,8 @@ class GLMSingle:
             raise GLMInputError("drift_degree", f"must be >= 0 or None. Got {self.drift_degree!r} instead.")
         if int(self.chunk_voxels) < 1:
             raise GLMInputError("chunk_voxels", f"must be >= 1. Got {self.chunk_voxels!r} instead.")
+        if self.prewhiten is not None and not 0.0 <= float(self.prewhiten) < 1.0:
+            raise GLMInputError("prewhiten", f"must be in [0, 1) or None (estimate). Got {self.prewhiten!r} instead.")
         if int(self.max_pcs) < 0:
             raise GLMInputError("max_pcs", f"must be >= 0. Got {self.max_pcs!r} instead.")
         if self.n_pcs is not None and int(self.n_pcs) < 0:
@@ -313,6 +318,19 @@ class GLMSingle:
             pcvoxels = np.zeros_like(valid)
             pcvoxels[np.argsort(-r2_onoff)[:100]] = True
 
+        # Generalised least squares for AR(1) noise: data and every design are prewhitened from here on. The pool
+        # and the on-off R^2 above are GLMsingle's (unwhitened) definitions.
+        rho = (F.noise_autocorrelation(noise_psc, pool_index) if self.prewhiten is None
+               else float(self.prewhiten))
+        if rho > 0:
+            bases = [orthonormal_basis(F.prewhiten(b, rho)) for b in bases]
+            for runs in [psc] if noise_psc is psc else [psc, noise_psc]:
+                for r, y in enumerate(runs):  # run by run: whole-brain data are not held twice
+                    runs[r] = F.prewhiten(y, rho)
+                runs[:] = F.project_runs(runs, bases)
+            can_regs = [F.prewhiten(x, rho, axis=1) for x in can_regs]
+            onoff_regs = [F.onoff_regressors(x) for x in can_regs]
+
         library_parts = []
         if model == "a":
             hrfs, regs = canonical, can_regs
@@ -320,7 +338,8 @@ class GLMSingle:
             hrf_r2 = r2_run = hrf_index_run = None
         else:
             hrfs = HRFSet.library(peak)
-            regs = [F.run_regressors(hrfs, ev, y.shape[0], tr, self.slice_time_ref) for y, ev in zip(psc, events)]
+            regs = [F.prewhiten(F.run_regressors(hrfs, ev, y.shape[0], tr, self.slice_time_ref), rho, axis=1)
+                    for y, ev in zip(psc, events)]
             self._report("HRF library", 0, 1)
             # The per-run fitted sums of squares are kept for the refit with the noise components (refit_hrf).
             keep = self.refit_hrf and model in ("c", "d")
@@ -454,6 +473,7 @@ class GLMSingle:
             r2 = np.where(total > 0, 1.0 - sse / total, 0.0)
 
         self.tr_ = tr
+        self.ar_rho_ = float(rho)
         self.betas_ = betas
         self.trials_ = trial_table(events)
         self.hrf_index_ = hrf_index
@@ -581,7 +601,7 @@ class GLMSingle:
             hrf_peak_at_tr=bool(self.hrf_peak_at_tr),
             scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None,
             noise_coef=self.noise_coef_, snr_alpha=self.snr_alpha_, snr_scale_offset=self.snr_scale_offset_,
-            **(self.noise_external_ or {}))
+            ar_rho=float(getattr(self, "ar_rho_", 0.0)), **(self.noise_external_ or {}))
 
     def zscored_betas(self) -> np.ndarray:
         self._check_fitted()
@@ -617,12 +637,16 @@ def _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr, noi
     if calibration.uses_motion and motion is not None:
         motion = np.asarray(motion, dtype=np.float64)
         columns.append(motion - motion.mean(axis=0))
-    base = orthonormal_basis(np.concatenate(columns, axis=1))
+    rho = float(calibration.ar_rho)
+    base = orthonormal_basis(F.prewhiten(np.concatenate(columns, axis=1), rho, frames))
+    psc = F.prewhiten(psc, rho, frames)
     hrfs = calibration.hrf_set()
-    regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
+    regs = F.prewhiten(hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations),
+                       rho, frames, axis=1)
     comps = np.zeros((frames.size, 0))
     if calibration.n_pcs > 0 and noise_data is not None and calibration.noise_ext_index is not None:
-        comps = F.noise_components(F.percent_signal(noise_data)[0], base, calibration.n_pcs)
+        noise_psc = F.prewhiten(F.percent_signal(noise_data)[0], rho, frames)
+        comps = F.noise_components(noise_psc, base, calibration.n_pcs)
     elif calibration.n_pcs > 0 and calibration.noise_pool_index.size > 1:
         comps = F.noise_components(psc[:, calibration.noise_pool_index], base, calibration.n_pcs)
     nuisance = np.concatenate([base, comps], axis=1)

@@ -72,6 +72,44 @@ def percent_signal(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return psc, mean
 
 
+def prewhiten(values: np.ndarray, rho: float, frames: np.ndarray | None = None, axis: int = 0) -> np.ndarray:
+    """AR(1) prewhitening along the time ``axis``: each sample minus ``rho`` times the previous one, the first
+    scaled by ``sqrt(1 - rho^2)`` (generalised least squares for AR(1) noise of unit innovation variance).
+
+    ``frames``: the acquired volumes' indices when some are missing; across a gap of ``k`` volumes the sample is
+    ``(x_t - rho^k x_(t-k)) * sqrt((1 - rho^2) / (1 - rho^(2k)))``, the exact innovation of the AR(1) process."""
+    x = np.moveaxis(np.asarray(values), axis, 0)
+    out = np.empty_like(x)
+    if x.shape[0] == 0 or rho == 0:
+        out[...] = x
+        return np.moveaxis(out, 0, axis)
+    gaps = np.ones(x.shape[0] - 1) if frames is None else np.diff(np.asarray(frames, dtype=np.float64))
+    carry = rho ** gaps
+    scale = np.sqrt((1.0 - rho ** 2) / (1.0 - carry ** 2))
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    out[0] = np.sqrt(1.0 - rho ** 2) * x[0]
+    out[1:] = (x[1:] - carry.reshape(shape).astype(x.dtype) * x[:-1]) * scale.reshape(shape).astype(x.dtype)
+    return np.moveaxis(out, 0, axis)
+
+
+def noise_autocorrelation(runs: Sequence[np.ndarray], index: np.ndarray, limit: float = 0.9) -> float:
+    """The noise's lag-1 autocorrelation: the median over runs of the median over the ``index`` voxels (the noise
+    pool) of each voxel's lag-1 autocorrelation in ``runs`` (T, V), data already orthogonal to the drift basis.
+    Clipped to [0, ``limit``]; 0 without pool voxels."""
+    if index.size == 0:
+        return 0.0
+    per_run = []
+    for y in runs:
+        pool = np.asarray(y[:, index], dtype=np.float64)
+        energy = (pool ** 2).sum(axis=0)
+        ok = energy > 0
+        if y.shape[0] < 3 or not ok.any():
+            continue
+        lag1 = (pool[1:, ok] * pool[:-1, ok]).sum(axis=0) / energy[ok]
+        per_run.append(float(np.median(lag1)))
+    return float(np.clip(np.median(per_run), 0.0, limit)) if per_run else 0.0
+
+
 def nuisance_basis(n_frames: int, tr: float, degree: int | None, motion: np.ndarray | None = None) -> np.ndarray:
     """Orthonormal basis (T, p) of one run's polynomial drift and (demeaned) motion regressors."""
     columns = [polynomial_drift(n_frames, drift_degree(n_frames, tr, degree))]

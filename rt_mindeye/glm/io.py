@@ -200,7 +200,8 @@ def write_outputs(estimator, mask: np.ndarray, ref: nib.Nifti1Image, out_dir: st
                "noise_pool_voxels": int(estimator.noise_pool_.sum()),
                "noise_pool_threshold": float(estimator.noise_pool_threshold_),
                "noise_pool_candidates": int(estimator.noise_pool_candidates_.sum()),
-               "pcvoxels": int(estimator.pcvoxels_.sum()), "warnings": list(estimator.warnings_),
+               "pcvoxels": int(estimator.pcvoxels_.sum()), "ar_rho": float(estimator.ar_rho_),
+               "warnings": list(estimator.warnings_),
                "saved_types": sorted(estimator.save_types),
                "median_r2": float(np.median(estimator.r2_)), "median_frac": float(np.median(estimator.frac_)),
                "config": config_mapping or {}}

@@ -96,6 +96,7 @@ def test_region_fit_with_whole_brain_noise_pool_saved_types_and_fixed_pcs(bids_r
     assert (pool & ~region).any()  # drawn from outside the fitted region
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_pcs"] == 2 and summary["config"]["rescale"] is False and summary["saved_types"] == list("abcd")
+    assert summary["ar_rho"] == pytest.approx(direct.ar_rho_) and summary["ar_rho"] > 0  # prewhitened by default
     for name in ("meanvol", "onoff_r2", "hrf_r2", "pcvoxels"):
         assert nib.load(str(out / f"{name}.nii.gz")).shape == mask.shape
     assert nib.load(str(out / "r2_run.nii.gz")).shape == mask.shape + (len(s.runs),)
