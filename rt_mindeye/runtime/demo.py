@@ -266,12 +266,45 @@ def _write_session_config(out: Path, phantom_dir: Path, bundle_dir: Path, sessio
                     "first_live_run": len(session.calibration_runs) + 1, "live_runs": n_live, "min_free_gb": 0.5,
                     "run_end_timeout_s": 3.0},
         "watcher": {"gap_timeout_tr": 2.0, "existing_files": "process"},
-        "transport": {"journal_fsync": False},
+        "transport": {"journal_fsync": False, **demo_ports()},
         "decoder": {"device": "cpu", "idle_timeout_s": 0.0, "average_repeats": True},
     }
     path = out / "session.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def demo_ports() -> dict[str, int]:
+    """The transport's ports for the demo: none (the documented defaults) when all are free on loopback, else ports
+    the system hands out, so a second demo, or a demo beside a running session, does not stop on "Address already
+    in use". (A port taken between this check and the services' bind still fails that way, naming the port.)"""
+    import socket
+
+    from rt_mindeye.transport.config import TransportConfig
+
+    names = [f.name for f in dataclasses.fields(TransportConfig) if f.name.startswith("port_")]
+    defaults = TransportConfig()
+
+    def free(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    if all(free(getattr(defaults, name)) for name in names):
+        return {}
+    probes = []
+    try:
+        for _ in names:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.bind(("127.0.0.1", 0))
+        return {name: probe.getsockname()[1] for name, probe in zip(names, probes)}
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _run_live(config_path: Path, out: Path, phantom_dir: Path, session, live_runs: list[int],

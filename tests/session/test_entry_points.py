@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rt_mindeye.calibration.bundle import CalibrationBundle
 from rt_mindeye.replay.emulator import ScannerEmulator
@@ -24,6 +25,7 @@ from rt_mindeye.runtime.layout import SessionLayout
 from rt_mindeye.runtime.reload import bundle_id
 from rt_mindeye.runtime.stimulus_player import StimulusPlayer
 from rt_mindeye.timing import wait_until
+from rt_mindeye.transport.config import TransportConfig
 from rt_mindeye.transport.journal import Journal, read_journal
 from rt_mindeye.transport.messages import Feedback, TrialBetas
 
@@ -149,10 +151,22 @@ def test_preflight_process_fails_naming_the_fix(calibrated_phantom, session_yaml
 
 
 def test_demo_quick_process_runs_every_step_and_the_closed_loop(tmp_path):
+    import socket
+
     out = tmp_path / "demo"
-    done = subprocess.run(_command("demo", "--quick", "--out", str(out), "--headless"), capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ), cwd=tmp_path)
+    # Another program (another demo, a running session) holds one of the default ports: the demo takes free ones.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", TransportConfig().port_trials))
+            busy.listen()
+        except OSError:
+            pass  # already taken by something else: the same situation
+        done = subprocess.run(_command("demo", "--quick", "--out", str(out), "--headless"), capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ), cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ports = yaml.safe_load((out / "session.yaml").read_text())["transport"]
+    assert ports["port_trials"] != TransportConfig().port_trials and len(set(ports) - {"journal_fsync"}) == 9
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials_decoded"] == summary["trials_total"] > 0
     feedback = summary["feedback"]
