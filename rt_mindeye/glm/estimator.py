@@ -74,13 +74,14 @@ class GLMCalibration:
     noise_ext_loadings: np.ndarray | None = None
     noise_ext_scale: np.ndarray | None = None
     noise_ext_coef: np.ndarray | None = None
+    motion_coef: np.ndarray | None = None   # (V, n_motion) each voxel's motion coefficients for the real-time prior
     # AR(1) coefficient the calibration prewhitened with (0: none, as calibrations made before it existed).
     ar_rho: float = 0.0
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
     _OPTIONAL = ("ridge_alpha", "scale_offset", "noise_coef", "snr_alpha", "snr_scale_offset", "noise_ext_index",
-                 "noise_ext_mean", "noise_ext_loadings", "noise_ext_scale", "noise_ext_coef")
+                 "noise_ext_mean", "noise_ext_loadings", "noise_ext_scale", "noise_ext_coef", "motion_coef")
 
     @property
     def n_voxels(self) -> int:
@@ -423,6 +424,8 @@ class GLMSingle:
                                 noise_ext_mean=noise_mean[pool_index], noise_ext_loadings=ext_loadings,
                                 noise_ext_scale=ext_scale, noise_ext_coef=ext_coef)
         self._report("noise loadings", 1, 1)
+        motion_coef = self._motion_coefficients(data, mean, hrfs, events, motion, tr, live_index, loadings, scale,
+                                                hrf_index)
 
         # The single-trial fit is per voxel once the HRFs and the nuisance are chosen: it runs over chunks of
         # voxels so that the rotated data and the ridge work stay bounded (the whole brain included); only the
@@ -496,6 +499,7 @@ class GLMSingle:
         self.noise_scale_ = scale
         self.noise_coef_ = noise_coef
         self.noise_external_ = external
+        self.motion_coef_ = motion_coef
         self.snr_alpha_ = snr_alpha
         self.snr_scale_offset_ = snr_scale_offset
         self.n_pcs_ = int(n_pcs)
@@ -510,6 +514,30 @@ class GLMSingle:
         return self
 
     # --- stages ------------------------------------------------------------------------------------------------
+
+    def _motion_coefficients(self, data, mean, hrfs, events, motion, tr, live_index, loadings, scale, hrf_index):
+        """Each voxel's motion coefficients for the real-time prior (V, k) float32, or None: per run, least squares
+        on the raw (not prewhitened) volumes with its trials, drift and the live noise components (as the live stage
+        computes them from raw volumes), then the across-run mean shrunk by its reliability
+        (:func:`fit.reliable_mean`). Needs motion in at least two runs (the reliability comes from their spread)."""
+        if motion is None:
+            return None
+        with_motion = [r for r, m in enumerate(motion) if m is not None and m.size]
+        if len(with_motion) < 2 or len({motion[r].shape[1] for r in with_motion}) != 1:
+            return None
+        self._report("motion coefficients", 0, 1)
+        drift = [F.polynomial_drift(data[r].shape[0], drift_degree(data[r].shape[0], tr, self.drift_degree))
+                 for r in with_motion]
+        drift = [F.orthonormal_basis(d) for d in drift]
+        pool_mean = mean[live_index]
+        pool_scale = np.where(pool_mean > 0, 100.0 / np.where(pool_mean > 0, pool_mean, 1.0), 0.0)
+        comps = [F.live_components(np.asarray(data[r][:, live_index], dtype=np.float64) * pool_scale
+                                   - 100.0 * (pool_scale > 0), loadings, scale) for r in with_motion]
+        regs = [F.run_regressors(hrfs, events[r], data[r].shape[0], tr, self.slice_time_ref) for r in with_motion]
+        per_run = F.motion_coefficients([data[r] for r in with_motion], mean, regs, drift,
+                                        [motion[r] for r in with_motion], comps, hrf_index)
+        self._report("motion coefficients", 1, 1)
+        return F.reliable_mean(per_run).astype(np.float32)
 
     def _check_design(self, events, data, tr, cv) -> None:
         """GLMsingle's design warnings: no condition repeated across runs, trials too close to a run's end."""
@@ -600,8 +628,9 @@ class GLMSingle:
             beta_std=self.beta_std_, n_alpha_grid=int(self.n_alpha_grid), ridge_alpha=self.ridge_alpha_,
             hrf_peak_at_tr=bool(self.hrf_peak_at_tr),
             scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None,
-            noise_coef=self.noise_coef_, snr_alpha=self.snr_alpha_, snr_scale_offset=self.snr_scale_offset_,
-            ar_rho=float(getattr(self, "ar_rho_", 0.0)), **(self.noise_external_ or {}))
+            noise_coef=self.noise_coef_, motion_coef=self.motion_coef_, snr_alpha=self.snr_alpha_,
+            snr_scale_offset=self.snr_scale_offset_, ar_rho=float(getattr(self, "ar_rho_", 0.0)),
+            **(self.noise_external_ or {}))
 
     def zscored_betas(self) -> np.ndarray:
         self._check_fitted()

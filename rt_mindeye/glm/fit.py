@@ -843,6 +843,54 @@ def noise_coefficients(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
     return out
 
 
+def motion_coefficients(data: Sequence[np.ndarray], mean: np.ndarray, regressors: Sequence[np.ndarray],
+                        drift: Sequence[np.ndarray], motion: Sequence[np.ndarray], components: Sequence[np.ndarray],
+                        hrf_index: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Per run, each voxel's motion coefficients (R, V, k): the run's raw data ``data[r]`` (T, V) as % signal change
+    about ``mean``, least squares on the motion parameters ``motion[r]`` (T, k) jointly with the voxel's single-trial
+    design (its own HRF), the run's polynomial ``drift`` basis and the live noise ``components`` (as the real-time
+    stage computes them from the raw volumes). By Frisch-Waugh-Lovell one small QR per run and HRF and one
+    (k x T) x (T x V) product per run."""
+    n_vox = hrf_index.size
+    k = motion[0].shape[1]
+    out = np.zeros((len(data), n_vox, k))
+    scale = np.where(mean > 0, 100.0 / np.where(mean > 0, mean, 1.0), 0.0)
+    groups = {int(h): np.flatnonzero(hrf_index == h) for h in np.unique(hrf_index)}
+    for r, y in enumerate(data):
+        m = np.asarray(motion[r], dtype=np.float64)
+        m = m - m.mean(axis=0)
+        for h, idx in groups.items():
+            q, _ = np.linalg.qr(np.concatenate([drift[r], regressors[r][h], components[r]], axis=1))
+            mt = m - q @ (q.T @ m)
+            gram = mt.T @ mt
+            gram += 1e-9 * max(np.trace(gram), 1e-300) * np.eye(k)
+            for start in range(0, idx.size, chunk):
+                part = idx[start:start + chunk]
+                psc = np.asarray(y[:, part], dtype=np.float64) * scale[part] - 100.0 * (scale[part] > 0)
+                out[r, part] = np.linalg.solve(gram, mt.T @ psc).T
+    return out
+
+
+def reliable_mean(per_run: np.ndarray) -> np.ndarray:
+    """The across-run mean (V, k) of per-run coefficients ``per_run`` (R, V, k), shrunk toward zero by its
+    reliability (an empirical-Bayes posterior mean): with ``se^2`` the mean's sampling variance from the spread
+    across runs and ``tau^2`` the variance of the true coefficients across voxels (per column: mean of the squared
+    means minus the mean ``se^2``), each mean is multiplied by ``tau^2 / (tau^2 + se^2)``. The per-voxel ``se^2``
+    (R - 1 degrees of freedom each) is smoothed as a voxel factor times a column factor. Needs R >= 2."""
+    n_runs = per_run.shape[0]
+    if n_runs < 2:
+        raise ValueError("reliable_mean needs coefficients from at least 2 runs")
+    mean = per_run.mean(axis=0)
+    se2 = per_run.var(axis=0, ddof=1) / n_runs
+    overall = max(float(se2.mean()), 1e-300)
+    smooth = se2.mean(axis=1, keepdims=True) * (se2.mean(axis=0, keepdims=True) / overall)
+    power = (mean ** 2).mean(axis=0)
+    tau2 = np.maximum(power - smooth.mean(axis=0), 1e-12 * power)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        factor = np.where(tau2 + smooth > 0, tau2 / (tau2 + smooth), 0.0)
+    return mean * factor
+
+
 def signal_to_noise_alpha(rot: Rotated, hrf_index: np.ndarray, ols: np.ndarray, sse: np.ndarray, dof: int,
                           floor: float = 0.05) -> np.ndarray:
     """Per voxel, the ridge parameter ``sigma^2 / tau^2`` of a Gaussian prior on its single-trial betas (V,): the

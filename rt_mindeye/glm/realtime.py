@@ -476,6 +476,12 @@ class RealtimeGLM:
         pcs = np.flatnonzero(cols >= self._n_poly + (self._n_motion or 0))
         if prior is not None and pcs.size:
             extra = np.setdiff1d(extra, pcs)
+        moved = np.flatnonzero((cols >= self._n_poly) & (cols < self._n_poly + (self._n_motion or 0)))
+        motion_prior = self._motion_prior() if moved.size else None
+        if motion_prior is not None:
+            extra = np.setdiff1d(extra, moved)
+            lam_m = motion_prior[0] * self._nuis_weight[cols[moved]] / elapsed
+            gram[:, m + 1 + moved, m + 1 + moved] += lam_m
         if self.config_.drift_shrinkage and extra.size:
             weight = self._nuis_weight[cols[extra]]
             gram[:, m + 1 + extra, m + 1 + extra] += self.config_.drift_shrinkage / elapsed ** 2 * weight
@@ -504,9 +510,18 @@ class RealtimeGLM:
             beta = beta + alpha * self.calibration_.beta_mean * w[:, :m].sum(axis=1)
         if prior is not None and pcs.size:
             beta = beta + np.einsum("vk,vk->v", w[:, m + 1 + pcs], lam[None, :] * coef[:, :pcs.size])
+        if motion_prior is not None:
+            beta = beta + np.einsum("vk,vk->v", w[:, m + 1 + moved], lam_m[None, :] * motion_prior[1])
         self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)
+
+    def _motion_prior(self):
+        """(strength, (V, n_motion) coefficients) of the motion prior, or None (no prior configured or stored)."""
+        coef = getattr(self.calibration_, "motion_coef", None)
+        if not self.config_.motion_prior or coef is None or coef.shape[1] != self._n_motion:
+            return None
+        return self.config_.motion_prior, np.asarray(coef, dtype=np.float64)
 
     def _package(self, j: int, kind: str, n_volumes: int, beta: np.ndarray) -> TrialEstimate:
         cal, cfg = self.calibration_, self.config_

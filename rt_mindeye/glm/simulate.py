@@ -39,6 +39,7 @@ class SimulatedSession:
     true_hrf: np.ndarray    # (V,) library index 0..19, or -1 for a double-gamma HRF outside the library
     motion: list            # (T, 6) per run
     description: dict
+    true_motion_coef: np.ndarray | None = None  # (V, 6) % signal change per unit of each motion parameter
 
     @property
     def n_trials(self) -> int:
@@ -203,7 +204,7 @@ def simulate_session(*, seed: int = 0, n_runs: int = 8, n_frames: int = 192, n_v
                        motion_sd=motion_sd, trial_sd=trial_sd, library_fraction=library_fraction,
                        n_images=n_images, n_trials=int(sum(len(ev["onset"]) for ev in events)))
     return SimulatedSession(runs, events, tr, np.concatenate(betas, axis=0), responsive, true_hrf, motions,
-                            description)
+                            description, (motion_maps / 0.1).T.copy())
 
 
 #: The bench's independent sessions (8 runs x 192 volumes, TR 1.5 s, 3-s images). ``dense``: 60% of voxels respond;

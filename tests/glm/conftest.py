@@ -19,7 +19,7 @@ def make_session(*, seed: int = 0, n_runs: int = 5, n_frames: int = 150, n_vox: 
     events = [RunEvents(ev["onset"], ev["duration"], tuple(ev["trial_type"])) for ev in sim.events]
     return SimpleNamespace(runs=sim.runs, events=events, tr=sim.tr, true_betas=sim.true_betas,
                            responsive=sim.responsive, true_hrf=sim.true_hrf, motion=sim.motion,
-                           description=sim.description)
+                           description=sim.description, true_motion_coef=sim.true_motion_coef)
 
 
 @pytest.fixture(scope="session")

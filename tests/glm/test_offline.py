@@ -160,6 +160,47 @@ def test_trials_table_order_and_motion_regressors(synthetic_session):
     assert g.calibration_.uses_motion
 
 
+def test_motion_coefficients_recover_the_motion_locked_signal_and_shrink_unreliable_ones(session_factory):
+    """The calibration's per-voxel motion coefficients (the real-time prior) on sessions whose motion-locked signal
+    the simulator drew (its own maps, not the fit's regressors): close to the truth where motion drives the data
+    strongly, shrunk toward zero where the data carry none (the per-run estimates then disagree across runs)."""
+    rms = lambda a: float(np.sqrt(np.mean(np.square(a))))  # noqa: E731
+    got = {}
+    for motion_sd in (0.45, 0.0):
+        s = session_factory(seed=3, n_runs=4, n_vox=400, motion_sd=motion_sd)
+        fit = GLMSingle(model="b").fit(s.runs, s.events, s.tr, motion=s.motion)
+        got[motion_sd] = (fit.calibration_.motion_coef, s.true_motion_coef)
+    strong, truth = got[0.45]
+    assert strong.shape == truth.shape == (400, 6)
+    assert np.corrcoef(strong.ravel(), truth.ravel())[0, 1] > 0.8
+    assert 0.7 < rms(strong) / rms(truth) < 1.2
+    none, zero = got[0.0]
+    assert not zero.any() and rms(none) < 0.15 * rms(truth)
+    # Without motion, or with motion in a single run, there is no reliability to judge: no coefficients.
+    s = session_factory(seed=3, n_runs=2, n_vox=200)
+    assert GLMSingle(model="b").fit(s.runs, s.events, s.tr).calibration_.motion_coef is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = GLMSingle(model="b").fit(s.runs[:1], s.events[:1], s.tr, motion=s.motion[:1])
+    assert one.calibration_.motion_coef is None
+
+
+def test_reliable_mean_keeps_consistent_coefficients_and_shrinks_noise():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(2000, 6)) * np.array([3.0, 3.0, 3.0, 0.0, 0.0, 0.0])
+    per_run = truth[None] + rng.normal(size=(4, 2000, 6))
+    from rt_mindeye.glm.fit import reliable_mean
+    shrunk = reliable_mean(per_run)
+    raw = per_run.mean(axis=0)
+    # Columns with real coefficients keep most of their mean; pure-noise columns are shrunk nearly to zero, and the
+    # shrunk means are closer to the truth than the raw means.
+    assert np.all(np.abs(shrunk[:, :3]).sum(axis=0) > 0.85 * np.abs(raw[:, :3]).sum(axis=0))
+    assert np.all(np.abs(shrunk[:, 3:]).sum(axis=0) < 0.2 * np.abs(raw[:, 3:]).sum(axis=0))
+    assert np.square(shrunk - truth).sum() < 0.6 * np.square(raw - truth).sum()
+    with pytest.raises(ValueError, match="2 runs"):
+        reliable_mean(per_run[:1])
+
+
 def test_calibration_round_trip(fits, tmp_path):
     cal = fits["d"].calibration_
     cal.save(tmp_path)

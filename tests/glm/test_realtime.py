@@ -51,14 +51,17 @@ def test_kinds_early_refined_final(calibrated, synthetic_session):
     assert early[0].last_volume == int(np.ceil(s.events[3].onsets[0] / s.tr)) + 3
 
 
-def _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs):
+def _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs, motion=None):
     """Per-HRF trial regressors, % signal change and the nuisance columns (polynomial drift on the run's time scale,
-    the frozen noise components) of the given frames, written from the definitions for the batch references."""
+    the motion parameters if given, the frozen noise components) of the given frames, written from the definitions
+    for the batch references."""
     hrfs = calibration.hrf_set()
     regs = hrfs.regressors((frames + calibration.slice_time_ref) * tr, events.onsets, events.durations)
     psc = data_rows.astype(np.float64) * (100.0 / calibration.mean) - 100.0
     u = (frames + calibration.slice_time_ref) * tr / time_scale
     nuis = [u[:, None] ** np.arange(degree + 1)]
+    if motion is not None:
+        nuis.append(motion)
     if n_pcs:
         pool = psc[:, calibration.noise_pool_index] / calibration.noise_scale
         nuis.append(pool @ calibration.noise_loadings[:, :n_pcs])
@@ -265,13 +268,16 @@ def test_local_ridge_estimate_equals_batch_ridge_fit(calibrated, synthetic_sessi
 
 
 def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial, time_scale, degree, neighbors, alpha,
-                              rho, drift_shrinkage, n_pcs, noise_prior=0.0):
+                              rho, drift_shrinkage, n_pcs, noise_prior=0.0, motion=None, motion_prior=0.0):
     """Batch fit of the full early-estimate model for one trial, straight from its definition: own columns for the
     trial and its started neighbours (ridge alpha toward the calibration mean beta), one column for every other
-    trial, drift (slope ridge = drift_shrinkage x the constant column's weight) and noise components (ridge =
-    drift_shrinkage / (elapsed fraction of the run)^2 x the column's own weight), every row AR(1)-prewhitened (a row
-    whose previous volume is missing restarts at scale sqrt(1 - rho^2))."""
-    regs, psc, nuis = _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs)
+    trial, drift (slope ridge = drift_shrinkage x the constant column's weight), motion (ridge toward the
+    calibration's motion coefficients = motion_prior / elapsed fraction x the column's own weight) and noise
+    components (ridge = drift_shrinkage / (elapsed fraction of the run)^2 x the column's own weight), every row
+    AR(1)-prewhitened (a row whose previous volume is missing restarts at scale sqrt(1 - rho^2))."""
+    regs, psc, nuis = _reference_design(calibration, data_rows, frames, events, tr, time_scale, degree, n_pcs,
+                                        motion)
+    n_motion = 0 if motion is None else motion.shape[1]
     whiten = np.zeros((frames.size, frames.size))
     for i, f in enumerate(frames):
         if i and frames[i - 1] == f - 1:
@@ -291,9 +297,13 @@ def _whitened_ridge_reference(calibration, data_rows, frames, events, tr, trial,
         constant = n_own + 1
         penalty[constant + 1:constant + 1 + degree] = drift_shrinkage * (design[:, constant] ** 2).sum()
         elapsed = frames.size / 200.0  # the run was started without n_volumes: a typical run of 200 volumes
-        pcs = slice(constant + 1 + degree, design.shape[1])
+        moved = slice(constant + 1 + degree, constant + 1 + degree + n_motion)
+        pcs = slice(constant + 1 + degree + n_motion, design.shape[1])
         prior = np.zeros(design.shape[1])
         prior[:n_own] = calibration.beta_mean[v]
+        if n_motion:
+            penalty[moved] = motion_prior / elapsed * (design[:, moved] ** 2).sum(axis=0)
+            prior[moved] = calibration.motion_coef[v]
         if noise_prior:  # coefficients shrunk toward the calibration's, weight noise_prior runs of data
             penalty[pcs] = noise_prior / elapsed * (design[:, pcs] ** 2).sum(axis=0)
             prior[pcs] = calibration.noise_coef[v, :n_pcs]
@@ -335,6 +345,41 @@ def test_prewhitened_drift_shrunk_estimate_with_prior_mean_equals_batch_fit_acro
         other = RealtimeGLM(cal, RealtimeConfig(**base, **off)).start_run(s.events[0], s.tr)
         changed = {e.trial: e.betas for e in run_stream(other, s.runs[0], gap=gap)}
         assert not np.allclose(changed[across[0].trial], full[across[0].trial], atol=1e-3), off
+
+
+def test_motion_prior_estimate_equals_batch_fit_across_a_gap(synthetic_session, session_factory):
+    """Motion coefficients shrunk toward the calibration's (weight motion_prior runs of data), the noise prior and
+    AR(1) prewhitening together, against the batch fit written from the definition."""
+    s = synthetic_session
+    cal = GLMSingle(model="d").fit(s.runs[:3], s.events[:3], s.tr, motion=s.motion[:3]).calibration_
+    assert cal.motion_coef is not None and cal.motion_coef.shape == (cal.n_voxels, 6)
+    live = session_factory(seed=7, n_runs=2, n_frames=160)
+    gap = 65
+    cfg = RealtimeConfig(early_volumes=5, refine_every=0, zscore=False, neighbors=2, ar_rho=0.3,
+                         drift_shrinkage=0.05, drift_walk=0.0, motion_prior=2.0)
+    rt = RealtimeGLM(cal, cfg).start_run(live.events[0], live.tr)
+    emitted = []
+    for i, row in enumerate(live.runs[0]):
+        emitted += rt.add_gap(i) if i == gap else rt.add_volume(i, row, motion_params=live.motion[0][i])
+    alpha = rt._group_alpha[rt._group_of_voxel]
+    across = [e for e in emitted if gap < e.last_volume < gap + 10]
+    assert across
+    for e in across[:2]:
+        frames = np.array([f for f in range(e.last_volume + 1) if f != gap])
+        ref = _whitened_ridge_reference(cal, live.runs[0][frames], frames, live.events[0], live.tr, e.trial,
+                                        rt._time_scale, 1, 2, alpha, 0.3, 0.05, rt._n_pcs, cfg.noise_prior,
+                                        motion=live.motion[0][frames], motion_prior=2.0)
+        close = np.abs(e.betas - ref) <= 1e-3 * max(1.0, np.abs(ref).max())
+        assert close.mean() > 0.98 and np.all(close | (alpha == 0)), e.trial
+    # Without stored coefficients (a calibration from before the prior) the motion columns are shrunk toward zero
+    # as before, which is a different estimate.
+    old = dataclasses.replace(cal, motion_coef=None)
+    rt_old = RealtimeGLM(old, cfg).start_run(live.events[0], live.tr)
+    before = {}
+    for i, row in enumerate(live.runs[0][:across[0].last_volume + 1]):
+        if i != gap:
+            before.update({e.trial: e.betas for e in rt_old.add_volume(i, row, motion_params=live.motion[0][i])})
+    assert not np.allclose(before[across[0].trial], across[0].betas, atol=1e-3)
 
 
 def test_early_model_choices_raise_accuracy_at_the_default_delay(calibrated, synthetic_session, correlation):
