@@ -61,10 +61,10 @@ class RealtimeConfig:
              "of this many runs of data (0 = free coefficients, and only the calibration's cross-validated PC count)",
         min=0.0, max=1000.0)
     motion_prior: float = setting(
-        0.0, "motion coefficients of early/refined estimates shrunk toward each voxel's calibration coefficients "
-             "(its across-run mean, itself shrunk toward zero by its across-run reliability), with the weight of this "
-             "many runs of data; 0 = no prior (motion columns shrunk toward zero like the drift slope). Needs a "
-             "calibration fitted with motion", min=0.0, max=1000.0)
+        1.0, "motion coefficients of early/refined estimates shrunk toward each voxel's calibration coefficients "
+             "(their across-run mean, itself shrunk toward zero by its reliability across the calibration runs), "
+             "with the weight of this many runs of data; 0 = no prior (motion columns shrunk toward zero like the "
+             "drift slope). Needs a calibration fitted with motion in at least 2 runs", min=0.0, max=1000.0)
     snr_ridge: bool = setting(
         True, "own-trial ridge parameter of each voxel = its calibration noise variance / across-trial beta variance "
               "(the posterior mean under a Gaussian prior on the betas) instead of the alpha of its type-d ridge "

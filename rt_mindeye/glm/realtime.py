@@ -245,6 +245,14 @@ class RealtimeGLM:
                     warnings.warn(f"run {self.run_}: volumes come without motion parameters although the "
                                   "calibration used them: early and final estimates of this run are fitted without "
                                   "motion regressors", GLMWarning, stacklevel=2)
+                elif self.config_.motion_prior and self._motion_prior() is None:
+                    coef = self.calibration_.motion_coef
+                    why = ("has no motion coefficients (fitted before they were kept, or with motion in fewer than 2 "
+                           "runs): refit it to use the motion prior" if coef is None else
+                           f"has motion coefficients for {coef.shape[1]} parameters, the volumes bring "
+                           f"{self._n_motion}")
+                    warnings.warn(f"run {self.run_}: motion_prior is set but the calibration {why}; motion columns "
+                                  "are shrunk toward zero instead", GLMWarning, stacklevel=2)
             if self._n_motion:
                 motion = (self._last_motion if motion_params is None
                           else np.asarray(motion_params, dtype=np.float64).ravel())
