@@ -194,7 +194,10 @@ class RealtimeGLM:
             loadings, scale, coef = cal.noise_loadings, cal.noise_scale, cal.noise_coef
         prior = cfg.noise_pcs and cfg.noise_prior > 0 and coef is not None and coef.shape[1] > 0
         self._n_pcs = loadings.shape[1] if prior else min(cal.n_pcs, loadings.shape[1]) if cfg.noise_pcs else 0
-        self._noise_prior = (cfg.noise_prior, np.asarray(coef, dtype=np.float64)) if prior else None
+        # Coefficients stored (n, V) so that the prior's right-hand side adds to the nuisance rows of N'Y.
+        self._noise_prior = None
+        if prior:
+            self._noise_prior = (cfg.noise_prior, np.ascontiguousarray(np.asarray(coef, dtype=np.float64).T))
         self._pool = (np.asarray(index, dtype=np.int64), np.asarray(mean, dtype=np.float64),
                       np.asarray(scale, dtype=np.float64), np.asarray(loadings, dtype=np.float64), coef)
         self._pool_external = external
@@ -494,7 +497,7 @@ class RealtimeGLM:
             weight = self._nuis_weight[cols[extra]]
             gram[:, m + 1 + extra, m + 1 + extra] += self.config_.drift_shrinkage / elapsed ** 2 * weight
         if prior is not None and pcs.size:
-            strength, coef = prior
+            strength, coef_t = prior
             lam = strength * self._nuis_weight[cols[pcs]] / elapsed
             gram[:, m + 1 + pcs, m + 1 + pcs] += lam
         # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
@@ -510,26 +513,30 @@ class RealtimeGLM:
         weights = np.linalg.solve(gram, unit)[:, :, 0]
         w = weights[self._group_of_voxel]  # (V, size)
         xy = self._xy[own]                    # (m, V)
+        # The priors toward the calibration's coefficients add lambda * coef to their columns' right-hand sides.
+        rhs = self._ny[cols]
+        if prior is not None and pcs.size:
+            rhs[pcs] += lam[:, None] * coef_t[:pcs.size]
+        if motion_prior is not None:
+            rhs[moved] += lam_m[:, None] * motion_prior[1]
         beta = (np.einsum("vm,mv->v", w[:, :m], xy) + w[:, m] * (self._sy - xy.sum(axis=0))
-                + np.einsum("vp,pv->v", w[:, m + 1:], self._ny[cols]))
+                + np.einsum("vp,pv->v", w[:, m + 1:], rhs))
         if self.config_.ridge_prior_mean:
             # Penalty alpha * |b_own - mu|^2 adds alpha * mu to each own column's right-hand side.
             alpha = self._group_alpha[self._group_of_voxel]
             beta = beta + alpha * self.calibration_.beta_mean * w[:, :m].sum(axis=1)
-        if prior is not None and pcs.size:
-            beta = beta + np.einsum("vk,vk->v", w[:, m + 1 + pcs], lam[None, :] * coef[:, :pcs.size])
-        if motion_prior is not None:
-            beta = beta + np.einsum("vk,vk->v", w[:, m + 1 + moved], lam_m[None, :] * motion_prior[1])
         self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)
 
     def _motion_prior(self):
-        """(strength, (V, n_motion) coefficients) of the motion prior, or None (no prior configured or stored)."""
+        """(strength, (n_motion, V) coefficients) of the motion prior, or None (no prior configured or stored)."""
         coef = getattr(self.calibration_, "motion_coef", None)
         if not self.config_.motion_prior or coef is None or coef.shape[1] != self._n_motion:
             return None
-        return self.config_.motion_prior, np.asarray(coef, dtype=np.float64)
+        if getattr(self, "_motion_coef_t", None) is None or self._motion_coef_t[0] is not coef:
+            self._motion_coef_t = (coef, np.ascontiguousarray(np.asarray(coef, dtype=np.float64).T))
+        return self.config_.motion_prior, self._motion_coef_t[1]
 
     def _package(self, j: int, kind: str, n_volumes: int, beta: np.ndarray) -> TrialEstimate:
         cal, cfg = self.calibration_, self.config_
