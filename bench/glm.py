@@ -402,12 +402,21 @@ def independent_session(name: str, quick: bool, ref_python: str | None, work: Pa
                     by_n[e.n_volumes][offsets[r] + e.trial] = e.betas
         for e in rt.end_run():
             final[offsets[r] + e.trial] = e.betas
+    # Ablation at the default delay: the motion columns shrunk toward zero instead of the calibration's coefficients.
+    without_prior = {}
+    for r in live_runs:
+        rt = RealtimeGLM(cal, RealtimeConfig(zscore=False, refine_every=0, motion_prior=0.0)).start_run(
+            events[r], sess.tr, run=r, n_volumes=sess.runs[r].shape[0])
+        for i, row in enumerate(sess.runs[r]):
+            for e in rt.add_volume(i, row, motion_params=sess.motion[r][i]):
+                without_prior[offsets[r] + e.trial] = e.betas
     # A trial too close to the run's end for a refined estimate at n volumes counts with its end-of-run estimate.
     pick = lambda n: np.stack([by_n[n].get(i, final[i]) for i in live_rows])  # noqa: E731
     out["realtime"] = {"delay_volumes": delay,
                        "early": score(np.stack([by_n[delay][i] for i in live_rows]), live_rows),
                        **{f"refined_{n}": score(pick(n), live_rows) for n in refined_at},
                        "final": score(np.stack([final[i] for i in live_rows]), live_rows),
+                       "early_without_motion_prior": score(np.stack([without_prior[i] for i in live_rows]), live_rows),
                        "calibration_n_pcs": cal.n_pcs_, "live_noise_components": int(cal.noise_loadings_.shape[1])}
     out["realtime"]["early_over_offline_d"] = out["realtime"]["early"] / out["live_runs"]["d"]
     out["realtime"]["final_over_offline_d"] = out["realtime"]["final"] / out["live_runs"]["d"]
@@ -550,13 +559,14 @@ def _print_independent(res: dict) -> None:
                       f"{r['glmsingle_s']:.0f}" if g else "-")
     Console(width=max(console.width, 160)).print(table)
     rt_table = Table(title="real-time on the live runs (calibration on runs 1-3 with motion; scored on runs 4-8)")
-    for col in ("session", "early (5 vol)", "refined (8 vol)", "refined (12 vol)", "end of run", "offline d",
-                "GLMsingle D", "early / D", "end of run - d"):
+    for col in ("session", "early (5 vol)", "early, motion_prior 0", "refined (8 vol)", "refined (12 vol)",
+                "end of run", "offline d", "GLMsingle D", "early / D", "end of run - d"):
         rt_table.add_column(col, justify="right" if col != "session" else "left")
     for name, r in res.items():
         rt = r["realtime"]
         g = r.get("glmsingle_live_runs")
-        rt_table.add_row(name, *(f"{rt[k]:.3f}" for k in ("early", "refined_8", "refined_12", "final")),
+        rt_table.add_row(name, *(f"{rt[k]:.3f}" if k in rt else "-" for k in ("early", "early_without_motion_prior",
+                                                                              "refined_8", "refined_12", "final")),
                          f"{r['live_runs']['d']:.3f}", f"{g['D']:.3f}" if g else "-",
                          f"{rt['early_over_glmsingle_D']:.3f}" if g else "-",
                          f"{rt['final'] - r['live_runs']['d']:+.3f}")
