@@ -125,6 +125,7 @@ class RealtimeGLM:
         self._group_of_voxel = self._group_of_voxel.ravel()
         self._group_hrf = groups[:, 0]
         self._group_alpha = np.where(groups[:, 1] > -10 ** 6, RIDGE_STEP ** groups[:, 1].astype(np.float64), 0.0)
+        self._prior_mean_rhs = self._group_alpha[self._group_of_voxel] * np.asarray(cal.beta_mean, dtype=np.float64)
         planned = n_volumes * tr if n_volumes else 0.0
         last = float(np.max(events.onsets + self._support)) if len(events) else 0.0
         # The drift's time scale is the planned run length when given (so it does not depend on the events, which
@@ -456,10 +457,12 @@ class RealtimeGLM:
         own = own[(self._n_post[own] > 0) | (own == j)]
         m = own.size
         at = int(np.flatnonzero(own == j)[0])
-        xx = self._xx[hs][:, own[:, None], own[None, :]]          # (H, m, m)
-        xs = self._xs[hs][:, own]                                  # (H, m)
-        xn = self._xn[hs][:, own][:, :, cols]                      # (H, m, p)
-        sn = self._sn[hs][:, cols]                                 # (H, p)
+        # The own trials' and columns' entries are taken per HRF first, then spread to the groups (taking whole
+        # per-HRF arrays per group would copy every trial's terms once per group).
+        xx = self._xx[:, own[:, None], own[None, :]][hs]          # (G, m, m)
+        xs = self._xs[:, own][hs]                                  # (G, m)
+        xn = self._xn[:, own][:, :, cols][hs]                      # (G, m, p)
+        sn = self._sn[:, cols][hs]                                 # (G, p)
         rest_x = xs - xx.sum(axis=2)                               # x_i'(S - sum own)
         rest_rest = self._ss[hs] - 2 * xs.sum(axis=1) + xx.sum(axis=(1, 2))
         rest_n = sn - xn.sum(axis=1)
@@ -511,20 +514,24 @@ class RealtimeGLM:
         unit = np.zeros((hs.size, size, 1))
         unit[:, at, 0] = 1.0
         weights = np.linalg.solve(gram, unit)[:, :, 0]
-        w = weights[self._group_of_voxel]  # (V, size)
-        xy = self._xy[own]                    # (m, V)
-        # The priors toward the calibration's coefficients add lambda * coef to their columns' right-hand sides.
-        rhs = self._ny[cols]
-        if prior is not None and pcs.size:
-            rhs[pcs] += lam[:, None] * coef_t[:pcs.size]
-        if motion_prior is not None:
-            rhs[moved] += lam_m[:, None] * motion_prior[1]
-        beta = (np.einsum("vm,mv->v", w[:, :m], xy) + w[:, m] * (self._sy - xy.sum(axis=0))
-                + np.einsum("vp,pv->v", w[:, m + 1:], rhs))
+        # Each voxel's weights as rows (size, V), so the combination with the (size, V) right-hand sides runs over
+        # contiguous rows.
+        wt = np.take(weights.T, self._group_of_voxel, axis=1)
+        xy = self._xy[own]                    # (m, V), a copy
+        rest = self._sy - xy.sum(axis=0)
         if self.config_.ridge_prior_mean:
             # Penalty alpha * |b_own - mu|^2 adds alpha * mu to each own column's right-hand side.
-            alpha = self._group_alpha[self._group_of_voxel]
-            beta = beta + alpha * self.calibration_.beta_mean * w[:, :m].sum(axis=1)
+            xy += self._prior_mean_rhs
+        # The priors toward the calibration's coefficients add lambda * coef to their columns' right-hand sides.
+        # (The motion and noise columns are contiguous runs of ``cols``: row by row, without fancy-index temporaries.)
+        rhs = self._ny[cols]
+        if prior is not None and pcs.size:
+            for k, row in enumerate(pcs):
+                rhs[row] += lam[k] * coef_t[k]
+        if motion_prior is not None:
+            for k, row in enumerate(moved):
+                rhs[row] += lam_m[k] * motion_prior[1][k]
+        beta = (np.einsum("mv,mv->v", wt[:m], xy) + wt[m] * rest + np.einsum("pv,pv->v", wt[m + 1:], rhs))
         self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)
