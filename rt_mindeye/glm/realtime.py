@@ -449,7 +449,9 @@ class RealtimeGLM:
         j = int(trial)
         cols = self._nuisance_columns()
         p = cols.size
-        hs = self._group_hrf  # one system per (HRF, ridge level) group
+        # One system per (HRF, ridge level) group; the groups of one HRF differ only in the own columns' ridge, so
+        # the Gram matrix is built once per HRF in use (``hs``) and the groups are solved from it (_group_weights).
+        hs, group_hrf = np.unique(self._group_hrf, return_inverse=True)
         # Own columns: the trial and up to ``neighbors`` started trials either side (LSA locally); every other trial
         # of the run shares one column (LSS), so the system size never depends on the run length.
         w_n = self.config_.neighbors
@@ -459,10 +461,10 @@ class RealtimeGLM:
         at = int(np.flatnonzero(own == j)[0])
         # The own trials' and columns' entries are taken per HRF first, then spread to the groups (taking whole
         # per-HRF arrays per group would copy every trial's terms once per group).
-        xx = self._xx[:, own[:, None], own[None, :]][hs]          # (G, m, m)
-        xs = self._xs[:, own][hs]                                  # (G, m)
-        xn = self._xn[:, own][:, :, cols][hs]                      # (G, m, p)
-        sn = self._sn[:, cols][hs]                                 # (G, p)
+        xx = self._xx[:, own[:, None], own[None, :]][hs]          # (H', m, m)
+        xs = self._xs[:, own][hs]                                  # (H', m)
+        xn = self._xn[:, own][:, :, cols][hs]                      # (H', m, p)
+        sn = self._sn[:, cols][hs]                                 # (H', p)
         rest_x = xs - xx.sum(axis=2)                               # x_i'(S - sum own)
         rest_rest = self._ss[hs] - 2 * xs.sum(axis=1) + xx.sum(axis=(1, 2))
         rest_n = sn - xn.sum(axis=1)
@@ -475,8 +477,6 @@ class RealtimeGLM:
         gram[:, m + 1:, :m] = xn.transpose(0, 2, 1)
         gram[:, m, m + 1:] = gram[:, m + 1:, m] = rest_n
         gram[:, m + 1:, m + 1:] = self._nn[np.ix_(cols, cols)]
-        # Ridge on the trials' own columns only (noise and the other-trials column stay unpenalised).
-        gram[:, np.arange(m), np.arange(m)] += self._group_alpha[:, None]
         # Drift slope(s): a ridge proportional to the constant column's weight (see ``drift_shrinkage``).
         sloped = m + 1 + np.flatnonzero((cols >= 1) & (cols < self._n_poly))
         if self.config_.drift_shrinkage and sloped.size:
@@ -503,17 +503,7 @@ class RealtimeGLM:
             strength, coef_t = prior
             lam = strength * self._nuis_weight[cols[pcs]] / elapsed
             gram[:, m + 1 + pcs, m + 1 + pcs] += lam
-        # Row ``at`` of each group's inverse (the system is symmetric, so it is the solution for the unit vector):
-        # the weights that turn the right-hand sides into this trial's beta. A relative 1e-9 ridge on every column
-        # (relative to the column's own weight, as the noise columns' weights dwarf the trials'; to the largest weight
-        # for a column that is still empty) keeps columns that are still empty (e.g. no other trial yet) from making
-        # the system singular.
-        diag = np.abs(np.diagonal(gram, axis1=1, axis2=2))
-        scale = np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
-        gram[:, np.arange(size), np.arange(size)] += 1e-9 * np.maximum(diag, 1e-6 * scale)
-        unit = np.zeros((hs.size, size, 1))
-        unit[:, at, 0] = 1.0
-        weights = np.linalg.solve(gram, unit)[:, :, 0]
+        weights = self._group_weights(gram, group_hrf, m, at)
         # Each voxel's weights as rows (size, V), so the combination with the (size, V) right-hand sides runs over
         # contiguous rows.
         wt = np.take(weights.T, self._group_of_voxel, axis=1)
@@ -535,6 +525,54 @@ class RealtimeGLM:
         self.work_["solve_size"].append(size)
         self._emitted[j] = self._n_post[j]
         return self._package(j, kind, int(self._n_post[j]), beta)
+
+    def _group_weights(self, gram: np.ndarray, group_hrf: np.ndarray, m: int, at: int) -> np.ndarray:
+        """Row ``at`` of each group's inverse (G, size): the weights that turn the right-hand sides into this trial's
+        beta (the system is symmetric, so it is the solution for the unit vector). ``gram`` (H', size, size) holds
+        each HRF's system without the own columns' ridge, which is the group's alpha on the first ``m`` diagonal
+        entries. A relative 1e-9 ridge on every column (relative to the column's own weight, as the noise columns'
+        weights dwarf the trials'; to the largest weight for a column that is still empty) keeps columns that are
+        still empty (e.g. no other trial yet) from making the system singular.
+
+        Groups with a positive alpha are solved through the Schur complement of the nuisance block, which is the
+        same for every group of an HRF: with the own block ``A``, the cross block ``B`` and the nuisance block
+        ``C``, the own part of the solution is ``(S + a I)^-1 e_at`` with ``S = A - B C^-1 B'`` (one eigen-
+        decomposition per HRF serves every alpha) and the nuisance part is ``-C^-1 B'`` times it. Others (alpha 0,
+        or an own column nearly empty) are solved directly."""
+        alpha = self._group_alpha
+        size = gram.shape[1]
+        eye = np.arange(size)
+        diag = np.abs(np.diagonal(gram, axis1=1, axis2=2))      # (H', size)
+        own_diag = diag[group_hrf, :m] + alpha[:, None]          # (G, m)
+        scale = np.maximum(np.maximum(diag.max(axis=1)[group_hrf], own_diag.max(axis=1)), 1e-300)  # (G,)
+        fast = (alpha > 0) & np.all(own_diag >= 1e-6 * scale[:, None], axis=1)
+        weights = np.zeros((alpha.size, size))
+        if fast.any():
+            hrf_scale = np.maximum(diag.max(axis=1), 1e-300)
+            stable = gram.copy()
+            stable[:, eye, eye] += 1e-9 * np.maximum(diag, 1e-6 * hrf_scale[:, None])
+            a_block, b_block, c_block = stable[:, :m, :m], stable[:, :m, m:], stable[:, m:, m:]
+            k = np.linalg.solve(c_block, b_block.transpose(0, 2, 1))       # (H', r, m) = C^-1 B'
+            schur = a_block - b_block @ k
+            # The own diagonal's stabiliser is 1e-9 x (A_ii + a): 1e-9 of A_ii is in ``stable`` already.
+            lam, vec = np.linalg.eigh(0.5 * (schur + schur.transpose(0, 2, 1)))
+            g = np.flatnonzero(fast)
+            h = group_hrf[g]
+            shift = (1.0 + 1e-9) * alpha[g]
+            own = np.einsum("gij,gj->gi", vec[h], vec[h, at, :] / (lam[h] + shift[:, None]))
+            weights[g, :m] = own
+            weights[g, m:] = -np.einsum("grm,gm->gr", k[h], own)
+        slow = np.flatnonzero(~fast)
+        if slow.size:
+            system = gram[group_hrf[slow]]
+            system[:, np.arange(m), np.arange(m)] += alpha[slow, None]
+            d = np.abs(np.diagonal(system, axis1=1, axis2=2))
+            sc = np.maximum(d.max(axis=1, keepdims=True), 1e-300)
+            system[:, eye, eye] += 1e-9 * np.maximum(d, 1e-6 * sc)
+            unit = np.zeros((slow.size, size, 1))
+            unit[:, at, 0] = 1.0
+            weights[slow] = np.linalg.solve(system, unit)[:, :, 0]
+        return weights
 
     def _motion_prior(self):
         """(strength, (n_motion, V) coefficients) of the motion prior, or None (no prior configured or stored)."""
