@@ -7,8 +7,9 @@ HRF.
 Nothing is refitted from the whole run: every volume adds its outer products to running sufficient statistics
 (``X'Y`` rows of the few trials whose response is under way, ``S'Y`` for the sum of all trials, ``N'Y`` for the
 nuisance regressors, and small per-HRF Gram terms), so the work per volume is ``(active trials + nuisance) x V`` and
-an estimate is one batched solve of at most ``2 * neighbors + 2 + nuisance`` unknowns per (HRF, ridge level) group
-and a ``size x V`` combination, however long the run has been going. A missing volume simply never enters the statistics (dropped, not zero-filled).
+an estimate is one system of at most ``2 * neighbors + 2 + nuisance`` unknowns per HRF in use (its (HRF, ridge level)
+groups solved through one Schur complement) and a ``size x V`` combination, however long the run has been going.
+A missing volume simply never enters the statistics (dropped, not zero-filled).
 
 Four choices keep the newest trial's estimate from being confounded while only the rising part of its response has
 been seen (measured on the phantom and the synthetic sessions, see docs/glm.md):
