@@ -66,6 +66,9 @@ class GLMCalibration:
     noise_coef: np.ndarray | None = None    # (V, n_live) each voxel's coefficients on the live noise regressors
     snr_alpha: np.ndarray | None = None     # (V,) ridge parameter noise variance / beta variance (types c/d)
     snr_scale_offset: np.ndarray | None = None  # (V, 2) rescaling of the betas with snr_alpha toward OLS
+    # (V,) the same ridge parameter from the unwhitened model, for the early/refined estimates (only when the
+    # calibration prewhitened: else snr_alpha is that already).
+    live_snr_alpha: np.ndarray | None = None
     # With noise_runs (e.g. --noise-mask): the offline noise pool itself, for live noise regressors from the
     # volumes' noise vectors (indices into the noise-run voxels, their mean, loadings, scales; voxels' coefficients).
     n_noise_voxels: int = 0
@@ -80,7 +83,8 @@ class GLMCalibration:
 
     _ARRAYS = ("hrf_index", "frac", "mean", "noise_pool_index", "noise_loadings", "noise_scale", "beta_mean",
                "beta_std")
-    _OPTIONAL = ("ridge_alpha", "scale_offset", "noise_coef", "snr_alpha", "snr_scale_offset", "noise_ext_index",
+    _OPTIONAL = ("ridge_alpha", "scale_offset", "noise_coef", "snr_alpha", "snr_scale_offset", "live_snr_alpha",
+                 "noise_ext_index",
                  "noise_ext_mean", "noise_ext_loadings", "noise_ext_scale", "noise_ext_coef", "motion_coef")
 
     @property
@@ -323,6 +327,7 @@ class GLMSingle:
         # and the on-off R^2 above are GLMsingle's (unwhitened) definitions.
         rho = (F.noise_autocorrelation(noise_psc, pool_index) if self.prewhiten is None
                else float(self.prewhiten))
+        plain_bases = bases
         if rho > 0:
             bases = [orthonormal_basis(F.prewhiten(b, rho)) for b in bases]
             for runs in [psc] if noise_psc is psc else [psc, noise_psc]:
@@ -439,9 +444,18 @@ class GLMSingle:
         sse, total = np.zeros(n_vox), np.zeros(n_vox)
         frac, alpha = np.ones(n_vox), np.zeros(n_vox)
         scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
-        snr_alpha = snr_scale_offset = None
+        snr_alpha = snr_scale_offset = live_snr_alpha = None
         if model in ("c", "d"):
             snr_alpha, snr_scale_offset = np.zeros(n_vox), np.tile([1.0, 0.0], (n_vox, 1))
+        if model in ("c", "d") and rho > 0:
+            # The early and refined estimates filter with their own, milder AR(1) (glm.realtime.ar_rho): their
+            # signal-to-noise ridge comes from the unwhitened model, as it did before the prewhitening (the
+            # prewhitened model's sigma^2 (X'X)^-1 is about twice the noise the betas show, which doubled the live
+            # ridge and cost the refined estimates .02). The data are unwhitened chunk by chunk.
+            live_snr_alpha = np.zeros(n_vox)
+            plain_regs = [F.unprewhiten(x, rho, axis=1) for x in regs]
+            plain_nuisance = [orthonormal_basis(np.concatenate([b, F.unprewhiten(c[:, :n_pcs], rho)], axis=1))
+                              for b, c in zip(plain_bases, components)]
         chunk = max(int(self.chunk_voxels), 1)
         n_chunks = -(-n_vox // chunk)
         for c, first in enumerate(range(0, n_vox, chunk)):
@@ -458,6 +472,12 @@ class GLMSingle:
                 snr_alpha[part] = a
                 snr_scale_offset[part] = F.rescale_to(F.betas_and_sse(rot, h, np.repeat(a[None, :], n_runs,
                                                                                          axis=0))[0], part_ols)
+            if live_snr_alpha is not None:
+                plain = F.rotate([F.unprewhiten(y[:, part], rho) for y in psc], plain_regs, plain_nuisance, h,
+                                 hrfs.n_hrfs)
+                live_snr_alpha[part] = F.signal_to_noise_alpha(plain, h, *F.betas_and_sse(
+                    plain, h, np.zeros((n_runs, h.size))), dof)
+                del plain
             if model == "d":
                 betas[:, part], sse[part], frac[part], alpha[part], scale_offset[part] = self._ridge(
                     rot, h, fractions, part_ols, cv)
@@ -501,6 +521,7 @@ class GLMSingle:
         self.noise_external_ = external
         self.motion_coef_ = motion_coef
         self.snr_alpha_ = snr_alpha
+        self.live_snr_alpha_ = live_snr_alpha
         self.snr_scale_offset_ = snr_scale_offset
         self.n_pcs_ = int(n_pcs)
         self.pc_scores_ = pc_scores
@@ -629,6 +650,7 @@ class GLMSingle:
             hrf_peak_at_tr=bool(self.hrf_peak_at_tr),
             scale_offset=self.scale_offset_.astype(np.float64) if self.model == "d" else None,
             noise_coef=self.noise_coef_, motion_coef=self.motion_coef_, snr_alpha=self.snr_alpha_,
+            live_snr_alpha=getattr(self, "live_snr_alpha_", None),
             snr_scale_offset=self.snr_scale_offset_, ar_rho=float(getattr(self, "ar_rho_", 0.0)),
             **(self.noise_external_ or {}))
 

@@ -92,6 +92,20 @@ def prewhiten(values: np.ndarray, rho: float, frames: np.ndarray | None = None, 
     return np.moveaxis(out, 0, axis)
 
 
+def unprewhiten(values: np.ndarray, rho: float, axis: int = 0) -> np.ndarray:
+    """The inverse of :func:`prewhiten` (consecutive volumes): ``x_0 = y_0 / sqrt(1 - rho^2)``,
+    ``x_t = y_t + rho x_(t-1)``."""
+    y = np.moveaxis(np.asarray(values), axis, 0)
+    out = np.empty_like(y)
+    if y.shape[0] == 0 or rho == 0:
+        out[...] = y
+        return np.moveaxis(out, 0, axis)
+    out[0] = y[0] / np.sqrt(1.0 - rho ** 2)
+    for t in range(1, y.shape[0]):
+        out[t] = y[t] + rho * out[t - 1]
+    return np.moveaxis(out, 0, axis)
+
+
 def noise_autocorrelation(runs: Sequence[np.ndarray], index: np.ndarray, limit: float = 0.9) -> float:
     """The noise's lag-1 autocorrelation: the median over runs of the median over the ``index`` voxels (the noise
     pool) of each voxel's lag-1 autocorrelation in ``runs`` (T, V), data already orthogonal to the drift basis.

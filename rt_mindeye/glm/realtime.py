@@ -111,7 +111,8 @@ class RealtimeGLM:
         # solutions change little within a step) so a handful of small pseudo-inverses serve every voxel.
         alpha = np.zeros(cal.n_voxels)
         if cfg.ridge and cfg.snr_ridge and cal.snr_alpha is not None:
-            alpha = np.asarray(cal.snr_alpha, dtype=np.float64)
+            # A prewhitened calibration keeps the unwhitened model's parameter for these estimates.
+            alpha = np.asarray(cal.snr_alpha if cal.live_snr_alpha is None else cal.live_snr_alpha, dtype=np.float64)
         elif cfg.ridge and cal.ridge_alpha is not None:
             alpha = cal.ridge_alpha
         self._support = np.array([self._hrfs.support(d) for d in events.durations])

@@ -85,3 +85,23 @@ def test_prewhiten_option_is_validated(session_factory):
 def _tiny(session_factory):
     s = session_factory(seed=23, n_vox=60, n_runs=2, n_frames=80)
     return s.runs, s.events, s.tr
+
+
+def test_unprewhiten_inverts_prewhiten():
+    x = np.random.default_rng(4).normal(size=(30, 5))
+    assert np.allclose(F.unprewhiten(F.prewhiten(x, 0.45), 0.45), x)
+    assert np.allclose(F.prewhiten(F.unprewhiten(x, 0.3, axis=0), 0.3), x)
+
+
+def test_live_estimates_keep_the_unwhitened_signal_to_noise_ridge(session_factory):
+    """The early/refined estimates filter with their own milder AR(1): a prewhitened calibration gives them the
+    signal-to-noise ridge of the unwhitened model, equal to an unwhitened fit's wherever both chose the same HRF."""
+    s = session_factory(seed=24, n_vox=300, n_runs=4)
+    plain = GLMSingle(model="d", prewhiten=0.0, n_pcs=0).fit(s.runs, s.events, s.tr)
+    white = GLMSingle(model="d", prewhiten=0.35, n_pcs=0).fit(s.runs, s.events, s.tr)
+    assert plain.live_snr_alpha_ is None and plain.calibration_.live_snr_alpha is None
+    same = white.hrf_index_ == plain.hrf_index_
+    assert same.sum() > 50
+    assert np.allclose(white.live_snr_alpha_[same], plain.snr_alpha_[same], rtol=1e-3, atol=1e-6)
+    assert not np.allclose(white.snr_alpha_[same], plain.snr_alpha_[same], rtol=0.05)
+    assert np.array_equal(white.calibration_.live_snr_alpha, white.live_snr_alpha_)
