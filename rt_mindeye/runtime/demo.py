@@ -32,6 +32,12 @@ from rt_mindeye.timing import percentiles
 PRETRAIN_SUBJECTS = (2, 3, 4)
 PRETRAIN_RUNS = 8  # x 40 trials: 320 images per pretraining subject, none of them seen by the demo subject
 PRETRAIN_TRIALS_PER_RUN = 40
+#: The shared model's architecture: the tiny preset with these fields replaced.
+SHARED_MODEL: dict = {}
+#: The pretraining's settings besides its time budget and seed.
+PRETRAIN_TRAIN: dict = dict(epochs=150, global_batch=32, max_lr=1e-3)
+#: The demo's fine-tune settings that differ from the calibration default (docs/model.md, the demo's decoding).
+DEMO_FINETUNE: dict = {}
 DEMO_SUBJECT = 1
 #: The phantom's events name every trial's ``trial_type`` "image"; the stimulus file identifies repeats.
 CONDITION_COLUMN = "stim_file"
@@ -201,7 +207,7 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     subjects, n_runs, trials_per_run = PRETRAIN_SUBJECTS, PRETRAIN_RUNS, PRETRAIN_TRIALS_PER_RUN
     recipe = {"version": 4, "subjects": list(subjects), "runs": n_runs,
               "trials_per_run": trials_per_run, "first_stimulus": cfg.n_images, "seed": options.seed,
-              "budget_min": options.pretrain_budget_min, "phantom": {
+              "budget_min": options.pretrain_budget_min, "model": SHARED_MODEL, "train": PRETRAIN_TRAIN, "phantom": {
                   k: getattr(cfg, k) for k in ("driving_network", "tuning_nonlinearity", "trial_variability",
                                                "visual_voxels", "matrix")}}
     recipe_path = model_dir / "recipe.json"
@@ -228,12 +234,15 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     seq, dim = datasets[0].image_tokens.shape[1:]
     fields = dict(token_seq=int(seq), token_dim=int(dim))
     fields.update(tiny_fields_for(int(dim), datasets[0].blurry_targets, datasets[0].aux_targets))
+    fields.update(SHARED_MODEL)
     model_config = MindEyeConfig.preset("tiny", [d.voxels.shape[1] for d in datasets],
                                         subject_names=tuple(d.name for d in datasets), **fields)
     # One checkpoint at the end (checkpoint_every = epochs): the shared model with three subjects' heads and its
     # optimiser state is ~35 MB, and writing it every epoch cost a noticeable part of the budget.
-    train = TrainConfig(epochs=150, batch_size=split_global_batch(32, len(datasets)), max_lr=1e-3,
-                        time_budget_min=options.pretrain_budget_min, seed=options.seed, checkpoint_every=150)
+    settings = dict(PRETRAIN_TRAIN)
+    batch = split_global_batch(settings.pop("global_batch"), len(datasets))
+    train = TrainConfig(batch_size=batch, time_budget_min=options.pretrain_budget_min, seed=options.seed,
+                        checkpoint_every=settings["epochs"], **settings)
     result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
                       log=console.print)
     recipe_path.write_text(json.dumps(recipe))
@@ -246,9 +255,10 @@ def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, o
     from rt_mindeye.calibration.config import CalibrationConfig
     from rt_mindeye.calibration.workflow import calibrate
 
-    # The calibration workflow's own fine-tune settings (epochs, head-only start), with the demo's budget and seed.
+    # The calibration workflow's own fine-tune settings (adapters, epochs), with the demo's budget, seed and
+    # DEMO_FINETUNE.
     train = dataclasses.replace(CalibrationConfig().train, time_budget_min=options.finetune_budget_min,
-                                seed=options.seed)
+                                seed=options.seed, **DEMO_FINETUNE)
     config = CalibrationConfig(
         subject=f"phantom{DEMO_SUBJECT:02d}", calibration_runs=len(session.calibration_runs),
         events_dir=phantom_dir / "events", stimuli_dir=phantom_dir / "stimuli", condition_column=CONDITION_COLUMN,
