@@ -46,6 +46,9 @@ def test_noise_autocorrelation_recovers_the_ar1_coefficient_after_the_drift_is_r
     runs = [F.project_out(basis, data[:150]), F.project_out(basis, data[150:])]
     assert abs(F.noise_autocorrelation(runs, np.arange(n_vox)) - rho) < 0.05
     assert F.noise_autocorrelation(runs, np.arange(0)) == 0.0
+    # White noise: no prewhitening (the projection's slightly negative lag-1 autocorrelation is clipped to 0).
+    white = [F.project_out(basis, rng.normal(size=(150, n_vox))) for _ in range(2)]
+    assert F.noise_autocorrelation(white, np.arange(n_vox)) == 0.0
 
 
 def test_estimated_prewhitening_improves_type_d_on_independent_sessions(session_factory, correlation):
