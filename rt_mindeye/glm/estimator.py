@@ -547,13 +547,9 @@ class GLMSingle:
         if len(with_motion) < 2 or len({motion[r].shape[1] for r in with_motion}) != 1:
             return None
         self._report("motion coefficients", 0, 1)
-        drift = [F.polynomial_drift(data[r].shape[0], drift_degree(data[r].shape[0], tr, self.drift_degree))
+        drift = [F.nuisance_basis(data[r].shape[0], tr, self.drift_degree) for r in with_motion]
+        comps = [F.live_components(F.percent_of_mean(data[r][:, live_index], mean[live_index]), loadings, scale)
                  for r in with_motion]
-        drift = [F.orthonormal_basis(d) for d in drift]
-        pool_mean = mean[live_index]
-        pool_scale = np.where(pool_mean > 0, 100.0 / np.where(pool_mean > 0, pool_mean, 1.0), 0.0)
-        comps = [F.live_components(np.asarray(data[r][:, live_index], dtype=np.float64) * pool_scale
-                                   - 100.0 * (pool_scale > 0), loadings, scale) for r in with_motion]
         regs = [F.run_regressors(hrfs, events[r], data[r].shape[0], tr, self.slice_time_ref) for r in with_motion]
         per_run = F.motion_coefficients([data[r] for r in with_motion], mean, regs, drift,
                                         [motion[r] for r in with_motion], comps, hrf_index)

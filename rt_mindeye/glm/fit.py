@@ -72,6 +72,13 @@ def percent_signal(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return psc, mean
 
 
+def percent_of_mean(values: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``values`` (T, V) as % signal change about a given per-voxel ``mean`` (V,) (e.g. the calibration's), float64;
+    0 where the mean is not positive."""
+    scale = np.where(mean > 0, 100.0 / np.where(mean > 0, mean, 1.0), 0.0)
+    return np.asarray(values, dtype=np.float64) * scale - 100.0 * (scale > 0)
+
+
 def prewhiten(values: np.ndarray, rho: float, frames: np.ndarray | None = None, axis: int = 0) -> np.ndarray:
     """AR(1) prewhitening along the time ``axis``: each sample minus ``rho`` times the previous one, the first
     scaled by ``sqrt(1 - rho^2)`` (generalised least squares for AR(1) noise of unit innovation variance).
@@ -563,6 +570,11 @@ class CrossValidation:
     def n_trials(self) -> int:
         return int(self.cv_run.size)
 
+    @property
+    def held_out(self) -> np.ndarray:
+        """The held-out CV trial of every (trial, repeat) pair, aligned with ``mates_idx``."""
+        return np.repeat(np.arange(self.n_trials), np.diff(self.mates_ptr)).astype(np.int64)
+
 
 def cross_validation_sets(events: Sequence[RunEvents]) -> CrossValidation:
     entries = [(r, k, t) for r, ev in enumerate(events) for k, t in enumerate(ev.trial_types)]
@@ -583,20 +595,6 @@ def cross_validation_sets(events: Sequence[RunEvents]) -> CrossValidation:
                            np.array(ptr, dtype=np.int64), np.array(idx, dtype=np.int64), run_ptr.astype(np.int64))
 
 
-def beta_badness(train: np.ndarray, test: np.ndarray, cv: CrossValidation) -> np.ndarray:
-    """GLMsingle's ``calcbadness`` for one model: per voxel, the sum over held-out trials ``i`` and their repeats
-    ``m`` in the other runs of ``(train[m] - test[i])^2``. ``train`` and ``test`` are (n_cv, V) betas of the
-    cross-validation trials (z-scored by the caller when voxels are to be compared)."""
-    out = np.zeros(train.shape[1])
-    counts = np.diff(cv.mates_ptr)
-    held_out = np.repeat(np.arange(cv.n_trials), counts)
-    for start in range(0, held_out.size, 256):
-        i = held_out[start:start + 256]
-        m = cv.mates_idx[start:start + 256]
-        out += ((train[m] - test[i]) ** 2).sum(axis=0)
-    return out
-
-
 def hrf_groups(hrf_index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, slice]]]:
     """The voxel order that makes each HRF's voxels contiguous (stable), and each used HRF's slice in that order."""
     order = np.argsort(hrf_index, kind="stable")
@@ -606,7 +604,8 @@ def hrf_groups(hrf_index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, slice
 
 def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test: np.ndarray,
                   cv: CrossValidation) -> np.ndarray:
-    """:func:`beta_badness` of the ridge betas for every candidate ridge parameter ``alphas (F, V)`` (one per voxel
+    """GLMsingle's ``calcbadness`` (:func:`kernels.pair_squared_differences`) of the ridge betas for every
+    candidate ridge parameter ``alphas (F, V)`` (one per voxel
     for all runs), against the held-out unregularised betas ``test (n_cv, V)``: (F, V).
 
     Voxels are grouped by HRF, so a run's cross-validation betas of a group under one fraction are one BLAS product
@@ -616,7 +615,7 @@ def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test:
     Z = rot.Z[:, :, order]
     alphas = np.ascontiguousarray(alphas[:, order], dtype=np.float64)
     test = np.ascontiguousarray(test[:, order], dtype=np.float64)
-    held_out = np.repeat(np.arange(cv.n_trials), np.diff(cv.mates_ptr)).astype(np.int64)
+    held_out = cv.held_out
     runs = [(r, slice(int(cv.run_cv_ptr[r]), int(cv.run_cv_ptr[r + 1]))) for r in range(rot.s.shape[0])
             if cv.run_cv_ptr[r + 1] > cv.run_cv_ptr[r] and rot.n_trials[r] > 0]
 
@@ -697,7 +696,7 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
         rhs = [(xt[i].T.astype(np.float32) @ y[:, cols]).astype(np.float64) for i, (_, cols) in enumerate(groups)]
         pre.append((cy, grams, xcs, rhs))
     rows = offsets[cv.cv_run] + cv.cv_pos
-    held_out = np.repeat(np.arange(cv.n_trials), np.diff(cv.mates_ptr)).astype(np.int64)
+    held_out = cv.held_out
     scores = np.zeros(n_max + 1)
     test = sd = None
     for n in range(n_max + 1):
@@ -868,7 +867,6 @@ def motion_coefficients(data: Sequence[np.ndarray], mean: np.ndarray, regressors
     n_vox = hrf_index.size
     k = motion[0].shape[1]
     out = np.zeros((len(data), n_vox, k))
-    scale = np.where(mean > 0, 100.0 / np.where(mean > 0, mean, 1.0), 0.0)
     groups = {int(h): np.flatnonzero(hrf_index == h) for h in np.unique(hrf_index)}
     for r, y in enumerate(data):
         m = np.asarray(motion[r], dtype=np.float64)
@@ -880,7 +878,7 @@ def motion_coefficients(data: Sequence[np.ndarray], mean: np.ndarray, regressors
             gram += 1e-9 * max(np.trace(gram), 1e-300) * np.eye(k)
             for start in range(0, idx.size, chunk):
                 part = idx[start:start + chunk]
-                psc = np.asarray(y[:, part], dtype=np.float64) * scale[part] - 100.0 * (scale[part] > 0)
+                psc = percent_of_mean(y[:, part], mean[part])
                 out[r, part] = np.linalg.solve(gram, mt.T @ psc).T
     return out
 

@@ -543,16 +543,13 @@ class RealtimeGLM:
         or an own column nearly empty) are solved directly."""
         alpha = self._group_alpha
         size = gram.shape[1]
-        eye = np.arange(size)
         diag = np.abs(np.diagonal(gram, axis1=1, axis2=2))      # (H', size)
         own_diag = diag[group_hrf, :m] + alpha[:, None]          # (G, m)
         scale = np.maximum(np.maximum(diag.max(axis=1)[group_hrf], own_diag.max(axis=1)), 1e-300)  # (G,)
         fast = (alpha > 0) & np.all(own_diag >= 1e-6 * scale[:, None], axis=1)
         weights = np.zeros((alpha.size, size))
         if fast.any():
-            hrf_scale = np.maximum(diag.max(axis=1), 1e-300)
-            stable = gram.copy()
-            stable[:, eye, eye] += 1e-9 * np.maximum(diag, 1e-6 * hrf_scale[:, None])
+            stable = _stabilised(gram.copy())
             a_block, b_block, c_block = stable[:, :m, :m], stable[:, :m, m:], stable[:, m:, m:]
             k = np.linalg.solve(c_block, b_block.transpose(0, 2, 1))       # (H', r, m) = C^-1 B'
             schur = a_block - b_block @ k
@@ -568,9 +565,7 @@ class RealtimeGLM:
         if slow.size:
             system = gram[group_hrf[slow]]
             system[:, np.arange(m), np.arange(m)] += alpha[slow, None]
-            d = np.abs(np.diagonal(system, axis1=1, axis2=2))
-            sc = np.maximum(d.max(axis=1, keepdims=True), 1e-300)
-            system[:, eye, eye] += 1e-9 * np.maximum(d, 1e-6 * sc)
+            _stabilised(system)
             unit = np.zeros((slow.size, size, 1))
             unit[:, at, 0] = 1.0
             weights[slow] = np.linalg.solve(system, unit)[:, :, 0]
@@ -895,3 +890,13 @@ class RealtimeGLM:
             t_last = (index + cal.slice_time_ref) * self.tr_
             active = np.flatnonzero((new.onsets <= t_last) & (t_last <= new.onsets + self._support))
             self._previous = (index, psc, nuis_row, active)
+
+
+def _stabilised(systems: np.ndarray) -> np.ndarray:
+    """``systems`` (G, n, n) with the relative 1e-9 ridge of :meth:`RealtimeGLM._group_weights` added in place: 1e-9
+    of each column's own weight, at least 1e-6 of the system's largest."""
+    diag = np.abs(np.diagonal(systems, axis1=1, axis2=2))
+    scale = np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
+    eye = np.arange(systems.shape[1])
+    systems[:, eye, eye] += 1e-9 * np.maximum(diag, 1e-6 * scale)
+    return systems
