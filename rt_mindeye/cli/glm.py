@@ -64,6 +64,13 @@ class _RichProgress:
 
 
 def run_fit(args) -> int:
+    from rt_mindeye.glm.fit import without_hugepages
+
+    with without_hugepages():  # reading and writing the runs too (see glm.fit.without_hugepages)
+        return _run_fit(args)
+
+
+def _run_fit(args) -> int:
     import numpy as np
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -259,7 +259,7 @@ class GLMSingle:
         ``noise_runs``: optional (T, P) time series per run of the voxels the noise pool is drawn from (e.g. the
         whole brain when ``runs`` hold a region of interest); by default the pool is drawn from ``runs``.
         """
-        with _single_threaded_blas():
+        with _single_threaded_blas(), F.without_hugepages():
             return self._fit(runs, events, tr, mask, motion, noise_runs)
 
     def _warn(self, message: str) -> None:
