@@ -8,7 +8,6 @@ choice and both cross-validations are computed from the rotated data ``z = U' Yt
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -147,14 +146,15 @@ def noise_autocorrelation(runs: Sequence[np.ndarray], index: np.ndarray, limit: 
     if index.size == 0:
         return 0.0
     per_run = []
+    index = np.ascontiguousarray(index, dtype=np.int64)
     for y in runs:
-        pool = np.asarray(y[:, index], dtype=np.float64)
-        energy = (pool ** 2).sum(axis=0)
-        ok = energy > 0
-        if y.shape[0] < 3 or not ok.any():
+        if y.shape[0] < 3:
             continue
-        lag1 = (pool[1:, ok] * pool[:-1, ok]).sum(axis=0) / energy[ok]
-        per_run.append(float(np.median(lag1)))
+        energy, lag = kernels.lag1_sums(np.ascontiguousarray(y), index, np.empty(index.size), np.empty(index.size))
+        ok = energy > 0
+        if not ok.any():
+            continue
+        per_run.append(float(np.median(lag[ok] / energy[ok])))
     return float(np.clip(np.median(per_run), 0.0, limit)) if per_run else 0.0
 
 
@@ -630,46 +630,53 @@ def hrf_groups(hrf_index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, slice
 
 
 def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test: np.ndarray,
-                  cv: CrossValidation) -> np.ndarray:
-    """GLMsingle's ``calcbadness`` (:func:`kernels.pair_squared_differences`) of the ridge betas for every
-    candidate ridge parameter ``alphas (F, V)`` (one per voxel
-    for all runs), against the held-out unregularised betas ``test (n_cv, V)``: (F, V).
+                  cv: CrossValidation, chunk: int = 1024) -> np.ndarray:
+    """GLMsingle's ``calcbadness`` (the sum of :func:`kernels.pair_squared_differences`) of the ridge betas for every
+    candidate ridge parameter ``alphas (F, V)`` (one per voxel for all runs), against the held-out unregularised
+    betas ``test (n_cv, V)``: (F, V).
 
-    Voxels are grouped by HRF, so a run's cross-validation betas of a group under one fraction are one BLAS product
-    ``W[cv rows] @ (g * z)``; fractions run in parallel threads (the kernels release the GIL)."""
+    The sum over (held-out trial, repeat) pairs is written out per repeat (:func:`kernels.repeat_badness`), so each
+    run's cross-validation betas are read once, straight after their product, and never stored whole. Voxels are
+    grouped by HRF and cut into pieces of at most ``chunk`` (one piece's rotated data, betas and sums stay in cache):
+    a run's cross-validation betas of a piece under one fraction are one BLAS product ``W[cv rows] @ (g * z)``;
+    pieces run in parallel threads (the kernels release the GIL)."""
     n_frac, n_vox = alphas.shape
     order, groups = hrf_groups(hrf_index)
-    Z = rot.Z[:, :, order]
-    alphas = np.ascontiguousarray(alphas[:, order], dtype=np.float64)
-    test = np.ascontiguousarray(test[:, order], dtype=np.float64)
     held_out = cv.held_out
+    counts = np.bincount(cv.mates_idx, minlength=cv.n_trials).astype(np.float64)
+    held_counts = np.bincount(held_out, minlength=cv.n_trials).astype(np.float64)
     runs = [(r, slice(int(cv.run_cv_ptr[r]), int(cv.run_cv_ptr[r + 1]))) for r in range(rot.s.shape[0])
             if cv.run_cv_ptr[r + 1] > cv.run_cv_ptr[r] and rot.n_trials[r] > 0]
-
     # The cross-validation rows of each run's right singular vectors, shared by all fractions.
     w_rows = {(r, h): np.ascontiguousarray(rot.W[r, h][cv.cv_pos[rows], :int(rot.n_trials[r])])
               for r, rows in runs for h, _ in groups}
-    widest = max((cols.stop - cols.start for _, cols in groups), default=0)
     k_max = int(rot.n_trials.max(initial=0))
-    # One set of work arrays per thread, reused across its fractions (fresh ones per fraction page-fault ~90 MB each
-    # at 20,000 voxels: a quarter of a second of system time per fit).
-    local = threading.local()
+    widest = max((rows.stop - rows.start for _, rows in runs), default=0)
+    pieces = [(h, order[first:min(first + chunk, cols.stop)]) for h, cols in groups
+              for first in range(cols.start, cols.stop, chunk)]
 
-    def one_fraction(f: int) -> np.ndarray:
-        if not hasattr(local, "beta"):
-            local.beta = np.empty((cv.n_trials, n_vox))
-            local.gz = np.empty(k_max * widest)
-        beta = local.beta
+    def one_piece(piece) -> np.ndarray:
+        h, vox = piece
+        t = np.ascontiguousarray(test[:, vox], dtype=np.float64)
+        sums = kernels.pair_sums(t, held_out, cv.mates_idx, np.zeros_like(t))
+        out = np.empty((n_frac, vox.size))
+        out[:] = held_counts @ (t * t)  # sum_p test[held_out[p]]^2
+        a = np.ascontiguousarray(alphas[:, vox], dtype=np.float64)
+        z = rot.Z[:, :, vox]
+        gz = np.empty((k_max, vox.size))
+        beta = np.empty((widest, vox.size))
         for r, rows in runs:
             kr = int(rot.n_trials[r])
-            for h, cols in groups:
-                gz = local.gz[:kr * (cols.stop - cols.start)].reshape(kr, cols.stop - cols.start)
-                kernels.gained(rot.s[r, h, :kr], alphas[f, cols], Z[r, :kr, cols], gz)
-                np.matmul(w_rows[r, h], gz, out=beta[rows, cols])
-        return kernels.pair_squared_differences(beta, test, held_out, cv.mates_idx)
+            n = rows.stop - rows.start
+            for f in range(n_frac):
+                kernels.gained(rot.s[r, h, :kr], a[f], z[r, :kr], gz[:kr])
+                np.matmul(w_rows[r, h], gz[:kr], out=beta[:n])
+                kernels.repeat_badness(beta[:n], counts[rows], sums[rows], out[f])
+        return out
 
     out = np.empty((n_frac, n_vox))
-    out[:, order] = np.stack(parallel_map(one_fraction, range(n_frac)))
+    for (_, vox), part in zip(pieces, parallel_map(one_piece, pieces)):
+        out[:, vox] = part
     return out
 
 

@@ -83,6 +83,27 @@ def row_sum_squares(x, out):
 
 
 @njit(cache=True, nogil=True)
+def lag1_sums(y, index, energy, lag):
+    """For the columns ``index`` of ``y (T, V)``: ``energy[i] = sum_t y[t]^2`` and ``lag[i] = sum_t y[t] y[t-1]``
+    in double precision, added in time order (as numpy sums the rows of a gathered copy, which this avoids)."""
+    n_t = y.shape[0]
+    n = index.shape[0]
+    prev = np.empty(n)
+    for i in range(n):
+        x = np.float64(y[0, index[i]])
+        energy[i] = x * x
+        lag[i] = 0.0
+        prev[i] = x
+    for t in range(1, n_t):
+        for i in range(n):
+            x = np.float64(y[t, index[i]])
+            energy[i] += x * x
+            lag[i] += x * prev[i]
+            prev[i] = x
+    return energy, lag
+
+
+@njit(cache=True, nogil=True)
 def percent_signal(data, mean, psc):
     """``psc (T, V)`` float32: ``data (T, V)`` as % signal change about each voxel's mean over the run (float64
     ``mean``, accumulated row by row); 0 where the mean is not positive. Arithmetic as numpy's float32
@@ -180,6 +201,35 @@ def pair_squared_differences(beta, test, held_out, mates):
         for v in range(n_vox):
             d = beta[m, v] - test[i, v]
             out[v] += d * d
+    return out
+
+
+@njit(cache=True, nogil=True)
+def pair_sums(test, held_out, mates, out):
+    """``out[j] = sum over the pairs p whose repeat mates[p] is j of test[held_out[p]]`` (rows of ``(n_cv, V)``
+    arrays; ``out`` zeroed by the caller)."""
+    n_vox = test.shape[1]
+    for p in range(held_out.shape[0]):
+        i = held_out[p]
+        m = mates[p]
+        for v in range(n_vox):
+            out[m, v] += test[i, v]
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def repeat_badness(beta, counts, sums, out):
+    """``out[v] += sum_j beta[j, v] * (counts[j] * beta[j, v] - 2 sums[j, v])``: the part of GLMsingle's
+    ``calcbadness`` that depends on the betas ``beta (n, V)`` of the repeats ``j``, written out as
+    ``sum_p (beta[mates[p]] - test[held_out[p]])^2 = sum_j counts[j] beta[j]^2 - 2 beta[j] sums[j] + const`` with
+    ``counts[j]`` the pairs whose repeat is ``j`` and ``sums[j]`` their held-out betas' sum (:func:`pair_sums`).
+    Serial, without the GIL."""
+    n, n_vox = beta.shape
+    for j in range(n):
+        c = counts[j]
+        for v in range(n_vox):
+            b = beta[j, v]
+            out[v] += b * (c * b - 2.0 * sums[j, v])
     return out
 
 

@@ -52,6 +52,16 @@ def pair_squared_differences(beta, test, held_out, mates):
     return out
 
 
+def pair_sums(test, held_out, mates, out):
+    np.add.at(out, mates, test[held_out])
+    return out
+
+
+def repeat_badness(beta, counts, sums, out):
+    out += (beta * (counts[:, None] * beta - 2.0 * sums)).sum(axis=0)
+    return out
+
+
 def ridge_betas(hrf_index, W, s, Z, alphas, yss, n_trials, run_offsets):
     n_runs, n_vox = alphas.shape
     betas = np.zeros((run_offsets[n_runs], n_vox), dtype=np.float32)
@@ -77,6 +87,13 @@ def column_sum_squares(y, out):
 
 def row_sum_squares(x, out):
     return column_sum_squares(x.T, out)
+
+
+def lag1_sums(y, index, energy, lag):
+    pool = y[:, index].astype(np.float64)
+    energy[:] = np.einsum("tv,tv->v", pool, pool)
+    lag[:] = np.einsum("tv,tv->v", pool[1:], pool[:-1])
+    return energy, lag
 
 
 def percent_signal(data, mean, psc):

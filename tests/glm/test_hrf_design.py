@@ -179,7 +179,7 @@ def test_beta_space_cv_kernel_equals_brute_force_calcbadness(monkeypatch):
                        if o != r for trial in (0, 1))
             assert np.isclose(got[f, v], want, rtol=1e-4), (f, v)
     # The plain numpy kernels (the bench's baseline) give the same numbers.
-    for name in ("gained", "pair_squared_differences"):
+    for name in ("gained", "pair_sums", "repeat_badness"):
         monkeypatch.setattr(kernels, name, getattr(kernels_reference, name))
     ref = ridge_badness(rot, hrf_index, alphas, test, cv)
     assert np.allclose(ref, got, rtol=1e-6)

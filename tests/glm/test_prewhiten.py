@@ -51,6 +51,17 @@ def test_noise_autocorrelation_recovers_the_ar1_coefficient_after_the_drift_is_r
     assert F.noise_autocorrelation(white, np.arange(n_vox)) == 0.0
 
 
+def test_lag1_kernel_equals_the_numpy_sums_on_a_column_subset():
+    from rt_mindeye.glm import kernels, kernels_reference
+    y = np.random.default_rng(4).normal(size=(40, 30)).astype(np.float32)
+    index = np.array([0, 3, 4, 17, 29], dtype=np.int64)
+    got = kernels.lag1_sums(y, index, np.empty(5), np.empty(5))
+    want = kernels_reference.lag1_sums(y, index, np.empty(5), np.empty(5))
+    pool = y[:, index].astype(np.float64)
+    assert np.allclose(got, want, rtol=1e-12)
+    assert np.allclose(got[1], (pool[1:] * pool[:-1]).sum(axis=0), rtol=1e-12)
+
+
 def test_estimated_prewhitening_improves_type_d_on_independent_sessions(session_factory, correlation):
     gains = []
     for seed in (21, 22):  # the bench's run layout (8 runs x 192 volumes), fewer voxels
