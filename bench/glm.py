@@ -59,7 +59,7 @@ console = Console()
 @contextmanager
 def numpy_kernels():
     """Swap the numba kernels for the plain numpy ones (the ratio baseline)."""
-    names = ("fraction_alphas", "gained", "pair_squared_differences", "pair_sums", "repeat_badness", "ridge_betas",
+    names = ("fraction_alphas", "gained", "pair_squared_differences", "pair_sums", "repeat_badness", "ridge_gains",
              "column_sum_squares", "row_sum_squares", "percent_signal", "scale_offset", "lag1_sums")
     saved = {n: getattr(kernels, n) for n in names}
     try:

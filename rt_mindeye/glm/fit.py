@@ -399,8 +399,11 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     s = np.zeros((n_runs, n_hrfs, k_max))
     Z = np.zeros((n_runs, k_max, n_vox), dtype=np.float32)
     yss = np.zeros((n_runs, n_vox))
-    groups = [(h, np.flatnonzero(hrf_index == h)) for h in range(n_hrfs)]
-    groups = [(h, idx) for h, idx in groups if idx.size]
+    # Voxels sorted by HRF (one column gather per run, np.take: 5x faster than fancy indexing) make each HRF's
+    # product a contiguous block; one more gather puts the rotated data back in voxel order.
+    order, groups = hrf_groups(hrf_index)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
     for r in range(n_runs):
         if orthogonal_to is None or orthogonal_to[r] == 0:
             yt = project_out(nuisance[r], data[r])
@@ -417,11 +420,19 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
         used = [h for h, _ in groups]
         xt = _projected_designs(regressors[r][used], nuisance[r])
         u, sv, vt = np.linalg.svd(xt, full_matrices=False)
-        for i, (h, idx) in enumerate(groups):
-            W[r, h, :kr, :kr] = vt[i].T
-            s[r, h, :kr] = sv[i]
-            with _blas_threads(idx.size):
-                Z[r, :kr][:, idx] = u[i].T.astype(np.float32) @ yt[:, idx]
+        # Fewer volumes than trials (a real-time run cut short) leave only m < kr singular values: the others are
+        # zero, which the gains treat as the pseudo-inverse does.
+        m = sv.shape[1]
+        sorted_y = np.take(yt, order, axis=1)
+        del yt
+        sorted_z = np.empty((m, n_vox), dtype=np.float32)
+        for i, (h, cols) in enumerate(groups):
+            W[r, h, :kr, :m] = vt[i].T
+            s[r, h, :m] = sv[i]
+            with _blas_threads(cols.stop - cols.start):
+                np.matmul(u[i].T.astype(np.float32), sorted_y[:, cols], out=sorted_z[:, cols])
+        del sorted_y
+        np.take(sorted_z, inverse, axis=1, out=Z[r, :m])
     return Rotated(W, s, Z, yss, n_trials)
 
 
@@ -834,10 +845,41 @@ def rescale_to(betas: np.ndarray, target: np.ndarray) -> np.ndarray:
                                 np.empty((betas.shape[1], 2)))
 
 
-def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Single-trial betas (n_all_trials, V) float32 and residual SS per voxel for ``alphas (R, V)``."""
-    return kernels.ridge_betas(hrf_index.astype(np.int64), rot.W, rot.s, rot.Z, np.ascontiguousarray(alphas),
-                               rot.yss, rot.n_trials, rot.run_offsets)
+def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray,
+                  chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Single-trial betas (n_all_trials, V) float32 and residual SS per voxel for ``alphas (R, V)``.
+
+    Voxels sorted by HRF, in pieces of at most ``chunk`` (parallel threads): per run, the gains times the rotated
+    data (:func:`kernels.ridge_gains`, which also updates the residuals), then one BLAS product with the run's right
+    singular vectors gives the piece's betas."""
+    n_runs, n_vox = alphas.shape
+    offsets = rot.run_offsets
+    order, groups = hrf_groups(hrf_index)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    k_max = int(rot.n_trials.max(initial=0))
+    betas = np.zeros((int(offsets[-1]), n_vox), dtype=np.float32)  # columns in HRF order
+    sse = np.empty(n_vox)
+    pieces = [(h, slice(first, min(first + chunk, cols.stop))) for h, cols in groups
+              for first in range(cols.start, cols.stop, chunk)]
+
+    def one_piece(piece) -> None:
+        h, cols = piece
+        vox = order[cols]
+        z = np.take(rot.Z, vox, axis=2)
+        a = np.take(alphas, vox, axis=1).astype(np.float64)
+        res = np.take(rot.yss, vox, axis=1).sum(axis=0)
+        gz = np.empty((k_max, vox.size))
+        for r in range(n_runs):
+            kr = int(rot.n_trials[r])
+            if kr == 0:
+                continue
+            kernels.ridge_gains(rot.s[r, h, :kr], a[r], z[r, :kr], gz[:kr], res)
+            np.matmul(rot.W[r, h, :kr, :kr], gz[:kr], out=betas[offsets[r]:offsets[r] + kr, cols])
+        sse[cols] = res
+
+    parallel_map(one_piece, pieces)
+    return np.take(betas, inverse, axis=1), np.take(sse, inverse)
 
 
 # --- designs -------------------------------------------------------------------------------------------------------

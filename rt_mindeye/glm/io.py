@@ -52,6 +52,16 @@ def _image_data(img: nib.spatialimages.SpatialImage, path: str | Path) -> np.nda
     return np.asarray(img.dataobj, dtype=np.float32)
 
 
+def _masked_series(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The (T, V) C-ordered time series of a 4-D image's voxels in ``mask`` (in ``data[mask]``'s order). NIfTI data
+    are Fortran-ordered: viewed as (T, X*Y*Z) they are C-ordered, and one column gather (``np.take``) builds the
+    result (``data[mask].T`` gathers strided rows, then transposes: 0.2 s instead of 6 ms per 20,000-voxel run)."""
+    if data.flags.f_contiguous:
+        series = data.reshape(-1, data.shape[3], order="F").T
+        return np.take(series, np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F"), axis=1)
+    return np.ascontiguousarray(data[mask].T)
+
+
 def _default_mask(first_run: np.ndarray, brain_fraction: float, brain_percentile: float) -> np.ndarray:
     """Voxels whose mean intensity over the first run exceeds ``brain_fraction`` of its ``brain_percentile``-th
     percentile."""
@@ -99,8 +109,7 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
 
     def masked(index: int):
         data = first if index == 0 and first is not None else _image_data(images[index], bold_paths[index])
-        run = np.ascontiguousarray(data[mask].T)
-        return run, (np.ascontiguousarray(data[noise_mask].T) if separate else None)
+        return _masked_series(data, mask), (_masked_series(data, noise_mask) if separate else None)
 
     loaded = parallel_map(masked, range(len(images)))
     del first

@@ -160,13 +160,6 @@ def scale_offset(betas, target, out):
     return out
 
 
-@njit(cache=True, inline="always")
-def _gain(s, alpha, smax):
-    if s <= SINGULAR_TOL * smax:
-        return 0.0
-    return s / (s * s + alpha)
-
-
 @njit(cache=True, nogil=True, fastmath=True)
 def gained(s, alphas, z, out):
     """``out[k, v] = g(s[k], alphas[v]) * z[k, v]``: the ridge gains of one run's design (singular values ``s (K,)``,
@@ -186,6 +179,29 @@ def gained(s, alphas, z, out):
         for v in range(n_vox):
             out[k, v] = sk / (s2 + alphas[v]) * z[k, v]
     return out
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def ridge_gains(s, alphas, z, out, sse):
+    """``out[k, v] = g(s[k], alphas[v]) * z[k, v]`` as :func:`gained` (``W @ out`` are the ridge betas), and each
+    voxel's residual sum of squares updated in the rotated basis: ``sse[v] += ||(1 - s g) z||^2 - ||z||^2`` (with
+    ``sse`` starting at ``||Yt||^2``). Serial, without the GIL."""
+    n_k, n_vox = z.shape
+    smax = s[0] if n_k else 0.0
+    for k in range(n_k):
+        sk = s[k]
+        if sk <= SINGULAR_TOL * smax:
+            for v in range(n_vox):
+                out[k, v] = 0.0  # the residual keeps this component: e = z
+            continue
+        s2 = sk * sk
+        for v in range(n_vox):
+            zz = np.float64(z[k, v])
+            g = sk / (s2 + alphas[v])
+            out[k, v] = g * zz
+            e = (1.0 - sk * g) * zz
+            sse[v] += e * e - zz * zz
+    return out, sse
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -231,38 +247,3 @@ def repeat_badness(beta, counts, sums, out):
             b = beta[j, v]
             out[v] += b * (c * b - 2.0 * sums[j, v])
     return out
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def ridge_betas(hrf_index, W, s, Z, alphas, yss, n_trials, run_offsets):
-    """Single-trial betas ``(n_all_trials, V)`` with one ridge parameter per (run, voxel) and the residual sum of
-    squares per voxel summed over runs."""
-    n_runs, n_vox = alphas.shape
-    k_max = Z.shape[1]
-    betas = np.zeros((run_offsets[n_runs], n_vox), dtype=np.float32)
-    sse = np.zeros(n_vox)
-    for v in prange(n_vox):
-        h = hrf_index[v]
-        zg = np.zeros(k_max)
-        total = 0.0
-        for r in range(n_runs):
-            kr = n_trials[r]
-            smax = s[r, h, 0]
-            alpha = alphas[r, v]
-            res = yss[r, v]
-            for k in range(kr):
-                g = _gain(s[r, h, k], alpha, smax)
-                z = Z[r, k, v]
-                zg[k] = g * z
-                # ||Yt - Xt b||^2 = ||Yt||^2 - ||z||^2 + ||(1 - s g) z||^2 in the rotated basis.
-                e = (1.0 - s[r, h, k] * g) * z
-                res += e * e - z * z
-            total += res
-            base = run_offsets[r]
-            for p in range(kr):
-                acc = 0.0
-                for k in range(kr):
-                    acc += W[r, h, p, k] * zg[k]
-                betas[base + p, v] = acc
-        sse[v] = total
-    return betas, sse

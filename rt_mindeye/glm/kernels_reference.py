@@ -62,20 +62,13 @@ def repeat_badness(beta, counts, sums, out):
     return out
 
 
-def ridge_betas(hrf_index, W, s, Z, alphas, yss, n_trials, run_offsets):
-    n_runs, n_vox = alphas.shape
-    betas = np.zeros((run_offsets[n_runs], n_vox), dtype=np.float32)
-    sse = yss.sum(axis=0).copy()
-    groups = [(h, np.flatnonzero(hrf_index == h)) for h in np.unique(hrf_index)]
-    for r in range(n_runs):
-        kr = n_trials[r]
-        for h, idx in groups:
-            g = _gains(s[r, h, :kr], alphas[r, idx])
-            z = Z[r, :kr][:, idx]
-            e = (1.0 - s[r, h, :kr, None] * g) * z
-            sse[idx] += (e * e - z * z).sum(axis=0)
-            betas[run_offsets[r]:run_offsets[r] + kr, idx] = W[r, h][:kr, :kr] @ (g * z)
-    return betas, sse
+def ridge_gains(s, alphas, z, out, sse):
+    g = _gains(s, alphas)
+    z = z.astype(np.float64)
+    out[...] = g * z
+    e = (1.0 - s[:, None] * g) * z
+    sse += (e * e - z * z).sum(axis=0)
+    return out, sse
 
 
 def column_sum_squares(y, out):
