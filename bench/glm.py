@@ -59,8 +59,8 @@ console = Console()
 @contextmanager
 def numpy_kernels():
     """Swap the numba kernels for the plain numpy ones (the ratio baseline)."""
-    names = ("fraction_alphas", "gained", "pair_squared_differences", "pair_sums", "repeat_badness", "ridge_gains",
-             "column_sum_squares", "row_sum_squares", "percent_signal", "scale_offset", "lag1_sums")
+    names = ("fraction_alphas", "pair_squared_differences", "pair_sums", "gained_badness", "weighted_squares",
+             "ridge_gains", "column_sum_squares", "row_sum_squares", "percent_signal", "scale_offset", "lag1_sums")
     saved = {n: getattr(kernels, n) for n in names}
     try:
         for n in names:

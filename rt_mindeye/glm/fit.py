@@ -646,43 +646,60 @@ def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test:
     candidate ridge parameter ``alphas (F, V)`` (one per voxel for all runs), against the held-out unregularised
     betas ``test (n_cv, V)``: (F, V).
 
-    The sum over (held-out trial, repeat) pairs is written out per repeat (:func:`kernels.repeat_badness`), so each
-    run's cross-validation betas are read once, straight after their product, and never stored whole. Voxels are
-    grouped by HRF and cut into pieces of at most ``chunk`` (one piece's rotated data, betas and sums stay in cache):
-    a run's cross-validation betas of a piece under one fraction are one BLAS product ``W[cv rows] @ (g * z)``;
-    pieces run in parallel threads (the kernels release the GIL)."""
+    The sum over (held-out trial ``i_p``, repeat ``m_p``) pairs is written out per trial: ``sum_p (b[m_p] -
+    t[i_p])^2 = sum_j c_j b_j^2 - 2 sum_j b_j u_j + sum_p t[i_p]^2``, ``c_j`` the pairs whose repeat is trial ``j``
+    (0 for trials without repeats), ``u_j`` the sum of their held-out betas. A run's ridge betas are ``b = W x``,
+    ``x = g * z``, with ``W`` orthonormal, so with ``c`` the run's most common ``c_j``: ``sum_j c_j b_j^2 =
+    c ||x||^2 + sum_j (c_j - c) b_j^2`` and ``sum_j b_j u_j = (W' u) . x``. Only the trials whose count differs from
+    ``c`` (e.g. images shown once) need their betas: per fraction a few rows of ``W`` instead of all of them, about a
+    seventh of the products when most images are repeated in other runs.
+
+    Voxels are grouped by HRF and cut into pieces of at most ``chunk`` (a piece's data stay in cache); pieces run in
+    parallel threads (the kernels release the GIL)."""
     n_frac, n_vox = alphas.shape
     order, groups = hrf_groups(hrf_index)
     held_out = cv.held_out
     counts = np.bincount(cv.mates_idx, minlength=cv.n_trials).astype(np.float64)
     held_counts = np.bincount(held_out, minlength=cv.n_trials).astype(np.float64)
-    runs = [(r, slice(int(cv.run_cv_ptr[r]), int(cv.run_cv_ptr[r + 1]))) for r in range(rot.s.shape[0])
-            if cv.run_cv_ptr[r + 1] > cv.run_cv_ptr[r] and rot.n_trials[r] > 0]
-    # The cross-validation rows of each run's right singular vectors, shared by all fractions.
-    w_rows = {(r, h): np.ascontiguousarray(rot.W[r, h][cv.cv_pos[rows], :int(rot.n_trials[r])])
-              for r, rows in runs for h, _ in groups}
+    runs = []
+    for r in range(rot.s.shape[0]):
+        rows = slice(int(cv.run_cv_ptr[r]), int(cv.run_cv_ptr[r + 1]))
+        kr = int(rot.n_trials[r])
+        if rows.stop == rows.start or kr == 0:
+            continue
+        trial_counts = np.zeros(kr)
+        trial_counts[cv.cv_pos[rows]] = counts[rows]
+        values, times = np.unique(trial_counts, return_counts=True)
+        common = float(values[np.argmax(times)])
+        differ = np.flatnonzero(trial_counts != common)
+        runs.append((r, rows, kr, common, differ, trial_counts[differ] - common))
+    # Per run and HRF: the rows of W that map the sums to W' u, and those of the trials whose count differs.
+    w_cv = {(r, h): np.ascontiguousarray(rot.W[r, h][cv.cv_pos[rows], :kr])
+            for r, rows, kr, *_ in runs for h, _ in groups}
+    w_differ = {(r, h): np.ascontiguousarray(rot.W[r, h][differ, :kr])
+                for r, _, kr, _, differ, _ in runs for h, _ in groups}
     k_max = int(rot.n_trials.max(initial=0))
-    widest = max((rows.stop - rows.start for _, rows in runs), default=0)
     pieces = [(h, order[first:min(first + chunk, cols.stop)]) for h, cols in groups
               for first in range(cols.start, cols.stop, chunk)]
 
     def one_piece(piece) -> np.ndarray:
         h, vox = piece
-        t = np.ascontiguousarray(test[:, vox], dtype=np.float64)
+        t = np.take(test, vox, axis=1).astype(np.float64, copy=False)
         sums = kernels.pair_sums(t, held_out, cv.mates_idx, np.zeros_like(t))
         out = np.empty((n_frac, vox.size))
         out[:] = held_counts @ (t * t)  # sum_p test[held_out[p]]^2
-        a = np.ascontiguousarray(alphas[:, vox], dtype=np.float64)
-        z = rot.Z[:, :, vox]
+        a = np.take(alphas, vox, axis=1).astype(np.float64, copy=False)
+        z = np.take(rot.Z, vox, axis=2)
         gz = np.empty((k_max, vox.size))
-        beta = np.empty((widest, vox.size))
-        for r, rows in runs:
-            kr = int(rot.n_trials[r])
-            n = rows.stop - rows.start
+        beta = np.empty((k_max, vox.size))
+        for r, rows, kr, common, differ, excess in runs:
+            q = w_cv[r, h].T @ sums[rows]
+            rows_differ = w_differ[r, h]
             for f in range(n_frac):
-                kernels.gained(rot.s[r, h, :kr], a[f], z[r, :kr], gz[:kr])
-                np.matmul(w_rows[r, h], gz[:kr], out=beta[:n])
-                kernels.repeat_badness(beta[:n], counts[rows], sums[rows], out[f])
+                kernels.gained_badness(rot.s[r, h, :kr], a[f], z[r, :kr], q, common, gz[:kr], out[f])
+                if differ.size:
+                    np.matmul(rows_differ, gz[:kr], out=beta[:differ.size])
+                    kernels.weighted_squares(beta[:differ.size], excess, out[f])
         return out
 
     out = np.empty((n_frac, n_vox))

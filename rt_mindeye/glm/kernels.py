@@ -161,29 +161,9 @@ def scale_offset(betas, target, out):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def gained(s, alphas, z, out):
-    """``out[k, v] = g(s[k], alphas[v]) * z[k, v]``: the ridge gains of one run's design (singular values ``s (K,)``,
-    descending) times a group of voxels' rotated data ``z (K, V)``; ``W @ out`` are then their ridge betas.
-
-    Serial and without the GIL: the caller runs several at once (one fraction per thread) and the product with
-    ``W`` is a BLAS call."""
-    n_k, n_vox = z.shape
-    smax = s[0] if n_k else 0.0
-    for k in range(n_k):
-        sk = s[k]
-        if sk <= SINGULAR_TOL * smax:
-            for v in range(n_vox):
-                out[k, v] = 0.0
-            continue
-        s2 = sk * sk
-        for v in range(n_vox):
-            out[k, v] = sk / (s2 + alphas[v]) * z[k, v]
-    return out
-
-
-@njit(cache=True, nogil=True, fastmath=True)
 def ridge_gains(s, alphas, z, out, sse):
-    """``out[k, v] = g(s[k], alphas[v]) * z[k, v]`` as :func:`gained` (``W @ out`` are the ridge betas), and each
+    """``out[k, v] = g(s[k], alphas[v]) * z[k, v]`` with the ridge gains ``g = s / (s^2 + alpha)`` of one run's design
+    (singular values ``s (K,)``, descending; 0 for negligible ones): ``W @ out`` are the ridge betas. And each
     voxel's residual sum of squares updated in the rotated basis: ``sse[v] += ||(1 - s g) z||^2 - ||z||^2`` (with
     ``sse`` starting at ``||Yt||^2``). Serial, without the GIL."""
     n_k, n_vox = z.shape
@@ -234,16 +214,34 @@ def pair_sums(test, held_out, mates, out):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def repeat_badness(beta, counts, sums, out):
-    """``out[v] += sum_j beta[j, v] * (counts[j] * beta[j, v] - 2 sums[j, v])``: the part of GLMsingle's
-    ``calcbadness`` that depends on the betas ``beta (n, V)`` of the repeats ``j``, written out as
-    ``sum_p (beta[mates[p]] - test[held_out[p]])^2 = sum_j counts[j] beta[j]^2 - 2 beta[j] sums[j] + const`` with
-    ``counts[j]`` the pairs whose repeat is ``j`` and ``sums[j]`` their held-out betas' sum (:func:`pair_sums`).
-    Serial, without the GIL."""
+def gained_badness(s, alphas, z, q, weight, out, badness):
+    """``out = g * z`` as :func:`ridge_gains` (the ridge betas being ``W @ out``) and, with ``W`` orthonormal, the
+    part of GLMsingle's ``calcbadness`` that every trial's beta shares: ``badness[v] += weight * ||out[:, v]||^2 -
+    2 q[:, v] . out[:, v]`` (``weight * ||W x||^2 = weight * ||x||^2``; ``q = W' sums``, see
+    :func:`fit.ridge_badness`). Serial, without the GIL."""
+    n_k, n_vox = z.shape
+    smax = s[0] if n_k else 0.0
+    for k in range(n_k):
+        sk = s[k]
+        if sk <= SINGULAR_TOL * smax:
+            for v in range(n_vox):
+                out[k, v] = 0.0
+            continue
+        s2 = sk * sk
+        for v in range(n_vox):
+            x = sk / (s2 + alphas[v]) * z[k, v]
+            out[k, v] = x
+            badness[v] += x * (weight * x - 2.0 * q[k, v])
+    return out, badness
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def weighted_squares(beta, weights, out):
+    """``out[v] += sum_j weights[j] * beta[j, v]^2``. Serial, without the GIL."""
     n, n_vox = beta.shape
     for j in range(n):
-        c = counts[j]
+        w = weights[j]
         for v in range(n_vox):
             b = beta[j, v]
-            out[v] += b * (c * b - 2.0 * sums[j, v])
+            out[v] += w * b * b
     return out

@@ -40,11 +40,6 @@ def _gains(s_row, alphas):
     return g
 
 
-def gained(s, alphas, z, out):
-    out[...] = _gains(s, alphas) * z
-    return out
-
-
 def pair_squared_differences(beta, test, held_out, mates):
     out = np.zeros(beta.shape[1])
     for start in range(0, held_out.size, 256):
@@ -57,8 +52,14 @@ def pair_sums(test, held_out, mates, out):
     return out
 
 
-def repeat_badness(beta, counts, sums, out):
-    out += (beta * (counts[:, None] * beta - 2.0 * sums)).sum(axis=0)
+def gained_badness(s, alphas, z, q, weight, out, badness):
+    out[...] = _gains(s, alphas) * z
+    badness += (out * (weight * out - 2.0 * q)).sum(axis=0)
+    return out, badness
+
+
+def weighted_squares(beta, weights, out):
+    out += (weights[:, None] * beta * beta).sum(axis=0)
     return out
 
 

@@ -158,8 +158,9 @@ def test_beta_space_cv_kernel_equals_brute_force_calcbadness(monkeypatch):
     designs, data, hrf_index, W, s, Z, yss = _random_problem(rng, n_runs=3, k=4)
     n_runs, _, t, k = designs.shape
     from rt_mindeye.glm.fit import cross_validation_sets
-    # Trials 0 and 1 of every run repeat across runs (conditions a, b); trials 2 and 3 are unique.
-    events = [RunEvents(np.arange(4.0), np.ones(4), ("a", "b", f"u{r}", f"v{r}")) for r in range(n_runs)]
+    # Trials 0-2 of every run repeat across runs (conditions a, b, c: two repeats each, the count most trials have);
+    # trial 3 is unique.
+    events = [RunEvents(np.arange(4.0), np.ones(4), ("a", "b", "c", f"u{r}")) for r in range(n_runs)]
     cv = cross_validation_sets(events)
     alphas = rng.uniform(0, 5, size=(2, data.shape[2]))
     n_trials = np.full(n_runs, k, dtype=np.int64)
@@ -169,7 +170,7 @@ def test_beta_space_cv_kernel_equals_brute_force_calcbadness(monkeypatch):
         return [np.linalg.solve(xr.T @ xr + alpha * np.eye(k), xr.T @ data[r][:, v]) for r, xr in enumerate(x)]
 
     test = np.array([[betas_of(v, 0.0)[r][trial] for v in range(data.shape[2])]
-                     for r in range(n_runs) for trial in (0, 1)])
+                     for r in range(n_runs) for trial in (0, 1, 2)])
     from rt_mindeye.glm.fit import Rotated, ridge_badness
     rot = Rotated(W, s, Z, yss, n_trials)
     got = ridge_badness(rot, hrf_index, alphas, test, cv)
@@ -178,10 +179,10 @@ def test_beta_space_cv_kernel_equals_brute_force_calcbadness(monkeypatch):
             ridge, ols = betas_of(v, alphas[f, v]), betas_of(v, 0.0)
             # GLMsingle's calcbadness: each held-out unregularised beta against its repeats in the other runs.
             want = sum((ridge[o][trial] - ols[r][trial]) ** 2 for r in range(n_runs) for o in range(n_runs)
-                       if o != r for trial in (0, 1))
+                       if o != r for trial in (0, 1, 2))
             assert np.isclose(got[f, v], want, rtol=1e-4), (f, v)
     # The plain numpy kernels (the bench's baseline) give the same numbers.
-    for name in ("gained", "pair_sums", "repeat_badness"):
+    for name in ("gained_badness", "pair_sums", "weighted_squares"):
         monkeypatch.setattr(kernels, name, getattr(kernels_reference, name))
     ref = ridge_badness(rot, hrf_index, alphas, test, cv)
     assert np.allclose(ref, got, rtol=1e-6)
