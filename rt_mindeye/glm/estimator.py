@@ -367,15 +367,16 @@ class GLMSingle:
         components = [np.zeros((y.shape[0], 0)) for y in psc]
         if model in ("c", "d") and self.max_pcs > 0 and pool_index.size > 1:
             n_want = self.max_pcs if self.n_pcs is None else max(int(self.n_pcs), 0)
-            components = [F.noise_components(y[:, pool_index], b, n_want, projected=True)
+            components = [F.noise_components(np.take(y, pool_index, axis=1), b, n_want, projected=True)
                           for y, b in zip(noise_psc, bases)]
             n_max = min(c.shape[1] for c in components)
             if self.n_pcs is not None:
                 n_pcs = min(int(self.n_pcs), n_max)
             elif cv.n_trials:
                 stage = "noise PCs (cross-validation)"
-                pc_scores = F.pc_count_scores([y[:, pcvoxels] for y in psc], regs, bases, components,
-                                              hrf_index[pcvoxels], cv, n_max,
+                pc_index = np.flatnonzero(pcvoxels)
+                pc_scores = F.pc_count_scores([np.take(y, pc_index, axis=1) for y in psc], regs, bases,
+                                              components, hrf_index[pc_index], cv, n_max,
                                               progress=lambda done, total: self._report(stage, done, total))
                 n_pcs = F.choose_pc_count(pc_scores, self.pc_stop)
         nuisance = [np.concatenate([b, c[:, :n_pcs]], axis=1) for b, c in zip(bases, components)]
@@ -408,9 +409,10 @@ class GLMSingle:
         if n_live > 0:
             # The pool's data are orthogonal to the basis: the live components differ from those of the raw
             # volumes only by their drift/motion part, which the coefficients' fit projects out anyway.
-            loadings, scale = F.spatial_noise_loadings([y[:, live_index] for y in psc], bases, n_live,
-                                                       projected=True)
-            live = [F.live_components(y[:, live_index], loadings, scale) for y in psc]
+            pool = [np.take(y, live_index, axis=1) for y in psc]
+            loadings, scale = F.spatial_noise_loadings(pool, bases, n_live, projected=True)
+            live = [F.live_components(y, loadings, scale) for y in pool]
+            del pool
             noise_coef = F.noise_coefficients(psc, regs, bases, live, hrf_index).astype(np.float32)
         else:
             loadings, scale = np.zeros((live_index.size, 0)), np.ones(live_index.size)
@@ -420,9 +422,10 @@ class GLMSingle:
         if noise_runs is not None and model in ("c", "d") and pool_index.size > 1:
             n_ext = n_live if n_live > 0 else min(n_pcs, pool_index.size - 1)
             if n_ext > 0:
-                ext_loadings, ext_scale = F.spatial_noise_loadings([y[:, pool_index] for y in noise_psc], bases,
-                                                                   n_ext, projected=True)
-                ext_live = [F.live_components(y[:, pool_index], ext_loadings, ext_scale) for y in noise_psc]
+                pool = [np.take(y, pool_index, axis=1) for y in noise_psc]
+                ext_loadings, ext_scale = F.spatial_noise_loadings(pool, bases, n_ext, projected=True)
+                ext_live = [F.live_components(y, ext_loadings, ext_scale) for y in pool]
+                del pool
                 ext_coef = (F.noise_coefficients(psc, regs, bases, ext_live, hrf_index).astype(np.float32)
                             if n_live > 0 else None)
                 external = dict(n_noise_voxels=int(noise_psc[0].shape[1]), noise_ext_index=pool_index,

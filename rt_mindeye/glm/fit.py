@@ -271,7 +271,8 @@ def noise_components(pool_psc: np.ndarray, basis: np.ndarray, n_components: int,
     index = np.flatnonzero(good)
     for first in range(0, index.size, 16384):
         part = index[first:first + 16384]
-        scaled = pool[:, part].astype(np.float64) / norms[part]
+        scaled = np.take(pool, part, axis=1).astype(np.float64)
+        scaled /= norms[part]
         gram += scaled @ scaled.T
     evals, evecs = np.linalg.eigh(gram)
     comps = evecs[:, ::-1][:, :n]
@@ -749,7 +750,7 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
     offsets = np.concatenate([[0], np.cumsum(n_trials)]).astype(np.int64)
     pre = []
     for r in range(n_runs):
-        y = data[r][:, order]
+        y = np.take(data[r], order, axis=1)
         comps = np.asarray(components[r][:, :n_max], dtype=np.float64)
         cy = (comps.T.astype(np.float32) @ y).astype(np.float64)
         xt = _projected_designs(regressors[r][used], bases[r])
@@ -931,21 +932,26 @@ def noise_coefficients(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
     out = np.zeros((n_vox, n))
     if n == 0:
         return out
-    used = np.unique(hrf_index)
-    gram = {int(h): np.zeros((n, n)) for h in used}
-    cross = np.zeros((n, n_vox))
-    groups = {int(h): np.flatnonzero(hrf_index == h) for h in used}
+    order, groups = hrf_groups(hrf_index)
+    gram = {h: np.zeros((n, n)) for h, _ in groups}
+    cross = np.zeros((n, n_vox))  # voxels in HRF order
     for r, y in enumerate(data):
-        for h, idx in groups.items():
+        sorted_y = np.take(y, order, axis=1)  # each HRF's voxels one slice (one gather per run)
+
+        def one_hrf(group) -> None:  # HRFs on parallel threads: each owns its Gram matrix and columns
+            h, cols = group
             q, _ = np.linalg.qr(np.concatenate([bases[r], regressors[r][h]], axis=1))
             ct = components[r] - q @ (q.T @ components[r])
             gram[h] += ct.T @ ct
-            for start in range(0, idx.size, chunk):
-                part = idx[start:start + chunk]
-                cross[:, part] += ct.T @ y[:, part].astype(np.float64)
-    for h, idx in groups.items():
+            for start in range(cols.start, cols.stop, chunk):
+                part = slice(start, min(start + chunk, cols.stop))
+                cross[:, part] += ct.T @ sorted_y[:, part].astype(np.float64)
+
+        parallel_map(one_hrf, groups)
+        del sorted_y
+    for h, cols in groups:
         g = gram[h] + 1e-9 * max(np.trace(gram[h]), 1e-300) * np.eye(n)
-        out[idx] = np.linalg.solve(g, cross[:, idx]).T
+        out[order[cols]] = np.linalg.solve(g, cross[:, cols]).T
     return out
 
 
