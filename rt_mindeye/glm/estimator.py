@@ -411,7 +411,7 @@ class GLMSingle:
             # volumes only by their drift/motion part, which the coefficients' fit projects out anyway.
             pool = [np.take(y, live_index, axis=1) for y in psc]
             loadings, scale = F.spatial_noise_loadings(pool, bases, n_live, projected=True)
-            live = [F.live_components(y, loadings, scale) for y in pool]
+            live = F.parallel_map(lambda y: F.live_components(y, loadings, scale), pool)
             del pool
             noise_coef = F.noise_coefficients(psc, regs, bases, live, hrf_index).astype(np.float32)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,21 +18,6 @@ import numpy as np
 from rt_mindeye.glm import kernels
 from rt_mindeye.glm.design import RunEvents, drift_degree, frame_times, orthonormal_basis, polynomial_drift
 from rt_mindeye.glm.hrf import HRFSet
-
-
-try:  # optional (see estimator.py): the fit runs with one BLAS thread, the large products below with all cores
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover - threadpoolctl is a soft dependency
-    threadpool_limits = None
-
-#: Voxels above which a (k x T) x (T x V) product is worth BLAS's threads (small SVDs are not: see estimator.py).
-PARALLEL_VOXELS = 20000
-
-
-def _blas_threads(n_voxels: int):
-    if threadpool_limits is None or n_voxels < PARALLEL_VOXELS:
-        return nullcontext()
-    return threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")
 
 
 try:  # numpy's switch for madvise(MADV_HUGEPAGE) on its large allocations (private, but stable since numpy 1.16)
@@ -288,6 +273,32 @@ def subsample_pool(pool_mask: np.ndarray, max_voxels: int) -> np.ndarray:
     return idx
 
 
+def _row_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` with blocks of ``a``'s rows on :func:`parallel_map`'s threads (each element as one BLAS call
+    computes it)."""
+    blocks = voxel_chunks(a.shape[0], 256)
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+
+    def block(rows: slice) -> None:
+        np.matmul(a[rows], b, out=out[rows])
+
+    parallel_map(block, blocks)
+    return out
+
+
+def _gram_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a.T @ (a @ b)`` for a wide ``a`` (T, P), both products split over :func:`parallel_map`'s threads (rows of
+    ``a``, then its columns)."""
+    middle = _row_product(a, b)
+    out = np.empty((a.shape[1], b.shape[1]), dtype=np.result_type(a, middle))
+
+    def block(cols: slice) -> None:
+        np.matmul(a[:, cols].T, middle, out=out[cols])
+
+    parallel_map(block, voxel_chunks(a.shape[1], 4096))
+    return out
+
+
 def spatial_noise_loadings(pool_psc_runs: Sequence[np.ndarray], bases: Sequence[np.ndarray], n_components: int,
                            seed: int = 0, projected: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Frozen spatial loadings (P, n) and voxel scales (P,) of the session's noise components, for real-time use.
@@ -307,13 +318,12 @@ def spatial_noise_loadings(pool_psc_runs: Sequence[np.ndarray], bases: Sequence[
     if n <= 0:
         return np.zeros((stacked.shape[1], 0)), scale
     rng = np.random.default_rng(seed)
-    with _blas_threads(stacked.shape[1]):
-        sketch = stacked.T @ (stacked @ rng.standard_normal((stacked.shape[1], n + 10)).astype(np.float32))
-        for _ in range(3):
-            sketch, _ = np.linalg.qr(sketch)
-            sketch = stacked.T @ (stacked @ sketch)
-        q, _ = np.linalg.qr(sketch.astype(np.float64))
-        _, _, vt = np.linalg.svd((stacked @ q.astype(np.float32)).astype(np.float64), full_matrices=False)
+    sketch = _gram_product(stacked, rng.standard_normal((stacked.shape[1], n + 10)).astype(np.float32))
+    for _ in range(3):
+        sketch, _ = np.linalg.qr(sketch)
+        sketch = _gram_product(stacked, sketch)
+    q, _ = np.linalg.qr(sketch.astype(np.float64))
+    _, _, vt = np.linalg.svd(_row_product(stacked, q.astype(np.float32)).astype(np.float64), full_matrices=False)
     loadings = q @ vt.T[:, :n]
     signs = np.sign(loadings[np.argmax(np.abs(loadings), axis=0), np.arange(n)])
     return loadings * signs, scale
@@ -405,7 +415,9 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     order, groups = hrf_groups(hrf_index)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
-    for r in range(n_runs):
+    used = [h for h, _ in groups]
+
+    def one_run(r: int) -> None:  # runs on parallel threads, each writing its own slices
         if orthogonal_to is None or orthogonal_to[r] == 0:
             yt = project_out(nuisance[r], data[r])
             yss[r] = sum_squares(yt)
@@ -417,8 +429,7 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
                 yss[r] -= sum_squares(extra.T.astype(np.float32) @ yt)
         kr = int(n_trials[r])
         if kr == 0:
-            continue
-        used = [h for h, _ in groups]
+            return
         xt = _projected_designs(regressors[r][used], nuisance[r])
         u, sv, vt = np.linalg.svd(xt, full_matrices=False)
         # Fewer volumes than trials (a real-time run cut short) leave only m < kr singular values: the others are
@@ -430,10 +441,11 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
         for i, (h, cols) in enumerate(groups):
             W[r, h, :kr, :m] = vt[i].T
             s[r, h, :m] = sv[i]
-            with _blas_threads(cols.stop - cols.start):
-                np.matmul(u[i].T.astype(np.float32), sorted_y[:, cols], out=sorted_z[:, cols])
+            np.matmul(u[i].T.astype(np.float32), sorted_y[:, cols], out=sorted_z[:, cols])
         del sorted_y
         np.take(sorted_z, inverse, axis=1, out=Z[r, :m])
+
+    parallel_map(one_run, range(n_runs))
     return Rotated(W, s, Z, yss, n_trials)
 
 
@@ -916,7 +928,7 @@ def onoff_regressors(regressors: np.ndarray) -> np.ndarray:
 
 def live_components(pool_psc: np.ndarray, loadings: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(T, n) live noise regressors of one run, exactly as the real-time stage computes them from each volume."""
-    return (np.asarray(pool_psc, dtype=np.float64) / scale) @ loadings
+    return np.divide(pool_psc, scale, dtype=np.float64) @ loadings
 
 
 def noise_coefficients(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], bases: Sequence[np.ndarray],
