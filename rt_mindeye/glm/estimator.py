@@ -277,12 +277,8 @@ class GLMSingle:
         self.betas_by_type_: dict[str, np.ndarray] = {}
 
         self._report("prepare", 0, n_runs)
-        psc, means = [], []
-        for r, run in enumerate(data):
-            p, m = F.percent_signal(run)
-            psc.append(p)
-            means.append(m)
-            self._report("prepare", r + 1, n_runs)
+        psc, means = map(list, zip(*F.parallel_map(F.percent_signal, data)))
+        self._report("prepare", n_runs, n_runs)
         mean = np.mean(means, axis=0)
         valid = np.all(np.asarray(means) > 0, axis=0)
         in_brain = F.brain_voxels(mean, self.brain_percentile, self.brain_fraction) & valid
@@ -331,9 +327,10 @@ class GLMSingle:
         if rho > 0:
             bases = [orthonormal_basis(F.prewhiten(b, rho)) for b in bases]
             for runs in [psc] if noise_psc is psc else [psc, noise_psc]:
-                for r, y in enumerate(runs):  # run by run: whole-brain data are not held twice
-                    runs[r] = F.prewhiten(y, rho)
-                runs[:] = F.project_runs(runs, bases)
+                def whiten(r: int, runs=runs) -> None:  # run by run (whole-brain data are not held twice)
+                    runs[r] = F.project_runs([F.prewhiten(runs[r], rho)], [bases[r]])[0]
+
+                F.parallel_map(whiten, range(len(runs)))
             can_regs = [F.prewhiten(x, rho, axis=1) for x in can_regs]
             onoff_regs = [F.onoff_regressors(x) for x in can_regs]
 
@@ -367,8 +364,9 @@ class GLMSingle:
         components = [np.zeros((y.shape[0], 0)) for y in psc]
         if model in ("c", "d") and self.max_pcs > 0 and pool_index.size > 1:
             n_want = self.max_pcs if self.n_pcs is None else max(int(self.n_pcs), 0)
-            components = [F.noise_components(np.take(y, pool_index, axis=1), b, n_want, projected=True)
-                          for y, b in zip(noise_psc, bases)]
+            components = F.parallel_map(lambda r: F.noise_components(np.take(noise_psc[r], pool_index, axis=1),
+                                                                     bases[r], n_want, projected=True),
+                                        range(n_runs))
             n_max = min(c.shape[1] for c in components)
             if self.n_pcs is not None:
                 n_pcs = min(int(self.n_pcs), n_max)

@@ -166,16 +166,17 @@ def project_runs(runs: Sequence[np.ndarray], bases: Sequence[np.ndarray], chunk:
     Done once per fit: every later stage then works on data already orthogonal to the drift (and motion), so a
     design's left singular vectors (orthogonal to the nuisance too) give the same ``U' y`` without projecting the
     data again, and adding noise components only removes their own part (they are orthogonal to the basis)."""
-    out = []
-    for y, basis in zip(runs, bases):
+    def project(item) -> np.ndarray:  # runs on parallel threads
+        y, basis = item
         y = np.asarray(y, dtype=np.float32)
         if basis.shape[1]:
             b = basis.astype(np.float32)
             for first in range(0, y.shape[1], chunk):
                 part = y[:, first:first + chunk]
                 part -= b @ (b.T @ part)
-        out.append(y)
-    return out
+        return y
+
+    return parallel_map(project, list(zip(runs, bases)))
 
 
 def sum_squares(y: np.ndarray) -> np.ndarray:
@@ -844,12 +845,14 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
     ratio = np.ones((n_grid, n_vox))
     grids = np.zeros((n_hrfs, n_grid))
     grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
-    for h in np.unique(hrf_index):
+    flat_z = rot.Z.reshape(-1, n_vox)  # rows (run, component)
+
+    def one_hrf(h: int) -> None:  # HRFs on parallel threads, each filling its own voxels' columns
         idx = np.flatnonzero(hrf_index == h)
         keep = [(r, k) for r in range(n_runs) for k in range(int(rot.n_trials[r]))
                 if rot.s[r, h, k] > kernels.SINGULAR_TOL * rot.s[r, h, 0] and rot.s[r, h, 0] > 0]
         if not keep:
-            continue
+            return
         rr = np.array([r for r, _ in keep])
         kk = np.array([k for _, k in keep])
         sv = rot.s[rr, h, kk]
@@ -859,12 +862,15 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
         gain2 = (sv[None, :] / (sv[None, :] ** 2 + grid[:, None])) ** 2
         for start in range(0, idx.size, chunk):
             part_idx = idx[start:start + chunk]
-            z2 = rot.Z[rr[:, None], kk[:, None], part_idx[None, :]].astype(np.float64) ** 2
+            z2 = np.take(np.take(flat_z, part_idx, axis=1), rr * rot.Z.shape[1] + kk, axis=0).astype(np.float64)
+            np.square(z2, out=z2)
             norms2 = gain2 @ z2
             with np.errstate(invalid="ignore", divide="ignore"):
                 part = np.sqrt(norms2 / norms2[:1])
             part[:, norms2[0] == 0] = 1.0
             ratio[:, part_idx] = part
+
+    parallel_map(one_hrf, [int(h) for h in np.unique(hrf_index)])
     return kernels.fraction_alphas(ratio, grids, fractions, hrf_index.astype(np.int64))
 
 
