@@ -761,8 +761,8 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
     used = [h for h, _ in groups]
     n_trials = np.array([reg.shape[2] for reg in regressors], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(n_trials)]).astype(np.int64)
-    pre = []
-    for r in range(n_runs):
+
+    def prepare(r: int):  # runs on parallel threads
         y = np.take(data[r], order, axis=1)
         comps = np.asarray(components[r][:, :n_max], dtype=np.float64)
         cy = (comps.T.astype(np.float32) @ y).astype(np.float64)
@@ -770,7 +770,19 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
         grams = np.matmul(xt.transpose(0, 2, 1), xt)
         xcs = np.matmul(xt.transpose(0, 2, 1), comps)
         rhs = [(xt[i].T.astype(np.float32) @ y[:, cols]).astype(np.float64) for i, (_, cols) in enumerate(groups)]
-        pre.append((cy, grams, xcs, rhs))
+        # Without components: B0 = G^-1 A; with the first n, by Woodbury (G_n = G - X_n X_n', X = X~'C):
+        # G_n^-1 (A - X_n c_n) = B0 + P_n S_n^-1 (X_n' B0 - c_n), P = G^-1 X, S_n = I - X_n' P_n (n x n), so each
+        # count costs an n x n solve and a (K x n)(n x V) product per HRF instead of a K x K inverse and product.
+        updates = []
+        for inverse, xc, right in zip(_gram_inverses(grams) if n_trials[r] else [], xcs, rhs):
+            if inverse is None:
+                updates.append(None)
+                continue
+            b0 = inverse @ right
+            updates.append((b0, inverse @ xc, xc.T @ b0))
+        return cy, grams, xcs, rhs, updates
+
+    pre = parallel_map(prepare, range(n_runs))
     rows = offsets[cv.cv_run] + cv.cv_pos
     held_out = cv.held_out
     scores = np.zeros(n_max + 1)
@@ -782,13 +794,18 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
         for r in range(n_runs):
             if n_trials[r] == 0:
                 continue
-            cy, grams, xcs, rhs = pre[r]
+            cy, grams, xcs, rhs, updates = pre[r]
             xc_n = xcs[:, :, :n]
-            inverses = _gram_inverses(grams - np.matmul(xc_n, xc_n.transpose(0, 2, 1)))
+            grams_n = grams - np.matmul(xc_n, xc_n.transpose(0, 2, 1))
+            healthy = _healthy_grams(grams_n)
             for i, (_, cols) in enumerate(groups):
-                right = rhs[i] - xc_n[i] @ cy[:n, cols]
-                betas[offsets[r]:offsets[r + 1], cols] = (inverses[i] @ right if inverses[i] is not None
-                                                          else solve_gram(grams[i] - xc_n[i] @ xc_n[i].T, right))
+                if healthy[i] and updates[i] is not None:
+                    b0, p, d = updates[i]
+                    beta = b0 if n == 0 else b0 + p[:, :n] @ np.linalg.solve(np.eye(n) - xc_n[i].T @ p[:, :n],
+                                                                             d[:n] - cy[:n, cols])
+                else:
+                    beta = solve_gram(grams_n[i], rhs[i] - xc_n[i] @ cy[:n, cols])
+                betas[offsets[r]:offsets[r + 1], cols] = beta
         betas = betas.astype(np.float32).astype(np.float64)  # the kernels' single-precision betas
         train = betas[rows]
         if n == 0:
@@ -802,9 +819,9 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
     return scores
 
 
-def _gram_inverses(grams: np.ndarray) -> list:
-    """Inverses of a stack of Gram matrices (G, K, K) whose Cholesky pivots are healthy
-    (:data:`CHOLESKY_PIVOT_TOL`, as :func:`solve_gram`), None for the others (solved by :func:`solve_gram`)."""
+def _healthy_grams(grams: np.ndarray) -> np.ndarray:
+    """Which of a stack of Gram matrices (G, K, K) have healthy Cholesky pivots (:data:`CHOLESKY_PIVOT_TOL`, as
+    :func:`solve_gram`)."""
     healthy = np.zeros(grams.shape[0], dtype=bool)
     try:
         pivots = np.abs(np.diagonal(np.linalg.cholesky(grams), axis1=1, axis2=2))
@@ -816,6 +833,13 @@ def _gram_inverses(grams: np.ndarray) -> list:
                 healthy[g] = p.min() > CHOLESKY_PIVOT_TOL * p.max()
             except np.linalg.LinAlgError:
                 pass
+    return healthy
+
+
+def _gram_inverses(grams: np.ndarray) -> list:
+    """Inverses of a stack of Gram matrices (G, K, K) whose Cholesky pivots are healthy (:func:`_healthy_grams`),
+    None for the others (solved by :func:`solve_gram`)."""
+    healthy = _healthy_grams(grams)
     out: list = [None] * grams.shape[0]
     if healthy.any():
         for g, inverse in zip(np.flatnonzero(healthy), np.linalg.inv(grams[healthy])):
