@@ -452,7 +452,7 @@ class GLMSingle:
             # The early and refined estimates filter with their own, milder AR(1) (glm.realtime.ar_rho): their
             # signal-to-noise ridge comes from the unwhitened model, as it did before the prewhitening (the
             # prewhitened model's sigma^2 (X'X)^-1 is about twice the noise the betas show, which doubled the live
-            # ridge and cost the refined estimates .02). The data are unwhitened chunk by chunk.
+            # ridge and cost the refined estimates .02). The rotation maps its products instead of unwhitening the data.
             live_snr_alpha = np.zeros(n_vox)
             plain_regs = [F.unprewhiten(x, rho, axis=1) for x in regs]
             plain_nuisance = [orthonormal_basis(np.concatenate([b, F.unprewhiten(c[:, :n_pcs], rho)], axis=1))
@@ -474,8 +474,8 @@ class GLMSingle:
                 snr_scale_offset[part] = F.rescale_to(F.betas_and_sse(rot, h, np.repeat(a[None, :], n_runs,
                                                                                          axis=0))[0], part_ols)
             if live_snr_alpha is not None:
-                plain = F.rotate([F.unprewhiten(y[:, part], rho) for y in psc], plain_regs, plain_nuisance, h,
-                                 hrfs.n_hrfs)
+                plain = F.rotate([y[:, part] for y in psc], plain_regs, plain_nuisance, h, hrfs.n_hrfs,
+                                 unwhiten=rho)
                 live_snr_alpha[part] = F.signal_to_noise_alpha(plain, h, *F.betas_and_sse(
                     plain, h, np.zeros((n_runs, h.size))), dof)
                 del plain

@@ -394,7 +394,8 @@ def _split_nuisance(nuisance: np.ndarray, orthogonal_to: int) -> np.ndarray:
 
 
 def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisance: Sequence[np.ndarray],
-           hrf_index: np.ndarray, n_hrfs: int, orthogonal_to: Sequence[int] | None = None) -> Rotated:
+           hrf_index: np.ndarray, n_hrfs: int, orthogonal_to: Sequence[int] | None = None,
+           unwhiten: float = 0.0) -> Rotated:
     """SVD each run's projected design under each HRF some voxel uses; rotate those voxels' projected data.
 
     ``data[r]`` (T, V) float32, ``regressors[r]`` (H, T, K), ``nuisance[r]`` (T, p) orthonormal. With
@@ -402,6 +403,10 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     :func:`project_runs`) and the others are orthonormal noise components orthogonal to those: the data are then not
     projected again (``U' y`` is the same, ``U`` being orthogonal to the whole nuisance), only their sum of squares
     loses the components' part.
+
+    ``unwhiten = rho``: the model of the unwhitened data ``y = L^-1 data[r]`` (:func:`unprewhiten`), with the designs
+    and nuisance given unwhitened, computed without unwhitening the data: ``M' y = (L^-T M)' data[r]`` for the
+    design's left singular vectors and the nuisance, and ``||y||^2`` by :func:`kernels.unwhitened_sum_squares`.
     """
     n_runs = len(data)
     n_vox = data[0].shape[1]
@@ -419,7 +424,14 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     used = [h for h, _ in groups]
 
     def one_run(r: int) -> None:  # runs on parallel threads, each writing its own slices
-        if orthogonal_to is None or orthogonal_to[r] == 0:
+        to_data = None  # L^-T (T, T): maps a vector's product with the unwhitened data to one with data[r]
+        if unwhiten:
+            yt = np.ascontiguousarray(data[r])
+            to_data = unprewhiten(np.eye(yt.shape[0]), unwhiten).T
+            yss[r] = kernels.unwhitened_sum_squares(yt, unwhiten, np.empty(n_vox))
+            if nuisance[r].shape[1]:
+                yss[r] -= sum_squares((to_data @ nuisance[r]).T.astype(np.float32) @ yt)
+        elif orthogonal_to is None or orthogonal_to[r] == 0:
             yt = project_out(nuisance[r], data[r])
             yss[r] = sum_squares(yt)
         else:
@@ -436,6 +448,8 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
         # Fewer volumes than trials (a real-time run cut short) leave only m < kr singular values: the others are
         # zero, which the gains treat as the pseudo-inverse does.
         m = sv.shape[1]
+        if to_data is not None:
+            u = np.matmul(to_data, u)
         sorted_y = np.take(yt, order, axis=1)
         del yt
         sorted_z = np.empty((m, n_vox), dtype=np.float32)

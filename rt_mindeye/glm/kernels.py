@@ -69,6 +69,25 @@ def column_sum_squares(y, out):
 
 
 @njit(cache=True, nogil=True)
+def unwhitened_sum_squares(y, rho, out):
+    """``out[v] = sum_t x[t, v]^2`` for ``x`` the AR(1)-unwhitened ``y (T, V)`` (``x_0 = y_0 / sqrt(1 - rho^2)``,
+    ``x_t = y_t + rho x_(t-1)``, as ``fit.unprewhiten``), in double precision, without storing ``x``."""
+    n_t, n_vox = y.shape
+    prev = np.empty(n_vox)
+    first = 1.0 / np.sqrt(1.0 - rho * rho)
+    for v in range(n_vox):
+        x = np.float64(y[0, v]) * first
+        prev[v] = x
+        out[v] = x * x
+    for t in range(1, n_t):
+        for v in range(n_vox):
+            x = np.float64(y[t, v]) + rho * prev[v]
+            prev[v] = x
+            out[v] += x * x
+    return out
+
+
+@njit(cache=True, nogil=True)
 def row_sum_squares(x, out):
     """``out[v] = sum_t x[v, t]^2`` in double precision (the same order of additions as
     :func:`column_sum_squares` on ``x.T``)."""

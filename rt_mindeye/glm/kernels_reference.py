@@ -79,6 +79,15 @@ def column_sum_squares(y, out):
     return out
 
 
+def unwhitened_sum_squares(y, rho, out):
+    x = np.empty(y.shape)
+    x[0] = y[0] / np.sqrt(1.0 - rho ** 2)
+    for t in range(1, y.shape[0]):
+        x[t] = y[t] + rho * x[t - 1]
+    out[:] = np.einsum("tv,tv->v", x, x)
+    return out
+
+
 def row_sum_squares(x, out):
     return column_sum_squares(x.T, out)
 

@@ -62,6 +62,29 @@ def test_lag1_kernel_equals_the_numpy_sums_on_a_column_subset():
     assert np.allclose(got[1], (pool[1:] * pool[:-1]).sum(axis=0), rtol=1e-12)
 
 
+def test_rotation_of_the_unwhitened_model_from_whitened_data():
+    """``rotate(..., unwhiten=rho)`` on whitened data equals ``rotate`` on the unwhitened data (the real-time
+    signal-to-noise ridge's model), without unwhitening them."""
+    from rt_mindeye.glm import kernels, kernels_reference
+    rng = np.random.default_rng(5)
+    rho, n_frames, n_vox = 0.45, 40, 12
+    runs = [rng.normal(size=(n_frames, n_vox)).astype(np.float32) for _ in range(2)]
+    regs = [rng.normal(size=(2, n_frames, 5)) for _ in range(2)]
+    t = np.linspace(-1, 1, n_frames)[:, None]
+    nuisance = [orthonormal_basis(np.concatenate([np.ones_like(t), t, rng.normal(size=(n_frames, 1))], axis=1))
+                for _ in range(2)]
+    hrf_index = rng.integers(0, 2, size=n_vox)
+    want = F.rotate([F.unprewhiten(y, rho) for y in runs], regs, nuisance, hrf_index, 2)
+    got = F.rotate(runs, regs, nuisance, hrf_index, 2, unwhiten=rho)
+    assert np.array_equal(got.W, want.W) and np.array_equal(got.s, want.s)
+    assert np.allclose(got.Z, want.Z, rtol=1e-4, atol=1e-4 * np.abs(want.Z).max())
+    assert np.allclose(got.yss, want.yss, rtol=1e-5)
+    plain = F.unprewhiten(runs[0].astype(np.float64), rho)
+    assert np.allclose(kernels.unwhitened_sum_squares(runs[0], rho, np.empty(n_vox)), (plain ** 2).sum(axis=0))
+    assert np.allclose(kernels_reference.unwhitened_sum_squares(runs[0], rho, np.empty(n_vox)),
+                       (plain ** 2).sum(axis=0))
+
+
 def test_estimated_prewhitening_improves_type_d_on_independent_sessions(session_factory, correlation):
     gains = []
     for seed in (21, 22):  # the bench's run layout (8 runs x 192 volumes), fewer voxels
