@@ -64,8 +64,9 @@ class _RichProgress:
 
 
 def run_fit(args) -> int:
-    from rt_mindeye.glm.fit import without_hugepages
+    from rt_mindeye.glm.fit import retain_freed_memory, without_hugepages
 
+    retain_freed_memory()  # this process runs one fit (see glm.fit.retain_freed_memory)
     with without_hugepages():  # reading and writing the runs too (see glm.fit.without_hugepages)
         return _run_fit(args)
 
