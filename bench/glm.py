@@ -61,7 +61,7 @@ def numpy_kernels():
     """Swap the numba kernels for the plain numpy ones (the ratio baseline)."""
     names = ("fraction_alphas", "pair_squared_differences", "pair_sums", "gained_badness", "weighted_squares",
              "ridge_gains", "column_sum_squares", "row_sum_squares", "percent_signal", "scale_offset", "lag1_sums",
-             "unwhitened_sum_squares")
+             "unwhitened_sum_squares", "prewhiten")
     saved = {n: getattr(kernels, n) for n in names}
     try:
         for n in names:

@@ -620,10 +620,9 @@ class GLMSingle:
         scale_offset = np.tile([1.0, 0.0], (n_vox, 1))
         if self.rescale:
             scale_offset = F.rescale_to(betas, ols)
-            shrunk = alpha > 0
-            betas[:, shrunk] = (betas[:, shrunk] * scale_offset[shrunk, 0].astype(np.float32)
-                                + scale_offset[shrunk, 1].astype(np.float32))
-            scale_offset[~shrunk] = (1.0, 0.0)
+            scale_offset[alpha <= 0] = (1.0, 0.0)  # unshrunk voxels are kept as they are (x * 1 + 0 = x)
+            betas *= scale_offset[:, 0].astype(np.float32)
+            betas += scale_offset[:, 1].astype(np.float32)
         return betas, sse, frac, alpha, scale_offset
 
     # --- results -----------------------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ def percent_of_mean(values: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float64) * scale - 100.0 * (scale > 0)
 
 
+#: Single-precision (T, V) arrays at least this large are prewhitened by :func:`kernels.prewhiten` (the offline fit's
+#: runs; the real-time stage's small arrays keep numpy's path).
+PREWHITEN_KERNEL_SIZE = 1 << 20
+
+
 def prewhiten(values: np.ndarray, rho: float, frames: np.ndarray | None = None, axis: int = 0) -> np.ndarray:
     """AR(1) prewhitening along the time ``axis``: each sample minus ``rho`` times the previous one, the first
     scaled by ``sqrt(1 - rho^2)`` (generalised least squares for AR(1) noise of unit innovation variance).
@@ -124,6 +129,10 @@ def prewhiten(values: np.ndarray, rho: float, frames: np.ndarray | None = None, 
     carry = rho ** gaps
     scale = np.sqrt((1.0 - rho ** 2) / (1.0 - carry ** 2))
     shape = (-1,) + (1,) * (x.ndim - 1)
+    if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous and x.size >= PREWHITEN_KERNEL_SIZE:
+        # Whole runs: one pass (the same single-precision operations as below, without their temporaries).
+        kernels.prewhiten(x, float(np.sqrt(1.0 - rho ** 2)), carry.astype(np.float32), scale.astype(np.float32), out)
+        return np.moveaxis(out, 0, axis)
     out[0] = np.sqrt(1.0 - rho ** 2) * x[0]
     out[1:] = (x[1:] - carry.reshape(shape).astype(x.dtype) * x[:-1]) * scale.reshape(shape).astype(x.dtype)
     return np.moveaxis(out, 0, axis)

@@ -123,6 +123,22 @@ def lag1_sums(y, index, energy, lag):
 
 
 @njit(cache=True, nogil=True)
+def prewhiten(x, first, carry, scale, out):
+    """AR(1) prewhitening of ``x (T, V)`` float32 along time in one pass: ``out[0] = first * x[0]`` (``first``
+    float64, rounded after the product), ``out[t] = (x[t] - carry[t-1] x[t-1]) * scale[t-1]`` in single precision:
+    the operations numpy performs for ``fit.prewhiten``."""
+    n_t, n_vox = x.shape
+    for v in range(n_vox):
+        out[0, v] = np.float32(first * np.float64(x[0, v]))
+    for t in range(1, n_t):
+        c = carry[t - 1]
+        sc = scale[t - 1]
+        for v in range(n_vox):
+            out[t, v] = (x[t, v] - c * x[t - 1, v]) * sc
+    return out
+
+
+@njit(cache=True, nogil=True)
 def percent_signal(data, mean, psc):
     """``psc (T, V)`` float32: ``data (T, V)`` as % signal change about each voxel's mean over the run (float64
     ``mean``, accumulated row by row); 0 where the mean is not positive. Arithmetic as numpy's float32

@@ -99,6 +99,12 @@ def lag1_sums(y, index, energy, lag):
     return energy, lag
 
 
+def prewhiten(x, first, carry, scale, out):
+    out[0] = first * x[0].astype(np.float64)
+    out[1:] = (x[1:] - carry[:, None] * x[:-1]) * scale[:, None]
+    return out
+
+
 def percent_signal(data, mean, psc):
     mean[:] = data.mean(axis=0, dtype=np.float64)
     scale = np.zeros_like(mean)

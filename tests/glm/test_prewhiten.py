@@ -32,6 +32,14 @@ def test_prewhitening_is_the_inverse_square_root_of_the_ar1_covariance(frames):
     assert np.array_equal(F.prewhiten(x, 0.0, axis=1), x)
 
 
+@pytest.mark.parametrize("frames", [None, np.array([0, 1, 2, 5, 6, 7, 8, 12, 13, 14])])
+def test_prewhitening_kernel_of_whole_runs_equals_numpy(monkeypatch, frames):
+    x = np.random.default_rng(6).normal(size=(10, 7)).astype(np.float32) * 30
+    want = F.prewhiten(x, 0.43, frames)
+    monkeypatch.setattr(F, "PREWHITEN_KERNEL_SIZE", 1)  # this small run by the kernel
+    assert np.array_equal(F.prewhiten(x, 0.43, frames), want)
+
+
 def test_noise_autocorrelation_recovers_the_ar1_coefficient_after_the_drift_is_removed():
     rng = np.random.default_rng(3)
     n_frames, n_vox, rho = 300, 400, 0.35
