@@ -7,7 +7,8 @@
       reference.nii.gz     motion-correction reference volume (session space)
       mask.nii.gz          the decoder's voxel mask (anatomical ∩ reliability) on the reference grid
       glm/                 frozen real-time GLM choices (HRF index, noise components, ridge fractions, z-scoring)
-      model/               the fine-tuned decoder checkpoint (published MindEye2 container layout) + config.json
+      model/               the fine-tuned decoder checkpoint last.pth (published MindEye2 container layout); an
+                           ensemble adds member-02.pth, member-03.pth, ... (same layout, other fine-tune seeds)
       candidates.npz       retrieval candidates: image embeddings, ids, stimulus file names
       report.md            reliability summary and held-out retrieval on calibration trials
 
@@ -104,6 +105,15 @@ class BundlePaths:
     @property
     def model_dir(self) -> Path:
         return self.root / "model"
+
+    def model_checkpoints(self) -> list[Path]:
+        """The decoder's checkpoints: ``last.pth`` first, then an ensemble's further members in order."""
+        return [self.model_dir / "last.pth", *sorted(self.model_dir.glob("member-*.pth"))]
+
+    @staticmethod
+    def member_checkpoint_name(member: int) -> str:
+        """File name of ensemble member ``member`` (0-based); member 0 is the single model's ``last.pth``."""
+        return "last.pth" if member == 0 else f"member-{member + 1:02d}.pth"
 
     @property
     def candidates_path(self) -> Path:

@@ -57,6 +57,11 @@ class CalibrationConfig:
                     "'offline' the offline fit's betas, 'both' the two together", choices=("realtime", "offline", "both"))
     exclude_motion_gated: bool = setting(True, "leave the calibration trials over the motion gate (motion.gate_fd_mm "
                                                "in their window) out of fine-tuning; the report counts them")
+    ensemble_members: int = setting(
+        1, "fine-tune this many models (seeds train.seed, train.seed + 1, ...; train.time_budget_min is split evenly "
+           "between them) and decode with the mean of their normalised outputs; with little calibration data the "
+           "fine-tune's own seed moves retrieval as much as any setting, and the mean of several short fine-tunes "
+           "beat one long one (docs/model.md). Each member is a full model in the decoder's memory", min=1, max=16)
     glm: GLMConfig = field(default_factory=GLMConfig, metadata={"doc": "offline GLM of the calibration runs"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**FINETUNE),
                                metadata={"doc": "fine-tuning (time_budget_min plans the epochs)"})

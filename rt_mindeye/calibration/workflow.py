@@ -15,6 +15,7 @@ Steps, each a small function a test can drive alone:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -273,7 +274,8 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
         n_voxels=int(decoder_index.size), calibration_runs=tuple(r.ordinal for r in calib),
         extra={"glm_voxels": int(glm_mask.sum()), "glm_model": config.glm.model, "embedder": config.embedder,
                "condition_column": config.condition_column,
-               "finetune_epochs": n_epochs, "reliability_median": rel_median})
+               "finetune_epochs": n_epochs, "ensemble_members": config.ensemble_members,
+               "reliability_median": rel_median})
     bundle = write_bundle_info(out, info)
     result = CalibrationResult(bundle=bundle, n_glm_voxels=int(glm_mask.sum()), n_decoder_voxels=int(decoder_index.size),
                                n_trials=int(z.shape[0]), reliability_median=rel_median, holdout_top1=holdout_top1,
@@ -433,9 +435,20 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     if config.pretrained is None:
         raise SessionError(None, "calibration.pretrained: a shared MindEye2 checkpoint is needed (run "
                                  "`rt-mindeye pretrain` or give the published last.pth)")
-    say(f"fine-tuning {config.pretrained} on {len(train)} trials (budget {config.train.time_budget_min} min)")
-    model, result = finetune(config.pretrained, train, config.train, checkpoint_path=model_dir / "last.pth",
-                             validation=val, progress=False, log=say)
+    members = config.ensemble_members
+    say(f"fine-tuning {config.pretrained} on {len(train)} trials (budget {config.train.time_budget_min} min"
+        + (f", {members} ensemble members of {config.train.time_budget_min / members:.2f} min)" if members > 1 else ")"))
+    for stale in model_dir.glob("member-*.pth"):  # a re-calibration with fewer members must not decode with old ones
+        stale.unlink()
+    models, epochs = [], 0
+    for member in range(members):
+        member_train = config.train if members == 1 else dataclasses.replace(
+            config.train, seed=config.train.seed + member, time_budget_min=config.train.time_budget_min / members)
+        model, result = finetune(config.pretrained, train, member_train,
+                                 checkpoint_path=model_dir / paths.member_checkpoint_name(member),
+                                 validation=val, progress=False, log=say)
+        models.append(model.eval())
+        epochs += int(result.epochs)
     candidates = targets.tokens.numpy().astype(np.float32)
     np.savez(paths.candidates_path, tokens=candidates, ids=np.arange(len(stimuli)),
              files=np.array([p.name for p in stimuli]))
@@ -444,9 +457,10 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     if val is not None:
         from rt_mindeye.eval.decoding import top1_among_candidates, two_afc_hardest
 
-        model.eval()
+        from rt_mindeye.model.ensemble import average_normalised
+
         with torch.no_grad():
-            clip = model(val.voxels.float()).clip_voxels
+            clip = average_normalised([m(val.voxels.float()).clip_voxels for m in models])
         every = np.arange(len(stimuli))
         top1 = top1_among_candidates(clip, image_ids[holdout], candidates, every)
         afc = two_afc_hardest(clip, image_ids[holdout], candidates, every)
@@ -454,7 +468,7 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
         say(f"held-out calibration retrieval ({int(holdout.sum())} trials of {len(np.unique(image_ids[holdout]))} "
             f"images never trained on): top-1 {top1:.2%} among {len(stimuli)} images (chance {chance:.2%}), "
             f"2AFC against the most similar image {afc:.1%}")
-    return top1, chance, int(result.epochs)
+    return top1, chance, epochs
 
 
 def _write_report(bundle: CalibrationBundle, result: CalibrationResult, config: CalibrationConfig) -> None:

@@ -146,6 +146,11 @@ class BundleModel:
     With ``sample_prior`` the diffusion prior samples image tokens from the backbone tokens (MindEye2's unCLIP
     condition); :meth:`with_prior` gives such a view of the same loaded model for the reconstruction worker, so
     retrieval never waits for the prior.
+
+    A bundle fine-tuned as an ensemble (``calibration.ensemble_members``) loads every member: retrieval gets the
+    mean of their normalised ``clip_voxels``, the blurry image the mean of their low-level outputs, and the prior
+    samples from the first member's backbone tokens (each member's prior is conditioned on its own backbone, so
+    their tokens are not averaged).
     """
 
     def __init__(self, bundle: CalibrationBundle, device: str = "cpu", sample_prior: bool = False,
@@ -155,7 +160,8 @@ class BundleModel:
         from rt_mindeye.convert.mindeye2 import load_for_inference
 
         self.torch = torch
-        self.model = load_for_inference(bundle.model_dir / "last.pth", device=device).model
+        self.members = [load_for_inference(path, device=device).model for path in bundle.model_checkpoints()]
+        self.model = self.members[0]
         self.device = device
         self.sample_prior = sample_prior
         self.prior_steps = prior_steps
@@ -168,17 +174,23 @@ class BundleModel:
         return view
 
     def __call__(self, betas, seed: int | None = None):
+        from rt_mindeye.model.ensemble import average_normalised
+
         torch = self.torch
         with torch.no_grad(), self.model.autocast():  # float16 weights on a GPU: autocast, float32 inputs
             voxels = torch.as_tensor(np.asarray(betas, dtype=np.float32), device=self.device)
-            out = self.model(voxels, 0)
+            outs = [member(voxels, 0) for member in self.members]
+            out = outs[0]
             prior = None
             if self.sample_prior and self.model.config.use_prior:
                 # A per-trial CPU generator: reproducible, and the global random state is never touched.
                 generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
                 prior = self.model.diffusion_prior.sample(out.tokens, steps=self.prior_steps, generator=generator)
+            clip = average_normalised([o.clip_voxels for o in outs])
             blurry = out.blurry_latent
-        return out.clip_voxels, prior, blurry
+            if blurry is not None and len(outs) > 1:
+                blurry = torch.stack([o.blurry_latent for o in outs]).mean(0)
+        return clip, prior, blurry
 
 
 class PixelBlurryDecoder:
