@@ -834,7 +834,7 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
     for n in range(n_max + 1):
         if progress is not None:
             progress(n, n_max + 1)
-        betas = np.zeros((int(offsets[-1]), hrf_index.size))
+        betas = np.zeros((int(offsets[-1]), hrf_index.size), dtype=np.float32)  # the kernels' single precision
         for r in range(n_runs):  # small solves: worker threads would wait on each other for the GIL
             if n_trials[r] == 0:
                 continue
@@ -842,18 +842,22 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
             xc_n = xcs[:, :, :n]
             grams_n = grams - np.matmul(xc_n, xc_n.transpose(0, 2, 1))
             healthy = _healthy_grams(grams_n)
+            update = [h and u is not None for h, u in zip(healthy, updates)]
+            if n and any(update):  # P_n S_n^-1 for every HRF with an update, S_n inverted in one batch
+                p_n = np.stack([u[1][:, :n] if ok else np.zeros((xcs.shape[1], n)) for u, ok in zip(updates, update)])
+                s_n = np.eye(n) - np.matmul(xc_n.transpose(0, 2, 1), p_n)
+                s_n[~np.asarray(update)] = np.eye(n)
+                gain = np.matmul(p_n, np.linalg.inv(s_n))
             for i, (_, cols) in enumerate(groups):
-                if healthy[i] and updates[i] is not None:
-                    b0, p, d = updates[i]
-                    beta = b0 if n == 0 else b0 + p[:, :n] @ np.linalg.solve(np.eye(n) - xc_n[i].T @ p[:, :n],
-                                                                             d[:n] - cy[:n, cols])
+                if update[i]:
+                    b0, _, d = updates[i]
+                    beta = b0 if n == 0 else b0 + gain[i] @ (d[:n] - cy[:n, cols])
                 else:
                     beta = solve_gram(grams_n[i], rhs[i] - xc_n[i] @ cy[:n, cols])
                 betas[offsets[r]:offsets[r + 1], cols] = beta
-        betas = betas.astype(np.float32).astype(np.float64)  # the kernels' single-precision betas
-        train = betas[rows]
+        train = betas[rows].astype(np.float64)
         if n == 0:
-            sd = betas.std(axis=0, ddof=1)
+            sd = betas.astype(np.float64).std(axis=0, ddof=1)
             sd = np.where(sd > 0, sd, 1.0)
             test = np.ascontiguousarray(train / sd)
         badness = kernels.pair_squared_differences(np.ascontiguousarray(train / sd), test, held_out, cv.mates_idx)
