@@ -520,7 +520,7 @@ def main(argv=None) -> int:
             results["whole_brain"] = whole_brain(Path(args.whole_brain_cache))
             _print_whole_brain(results["whole_brain"])
         if not args.skip_timing:
-            if args.command_timing and ref_python:
+            if args.command_timing:  # ours alone without the reference (GLMsingle's column then empty)
                 sizes = [tuple(int(x) for x in item.split("x")) for item in args.command_timing.split(",") if item]
                 if args.quick:
                     sizes = [(1500, 4)]
