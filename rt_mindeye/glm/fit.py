@@ -939,13 +939,16 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
     fractions = np.asarray(fractions, dtype=np.float64)
     n_runs, n_hrfs = rot.s.shape[:2]
     n_vox = rot.Z.shape[2]
-    ratio = np.ones((n_grid, n_vox))
+    ratio = np.ones((n_grid, n_vox))  # voxels in HRF order
     grids = np.zeros((n_hrfs, n_grid))
     grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
-    flat_z = rot.Z.reshape(-1, n_vox)  # rows (run, component)
+    order, groups = hrf_groups(hrf_index)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    sorted_z = np.take(rot.Z.reshape(-1, n_vox), order, axis=1)  # rows (run, component); one gather
 
-    def one_hrf(h: int) -> None:  # HRFs on parallel threads, each filling its own voxels' columns
-        idx = np.flatnonzero(hrf_index == h)
+    def one_hrf(group) -> None:  # HRFs on parallel threads, each filling its own voxels' columns
+        h, cols = group
         keep = [(r, k) for r in range(n_runs) for k in range(int(rot.n_trials[r]))
                 if rot.s[r, h, k] > kernels.SINGULAR_TOL * rot.s[r, h, 0] and rot.s[r, h, 0] > 0]
         if not keep:
@@ -957,18 +960,19 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
                                                   n_grid - 1)])
         grids[h] = grid
         gain2 = (sv[None, :] / (sv[None, :] ** 2 + grid[:, None])) ** 2
-        for start in range(0, idx.size, chunk):
-            part_idx = idx[start:start + chunk]
-            z2 = np.take(np.take(flat_z, part_idx, axis=1), rr * rot.Z.shape[1] + kk, axis=0).astype(np.float64)
+        for start in range(cols.start, cols.stop, chunk):
+            part = slice(start, min(start + chunk, cols.stop))
+            z2 = np.take(sorted_z[:, part], rr * rot.Z.shape[1] + kk, axis=0).astype(np.float64)
             np.square(z2, out=z2)
             norms2 = gain2 @ z2
             with np.errstate(invalid="ignore", divide="ignore"):
-                part = np.sqrt(norms2 / norms2[:1])
-            part[:, norms2[0] == 0] = 1.0
-            ratio[:, part_idx] = part
+                part_ratio = np.sqrt(norms2 / norms2[:1])
+            part_ratio[:, norms2[0] == 0] = 1.0
+            ratio[:, part] = part_ratio
 
-    parallel_map(one_hrf, [int(h) for h in np.unique(hrf_index)])
-    return kernels.fraction_alphas(ratio, grids, fractions, hrf_index.astype(np.int64))
+    parallel_map(one_hrf, groups)
+    alphas = kernels.fraction_alphas(ratio, grids, fractions, hrf_index[order].astype(np.int64))
+    return np.take(alphas, inverse, axis=1)
 
 
 def rescale_to(betas: np.ndarray, target: np.ndarray) -> np.ndarray:
