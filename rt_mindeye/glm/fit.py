@@ -762,19 +762,23 @@ def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test:
     w_differ = {(r, h): np.ascontiguousarray(rot.W[r, h][differ, :kr])
                 for r, _, kr, _, differ, _ in runs for h, _ in groups}
     k_max = int(rot.n_trials.max(initial=0))
-    pieces = [(h, order[first:min(first + chunk, cols.stop)]) for h, cols in groups
+    pieces = [(h, slice(first, min(first + chunk, cols.stop))) for h, cols in groups
               for first in range(cols.start, cols.stop, chunk)]
+    # One gather each into HRF order (a gather per piece would read nearly all of Z's cache lines every time).
+    sorted_test = np.take(test, order, axis=1)
+    sorted_alphas = np.take(alphas, order, axis=1)
+    sorted_z = np.take(rot.Z, order, axis=2)
 
     def one_piece(piece) -> np.ndarray:
-        h, vox = piece
-        t = np.take(test, vox, axis=1).astype(np.float64, copy=False)
+        h, cols = piece
+        t = np.ascontiguousarray(sorted_test[:, cols], dtype=np.float64)
         sums = kernels.pair_sums(t, held_out, cv.mates_idx, np.zeros_like(t))
-        out = np.empty((n_frac, vox.size))
+        out = np.empty((n_frac, t.shape[1]))
         out[:] = held_counts @ (t * t)  # sum_p test[held_out[p]]^2
-        a = np.take(alphas, vox, axis=1).astype(np.float64, copy=False)
-        z = np.take(rot.Z, vox, axis=2)
-        gz = np.empty((k_max, vox.size))
-        beta = np.empty((k_max, vox.size))
+        a = np.ascontiguousarray(sorted_alphas[:, cols], dtype=np.float64)
+        z = np.ascontiguousarray(sorted_z[:, :, cols])
+        gz = np.empty((k_max, t.shape[1]))
+        beta = np.empty((k_max, t.shape[1]))
         for r, rows, kr, common, differ, excess in runs:
             q = w_cv[r, h].T @ sums[rows]
             rows_differ = w_differ[r, h]
@@ -785,10 +789,12 @@ def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test:
                     kernels.weighted_squares(beta[:differ.size], excess, out[f])
         return out
 
-    out = np.empty((n_frac, n_vox))
-    for (_, vox), part in zip(pieces, parallel_map(one_piece, pieces)):
-        out[:, vox] = part
-    return out
+    out = np.empty((n_frac, n_vox))  # voxels in HRF order
+    for (_, cols), part in zip(pieces, parallel_map(one_piece, pieces)):
+        out[:, cols] = part
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return np.take(out, inverse, axis=1)
 
 
 def cv_rows(cv: CrossValidation, rot: Rotated) -> np.ndarray:
@@ -999,14 +1005,17 @@ def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray,
     sse = np.empty(n_vox)
     pieces = [(h, slice(first, min(first + chunk, cols.stop))) for h, cols in groups
               for first in range(cols.start, cols.stop, chunk)]
+    # One gather each into HRF order (a gather per piece would read nearly all of Z's cache lines every time).
+    sorted_z = np.take(rot.Z, order, axis=2)
+    sorted_alphas = np.take(alphas, order, axis=1).astype(np.float64)
+    sorted_yss = np.take(rot.yss, order, axis=1)
 
     def one_piece(piece) -> None:
         h, cols = piece
-        vox = order[cols]
-        z = np.take(rot.Z, vox, axis=2)
-        a = np.take(alphas, vox, axis=1).astype(np.float64)
-        res = np.take(rot.yss, vox, axis=1).sum(axis=0)
-        gz = np.empty((k_max, vox.size))
+        z = np.ascontiguousarray(sorted_z[:, :, cols])
+        a = np.ascontiguousarray(sorted_alphas[:, cols])
+        res = sorted_yss[:, cols].sum(axis=0)
+        gz = np.empty((k_max, z.shape[2]))
         for r in range(n_runs):
             kr = int(rot.n_trials[r])
             if kr == 0:
