@@ -196,8 +196,9 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     else:
         try:
             obj, mapped = _torch_load(path, placeholders)
-        except (pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-            raise CheckpointError(path, f"not a readable torch checkpoint: {exc}") from exc
+        except (pickle.UnpicklingError, EOFError, ValueError, OSError, IndexError, KeyError, RuntimeError) as exc:
+            # A truncated or foreign file fails deep in the unpickler, with whatever error its bytes lead to.
+            raise CheckpointError(path, f"not a readable torch checkpoint: {type(exc).__name__}: {exc}") from exc
     state_dict, container = unwrap(obj, path)
     return CheckpointContents(state_dict=state_dict, container=container, placeholders=sorted(set(placeholders)),
                               path=path, memory_mapped=mapped)

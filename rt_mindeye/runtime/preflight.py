@@ -65,9 +65,12 @@ def check_bundle(config) -> list[Check]:
         from rt_mindeye.convert.mindeye2 import check_checkpoint
 
         b = CalibrationBundle.open(config.session.bundle)
-        report = check_checkpoint(b.model_dir / "last.pth", None)  # raises CheckpointKeyError when it does not fit
+        paths = b.model_checkpoints()
+        for path in paths:  # every ensemble member: raises CheckpointKeyError naming the one that does not fit
+            report = check_checkpoint(path, None)
         total = report.parameters.get("total", sum(report.parameters.values()))
-        return Check("decoder checkpoint", PASS, f"{b.model_dir / 'last.pth'} loads ({total:,} parameters)")
+        members = f", {len(paths)} ensemble members" if len(paths) > 1 else ""
+        return Check("decoder checkpoint", PASS, f"{paths[0]} loads ({total:,} parameters{members})")
 
     checks.append(_guard("decoder checkpoint", model, "re-run `rt-mindeye calibrate`"))
     return checks

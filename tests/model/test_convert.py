@@ -144,6 +144,14 @@ def test_not_a_checkpoint_and_wrong_schedule(tmp_path, tiny_model):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError):
         read_checkpoint(garbage)
+    for content in (b"truncated", None):  # a few bytes; a real checkpoint cut in half (a copy that stopped)
+        cut = tmp_path / "cut.pth"
+        if content is None:
+            torch.save(published_container(tiny_model), cut)
+            content = cut.read_bytes()[: cut.stat().st_size // 2]
+        cut.write_bytes(content)
+        with pytest.raises(CheckpointError, match="cut.pth"):
+            read_checkpoint(cut)
     container = published_container(tiny_model)
     container["model_state_dict"]["diffusion_prior.noise_scheduler.betas"] = torch.full((100,), 0.02)
     bad = tmp_path / "schedule.pth"

@@ -40,3 +40,19 @@ def test_preflight_names_what_is_wrong_and_how_to_fix_it(calibrated_phantom, ses
     bad.write_text("session:\n  idd: x\n")
     only = run_preflight(bad)
     assert len(only) == 1 and only[0].status == FAIL and "session.idd" in only[0].detail
+
+
+def test_preflight_checks_every_ensemble_member(calibrated_phantom, session_yaml, tmp_path):
+    import dataclasses
+    import shutil
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(calibrated_phantom.bundle_dir, bundle_dir)
+    shutil.copy(bundle_dir / "model" / "last.pth", bundle_dir / "model" / "member-02.pth")
+    phantom = dataclasses.replace(calibrated_phantom, bundle_dir=bundle_dir)
+    path = session_yaml(tmp_path / "s.yaml", phantom, tmp_path / "session", tmp_path / "export", 48000)
+    check = _by_name(run_preflight(path))["decoder checkpoint"]
+    assert check.status == PASS and "2 ensemble members" in check.detail
+    (bundle_dir / "model" / "member-02.pth").write_bytes(b"truncated")
+    check = _by_name(run_preflight(path))["decoder checkpoint"]
+    assert check.status == FAIL and "member-02.pth" in check.detail
