@@ -666,7 +666,7 @@ def fit_run_frozen(calibration: GLMCalibration, data: np.ndarray, events, frames
     intensities of the calibration's offline noise pool (``noise_ext_index`` of the noise runs) at the same volumes,
     when the calibration drew its pool from separate noise runs: the run's noise components then come from them.
     """
-    with _single_threaded_blas():
+    with _single_threaded_blas(), F.without_hugepages():
         return _fit_run_frozen(calibration, data, events, frames, n_frames, motion, tr, noise_data)
 
 
