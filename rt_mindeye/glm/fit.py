@@ -387,6 +387,25 @@ def _projected_designs(regressors: np.ndarray, nuisance: np.ndarray) -> np.ndarr
 CHOLESKY_PIVOT_TOL = 1e-4
 
 
+def _healthy_pivots(chol: np.ndarray) -> np.ndarray:
+    """Whether Cholesky factors ``(..., K, K)`` have healthy pivots: the smallest above :data:`CHOLESKY_PIVOT_TOL`
+    of the largest (never for K = 0)."""
+    pivots = np.abs(np.diagonal(chol, axis1=-2, axis2=-1))
+    if pivots.shape[-1] == 0:
+        return np.zeros(pivots.shape[:-1], dtype=bool)
+    return pivots.min(axis=-1) > CHOLESKY_PIVOT_TOL * pivots.max(axis=-1)
+
+
+def _healthy_cholesky(gram: np.ndarray) -> np.ndarray | None:
+    """The Cholesky factor of one Gram matrix ``(K, K)`` when its pivots are healthy, else None (also when it is not
+    positive definite): the test that sends a design to the SVD or the pseudo-inverse."""
+    try:
+        chol = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return None
+    return chol if _healthy_pivots(chol) else None
+
+
 def design_ranges(xt: np.ndarray) -> list[np.ndarray]:
     """Orthonormal bases (T, k_h) of the column spaces of the designs ``xt (H, T, K)``.
 
@@ -399,12 +418,10 @@ def design_ranges(xt: np.ndarray) -> list[np.ndarray]:
     good = np.zeros(n_h, dtype=bool)
     chol = np.zeros_like(gram)
     for h in range(n_h):
-        try:
-            chol[h] = np.linalg.cholesky(gram[h])
-        except np.linalg.LinAlgError:
-            continue
-        pivots = np.abs(np.diagonal(chol[h]))
-        good[h] = pivots.size > 0 and pivots.min() > CHOLESKY_PIVOT_TOL * pivots.max()
+        factor = _healthy_cholesky(gram[h])
+        if factor is not None:
+            chol[h] = factor
+            good[h] = True
     out: list[np.ndarray] = [None] * n_h  # type: ignore[list-item]
     if good.any():
         q = np.linalg.solve(chol[good], xt[good].transpose(0, 2, 1)).transpose(0, 2, 1)
@@ -806,12 +823,8 @@ def solve_gram(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """``gram^+ rhs`` for a design's Gram matrix ``X'X`` (K, K): a plain solve when its Cholesky pivots are
     healthy (:data:`CHOLESKY_PIVOT_TOL`), else the pseudo-inverse dropping eigenvalues below ``SINGULAR_TOL^2`` of the
     largest (the SVD's rule on the singular values of ``X``)."""
-    try:
-        pivots = np.abs(np.diagonal(np.linalg.cholesky(gram)))
-        if pivots.size and pivots.min() > CHOLESKY_PIVOT_TOL * pivots.max():
-            return np.linalg.solve(gram, rhs)
-    except np.linalg.LinAlgError:
-        pass
+    if _healthy_cholesky(gram) is not None:
+        return np.linalg.solve(gram, rhs)
     evals, evecs = np.linalg.eigh(gram)
     keep = evals > kernels.SINGULAR_TOL ** 2 * max(evals.max(initial=0.0), 1e-300)
     v = evecs[:, keep]
@@ -901,18 +914,10 @@ def pc_count_scores(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray]
 def _healthy_grams(grams: np.ndarray) -> np.ndarray:
     """Which of a stack of Gram matrices (G, K, K) have healthy Cholesky pivots (:data:`CHOLESKY_PIVOT_TOL`, as
     :func:`solve_gram`)."""
-    healthy = np.zeros(grams.shape[0], dtype=bool)
     try:
-        pivots = np.abs(np.diagonal(np.linalg.cholesky(grams), axis1=1, axis2=2))
-        healthy = pivots.min(axis=1) > CHOLESKY_PIVOT_TOL * pivots.max(axis=1)
+        return _healthy_pivots(np.linalg.cholesky(grams))
     except np.linalg.LinAlgError:  # some matrix not positive definite: check one by one
-        for g in range(grams.shape[0]):
-            try:
-                p = np.abs(np.diagonal(np.linalg.cholesky(grams[g])))
-                healthy[g] = p.min() > CHOLESKY_PIVOT_TOL * p.max()
-            except np.linalg.LinAlgError:
-                pass
-    return healthy
+        return np.array([_healthy_cholesky(gram) is not None for gram in grams], dtype=bool)
 
 
 def _gram_inverses(grams: np.ndarray) -> list:
