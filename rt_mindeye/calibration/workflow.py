@@ -438,12 +438,12 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     members = config.ensemble_members
     say(f"fine-tuning {config.pretrained} on {len(train)} trials (budget {config.train.time_budget_min} min"
         + (f", {members} ensemble members of {config.train.time_budget_min / members:.2f} min)" if members > 1 else ")"))
-    for stale in model_dir.glob("member-*.pth"):  # a re-calibration with fewer members must not decode with old ones
+    for stale in paths.model_checkpoints()[1:]:  # a re-calibration with fewer members must not decode with old ones
         stale.unlink()
     models, epochs = [], 0
     for member in range(members):
-        member_train = config.train if members == 1 else dataclasses.replace(
-            config.train, seed=config.train.seed + member, time_budget_min=config.train.time_budget_min / members)
+        member_train = dataclasses.replace(config.train, seed=config.train.seed + member,
+                                           time_budget_min=config.train.time_budget_min / members)
         model, result = finetune(config.pretrained, train, member_train,
                                  checkpoint_path=model_dir / paths.member_checkpoint_name(member),
                                  validation=val, progress=False, log=say)
