@@ -362,11 +362,13 @@ class GLMSingle:
 
         n_pcs, pc_scores = 0, np.zeros(1)
         components = [np.zeros((y.shape[0], 0)) for y in psc]
+        rows = F.run_rows(psc)
+        pool_data = None  # the noise pool's data, runs stacked (sum T, P): gathered once, read by the loadings too
         if model in ("c", "d") and self.max_pcs > 0 and pool_index.size > 1:
             n_want = self.max_pcs if self.n_pcs is None else max(int(self.n_pcs), 0)
-            components = F.parallel_map(lambda r: F.noise_components(np.take(noise_psc[r], pool_index, axis=1),
-                                                                     bases[r], n_want, projected=True),
-                                        range(n_runs))
+            pool_data, gather_pool = F.gather_runs(noise_psc, pool_index, rows)
+            components = F.parallel_map(lambda r: F.noise_components(gather_pool(r), bases[r], n_want,
+                                                                     projected=True), range(n_runs))
             n_max = min(c.shape[1] for c in components)
             if self.n_pcs is not None:
                 n_pcs = min(int(self.n_pcs), n_max)
@@ -407,9 +409,13 @@ class GLMSingle:
         if n_live > 0:
             # The pool's data are orthogonal to the basis: the live components differ from those of the raw
             # volumes only by their drift/motion part, which the coefficients' fit projects out anyway.
-            pool = [np.take(y, live_index, axis=1) for y in psc]
-            loadings, scale = F.spatial_noise_loadings(pool, bases, n_live, projected=True)
-            live = F.parallel_map(lambda y: F.live_components(y, loadings, scale), pool)
+            if noise_runs is None:  # the live pool is the noise pool (live_index == pool_index)
+                pool = pool_data
+            else:
+                pool, gather_live = F.gather_runs(psc, live_index, rows)
+                F.parallel_map(gather_live, range(n_runs))
+            loadings, scale = F.stacked_noise_loadings(pool, n_live)
+            live = F.parallel_map(lambda part: F.live_components(pool[part], loadings, scale), rows)
             del pool
             noise_coef = F.noise_coefficients(psc, regs, bases, live, hrf_index).astype(np.float32)
         else:
@@ -420,15 +426,14 @@ class GLMSingle:
         if noise_runs is not None and model in ("c", "d") and pool_index.size > 1:
             n_ext = n_live if n_live > 0 else min(n_pcs, pool_index.size - 1)
             if n_ext > 0:
-                pool = [np.take(y, pool_index, axis=1) for y in noise_psc]
-                ext_loadings, ext_scale = F.spatial_noise_loadings(pool, bases, n_ext, projected=True)
-                ext_live = [F.live_components(y, ext_loadings, ext_scale) for y in pool]
-                del pool
+                ext_loadings, ext_scale = F.stacked_noise_loadings(pool_data, n_ext)
+                ext_live = [F.live_components(pool_data[part], ext_loadings, ext_scale) for part in rows]
                 ext_coef = (F.noise_coefficients(psc, regs, bases, ext_live, hrf_index).astype(np.float32)
                             if n_live > 0 else None)
                 external = dict(n_noise_voxels=int(noise_psc[0].shape[1]), noise_ext_index=pool_index,
                                 noise_ext_mean=noise_mean[pool_index], noise_ext_loadings=ext_loadings,
                                 noise_ext_scale=ext_scale, noise_ext_coef=ext_coef)
+        del pool_data
         self._report("noise loadings", 1, 1)
         motion_coef = self._motion_coefficients(data, mean, hrfs, events, motion, tr, live_index, loadings, scale,
                                                 hrf_index)

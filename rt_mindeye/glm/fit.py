@@ -294,6 +294,27 @@ def noise_components(pool_psc: np.ndarray, basis: np.ndarray, n_components: int,
     return comps * signs
 
 
+def run_rows(runs: Sequence[np.ndarray]) -> list[slice]:
+    """Each run's rows in the runs' (T, V) arrays stacked one above the other."""
+    ends = np.cumsum([y.shape[0] for y in runs])
+    return [slice(int(end - y.shape[0]), int(end)) for y, end in zip(runs, ends)]
+
+
+def gather_runs(runs: Sequence[np.ndarray], index: np.ndarray, rows: Sequence[slice]) -> tuple[np.ndarray, list]:
+    """The columns ``index`` of every run (T, V) float32 gathered once into one (sum T, P) array, runs one above the
+    other at ``rows`` (:func:`run_rows`): an empty array and the gathering (a callable of the run) to run on
+    :func:`parallel_map`'s threads, each returning its run's rows (a C-ordered view). The stages that share a pool
+    (noise components, spatial loadings, live components) read these rows instead of gathering and stacking it
+    again."""
+    out = np.empty((rows[-1].stop if rows else 0, index.size), dtype=np.float32)
+
+    def gather(r: int) -> np.ndarray:
+        # mode="clip" (the indices are valid): np.take buffers ``out`` in its default mode.
+        return np.take(np.asarray(runs[r], dtype=np.float32), index, axis=1, out=out[rows[r]], mode="clip")
+
+    return out, gather
+
+
 def subsample_pool(pool_mask: np.ndarray, max_voxels: int) -> np.ndarray:
     """Indices of noise-pool voxels, evenly subsampled (deterministically) down to ``max_voxels``."""
     idx = np.flatnonzero(pool_mask)
@@ -340,9 +361,20 @@ def spatial_noise_loadings(pool_psc_runs: Sequence[np.ndarray], bases: Sequence[
             for p, b in zip(pool_psc_runs, bases)]
     stacked = np.concatenate(runs, axis=0)
     del runs
+    return stacked_noise_loadings(stacked, n_components, seed, overwrite=True)
+
+
+def stacked_noise_loadings(stacked: np.ndarray, n_components: int, seed: int = 0,
+                           overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`spatial_noise_loadings` of the runs' pool data one above the other, ``stacked (sum T, P)`` float32
+    (e.g. from :func:`gather_runs`, already orthogonal to the runs' bases); scaled in place with ``overwrite``, else
+    left as it is."""
     scale = np.sqrt(sum_squares(stacked) / max(stacked.shape[0], 1))
     scale[scale == 0] = 1.0
-    stacked /= scale.astype(np.float32)
+    if overwrite:
+        stacked /= scale.astype(np.float32)
+    else:
+        stacked = stacked / scale.astype(np.float32)
     n = min(n_components, min(stacked.shape))
     if n <= 0:
         return np.zeros((stacked.shape[1], 0)), scale

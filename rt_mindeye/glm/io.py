@@ -138,15 +138,19 @@ def load_motion_tsv(path: str | Path) -> np.ndarray:
 
 
 def _unmask(values: np.ndarray, mask: np.ndarray, dtype) -> np.ndarray:
-    """(V,) or (N, V) masked values back onto the grid: (X, Y, Z) or (X, Y, Z, N)."""
+    """(V,) or (N, V) masked values (in ``data[mask]`` order) back onto the grid: (X, Y, Z) or (X, Y, Z, N), in
+    Fortran order, NIfTI's: nibabel then writes the array as it is (a C-ordered (X, Y, Z, N) array is transposed
+    while written, 0.12 s for the 20,000-voxel betas), each volume filled by one scatter."""
     values = np.asarray(values)
+    flat_index = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
     if values.ndim == 1:
-        out = np.zeros(mask.shape, dtype=dtype)
-        out[mask] = values
-        return out
-    out = np.zeros(mask.shape + (values.shape[0],), dtype=dtype)
-    out[mask] = values.T
-    return out
+        out = np.zeros(mask.size, dtype=dtype)
+        out[flat_index] = values
+        return out.reshape(mask.shape, order="F")
+    out = np.zeros((values.shape[0], mask.size), dtype=dtype)  # row n: volume n, Fortran-flattened
+    for volume, volume_values in zip(out, values):
+        volume[flat_index] = volume_values
+    return out.reshape((values.shape[0],) + mask.shape[::-1]).T
 
 
 #: Compression level of the gzipped outputs (1: nibabel's default with zlib; ISA-L's level 1 compresses as well).
