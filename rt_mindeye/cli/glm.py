@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 from rt_mindeye.process import cli_path
@@ -68,8 +69,14 @@ class _RichProgress:
 #: Imports that ``glm fit`` never uses and that two of its dependencies make at start-up, each unless it fails:
 #: nibabel imports pydicom for the DICOM extension of NIfTI headers (0.13 s), and numba's first kernel load imports
 #: scipy.linalg to check for BLAS (0.17 s: scipy's array-API layer imports numpy.f2py), used only by numba's
-#: np.dot-style functions, which the fit's kernels do not call (see :func:`lean_imports`).
-UNUSED_IMPORTS = ("pydicom", "scipy.linalg")
+#: np.dot-style functions, which the fit's kernels do not call. Both libraries treat the module as optional: nibabel
+#: keeps DICOM header extensions as raw bytes, and numba's np.dot-style functions compiled later in this process fall
+#: back to loops.
+UNUSED_IMPORTS = {"nibabel": "pydicom", "numba": "scipy.linalg"}
+
+#: Deadline for loading the fit's modules (seconds; about 0.4 s with numba's cached kernels, a few more when numba
+#: compiles them afresh).
+FIT_MODULES_TIMEOUT_S = 600.0
 
 
 @contextmanager
@@ -87,36 +94,40 @@ def skipped_imports(names):
                 del sys.modules[name]
 
 
-def lean_imports() -> None:
-    """Import nibabel and numba's lazily loaded array support without :data:`UNUSED_IMPORTS` (0.3 s of the
-    command's start-up at 20,000 voxels; a process that already imported them is unaffected). Both libraries treat
-    the missing module as optional: nibabel keeps DICOM header extensions as raw bytes, and numba's ``np.dot``-style
-    functions, compiled later in this process, fall back to loops."""
-    with skipped_imports(UNUSED_IMPORTS):
-        import nibabel  # noqa: F401
+def load_fit_modules() -> None:
+    """Import the fit's modules and load numba (its array support without :data:`UNUSED_IMPORTS`, then one cached
+    kernel): run on a thread while the main thread reads the runs, whose decompression releases the GIL (0.4 s of
+    the command's start-up at 20,000 voxels x 11 runs that no longer come before the reading)."""
+    with skipped_imports([UNUSED_IMPORTS["numba"]]):
         try:
             import numba.np.arraymath  # noqa: F401  (what numba's first kernel load imports)
         except ImportError:  # pragma: no cover - a numba without it loads its kernels the usual way
             pass
+    import numpy as np
+
+    from rt_mindeye.glm import estimator, kernels  # noqa: F401
+
+    kernels.percent_signal(np.zeros((1, 1), np.float32), np.empty(1), np.empty((1, 1), np.float32))
 
 
 def run_fit(args) -> int:
-    lean_imports()
-    from rt_mindeye.glm.fit import retain_freed_memory, without_hugepages
+    with skipped_imports([UNUSED_IMPORTS["nibabel"]]):
+        import nibabel  # noqa: F401
+    from rt_mindeye.glm.workers import retain_freed_memory, without_hugepages
 
-    retain_freed_memory()  # this process runs one fit (see glm.fit.retain_freed_memory)
-    with without_hugepages():  # reading and writing the runs too (see glm.fit.without_hugepages)
-        return _run_fit(args)
+    retain_freed_memory()  # this process runs one fit (see glm.workers.retain_freed_memory)
+    # Reading and writing the runs too without huge pages (see glm.workers.without_hugepages).
+    with without_hugepages(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-fit-modules") as executor:
+        return _run_fit(args, executor.submit(load_fit_modules))
 
 
-def _run_fit(args) -> int:
+def _run_fit(args, fit_modules) -> int:
     import numpy as np
 
     from rt_mindeye.config import from_mapping, load, to_mapping
     from rt_mindeye.glm.config import GLMConfig
     from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.errors import GLMInputError, GLMWarning
-    from rt_mindeye.glm.estimator import GLMSingle
     from rt_mindeye.glm.io import load_motion_tsv, load_session, write_outputs
 
     config = load(GLMConfig, args.config, "glm") if args.config else from_mapping(GLMConfig, {})
@@ -140,6 +151,8 @@ def _run_fit(args) -> int:
                                                            config.brain_fraction, config.brain_percentile)
     events = [RunEvents.from_tsv(p, condition_column=args.condition_column) for p in args.events]
     motion = [load_motion_tsv(p) for p in args.motion] if args.motion else None
+    fit_modules.result(timeout=FIT_MODULES_TIMEOUT_S)  # loaded on a thread meanwhile (see load_fit_modules)
+    from rt_mindeye.glm.estimator import GLMSingle
     console.print(f"[bold]glm fit[/]: model {config.model}, {len(runs)} runs, {runs[0].shape[1]} voxels, "
                   f"{sum(len(e) for e in events)} trials, TR {args.tr} s")
     start = time.perf_counter()

@@ -13,7 +13,7 @@ import numpy as np
 
 from rt_mindeye.glm.design import write_trials_tsv
 from rt_mindeye.glm.errors import GLMInputError
-from rt_mindeye.glm.fit import parallel_map
+from rt_mindeye.glm.workers import parallel_map
 
 try:  # ISA-L's gzip codec: the same format, ~2x faster to read and ~10x faster to write than zlib's (optional)
     from isal import igzip as gzip_codec
