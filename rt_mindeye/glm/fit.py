@@ -221,7 +221,10 @@ def noise_components(pool_psc: np.ndarray, basis: np.ndarray, n_components: int,
     index = np.flatnonzero(good)
     for first in range(0, index.size, 16384):
         part = index[first:first + 16384]
-        scaled = np.take(pool, part, axis=1).astype(np.float64)
+        if part[-1] - part[0] + 1 == part.size:  # a range of columns (every voxel usable): cast without gathering
+            scaled = pool[:, part[0]:part[-1] + 1].astype(np.float64)
+        else:
+            scaled = np.take(pool, part, axis=1).astype(np.float64)
         scaled /= norms[part]
         gram += scaled @ scaled.T
     evals, evecs = np.linalg.eigh(gram)
@@ -337,10 +340,20 @@ class Rotated:
     Z: np.ndarray        # (R, K, V) U' Yt for each voxel under its own HRF
     yss: np.ndarray      # (R, V) ||Yt||^2
     n_trials: np.ndarray  # (R,)
+    # Z with its voxels in HRF order (``hrf_groups``'s ``order``), as :func:`rotate` computes it; None if not kept.
+    Z_by_hrf: np.ndarray | None = None
+    hrf_order: np.ndarray | None = None
 
     @property
     def run_offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.n_trials)]).astype(np.int64)
+
+    def z_in_order(self, order: np.ndarray) -> np.ndarray:
+        """Z (R, K, V) with its voxels in ``order``: the kept copy when it is :func:`rotate`'s HRF order (the
+        stages that work HRF by HRF gather none), else one gather. Not to be written to."""
+        if self.Z_by_hrf is not None and np.array_equal(self.hrf_order, order):
+            return self.Z_by_hrf
+        return np.take(self.Z, order, axis=2)
 
 
 def _projected_designs(regressors: np.ndarray, nuisance: np.ndarray) -> np.ndarray:
@@ -453,6 +466,7 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     W = np.zeros((n_runs, n_hrfs, k_max, k_max))
     s = np.zeros((n_runs, n_hrfs, k_max))
     Z = np.zeros((n_runs, k_max, n_vox), dtype=np.float32)
+    Z_by_hrf = np.zeros_like(Z)  # the same in HRF order (kept: the later stages work HRF by HRF)
     yss = np.zeros((n_runs, n_vox))
     # Voxels sorted by HRF (one column gather per run, np.take: 5x faster than fancy indexing) make each HRF's
     # product a contiguous block; one more gather puts the rotated data back in voxel order.
@@ -490,16 +504,16 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
             u = np.matmul(to_data, u)
         sorted_y = np.take(yt, order, axis=1)
         del yt
-        sorted_z = np.empty((m, n_vox), dtype=np.float32)
+        sorted_z = Z_by_hrf[r, :m]
         for i, (h, cols) in enumerate(groups):
             W[r, h, :kr, :m] = vt[i].T
             s[r, h, :m] = sv[i]
             np.matmul(u[i].T.astype(np.float32), sorted_y[:, cols], out=sorted_z[:, cols])
         del sorted_y
-        np.take(sorted_z, inverse, axis=1, out=Z[r, :m])
+        np.take(sorted_z, inverse, axis=1, out=Z[r, :m], mode="clip")  # valid indices; "raise" buffers ``out``
 
     parallel_map(one_run, range(n_runs))
-    return Rotated(W, s, Z, yss, n_trials)
+    return Rotated(W, s, Z, yss, n_trials, Z_by_hrf, order)
 
 
 @dataclass
@@ -752,7 +766,7 @@ def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test:
     # One gather each into HRF order (a gather per piece would read nearly all of Z's cache lines every time).
     sorted_test = np.take(test, order, axis=1)
     sorted_alphas = np.take(alphas, order, axis=1)
-    sorted_z = np.take(rot.Z, order, axis=2)
+    sorted_z = rot.z_in_order(order)
 
     def one_piece(piece) -> np.ndarray:
         h, cols = piece
@@ -924,7 +938,7 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
     order, groups = hrf_groups(hrf_index)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
-    sorted_z = np.take(rot.Z.reshape(-1, n_vox), order, axis=1)  # rows (run, component); one gather
+    sorted_z = rot.z_in_order(order).reshape(-1, n_vox)  # rows (run, component)
 
     def one_hrf(group) -> None:  # HRFs on parallel threads, each filling its own voxels' columns
         h, cols = group
@@ -979,7 +993,7 @@ def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray,
     pieces = [(h, slice(first, min(first + chunk, cols.stop))) for h, cols in groups
               for first in range(cols.start, cols.stop, chunk)]
     # One gather each into HRF order (a gather per piece would read nearly all of Z's cache lines every time).
-    sorted_z = np.take(rot.Z, order, axis=2)
+    sorted_z = rot.z_in_order(order)
     sorted_alphas = np.take(alphas, order, axis=1).astype(np.float64)
     sorted_yss = np.take(rot.yss, order, axis=1)
 

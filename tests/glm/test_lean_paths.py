@@ -66,3 +66,22 @@ def test_unmask_is_fortran_ordered_and_places_every_value(tmp_path, n_volumes):
     path = tmp_path / "x.nii.gz"
     nib.save(nib.Nifti1Image(out, np.eye(4)), str(path))
     assert np.array_equal(np.asarray(nib.load(str(path)).dataobj), expected)
+
+
+def test_rotated_data_kept_in_hrf_order_equal_the_gathered_ones():
+    rng = np.random.default_rng(1)
+    n_t, n_vox, n_hrfs = 40, 30, 3
+    runs = [rng.standard_normal((n_t, n_vox)).astype(np.float32) for _ in range(2)]
+    regressors = [rng.standard_normal((n_hrfs, n_t, k)) for k in (4, 5)]
+    nuisance = [np.linalg.qr(rng.standard_normal((n_t, 2)))[0] for _ in runs]
+    hrf_index = rng.integers(0, n_hrfs, n_vox)
+    rot = F.rotate(runs, regressors, nuisance, hrf_index, n_hrfs)
+    order, _ = F.hrf_groups(hrf_index)
+    assert rot.z_in_order(order) is rot.Z_by_hrf
+    assert np.array_equal(rot.Z_by_hrf, np.take(rot.Z, order, axis=2))
+    other = rng.permutation(n_vox)
+    assert np.array_equal(rot.z_in_order(other), np.take(rot.Z, other, axis=2))
+    plain = F.Rotated(rot.W, rot.s, rot.Z, rot.yss, rot.n_trials)  # built without the kept copy: gathers
+    alphas = np.abs(rng.standard_normal((2, n_vox)))
+    for a, b in zip(F.betas_and_sse(rot, hrf_index, alphas), F.betas_and_sse(plain, hrf_index, alphas)):
+        assert np.array_equal(a, b)
