@@ -540,6 +540,21 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
     runs = np.zeros((len(data), n_hrfs, n_vox), dtype=np.float32) if per_run else None
     parts = (ExplainedParts(np.zeros((len(data), n_hrfs, n_vox), dtype=np.float32), np.zeros((len(data), n_vox)))
              if keep_parts else None)
+
+    def run_design(r: int):  # every run's on parallel threads first (small: they would idle a core in the loop)
+        # Every HRF's orthonormal basis side by side: one (sum k_h x T)(T x V) product per chunk of voxels
+        # serves all HRFs (one BLAS call instead of one per HRF), then each HRF's block of squares is summed.
+        if regressors[r].shape[2] == 0:
+            return None
+        bases = design_ranges(_projected_designs(regressors[r], nuisance[r]))
+        sizes = np.array([b.shape[1] for b in bases])
+        kept = np.flatnonzero(sizes > 0)  # an empty design explains nothing
+        stacked = np.concatenate([bases[h] for h in kept], axis=1).T.astype(np.float32)
+        blocks = np.zeros((kept.size, stacked.shape[0]), dtype=np.float32)  # sums each HRF's rows of squares
+        blocks[np.repeat(np.arange(kept.size), sizes[kept]), np.arange(stacked.shape[0])] = 1.0
+        return kept, stacked, blocks
+
+    designs = parallel_map(run_design, range(len(data)))
     for r, y in enumerate(data):
         if orthogonal_to is None or orthogonal_to[r] == 0:
             yt = project_out(nuisance[r], y)
@@ -553,16 +568,9 @@ def explained_fraction(data: Sequence[np.ndarray], regressors: Sequence[np.ndarr
         total += run_total
         if parts is not None:
             parts.total[r] = run_total
-        if regressors[r].shape[2] == 0:
+        if designs[r] is None:
             continue
-        # Every HRF's orthonormal basis side by side: one (sum k_h x T)(T x V) product per chunk of voxels
-        # serves all HRFs (one BLAS call instead of one per HRF), then each HRF's block of squares is summed.
-        bases = design_ranges(_projected_designs(regressors[r], nuisance[r]))
-        sizes = np.array([b.shape[1] for b in bases])
-        kept = np.flatnonzero(sizes > 0)  # an empty design explains nothing
-        stacked = np.concatenate([bases[h] for h in kept], axis=1).T.astype(np.float32)
-        blocks = np.zeros((kept.size, stacked.shape[0]), dtype=np.float32)  # sums each HRF's rows of squares
-        blocks[np.repeat(np.arange(kept.size), sizes[kept]), np.arange(stacked.shape[0])] = 1.0
+        kept, stacked, blocks = designs[r]
         run_fit = np.zeros((n_hrfs, n_vox))
 
         def fit_part(part: slice) -> None:
@@ -608,17 +616,12 @@ def explained_fraction_with_components(data: Sequence[np.ndarray], regressors: S
     n_vox = data[0].shape[1]
     fitted = np.zeros((n_hrfs, n_vox))
     total = np.zeros(n_vox)
-    for r, y in enumerate(data):
+
+    def run_setup(r: int):  # every run's on parallel threads first (small: they would idle a core in the loop)
         comps = np.asarray(components[r], dtype=np.float64)
         n = comps.shape[1]
-        if n == 0:
-            fitted += parts.fitted[r]
-            total += parts.total[r]
-            continue
-        c32 = comps.T.astype(np.float32)
-        if regressors[r].shape[2] == 0:
-            total += parts.total[r] - sum_squares(c32 @ y)
-            continue
+        if n == 0 or regressors[r].shape[2] == 0:
+            return None
         ranges = design_ranges(_projected_designs(regressors[r], bases[r]))
         updated, direct = [], []
         k_mats, s_inv, d_cols = [], [], []
@@ -642,9 +645,24 @@ def explained_fraction_with_components(data: Sequence[np.ndarray], regressors: S
             for u in design_ranges(_projected_designs(regressors[r][direct], nuisance)):
                 rows.append(u.T)
                 direct_sizes.append(u.shape[1])
-        stacked = np.concatenate(rows, axis=0).astype(np.float32) if rows else np.zeros((0, y.shape[0]), np.float32)
+        stacked = (np.concatenate(rows, axis=0).astype(np.float32) if rows
+                   else np.zeros((0, comps.shape[0]), np.float32))
         k_mats = np.asarray(k_mats).reshape(len(updated), n, n)
         s_inv = np.asarray(s_inv).reshape(len(updated), n, n)
+        return updated, direct, direct_sizes, stacked, k_mats, s_inv
+
+    setups = parallel_map(run_setup, range(len(data)))
+    for r, y in enumerate(data):
+        n = np.shape(components[r])[1]
+        if n == 0:
+            fitted += parts.fitted[r]
+            total += parts.total[r]
+            continue
+        c32 = np.asarray(components[r], dtype=np.float64).T.astype(np.float32)
+        if regressors[r].shape[2] == 0:
+            total += parts.total[r] - sum_squares(c32 @ y)
+            continue
+        updated, direct, direct_sizes, stacked, k_mats, s_inv = setups[r]
         n_upd = len(updated) * n
         run_total = np.empty(n_vox)
 
