@@ -86,7 +86,8 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
     first image (affine/header of the outputs). ``noise_runs``: (T, P) runs of the noise-pool candidates (the noise
     mask file's voxels, else that same brain mask of the first run, i.e. the whole brain whatever ``mask_path``
     chose), or None with ``noise_mask = mask`` when they are the fitted voxels. Runs are decompressed in parallel
-    threads, one at a time each (a whole 4-D run is never held for more than its own masking).
+    threads, one at a time each (a whole 4-D run is held only for its own masking; with a default mask the first two
+    are decompressed together and held while the first sets the mask).
     """
     images = [load_image(p, 4) for p in bold_paths]
     ref = images[0]
@@ -95,10 +96,14 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
             raise GLMInputError("bold", f"grid {img.shape[:3]} / affine differs from the first run's", str(p))
     mask = _mask_file(mask_path, ref.shape[:3], "mask") if mask_path is not None else None
     noise_mask = _mask_file(noise_mask_path, ref.shape[:3], "noise mask") if noise_mask_path is not None else None
-    first = None
+    prefetched = {}  # decompressed runs not yet masked, by index
     if mask is None or noise_mask is None:
-        first = _image_data(ref, bold_paths[0])
-        brain = _default_mask(first, brain_fraction, brain_percentile)
+        # The first run sets the default mask; the second one is decompressed beside it (a thread would idle).
+        first_runs = parallel_map(lambda index: _image_data(images[index], bold_paths[index]),
+                                  range(min(2, len(images))))
+        prefetched = dict(enumerate(first_runs))
+        del first_runs
+        brain = _default_mask(prefetched[0], brain_fraction, brain_percentile)
         mask = brain if mask is None else mask
         noise_mask = brain if noise_mask is None else noise_mask
     if not mask.any():
@@ -108,11 +113,12 @@ def load_session(bold_paths: Sequence[str | Path], mask_path: str | Path | None 
     separate = not np.array_equal(noise_mask, mask)
 
     def masked(index: int):
-        data = first if index == 0 and first is not None else _image_data(images[index], bold_paths[index])
+        data = prefetched.pop(index, None)
+        if data is None:
+            data = _image_data(images[index], bold_paths[index])
         return _masked_series(data, mask), (_masked_series(data, noise_mask) if separate else None)
 
     loaded = parallel_map(masked, range(len(images)))
-    del first
     runs = [run for run, _ in loaded]
     if not separate:
         return runs, mask, ref, None, mask
