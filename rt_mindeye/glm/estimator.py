@@ -347,7 +347,8 @@ class GLMSingle:
             # The per-run fitted sums of squares are kept for the refit with the noise components (refit_hrf).
             keep = self.refit_hrf and model in ("c", "d")
             hrf_r2, hrf_r2_run, *library_parts = F.explained_fraction(psc, regs, bases, per_run=True,
-                                                                      orthogonal_to=ortho, keep_parts=keep)
+                                                                      orthogonal_to=ortho, keep_parts=keep,
+                                                                      chunk=F.LIBRARY_CHUNK)
             hrf_index = np.argmax(hrf_r2, axis=0).astype(np.int64)
             hrf_index_run = np.argmax(hrf_r2_run, axis=1).astype(np.int16)
             r2_run = np.take_along_axis(hrf_r2_run, hrf_index[None, None, :], axis=1)[:, 0]
