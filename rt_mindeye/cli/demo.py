@@ -9,13 +9,16 @@ from rt_mindeye.process import cli_path
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="phantom -> pretrain -> calibrate -> live runs through all services -> summary",
-        description="Run the whole system on a simulated subject: make the phantom session, pretrain (or reuse) the "
-                    "shared tiny model, calibrate on the first runs, run the remaining runs live through the scanner "
-                    "host, decoder and console at an accelerated TR, and write DIR/summary.json and DIR/grid.png.")
+        "demo", help="phantom -> shared model -> calibrate -> live runs through all services -> summary",
+        description="Run the whole system on a simulated subject: make the phantom session, take the shipped shared "
+                    "tiny model (or pretrain one), calibrate on the first runs, run the remaining runs live through "
+                    "the scanner host, decoder and console at an accelerated TR, and write DIR/summary.json and "
+                    "DIR/grid.png.")
     parser.add_argument("--out", type=cli_path, default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--speed", type=float, default=8.0, help="replay speed of the live runs (x real time)")
-    parser.add_argument("--pretrain-minutes", type=float, default=2.0, help="time budget of the pretraining")
+    parser.add_argument("--pretrain-minutes", type=float, default=None,
+                        help="pretrain the shared model in-session within this many minutes (default: the shared "
+                             "model shipped with the package, pretrained beforehand with the demo's recipe)")
     parser.add_argument("--finetune-minutes", type=float, default=2.5, help="time budget of the fine-tuning")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true",

@@ -1,8 +1,8 @@
 """`rt-mindeye demo`: the whole system on the phantom, on one machine.
 
 1. simulate a phantom subject's session and write it as real Siemens mosaic DICOMs;
-2. pretrain the shared tiny MindEye2 model on other phantom subjects who saw other images (cached for later
-   demos);
+2. the shared tiny MindEye2 model pretrained on other phantom subjects who saw other images: shipped with the
+   package (made beforehand with the same recipe), or pretrained in-session when asked or when the phantom differs;
 3. calibrate on the session's first runs (offline GLM, reliability mask, fine-tune within a time budget);
 4. run the remaining runs live: the scanner emulator writes them into an export folder at an accelerated TR, the
    scanner host and the decoder run as separate processes linked by ZeroMQ, the console follows them;
@@ -36,6 +36,12 @@ PRETRAIN_TRIALS_PER_RUN = 40
 SHARED_MODEL: dict = {}
 #: The pretraining's settings besides its time budget and seed.
 PRETRAIN_TRAIN: dict = dict(epochs=150, global_batch=32, max_lr=1e-3)
+#: The shared model shipped with the package, pretrained beforehand with the demo's recipe by
+#: ``python calibration/demo_shared_model.py`` (as a real session starts from MindEye2's published weights instead
+#: of pretraining at the scanner); its JSON beside it holds the recipe, epochs and seed.
+SHIPPED_SHARED_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo_shared_model.pth"
+#: The in-session pretraining's budget when the shipped model does not fit the demo (other phantom settings).
+IN_SESSION_PRETRAIN_MIN = 2.0
 #: The demo's fine-tune settings that differ from the calibration default (docs/model.md, the demo's decoding).
 DEMO_FINETUNE: dict = {}
 #: The demo's calibration fine-tunes two models in its budget and decodes with the mean of their outputs
@@ -53,7 +59,9 @@ CONSOLE_GOODBYE_S = 10.0
 class DemoOptions:
     out: Path
     speed: float = 8.0
-    pretrain_budget_min: float = 2.0
+    #: None: the shipped shared model when it was made for the demo's recipe, else an in-session pretraining of
+    #: :data:`IN_SESSION_PRETRAIN_MIN`; a number: pretrain in-session within that many minutes.
+    pretrain_budget_min: float | None = None
     finetune_budget_min: float = 2.5
     seed: int = 1
     live_console: bool | None = None  # None: live view when stdout is a terminal
@@ -97,13 +105,14 @@ def _untrained_shared_model(model_dir: Path, options: DemoOptions, console) -> P
     return checkpoint
 
 
-#: The demo's session: 6 calibration and 4 real-time runs of 32 trials (192 calibration trials; 128 live trials, so
-#: one trial is under 1 %), a visual mask of ~5,200 voxels in the small geometry (about 3,100 decoder voxels after
+#: The demo's session: 6 calibration and 6 real-time runs of 32 trials (192 calibration trials; 192 live trials, so
+#: one trial is 0.5 % and the binomial spread of a 5 % top-1 is ~1.6 points instead of ~1.9 with 128; the live runs
+#: cost ~45 s more, paid for by the shipped shared model), a visual mask of ~5,200 voxels in the small geometry (about 3,100 decoder voxels after
 #: the reliability selection: decoding improves with voxels far more than with anything else the demo can afford;
 #: a ridge map from the ~1,000 decoder voxels of a 2,000-voxel mask reached 2-5 % top-1 among the 268 candidates,
 #: from ~3,100 about twice that), 16 images repeated across the session (for the calibration's reliability mask) and
 #: 10 repeated only in the real-time runs (scored repeat-averaged).
-DEMO_SESSION = dict(n_runs=10, calibration_runs=6, trials_per_run=32, repeated_images=16, test_repeated_images=10,
+DEMO_SESSION = dict(n_runs=12, calibration_runs=6, trials_per_run=32, repeated_images=16, test_repeated_images=10,
                     repeats=3, visual_voxels=6000)
 
 
@@ -155,7 +164,7 @@ def run_demo(options: DemoOptions) -> dict:
         session = _make_phantom(cfg, phantom_dir, options.seed, console)
     live_runs = [r for r in range(session.n_runs) if r not in session.calibration_runs]
 
-    with step("shared model: pretrain tiny MindEye2 on other phantom subjects"):
+    with step("shared model: tiny MindEye2 pretrained on other phantom subjects"):
         pretrained = _pretrain(cfg, out / "shared_model", options, console)
 
     with step(f"calibration on runs 1-{len(session.calibration_runs)}"):
@@ -198,26 +207,66 @@ def _make_phantom(cfg, phantom_dir: Path, seed: int, console):
     return session
 
 
+def pretrain_recipe(cfg) -> dict:
+    """What the shared model depends on besides its training's length and seed: the pretraining subjects and their
+    images (after the demo session's own), the architecture, the training settings and the phantom's response model."""
+    return {"version": 4, "subjects": list(PRETRAIN_SUBJECTS), "runs": PRETRAIN_RUNS,
+            "trials_per_run": PRETRAIN_TRIALS_PER_RUN, "first_stimulus": cfg.n_images, "model": SHARED_MODEL,
+            "train": PRETRAIN_TRAIN, "phantom": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in
+                ((k, getattr(cfg, k)) for k in ("driving_network", "tuning_nonlinearity", "trial_variability",
+                                                "visual_voxels", "matrix"))}}
+
+
+def shipped_shared_model(cfg) -> Path | None:
+    """The shipped shared model when it was pretrained with the recipe ``cfg`` needs, else None."""
+    info = SHIPPED_SHARED_MODEL.with_suffix(".json")
+    if not (SHIPPED_SHARED_MODEL.is_file() and info.is_file()):
+        return None
+    return SHIPPED_SHARED_MODEL if json.loads(info.read_text()).get("recipe") == pretrain_recipe(cfg) else None
+
+
 def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
-    """The shared model, pretrained on other phantom subjects who each saw their own images.
+    """The shared model, pretrained on other phantom subjects who each saw their own images: the shipped one (made
+    beforehand with the same recipe) unless ``options.pretrain_budget_min`` asks for an in-session pretraining or
+    the demo's phantom differs from the recipe.
 
     As in NSD, pretraining subjects see images that the demo subject never sees (stimuli after the session's own),
-    so what the shared model learns must generalise to new images, which is what the live runs need. The checkpoint
-    is reused by later demos while the recipe is unchanged.
+    so what the shared model learns must generalise to new images, which is what the live runs need. An in-session
+    checkpoint is reused by later demos while the recipe is unchanged.
     """
     if options.quick:
         return _untrained_shared_model(model_dir / "quick", options, console)
     checkpoint = model_dir / "last.pth"
-    subjects, n_runs, trials_per_run = PRETRAIN_SUBJECTS, PRETRAIN_RUNS, PRETRAIN_TRIALS_PER_RUN
-    recipe = {"version": 4, "subjects": list(subjects), "runs": n_runs,
-              "trials_per_run": trials_per_run, "first_stimulus": cfg.n_images, "seed": options.seed,
-              "budget_min": options.pretrain_budget_min, "model": SHARED_MODEL, "train": PRETRAIN_TRAIN, "phantom": {
-                  k: getattr(cfg, k) for k in ("driving_network", "tuning_nonlinearity", "trial_variability",
-                                               "visual_voxels", "matrix")}}
+    budget = options.pretrain_budget_min
+    if budget is None:
+        shipped = shipped_shared_model(cfg)
+        if shipped is not None:
+            info = json.loads(shipped.with_suffix(".json").read_text())
+            model_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shipped, checkpoint)
+            (model_dir / "recipe.json").write_text(json.dumps(info))
+            console.print(f"the shipped shared model ({shipped.name}: pretrained on subjects {PRETRAIN_SUBJECTS}, "
+                          f"{info['epochs']} epochs; --pretrain-minutes M pretrains in-session instead)")
+            return checkpoint
+        budget = IN_SESSION_PRETRAIN_MIN
+        console.print(f"the shipped shared model was made for another phantom or model: pretraining in-session "
+                      f"({budget:g} min)")
+    recipe = {**pretrain_recipe(cfg), "seed": options.seed, "budget_min": budget}
     recipe_path = model_dir / "recipe.json"
     if checkpoint.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == recipe:
         console.print(f"reusing {checkpoint}")
         return checkpoint
+    result = pretrain_shared_model(cfg, checkpoint, seed=options.seed, budget_min=budget, log=console.print)
+    recipe_path.write_text(json.dumps(recipe))
+    console.print(f"pretrained on subjects {PRETRAIN_SUBJECTS} ({result.epochs} epochs)")
+    return checkpoint
+
+
+def pretrain_shared_model(cfg, checkpoint: Path, *, seed: int, budget_min: float = 0.0, epochs: int | None = None,
+                          log=print):
+    """Pretrain the shared tiny model on :data:`PRETRAIN_SUBJECTS` (each with its own images) and write it to
+    ``checkpoint``: within ``budget_min`` minutes, or for exactly ``epochs`` epochs when the budget is 0."""
     from rt_mindeye.model.config import MindEyeConfig, tiny_fields_for
     from rt_mindeye.model.data import image_targets, phantom_subject_data
     from rt_mindeye.model.embedders import PhantomEmbedder
@@ -226,10 +275,10 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     from rt_mindeye.phantom.session import simulate_session
 
     datasets = []
-    per_subject = n_runs * trials_per_run
-    for k, subject in enumerate(subjects):
-        other_cfg = dataclasses.replace(cfg, n_runs=n_runs, calibration_runs=0, repeated_images=0,
-                                        test_repeated_images=0, trials_per_run=trials_per_run,
+    per_subject = PRETRAIN_RUNS * PRETRAIN_TRIALS_PER_RUN
+    for k, subject in enumerate(PRETRAIN_SUBJECTS):
+        other_cfg = dataclasses.replace(cfg, n_runs=PRETRAIN_RUNS, calibration_runs=0, repeated_images=0,
+                                        test_repeated_images=0, trials_per_run=PRETRAIN_TRIALS_PER_RUN,
                                         stimulus_offset=cfg.stimulus_offset + cfg.n_images + k * per_subject)
         other = simulate_session(other_cfg, subject=subject, seed=100 + subject)
         targets = image_targets(other.images, PhantomEmbedder())
@@ -244,15 +293,36 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     # One checkpoint at the end (checkpoint_every = epochs): the shared model with three subjects' heads and its
     # optimiser state is ~35 MB, and writing it every epoch cost a noticeable part of the budget.
     settings = dict(PRETRAIN_TRAIN)
+    if epochs is not None:
+        settings["epochs"] = int(epochs)
     batch = split_global_batch(settings.pop("global_batch"), len(datasets))
-    train = TrainConfig(batch_size=batch, time_budget_min=options.pretrain_budget_min, seed=options.seed,
+    train = TrainConfig(batch_size=batch, time_budget_min=budget_min, seed=seed,
                         checkpoint_every=settings["epochs"], **settings)
-    result = pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False,
-                      log=console.print)
-    recipe_path.write_text(json.dumps(recipe))
-    console.print(f"pretrained on subjects {subjects} ({sum(len(d) for d in datasets)} trials of their own "
-                  f"images, {result.epochs} epochs)")
-    return checkpoint
+    return pretrain(MindEyeModule(model_config), datasets, train, checkpoint_path=checkpoint, progress=False, log=log)
+
+
+def write_shipped_shared_model(path: Path, *, epochs: int, seed: int, log=print) -> Path:
+    """Pretrain the shared model for ``epochs`` with the demo's recipe and write what the package ships: the
+    weights in float16 (fine-tuning loads them in float32; the optimiser state is left out) and, beside them, a JSON
+    with the recipe, the epochs and the seed."""
+    import tempfile
+
+    import torch
+
+    from rt_mindeye.convert.mindeye2 import load_mindeye2, save_container
+
+    cfg = demo_phantom_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = pretrain_shared_model(cfg, Path(tmp) / "last.pth", seed=seed, epochs=epochs, log=log)
+        seconds = time.perf_counter() - started
+        model = load_mindeye2(result.checkpoint, dtype=torch.float16).model
+    save_container(path, model, epoch=result.epochs)
+    path.with_suffix(".json").write_text(json.dumps(
+        {"recipe": pretrain_recipe(cfg), "epochs": result.epochs, "seed": seed,
+         "seconds": round(seconds, 1), "made_by": f"python calibration/demo_shared_model.py --epochs {epochs} "
+                                                  f"--seed {seed}"}, indent=1) + "\n")
+    return path
 
 
 def _calibrate(session, phantom_dir: Path, bundle_dir: Path, pretrained: Path, options: DemoOptions, console):
