@@ -85,3 +85,42 @@ def test_rotated_data_kept_in_hrf_order_equal_the_gathered_ones():
     alphas = np.abs(rng.standard_normal((2, n_vox)))
     for a, b in zip(F.betas_and_sse(rot, hrf_index, alphas), F.betas_and_sse(plain, hrf_index, alphas)):
         assert np.array_equal(a, b)
+
+
+def _mixture_threshold_with_row_reductions(x, n_iter=500):
+    """The EM of `fit.gaussian_mixture_threshold` with numpy's row reductions (max / sum along the length-2 axis)."""
+    x = x[np.isfinite(x)]
+    mu = np.quantile(x, [0.25, 0.9])
+    sd = np.full(2, x.std() / 2 + 1e-12)
+    w = np.array([0.5, 0.5])
+    floor = 1e-6 * np.ptp(x)
+    for _ in range(n_iter):
+        log_dens = np.log(w) - np.log(sd) - 0.5 * ((x[:, None] - mu) / sd) ** 2
+        log_dens -= log_dens.max(axis=1, keepdims=True)
+        resp = np.exp(log_dens)
+        resp /= resp.sum(axis=1, keepdims=True)
+        nk = resp.sum(axis=0) + 1e-12
+        new_mu = (resp * x[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((resp * (x[:, None] - new_mu) ** 2).sum(axis=0) / nk) + floor
+        w = nk / nk.sum()
+        converged = np.allclose(new_mu, mu, rtol=0, atol=1e-10 * max(1.0, np.abs(mu).max()))
+        mu = new_mu
+        if converged:
+            break
+    return mu, sd, w
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mixture_threshold_equals_the_em_with_row_reductions(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 5000))
+    x = np.concatenate([rng.gamma(1.5, 0.02, n), rng.normal(0.3, 0.1, n // 4)])
+    mu, sd, w = _mixture_threshold_with_row_reductions(x)
+    assert F.gaussian_mixture_threshold(x, conservative=True) == float(mu[np.argmin(mu)])
+    lo, hi = np.argsort(mu)
+    low, high = np.percentile(x, [0.5, 99.5])
+    grid = np.linspace(min(low, mu.min()), max(high, mu.max()), 500)
+    upper = (np.log(w[hi]) - np.log(sd[hi]) - 0.5 * ((grid - mu[hi]) / sd[hi]) ** 2
+             > np.log(w[lo]) - np.log(sd[lo]) - 0.5 * ((grid - mu[lo]) / sd[lo]) ** 2)
+    below = np.flatnonzero(~upper)
+    assert F.gaussian_mixture_threshold(x) == float(grid[below[-1]] if below.size else grid[0])
