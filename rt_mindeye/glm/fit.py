@@ -339,12 +339,22 @@ class Rotated:
 
     W: np.ndarray        # (R, H, K, K) right singular vectors, W[r, h, trial, component]
     s: np.ndarray        # (R, H, K) singular values, descending
-    Z: np.ndarray        # (R, K, V) U' Yt for each voxel under its own HRF
+    _Z: np.ndarray | None  # Z (see below), or None: gathered from Z_by_hrf when first asked for
     yss: np.ndarray      # (R, V) ||Yt||^2
     n_trials: np.ndarray  # (R,)
     # Z with its voxels in HRF order (``hrf_groups``'s ``order``), as :func:`rotate` computes it; None if not kept.
     Z_by_hrf: np.ndarray | None = None
     hrf_order: np.ndarray | None = None
+
+    @property
+    def Z(self) -> np.ndarray:
+        """(R, K, V) ``U' Yt`` for each voxel under its own HRF, in voxel order (the offline fit's stages read
+        :attr:`Z_by_hrf` instead: this is gathered on first use)."""
+        if self._Z is None:
+            inverse = np.empty_like(self.hrf_order)
+            inverse[self.hrf_order] = np.arange(self.hrf_order.size)
+            self._Z = np.take(self.Z_by_hrf, inverse, axis=2)
+        return self._Z
 
     @property
     def run_offsets(self) -> np.ndarray:
@@ -467,14 +477,11 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
     k_max = int(n_trials.max()) if n_runs else 0
     W = np.zeros((n_runs, n_hrfs, k_max, k_max))
     s = np.zeros((n_runs, n_hrfs, k_max))
-    Z = np.zeros((n_runs, k_max, n_vox), dtype=np.float32)
-    Z_by_hrf = np.zeros_like(Z)  # the same in HRF order (kept: the later stages work HRF by HRF)
+    Z_by_hrf = np.zeros((n_runs, k_max, n_vox), dtype=np.float32)  # in HRF order: the later stages work HRF by HRF
     yss = np.zeros((n_runs, n_vox))
     # Voxels sorted by HRF (one column gather per run, np.take: 5x faster than fancy indexing) make each HRF's
-    # product a contiguous block; one more gather puts the rotated data back in voxel order.
+    # product a contiguous block (kept in that order: Rotated.Z gathers the voxel order only if asked).
     order, groups = hrf_groups(hrf_index)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
     used = [h for h, _ in groups]
 
     def one_run(r: int) -> None:  # runs on parallel threads, each writing its own slices
@@ -512,10 +519,9 @@ def rotate(data: Sequence[np.ndarray], regressors: Sequence[np.ndarray], nuisanc
             s[r, h, :m] = sv[i]
             np.matmul(u[i].T.astype(np.float32), sorted_y[:, cols], out=sorted_z[:, cols])
         del sorted_y
-        np.take(sorted_z, inverse, axis=1, out=Z[r, :m], mode="clip")  # valid indices; "raise" buffers ``out``
 
     parallel_map(one_run, range(n_runs))
-    return Rotated(W, s, Z, yss, n_trials, Z_by_hrf, order)
+    return Rotated(W, s, None, yss, n_trials, Z_by_hrf, order)
 
 
 @dataclass
@@ -961,7 +967,7 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
     OLS betas to each fraction (GLMsingle runs fracridge on the runs' concatenated, block-diagonal design)."""
     fractions = np.asarray(fractions, dtype=np.float64)
     n_runs, n_hrfs = rot.s.shape[:2]
-    n_vox = rot.Z.shape[2]
+    n_vox = rot.yss.shape[1]
     ratio = np.ones((n_grid, n_vox))  # voxels in HRF order
     grids = np.zeros((n_hrfs, n_grid))
     grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
@@ -985,7 +991,7 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
         gain2 = (sv[None, :] / (sv[None, :] ** 2 + grid[:, None])) ** 2
         for start in range(cols.start, cols.stop, chunk):
             part = slice(start, min(start + chunk, cols.stop))
-            z2 = np.take(sorted_z[:, part], rr * rot.Z.shape[1] + kk, axis=0).astype(np.float64)
+            z2 = np.take(sorted_z[:, part], rr * rot.W.shape[2] + kk, axis=0).astype(np.float64)
             np.square(z2, out=z2)
             norms2 = gain2 @ z2
             with np.errstate(invalid="ignore", divide="ignore"):
