@@ -351,9 +351,7 @@ class Rotated:
         """(R, K, V) ``U' Yt`` for each voxel under its own HRF, in voxel order (the offline fit's stages read
         :attr:`Z_by_hrf` instead: this is gathered on first use)."""
         if self._Z is None:
-            inverse = np.empty_like(self.hrf_order)
-            inverse[self.hrf_order] = np.arange(self.hrf_order.size)
-            self._Z = np.take(self.Z_by_hrf, inverse, axis=2)
+            self._Z = np.take(self.Z_by_hrf, inverse_permutation(self.hrf_order), axis=2)
         return self._Z
 
     @property
@@ -758,6 +756,14 @@ def hrf_groups(hrf_index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, slice
     return order, [(int(h), slice(int(a), int(a + c))) for h, a, c in zip(used, starts, counts)]
 
 
+def inverse_permutation(order: np.ndarray) -> np.ndarray:
+    """The index that puts arrays sorted by ``order`` (e.g. :func:`hrf_groups`'s HRF order) back in the original
+    order: ``np.take(x[..., order], inverse_permutation(order), axis=-1)`` is ``x``."""
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return inverse
+
+
 def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test: np.ndarray,
                   cv: CrossValidation, chunk: int = 1024) -> np.ndarray:
     """GLMsingle's ``calcbadness`` (the sum of :func:`kernels.pair_squared_differences`) of the ridge betas for every
@@ -827,9 +833,7 @@ def ridge_badness(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray, test:
     out = np.empty((n_frac, n_vox))  # voxels in HRF order
     for (_, cols), part in zip(pieces, parallel_map(one_piece, pieces)):
         out[:, cols] = part
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    return np.take(out, inverse, axis=1)
+    return np.take(out, inverse_permutation(order), axis=1)
 
 
 def cv_rows(cv: CrossValidation, rot: Rotated) -> np.ndarray:
@@ -972,8 +976,7 @@ def fraction_alphas(rot: Rotated, hrf_index: np.ndarray, fractions: Sequence[flo
     grids = np.zeros((n_hrfs, n_grid))
     grids[:, 1:] = np.arange(1, n_grid)  # placeholder increasing grid for unused HRFs
     order, groups = hrf_groups(hrf_index)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
+    inverse = inverse_permutation(order)
     sorted_z = rot.z_in_order(order).reshape(-1, n_vox)  # rows (run, component)
 
     def one_hrf(group) -> None:  # HRFs on parallel threads, each filling its own voxels' columns
@@ -1021,8 +1024,7 @@ def betas_and_sse(rot: Rotated, hrf_index: np.ndarray, alphas: np.ndarray,
     n_runs, n_vox = alphas.shape
     offsets = rot.run_offsets
     order, groups = hrf_groups(hrf_index)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
+    inverse = inverse_permutation(order)
     k_max = int(rot.n_trials.max(initial=0))
     betas = np.zeros((int(offsets[-1]), n_vox), dtype=np.float32)  # columns in HRF order
     sse = np.empty(n_vox)
