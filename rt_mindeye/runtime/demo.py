@@ -223,10 +223,16 @@ def pretrain_recipe(cfg) -> dict:
 
 def shipped_shared_model(cfg) -> Path | None:
     """The shipped shared model when it was pretrained with the recipe ``cfg`` needs, else None."""
-    info = SHIPPED_SHARED_MODEL.with_suffix(".json")
-    if not (SHIPPED_SHARED_MODEL.is_file() and info.is_file()):
+    return SHIPPED_SHARED_MODEL if _shipped_info(cfg) is not None else None
+
+
+def _shipped_info(cfg) -> dict | None:
+    """The shipped shared model's JSON (recipe, epochs, seed) when it fits ``cfg``'s recipe, else None."""
+    path = SHIPPED_SHARED_MODEL.with_suffix(".json")
+    if not (SHIPPED_SHARED_MODEL.is_file() and path.is_file()):
         return None
-    return SHIPPED_SHARED_MODEL if json.loads(info.read_text()).get("recipe") == pretrain_recipe(cfg) else None
+    info = json.loads(path.read_text())
+    return info if info.get("recipe") == pretrain_recipe(cfg) else None
 
 
 def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
@@ -243,14 +249,14 @@ def _pretrain(cfg, model_dir: Path, options: DemoOptions, console) -> Path:
     checkpoint = model_dir / "last.pth"
     budget = options.pretrain_budget_min
     if budget is None:
-        shipped = shipped_shared_model(cfg)
-        if shipped is not None:
-            info = json.loads(shipped.with_suffix(".json").read_text())
+        info = _shipped_info(cfg)
+        if info is not None:
             model_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shipped, checkpoint)
+            shutil.copyfile(SHIPPED_SHARED_MODEL, checkpoint)
             (model_dir / "recipe.json").write_text(json.dumps(info))
-            console.print(f"the shipped shared model ({shipped.name}: pretrained on subjects {PRETRAIN_SUBJECTS}, "
-                          f"{info['epochs']} epochs; --pretrain-minutes M pretrains in-session instead)")
+            console.print(f"the shipped shared model ({SHIPPED_SHARED_MODEL.name}: pretrained on subjects "
+                          f"{PRETRAIN_SUBJECTS}, {info['epochs']} epochs; --pretrain-minutes M pretrains in-session "
+                          f"instead)")
             return checkpoint
         budget = IN_SESSION_PRETRAIN_MIN
         console.print(f"the shipped shared model was made for another phantom or model: pretraining in-session "
