@@ -55,6 +55,10 @@ class CalibrationConfig:
         "realtime", "betas the model is fine-tuned on: 'realtime' replays the calibration runs through the real-time "
                     "estimator (first, last refined and end-of-run estimates: what the live decoder sees), "
                     "'offline' the offline fit's betas, 'both' the two together", choices=("realtime", "offline", "both"))
+    motion_regressors: bool = setting(
+        False, "give the GLM the six motion parameters as nuisance regressors (offline fit, real-time estimates and "
+               "the offline reference); off by default, as in GLMsingle: after motion correction they halved the first "
+               "real-time estimates' correlation with the true betas on the phantom (docs/glm.md, \"Motion regressors\")")
     exclude_motion_gated: bool = setting(True, "leave the calibration trials over the motion gate (motion.gate_fd_mm "
                                                "in their window) out of fine-tuning; the report counts them")
     ensemble_members: int = setting(

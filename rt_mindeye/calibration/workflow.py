@@ -217,7 +217,8 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     from rt_mindeye.glm.design import RunEvents
 
     run_events = [RunEvents.from_tsv(p, condition_column=config.condition_column) for p in events]
-    glm = GLMSingle.from_config(config.glm).fit(series, run_events, reference.tr or 1.0, motion=motion_params)
+    glm_motion = motion_params if config.motion_regressors else None
+    glm = GLMSingle.from_config(config.glm).fit(series, run_events, reference.tr or 1.0, motion=glm_motion)
     lap("glm")
 
     # 4. decoder voxels: anatomical ∩ reliability
@@ -254,7 +255,7 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
     excluded = gate if config.exclude_motion_gated and not gate.all() else np.zeros_like(gate)
     say(f"motion gate (FD > {(motion or MotionConfig()).gate_fd_mm:g} mm in a trial's window): {int(gate.sum())} of "
         f"{gate.size} trials" + (", left out of fine-tuning" if excluded.any() else ""))
-    train_betas, train_ids, train_trials = finetune_set(config, glm, z, series, run_events, motion_params,
+    train_betas, train_ids, train_trials = finetune_set(config, glm, z, series, run_events, glm_motion,
                                                         reference.tr or 1.0, image_ids)
     holdout_top1, chance, n_epochs = _finetune(out, config, train_betas[:, decoder_index], train_ids, stimuli, say,
                                                exclude=excluded[train_trials])
@@ -273,7 +274,7 @@ def calibrate(session_dir: str | Path, out_dir: str | Path, config: CalibrationC
         affine=tuple(tuple(float(v) for v in row) for row in reference.affine), tr=float(reference.tr or 0.0),
         n_voxels=int(decoder_index.size), calibration_runs=tuple(r.ordinal for r in calib),
         extra={"glm_voxels": int(glm_mask.sum()), "glm_model": config.glm.model, "embedder": config.embedder,
-               "condition_column": config.condition_column,
+               "condition_column": config.condition_column, "motion_regressors": config.motion_regressors,
                "finetune_epochs": n_epochs, "ensemble_members": config.ensemble_members,
                "reliability_median": rel_median})
     bundle = write_bundle_info(out, info)
@@ -341,13 +342,15 @@ def offline_betas(bundle: CalibrationBundle, dicom_dir: Path, events_dir: Path, 
     the decoder's voxels: the offline reference against which real-time estimates of the same runs are judged.
     Returns (betas (trials, decoder voxels), index into ``stimuli`` per trial), trials in run then onset order.
 
-    Without ``config``, the events column that identified repeats in the calibration (recorded in the bundle) is used:
-    the type-d fit cross-validates across repeats, so a generic column (every trial ``image``) would make every trial
-    a repeat of one condition and spoil the betas."""
+    Without ``config``, the events column that identified repeats in the calibration and its choice of motion
+    regressors (both recorded in the bundle) are used: the type-d fit cross-validates across repeats, so a generic
+    column (every trial ``image``) would make every trial a repeat of one condition and spoil the betas."""
     from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.estimator import GLMSingle
 
-    config = config or CalibrationConfig(condition_column=str(bundle.info.extra.get("condition_column", "trial_type")))
+    # Bundles written before motion_regressors was recorded used the motion parameters.
+    config = config or CalibrationConfig(condition_column=str(bundle.info.extra.get("condition_column", "trial_type")),
+                                         motion_regressors=bool(bundle.info.extra.get("motion_regressors", True)))
     runs = {r.ordinal: r for r in discover_runs(dicom_dir, watcher)}
     missing = [o for o in ordinals if o not in runs]
     if missing:
@@ -363,7 +366,8 @@ def offline_betas(bundle: CalibrationBundle, dicom_dir: Path, events_dir: Path, 
         path = find_events(events_dir, ordinal)
         events.append(RunEvents.from_tsv(path, condition_column=config.condition_column))
         ids.append(stimulus_ids(onset_ordered(read_event_rows(path)), stimuli, path))
-    fit = GLMSingle.from_config(config.glm).fit(series, events, reference.tr or 1.0, motion=params)
+    fit = GLMSingle.from_config(config.glm).fit(series, events, reference.tr or 1.0,
+                                                motion=params if config.motion_regressors else None)
     return fit.zscored_betas()[:, bundle.decoder_index()], np.concatenate(ids)
 
 

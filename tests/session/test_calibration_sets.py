@@ -10,7 +10,7 @@ from rt_mindeye.calibration.config import CalibrationConfig
 from rt_mindeye.calibration.workflow import finetune_set, list_stimuli, offline_betas, realtime_replay
 from rt_mindeye.glm.config import GLMConfig
 from rt_mindeye.glm.design import RunEvents
-from rt_mindeye.glm.estimator import GLMSingle
+from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle
 from rt_mindeye.glm.realtime import RealtimeGLM
 
 
@@ -59,3 +59,21 @@ def test_offline_reference_betas_of_a_live_run_are_z_scored_on_the_decoder_voxel
     assert bundle.info.extra["condition_column"] == "stim_file"
     default, _ = offline_betas(bundle, phantom_dir / "dicom", phantom_dir / "events", [3], stimuli)
     np.testing.assert_array_equal(default, betas)
+
+
+def test_motion_regressors_are_off_by_default_recorded_in_the_bundle_and_followed_by_the_offline_reference(
+        calibrated_phantom):
+    """The calibration's GLM runs without the motion parameters unless asked (GLMsingle's default; docs/glm.md
+    has the measurement), says so in the bundle, and the offline reference of later runs follows the bundle."""
+    phantom_dir = calibrated_phantom.phantom_dir
+    bundle = CalibrationBundle.open(calibrated_phantom.bundle_dir)
+    assert CalibrationConfig().motion_regressors is False
+    assert bundle.info.extra["motion_regressors"] is False
+    assert GLMCalibration.load(bundle.glm_dir).uses_motion is False  # so the live estimator uses none either
+    stimuli = list_stimuli(phantom_dir / "stimuli")
+    args = (bundle, phantom_dir / "dicom", phantom_dir / "events", [3], stimuli)
+    default, _ = offline_betas(*args)
+    without, _ = offline_betas(*args, CalibrationConfig(condition_column="stim_file", motion_regressors=False))
+    with_motion, _ = offline_betas(*args, CalibrationConfig(condition_column="stim_file", motion_regressors=True))
+    np.testing.assert_array_equal(default, without)
+    assert not np.allclose(with_motion, without)  # the phantom's head moves: the regressors change the fit
