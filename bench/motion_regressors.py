@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 KINDS = ("early", "refined", "final", "offline")
 
 
-def session_sets(phantom_dir: Path, n_calibration: int, noise_pool: int, with_motion: bool) -> dict:
+def session_sets(phantom_dir: Path, n_calibration: int, noise_pool: int, with_motion: bool, config=None) -> dict:
     """Calibration replay, live estimates of every kind and the truth, on the decoder's voxels."""
     import nibabel as nib
 
@@ -69,7 +69,7 @@ def session_sets(phantom_dir: Path, n_calibration: int, noise_pool: int, with_mo
         events.append(RunEvents.from_tsv(path, condition_column="stim_file"))
         ids.append(wf.stimulus_ids(wf.onset_ordered(wf.read_event_rows(path)), stimuli, path))
     motion = params if with_motion else [None] * len(runs)
-    config = GLMConfig()
+    config = config or GLMConfig()
     cal, live = slice(0, n_calibration), slice(n_calibration, len(runs))
     fit = GLMSingle.from_config(config).fit(series[cal], events[cal], reference.tr,
                                             motion=motion[cal] if with_motion else None)
