@@ -17,7 +17,7 @@ Scores, on the live runs' 128 trials and the decoder's voxels:
 * top-1 retrieval among every stimulus of the session by a ridge map voxels -> image tokens (EfficientNet-Lite0,
   the decoder's targets) fitted on the calibration replay: a decoder without training noise.
 
-Prints a table and writes ``bench/results/motion_regressors.json``. Deterministic; about a minute per seed.
+Prints a table and writes ``bench/results/motion_regressors.json``. Deterministic; about 35 s per seed.
 """
 
 from __future__ import annotations
@@ -41,17 +41,13 @@ if str(REPO) not in sys.path:
 KINDS = ("early", "refined", "final", "offline")
 
 
-def session_sets(phantom_dir: Path, n_calibration: int, noise_pool: int, with_motion: bool, config=None) -> dict:
-    """Calibration replay, live estimates of every kind and the truth, on the decoder's voxels."""
-    import nibabel as nib
-
+def corrected_session(phantom_dir: Path, noise_pool: int) -> dict:
+    """The session's runs as the calibration workflow reads them, once for both fits: motion-corrected voxel series
+    (the visual mask plus ``noise_pool`` other head voxels), motion parameters, events and stimulus ids per run."""
     from rt_mindeye.calibration import workflow as wf
-    from rt_mindeye.glm.config import GLMConfig
     from rt_mindeye.glm.design import RunEvents
-    from rt_mindeye.glm.estimator import GLMSingle
-    from rt_mindeye.glm.realtime import RealtimeGLM
     from rt_mindeye.ingest.dicom import read_volume
-    from rt_mindeye.preprocess.masks import load_mask, reliability_mask
+    from rt_mindeye.preprocess.masks import load_mask
     from rt_mindeye.preprocess.motion import MotionCorrector
 
     runs = wf.discover_runs(phantom_dir / "dicom")
@@ -68,34 +64,44 @@ def session_sets(phantom_dir: Path, n_calibration: int, noise_pool: int, with_mo
         path = wf.find_events(phantom_dir / "events", run.ordinal)
         events.append(RunEvents.from_tsv(path, condition_column="stim_file"))
         ids.append(wf.stimulus_ids(wf.onset_ordered(wf.read_event_rows(path)), stimuli, path))
-    motion = params if with_motion else [None] * len(runs)
+    return {"phantom_dir": phantom_dir, "runs": runs, "reference": reference, "anatomical": anatomical,
+            "glm_mask": glm_mask, "stimuli": stimuli, "series": series, "params": params, "events": events,
+            "ids": ids}
+
+
+def session_sets(session: dict, n_calibration: int, with_motion: bool, config=None) -> dict:
+    """Calibration replay, live estimates of every kind and the truth, on the decoder's voxels."""
+    import nibabel as nib
+
+    from rt_mindeye.calibration import workflow as wf
+    from rt_mindeye.glm.config import GLMConfig
+    from rt_mindeye.glm.estimator import GLMSingle
+    from rt_mindeye.preprocess.masks import reliability_mask
+
+    phantom_dir, runs, reference = session["phantom_dir"], session["runs"], session["reference"]
+    anatomical, glm_mask = session["anatomical"], session["glm_mask"]
+    series, params, events, ids = session["series"], session["params"], session["events"], session["ids"]
     config = config or GLMConfig()
     cal, live = slice(0, n_calibration), slice(n_calibration, len(runs))
+    cal_motion, live_motion = (params[cal], params[live]) if with_motion else (None, None)
     fit = GLMSingle.from_config(config).fit(series[cal], events[cal], reference.tr,
-                                            motion=motion[cal] if with_motion else None)
+                                            motion=cal_motion)
     calibration_ids = np.concatenate(ids[cal])
     in_anatomy = anatomical[glm_mask]
     decoder = reliability_mask(fit.zscored_betas(), [str(i) for i in calibration_ids],
                                top_n=int(round(0.6 * in_anatomy.sum())), anatomical_mask=in_anatomy)
     replay, replay_trial = wf.realtime_replay(fit.calibration_, config, series[cal], events[cal],
-                                              motion[cal] if with_motion else None, reference.tr)
-    estimates: dict[str, dict[int, np.ndarray]] = {"early": {}, "refined": {}, "final": {}}
-    offset = 0
-    for r in range(n_calibration, len(runs)):
-        rt = RealtimeGLM(fit.calibration_, config).start_run(events[r], reference.tr, run=r,
-                                                             n_volumes=len(series[r]))
-        for i, volume in enumerate(series[r]):
-            for e in rt.add_volume(i, volume, motion_params=params[r][i] if with_motion else None):
-                if e.kind == "early":
-                    estimates["early"].setdefault(offset + e.trial, e.betas)
-                else:
-                    estimates["refined"][offset + e.trial] = e.betas
-        for e in rt.end_run():
-            estimates["final"][offset + e.trial] = e.betas
-        offset += len(events[r])
+                                              cal_motion, reference.tr)
+    # The live runs through the same replay as the calibration runs: per run, the rows of each kind in trial order.
+    live_rows, _ = wf.realtime_replay(fit.calibration_, config, series[live], events[live],
+                                               live_motion, reference.tr)
+    sizes = [len(e) for e in events[live]]
+    if len(live_rows) != 3 * sum(sizes):
+        raise RuntimeError("a live trial got no estimate of some kind: the tables would mix trials")
+    kinds = np.concatenate([np.repeat(["early", "refined", "final"], n) for n in sizes])
     live_fit = GLMSingle.from_config(config).fit(series[live], events[live], reference.tr,
-                                                 motion=motion[live] if with_motion else None)
-    test = {kind: np.stack([got[i] for i in range(offset)]) for kind, got in estimates.items()}
+                                                 motion=live_motion)
+    test = {kind: live_rows[kinds == kind] for kind in ("early", "refined", "final")}
     test["offline"] = live_fit.zscored_betas()
 
     # The phantom's true betas at the decoder's voxels (session space is the first volume's grid).
@@ -110,7 +116,7 @@ def session_sets(phantom_dir: Path, n_calibration: int, noise_pool: int, with_mo
     truth = (truth - truth[:n_cal].mean(0)) / (truth[:n_cal].std(0) + 1e-8)
     return {"train": replay[:, decoder], "train_ids": calibration_ids[replay_trial],
             "test": {k: v[:, decoder] for k, v in test.items()}, "test_ids": np.concatenate(ids[live]),
-            "truth": truth[n_cal:], "stimuli": stimuli, "decoder_voxels": int(decoder.sum())}
+            "truth": truth[n_cal:], "decoder_voxels": int(decoder.sum())}
 
 
 def row_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -157,11 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             phantom_dir = write_session(simulate_session(cfg, subject=DEMO_SUBJECT, seed=seed), Path(tmp) / "phantom")
-            tokens = None
+            session = corrected_session(phantom_dir, args.noise_pool)
+            tokens = torch.as_tensor(image_targets(load_images(session["stimuli"]), PhantomEmbedder()).tokens)
             for with_motion in (True, False):
-                sets = session_sets(phantom_dir, cfg.calibration_runs, args.noise_pool, with_motion)
-                if tokens is None:
-                    tokens = torch.as_tensor(image_targets(load_images(sets["stimuli"]), PhantomEmbedder()).tokens)
+                sets = session_sets(session, cfg.calibration_runs, with_motion)
                 results[f"{seed}/{'with' if with_motion else 'without'}"] = score(sets, tokens.float())
         console.print(f"seed {seed}: {time.perf_counter() - began:.0f} s")
 
