@@ -152,13 +152,22 @@ def glm_voxel_mask(reference: Volume, anatomical: np.ndarray, noise_pool_voxels:
 
 def corrected_timeseries(files: Sequence[Path], corrector: MotionCorrector, mask: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """(T, V) float32 voxel time series and (T, 6) motion parameters of one run."""
+    """(T, V) float32 voxel time series and (T, 6) motion parameters of one run. Voxels a volume did not acquire
+    (moved out of the slab) take the voxel's mean over the run's other volumes (:func:`fill_not_acquired`)."""
+    from rt_mindeye.glm.missing import fill_not_acquired
+
     series, motion = [], []
     for path in files:
         result = corrector.update(read_volume(path))
         series.append(result.voxels)
         motion.append(result.params)
-    return np.asarray(series, dtype=np.float32), np.asarray(motion, dtype=np.float64)
+    reference = corrector.reference_.data[tuple(corrector.voxel_indices_.T)]
+    data, n_missing = fill_not_acquired(np.asarray(series, dtype=np.float32), reference)
+    if n_missing.any():
+        log.info("%s: %d of %d voxels were outside the imaged slab in some volumes (%d in every one); filled with "
+                 "their mean over the run", Path(files[0]).parent, int((n_missing > 0).sum()), n_missing.size,
+                 int((n_missing == len(files)).sum()))
+    return data, np.asarray(motion, dtype=np.float64)
 
 
 # --- the workflow ---------------------------------------------------------------------------------------------------

@@ -223,7 +223,8 @@ class GLMSingle:
             elif run.ndim != 2:
                 raise GLMInputError(f"runs[{r}]", f"expected (T, V) or 4-D data, got shape {run.shape}")
             if not np.all(np.isfinite(run)):
-                raise GLMInputError(f"runs[{r}]", "contains NaN or infinite values")
+                raise GLMInputError(f"runs[{r}]", "contains NaN or infinite values (voxels a volume did not acquire: "
+                                                  "fill them with rt_mindeye.glm.missing.fill_not_acquired)")
             data.append(np.ascontiguousarray(run, dtype=np.float32))
         n_vox = data[0].shape[1]
         for r, run in enumerate(data):

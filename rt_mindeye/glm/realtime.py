@@ -46,6 +46,7 @@ from rt_mindeye.glm.config import GLMConfig, RealtimeConfig
 from rt_mindeye.glm.design import RunEvents, drift_degree
 from rt_mindeye.glm.errors import GLMInputError, GLMWarning, RealtimeStateError
 from rt_mindeye.glm.estimator import GLMCalibration, GLMSingle, fit_run_frozen
+from rt_mindeye.glm.missing import RunningLevel
 
 KINDS = ("early", "refined", "final")
 RIDGE_STEP = 1.25
@@ -166,6 +167,9 @@ class RealtimeGLM:
         self._rows: list[np.ndarray] = []
         self._motion_rows: list[np.ndarray] = []
         self._pool_rows: list[np.ndarray] = []  # raw intensities of the live pool voxels, per volume
+        self._level = RunningLevel(cal.mean)  # fills the voxels a volume did not acquire (NaN)
+        self._not_acquired: list[np.ndarray] = []  # per volume, the voxels it lacked
+        self._noise_level: RunningLevel | None = None  # the same for noise vectors, once the first one comes
         self._last_motion = None
         self.work_ = {"rows_updated": [], "solve_size": []}
         self._active = True
@@ -242,6 +246,8 @@ class RealtimeGLM:
         if y_raw.size != self.calibration_.n_voxels:
             raise GLMInputError("data_vector", f"has {y_raw.size} voxels, the calibration has "
                                                f"{self.calibration_.n_voxels}")
+        # NaN: a voxel this volume did not acquire (moved out of the slab); it takes its level so far in the run.
+        y_raw, not_acquired = self._level.fill(y_raw)
         motion = None
         if self.config_.use_motion and self.calibration_.uses_motion:
             # Motion enters early and final estimates alike, and only if the calibration fit used it too.
@@ -280,6 +286,11 @@ class RealtimeGLM:
             if noise_vector.size != cal.n_noise_voxels:
                 raise GLMInputError("noise_vector", f"has {noise_vector.size} voxels, the calibration's noise mask "
                                                     f"has {cal.n_noise_voxels}")
+            if self._noise_level is None:
+                initial = np.zeros(noise_vector.size)
+                initial[cal.noise_ext_index] = cal.noise_ext_mean  # the pool voxels' calibration level
+                self._noise_level = RunningLevel(initial)
+            noise_vector, _ = self._noise_level.fill(noise_vector)
             pool_raw = self._pool_values(noise_vector)
         else:
             pool_raw = self._pool_values(y_raw)
@@ -327,6 +338,7 @@ class RealtimeGLM:
         self.work_["rows_updated"].append(int(touched.size + 1 + nuis.size))
         self._frames.append(index)
         self._rows.append(y_raw)
+        self._not_acquired.append(not_acquired)
         self._motion_rows.append(motion if motion is not None else np.zeros(0))
         self._pool_rows.append(pool_raw)
         self._n_post[ev.onsets <= t] += 1
@@ -606,6 +618,13 @@ class RealtimeGLM:
         motion = np.stack(self._motion_rows) if self._n_motion else None
         rows = np.stack(self._rows)
         pool_rows = np.stack(self._pool_rows)
+        if any(index.size for index in self._not_acquired):
+            # The run is over: voxels a volume lacked take their level over the whole run, as offline.
+            level = self._level.level().astype(np.float32)
+            for p, index in enumerate(self._not_acquired):
+                rows[p, index] = level[index]
+            if not self._pool_external:
+                pool_rows = np.stack([self._pool_values(row) for row in rows])
         coef = self._pool[4]
         if cfg.final_denoise and coef is not None and coef.shape[1]:
             rows = self._denoised(rows, pool_rows, coef)
@@ -613,6 +632,12 @@ class RealtimeGLM:
                                tr=self.tr_, noise_data=pool_rows if self._pool_external else None)
         return [self._package(j, "final", int(self._n_post[j]), betas[j].astype(np.float64))
                 for j in np.flatnonzero(self._n_post > 0)]
+
+    def not_acquired_counts(self) -> np.ndarray:
+        """Per voxel, how many volumes of the current (or last) run lacked it (NaN in the data vector) (V,)."""
+        if not hasattr(self, "_level"):
+            return np.zeros(0, dtype=np.int64)  # no run started
+        return np.asarray(len(self._frames) - self._level.count, dtype=np.int64)
 
     def _denoised(self, rows: np.ndarray, pool_rows: np.ndarray, coef: np.ndarray) -> np.ndarray:
         """The run's volumes (T, V) minus each voxel's calibration-predicted shared noise: its frozen coefficients

@@ -20,12 +20,21 @@ import numpy as np
 from rt_mindeye.preprocess.geometry import _orthonormalize
 
 
+#: How far (voxels) beyond the outermost voxel centres a resliced point still takes the edge voxel's value: half a
+#: voxel, the edge voxel's own extent. An edge slice images a slab as thick as the slice, so a point up to half a
+#: slice past its centre lies inside the acquired volume; with a strict bound the whole edge slice of the mask read
+#: 0 (and went missing) whenever the head moved a fraction of a millimetre toward it.
+EDGE_REACH = 0.5
+#: The registration's bound: a 1e-3 voxel rounding slack only (extrapolated values would bias the metric).
+METRIC_REACH = 1e-3
+
+
 @numba.njit(cache=True, nogil=True)
-def _trilinear(volume, x, y, z):
-    """Trilinear value at voxel coordinates (x, y, z); NaN outside the grid (a 1e-3 voxel rounding slack)."""
+def _trilinear(volume, x, y, z, reach=METRIC_REACH):
+    """Trilinear value at voxel coordinates (x, y, z); NaN more than ``reach`` voxels outside the grid (points
+    within it take the value at the nearest point of the grid)."""
     nx, ny, nz = volume.shape
-    slack = 1e-3
-    if x < -slack or y < -slack or z < -slack or x > nx - 1 + slack or y > ny - 1 + slack or z > nz - 1 + slack:
+    if x < -reach or y < -reach or z < -reach or x > nx - 1 + reach or y > ny - 1 + reach or z > nz - 1 + reach:
         return np.nan
     x = min(max(x, 0.0), nx - 1.0)
     y = min(max(y, 0.0), ny - 1.0)
@@ -85,7 +94,8 @@ def _accumulate(moving, voxel_map, points, fixed_values, jacobian):
 
 @numba.njit(cache=True, nogil=True)
 def reslice_trilinear(moving, voxel_map, shape, fill):
-    """Output grid ``shape``: voxel (i, j, k) takes ``moving`` at ``voxel_map @ (i, j, k, 1)`` (trilinear)."""
+    """Output grid ``shape``: voxel (i, j, k) takes ``moving`` at ``voxel_map @ (i, j, k, 1)`` (trilinear); points
+    more than :data:`EDGE_REACH` voxels outside ``moving`` take ``fill``."""
     out = np.empty((shape[0], shape[1], shape[2]), dtype=np.float32)
     for i in range(shape[0]):
         for j in range(shape[1]):
@@ -94,7 +104,7 @@ def reslice_trilinear(moving, voxel_map, shape, fill):
             bz = voxel_map[2, 0] * i + voxel_map[2, 1] * j + voxel_map[2, 3]
             for k in range(shape[2]):
                 value = _trilinear(moving, bx + voxel_map[0, 2] * k, by + voxel_map[1, 2] * k,
-                                   bz + voxel_map[2, 2] * k)
+                                   bz + voxel_map[2, 2] * k, EDGE_REACH)
                 out[i, j, k] = fill if np.isnan(value) else value
     return out
 
@@ -108,7 +118,8 @@ def reslice_points_trilinear(moving, voxel_map, indices, fill):
         value = _trilinear(moving,
                            voxel_map[0, 0] * i + voxel_map[0, 1] * j + voxel_map[0, 2] * k + voxel_map[0, 3],
                            voxel_map[1, 0] * i + voxel_map[1, 1] * j + voxel_map[1, 2] * k + voxel_map[1, 3],
-                           voxel_map[2, 0] * i + voxel_map[2, 1] * j + voxel_map[2, 2] * k + voxel_map[2, 3])
+                           voxel_map[2, 0] * i + voxel_map[2, 1] * j + voxel_map[2, 2] * k + voxel_map[2, 3],
+                           EDGE_REACH)
         out[n] = fill if np.isnan(value) else value
     return out
 

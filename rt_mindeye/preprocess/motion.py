@@ -88,7 +88,9 @@ class MotionResult:
     """The volume resliced into the reference grid: float32 data, the reference's affine, the input's metadata
     (``None`` when ``full_reslice`` is off)."""
     voxels: np.ndarray | None
-    """``(V,)`` float32 resliced values of the ``voxel_mask`` given to ``fit`` (C order), or ``None`` without one."""
+    """``(V,)`` float32 resliced values of the ``voxel_mask`` given to ``fit`` (C order), or ``None`` without one.
+    NaN marks a voxel the volume did not acquire: the head moved it more than half a voxel out of the imaged slab
+    (:func:`rt_mindeye.glm.missing.fill_not_acquired` and the real-time GLM fill those)."""
     elapsed_s: float
     """Wall time of registration + reslice."""
     registration_s: float
@@ -297,8 +299,9 @@ class MotionCorrector:
         return (RigidTransform.from_sitk(transform, self.center_), int(self.registration_.GetOptimizerIteration()),
                 float(self.registration_.GetMetricValue()))
 
-    def reslice(self, volume: Volume, transform: RigidTransform) -> np.ndarray:
-        """Resample ``volume`` into the reference grid through ``transform`` (reference -> volume), float32."""
+    def reslice(self, volume: Volume, transform: RigidTransform, fill: float = 0.0) -> np.ndarray:
+        """Resample ``volume`` into the reference grid through ``transform`` (reference -> volume), float32.
+        Reference voxels that fall outside the acquired volume (beyond the edge voxels' half-width) take ``fill``."""
         self._check_fitted()
         interpolation = self.config_.reslice_interpolation
         if self.config_.engine == "numba" and interpolation in ("linear", "nearest"):
@@ -307,33 +310,39 @@ class MotionCorrector:
                 @ self.reference_.affine
             kernel = reslice_trilinear if interpolation == "linear" else reslice_nearest
             return kernel(as_kernel_array(volume.data), np.ascontiguousarray(voxel_map[:3]),
-                          np.asarray(self.reference_.shape, dtype=np.int64), np.float32(0.0))
+                          np.asarray(self.reference_.shape, dtype=np.int64), np.float32(fill))
         self.resampler_.SetTransform(transform.to_sitk())
+        self.resampler_.SetDefaultPixelValue(float(fill))
         data, _ = sitk_to_array(self.resampler_.Execute(volume_to_sitk(volume)))
         return data
 
-    def reslice_voxels(self, volume: Volume, transform: RigidTransform) -> np.ndarray:
-        """Resample ``volume`` at the ``voxel_mask`` voxels given to :meth:`fit` only (trilinear), ``(V,)``."""
+    def reslice_voxels(self, volume: Volume, transform: RigidTransform, fill: float = 0.0) -> np.ndarray:
+        """Resample ``volume`` at the ``voxel_mask`` voxels given to :meth:`fit` only (trilinear), ``(V,)``; voxels
+        outside the acquired volume take ``fill``."""
         self._check_fitted()
         if self.voxel_indices_ is None:
             raise ValueError("reslice_voxels needs the voxel_mask argument of fit()")
         voxel_map = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64)) @ transform.matrix \
             @ self.reference_.affine
         return reslice_points_trilinear(as_kernel_array(volume.data),
-                                        np.ascontiguousarray(voxel_map[:3]), self.voxel_indices_, np.float32(0.0))
+                                        np.ascontiguousarray(voxel_map[:3]), self.voxel_indices_, np.float32(fill))
 
     def update(self, volume: Volume) -> MotionResult:
         """Register ``volume`` to the reference (from the previous estimate), reslice it, and report the motion."""
         started = time.perf_counter()
         estimate, n_iterations, metric_value = self.estimate(volume)
         registered = time.perf_counter()
-        resliced = self.reslice(volume, estimate) if self.config_.full_reslice else None
+        # The mask's voxels say "not acquired" (NaN) where the head moved them out of the imaged slab; the resliced
+        # volume, a picture, shows 0 there.
+        resliced = self.reslice(volume, estimate, fill=np.nan) if self.config_.full_reslice else None
         voxels = None
         if self.voxel_indices_ is not None:
             if resliced is not None:
                 voxels = resliced[tuple(self.voxel_indices_.T)]
             else:
-                voxels = self.reslice_voxels(volume, estimate)
+                voxels = self.reslice_voxels(volume, estimate, fill=np.nan)
+        if resliced is not None:
+            np.nan_to_num(resliced, copy=False, nan=0.0)
         finished = time.perf_counter()
 
         params = estimate.params

@@ -300,6 +300,11 @@ class ScannerPipeline:
         self._write_motion(run)
         now = self.wall_clock()
         log.info("run %d ended: %d final estimates", run.plan.run, len(estimates))
+        lacked = self.glm.not_acquired_counts() if not run.error else np.zeros(0)
+        if lacked.any():
+            log.warning("run %d: %d of %d mask voxels were outside the imaged slab in some volumes (the head moved "
+                        "them out, up to %d volumes); their estimates use the volumes that had them",
+                        run.plan.run, int((lacked > 0).sum()), lacked.size, int(lacked.max()))
         return out + [self._trial_message(run, e, now) for e in estimates]
 
     # --- live stimulus events ------------------------------------------------------------------------------------

@@ -429,3 +429,62 @@ def test_noise_pool_from_noise_runs_is_the_live_pool_when_volumes_bring_their_no
     rt = RealtimeGLM(cal).start_run(s.events[3], s.tr)
     with pytest.raises(GLMInputError, match="noise_vector"):
         rt.add_volume(0, s.runs[3][0, roi], noise_vector=s.runs[3][0, :10])
+
+
+def test_voxels_a_volume_did_not_acquire_take_their_level_not_zero(calibrated, synthetic_session):
+    """NaN marks a voxel the head moved out of the slab. Live, it takes the voxel's mean over the run's volumes so
+    far; at the end of the run, its mean over the whole run, so the final estimate equals the frozen per-run fit of
+    the offline fill (fill_not_acquired). A 0 in its place (what the reslice wrote before) wrecks those voxels."""
+    from rt_mindeye.glm.missing import fill_not_acquired
+
+    s = synthetic_session
+    cfg = RealtimeConfig(snr_ridge=False, final_denoise=False)
+    data = s.runs[3].astype(np.float32).copy()
+    lost = np.arange(0, data.shape[1], 7)  # voxels that leave the slab early in the run, as edge voxels did
+    data[20:, lost] = np.nan
+    rt = RealtimeGLM(calibrated, cfg).start_run(s.events[3], s.tr)
+    live = run_stream(rt, data)
+    final = np.stack([e.betas for e in rt.end_run()])
+    assert all(np.all(np.isfinite(e.betas)) for e in live) and np.all(np.isfinite(final))
+    cal = calibrated.calibration_
+    filled, n_missing = fill_not_acquired(data, cal.mean)
+    assert np.array_equal(np.flatnonzero(n_missing), lost) and np.all(n_missing[lost] == data.shape[0] - 20)
+    frozen = fit_run_frozen(cal, filled, s.events[3])
+    z = (frozen - cal.beta_mean) / cal.beta_std
+    assert np.allclose(final, z, atol=1e-3 * max(1.0, np.abs(z).max()))
+    # The early estimates of the lost voxels stay on the scale of the others.
+    early = np.stack([e.betas for e in live if e.kind == "early"])
+    kept = np.setdiff1d(np.arange(data.shape[1]), lost)
+    assert np.abs(early[:, lost]).max() < 2 * np.abs(early[:, kept]).max()
+    # What zeros did: the end-of-run betas of those voxels far off the scale of the rest.
+    zeroed = np.nan_to_num(data, nan=0.0)
+    rt.start_run(s.events[3], s.tr)
+    run_stream(rt, zeroed)
+    wrecked = np.stack([e.betas for e in rt.end_run()])
+    assert np.abs(wrecked[:, lost]).max() > 4 * np.abs(final[:, kept]).max()
+
+
+def test_fill_not_acquired_uses_the_voxels_own_level_and_the_fallback_when_never_acquired():
+    from rt_mindeye.glm.missing import RunningLevel, fill_not_acquired
+
+    series = np.array([[1.0, np.nan, 5.0], [3.0, np.nan, np.nan], [np.nan, np.nan, 7.0]], dtype=np.float32)
+    filled, n_missing = fill_not_acquired(series, fallback=np.array([10.0, 20.0, 30.0]))
+    assert np.array_equal(filled, [[1, 20, 5], [3, 20, 6], [2, 20, 7]]) and np.array_equal(n_missing, [1, 3, 1])
+    level = RunningLevel(np.array([10.0, 20.0, 30.0]))
+    got = [level.fill(row) for row in series]
+    assert np.array_equal(np.stack([g[0] for g in got]), [[1, 20, 5], [3, 20, 5], [2, 20, 7]])
+    assert [g[1].tolist() for g in got] == [[1], [1, 2], [0, 1]]
+
+
+def test_not_acquired_counts_per_voxel(calibrated, synthetic_session):
+    s = synthetic_session
+    rt = RealtimeGLM(calibrated)
+    assert rt.not_acquired_counts().size == 0  # no run yet
+    rt.start_run(s.events[3], s.tr)
+    assert not rt.not_acquired_counts().any()
+    data = s.runs[3][:30].astype(np.float32).copy()
+    data[10:, 5] = np.nan
+    data[29, 6] = np.nan
+    run_stream(rt, data)
+    counts = rt.not_acquired_counts()
+    assert counts[5] == 20 and counts[6] == 1 and counts.sum() == 21

@@ -235,3 +235,31 @@ def test_volumes_on_another_grid_are_resliced_into_the_reference_grid(small_grid
     np.testing.assert_array_equal(result.volume.affine, calibration.affine)
     inner = corrector.mask_ & (calibration.data > 300)
     assert np.median(np.abs(result.volume.data[inner] - calibration.data[inner])) < 10.0
+
+
+@pytest.mark.parametrize("engine", ["numba", "sitk"])
+def test_voxels_moved_out_of_the_slab_are_not_acquired(moved_series, engine):
+    """A head shift along the slice axis: the edge slice still lies inside the slab (its slices are as thick as
+    their spacing) until it moves half a slice, and beyond that the mask's voxels say NaN (not acquired) while
+    the resliced picture shows 0."""
+    reference = moved_series[0]
+    n_slices = reference.shape[2]
+    mask = np.zeros(reference.shape, dtype=bool)
+    mask[8:-8, 8:-8, :] = True  # every slice, the edge ones included
+    corrector = MotionCorrector(MotionConfig(engine=engine)).fit(reference, voxel_mask=mask)
+    slice_index = np.argwhere(mask)[:, 2]
+    for fraction in (0.3, 1.6):
+        shift = np.eye(4)
+        shift[:3, 3] = fraction * reference.affine[:3, 2]  # reference slice k now images slice k + fraction
+        transform = RigidTransform.from_matrix(shift, corrector.center_)
+        voxels = corrector.reslice(reference, transform, fill=np.nan)[mask]
+        outside = slice_index + fraction > n_slices - 0.5
+        assert np.isnan(voxels[outside]).all()
+        assert (corrector.reslice(reference, transform)[mask][outside] == 0).all()
+        if engine == "numba":  # ITK's own bound is a rounding slack: it drops the edge slice from any shift
+            assert not np.isnan(voxels[~outside]).any()
+            np.testing.assert_array_equal(voxels, corrector.reslice_voxels(reference, transform, fill=np.nan))
+    # update() reports them as NaN in MotionResult.voxels, 0 in the resliced volume.
+    moved = corrector.reslice(reference, transform.inverse())
+    result = corrector.update(make_volume(moved, reference.affine, index=1))
+    assert np.isnan(result.voxels).any() and np.isfinite(result.volume.data).all()
