@@ -41,17 +41,19 @@ class RunningLevel:
         return np.where(self.count > 0, self.total / np.maximum(self.count, 1), self.initial)
 
     def fill(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(filled float32 vector, indices of the voxels it lacked); the acquired values join the running mean."""
+        """(filled float32 vector, indices of the voxels it lacked). The level does not change: :meth:`add` the
+        vector once it is accepted."""
         vector = np.asarray(vector, dtype=np.float32).ravel()
-        missing = ~np.isfinite(vector)
-        if not missing.any():
-            self.total += vector
-            self.count += 1
-            return vector, np.zeros(0, dtype=np.int64)
-        acquired = ~missing
-        self.total[acquired] += vector[acquired]
-        self.count[acquired] += 1
+        index = np.flatnonzero(~np.isfinite(vector))
+        if not index.size:
+            return vector, index
         filled = vector.copy()
-        index = np.flatnonzero(missing)
         filled[index] = self.level()[index]
         return filled, index
+
+    def add(self, vector: np.ndarray) -> None:
+        """Count the voxels ``vector`` acquired (finite values) into each voxel's level."""
+        vector = np.asarray(vector, dtype=np.float64).ravel()
+        acquired = np.isfinite(vector)
+        self.total += np.where(acquired, vector, 0.0)
+        self.count += acquired

@@ -247,6 +247,7 @@ class RealtimeGLM:
             raise GLMInputError("data_vector", f"has {y_raw.size} voxels, the calibration has "
                                                f"{self.calibration_.n_voxels}")
         # NaN: a voxel this volume did not acquire (moved out of the slab); it takes its level so far in the run.
+        acquired_raw = y_raw
         y_raw, not_acquired = self._level.fill(y_raw)
         motion = None
         if self.config_.use_motion and self.calibration_.uses_motion:
@@ -290,6 +291,7 @@ class RealtimeGLM:
                 initial = np.zeros(noise_vector.size)
                 initial[cal.noise_ext_index] = cal.noise_ext_mean  # the pool voxels' calibration level
                 self._noise_level = RunningLevel(initial)
+            acquired_noise = noise_vector
             noise_vector, _ = self._noise_level.fill(noise_vector)
             pool_raw = self._pool_values(noise_vector)
         else:
@@ -339,6 +341,9 @@ class RealtimeGLM:
         self._frames.append(index)
         self._rows.append(y_raw)
         self._not_acquired.append(not_acquired)
+        self._level.add(acquired_raw)
+        if self._pool_external:
+            self._noise_level.add(acquired_noise)
         self._motion_rows.append(motion if motion is not None else np.zeros(0))
         self._pool_rows.append(pool_raw)
         self._n_post[ev.onsets <= t] += 1

@@ -471,7 +471,10 @@ def test_fill_not_acquired_uses_the_voxels_own_level_and_the_fallback_when_never
     filled, n_missing = fill_not_acquired(series, fallback=np.array([10.0, 20.0, 30.0]))
     assert np.array_equal(filled, [[1, 20, 5], [3, 20, 6], [2, 20, 7]]) and np.array_equal(n_missing, [1, 3, 1])
     level = RunningLevel(np.array([10.0, 20.0, 30.0]))
-    got = [level.fill(row) for row in series]
+    got = []
+    for row in series:
+        got.append(level.fill(row))
+        level.add(row)
     assert np.array_equal(np.stack([g[0] for g in got]), [[1, 20, 5], [3, 20, 5], [2, 20, 7]])
     assert [g[1].tolist() for g in got] == [[1], [1, 2], [0, 1]]
 
