@@ -273,17 +273,21 @@ def glm_subject_data(session, targets, name: str):
     """A pretraining subject's single-trial betas as NSD distributes them: the offline type-d GLM of all its runs
     (z-scored per voxel), not the phantom's noiseless truth, so the shared model learns from betas as noisy as the
     ones a new subject brings."""
-    from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.estimator import GLMSingle
-    from rt_mindeye.model.data import subject_data, trial_arrays
+    from rt_mindeye.model.data import identity_stats, subject_data, trial_arrays
 
     runs = range(session.n_runs)
-    events = [RunEvents.from_records(session.events(r), condition_column="stim_file") for r in runs]
-    fit = GLMSingle(model="d").fit([session.visual_timeseries(r) for r in runs], events, session.tr)
+    fit = GLMSingle(model="d").fit([session.visual_timeseries(r) for r in runs], session_events(session), session.tr)
     betas = fit.zscored_betas()
     _, image_index = trial_arrays(session, runs)
-    identity = (np.zeros(betas.shape[1], np.float32), np.ones(betas.shape[1], np.float32))  # already z-scored
-    return subject_data(betas, image_index, targets, identity, name=name)
+    return subject_data(betas, image_index, targets, identity_stats(betas.shape[1]), name=name)
+
+
+def session_events(session) -> list:
+    """Every run's events of a phantom session, one condition per stimulus file (as the GLM fits them)."""
+    from rt_mindeye.glm.design import RunEvents
+
+    return [RunEvents.from_records(session.events(r), condition_column="stim_file") for r in range(session.n_runs)]
 
 
 def _offset_targets(targets, offset: int, n: int):
@@ -316,7 +320,6 @@ def new_subject_sets(session, targets, console, top_fraction: float = 0.6) -> di
     from rt_mindeye.calibration.workflow import realtime_replay
     from rt_mindeye.eval.decoding import assert_disjoint_images, ncsnr
     from rt_mindeye.glm.config import RealtimeConfig
-    from rt_mindeye.glm.design import RunEvents
     from rt_mindeye.glm.estimator import GLMSingle
     from rt_mindeye.glm.realtime import RealtimeGLM
     from rt_mindeye.model.data import trial_arrays
@@ -326,7 +329,7 @@ def new_subject_sets(session, targets, console, top_fraction: float = 0.6) -> di
     calib = list(session.calibration_runs)
     live = [r for r in range(session.n_runs) if r not in calib]
     runs = [session.visual_timeseries(r) for r in range(session.n_runs)]
-    events = [RunEvents.from_records(session.events(r), condition_column="stim_file") for r in range(session.n_runs)]
+    events = session_events(session)
     truth, image_ids = trial_arrays(session, range(session.n_runs))
     run_of = np.concatenate([[r] * len(session.trials(r)) for r in range(session.n_runs)])
     in_calib = np.isin(run_of, calib)
@@ -530,7 +533,7 @@ def run_phantom(args, console) -> dict:
     """Pretrain (cached), build the new subject's GLM betas, then per seed fine-tune every method within the same
     budget and score it on every kind of test betas. Progress is saved after each run (``--resume`` skips what is
     done)."""
-    from rt_mindeye.model.data import subject_data
+    from rt_mindeye.model.data import identity_stats, subject_data
     from rt_mindeye.phantom import simulate_session
 
     new_cfg = new_subject_config(args)
@@ -548,7 +551,7 @@ def run_phantom(args, console) -> dict:
         raise RuntimeError("phantom images differ between sessions: image indices would not match")
     images, targets = images[first:first + len(session.images)], _offset_targets(targets, first, len(session.images))
     sets = new_subject_sets(session, targets, console)
-    identity = (np.zeros(sets["voxels"], np.float32), np.ones(sets["voxels"], np.float32))  # already z-scored
+    identity = identity_stats(sets["voxels"])  # the sets' betas are already z-scored
     train = subject_data(*sets["train"][args.train_betas], targets, identity, name="new")
     train_true = subject_data(*sets["train"]["true"], targets, identity, name="new")
 

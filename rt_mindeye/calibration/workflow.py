@@ -422,7 +422,7 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     """Fine-tune the shared model on the calibration betas; write model/ and candidates.npz; held-out top-1."""
     import torch
 
-    from rt_mindeye.model.data import LowLevelModels, image_targets, subject_data
+    from rt_mindeye.model.data import LowLevelModels, identity_stats, image_targets, subject_data
     from rt_mindeye.model.train import finetune
 
     embedder = make_embedder(config)
@@ -438,7 +438,7 @@ def _finetune(out: Path, config: CalibrationConfig, betas: np.ndarray, image_ids
     # score the model on repeats of images it was trained on.
     holdout = split_by_image(image_ids, config.holdout_fraction, seed=config.train.seed)
     n = betas.shape[0]
-    stats = (np.zeros(betas.shape[1], np.float32), np.ones(betas.shape[1], np.float32))  # already z-scored
+    stats = identity_stats(betas.shape[1])  # the betas are already z-scored
     exclude = np.zeros(n, dtype=bool) if exclude is None else exclude
     train = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=~holdout & ~exclude)
     val = subject_data(betas, image_ids, targets, stats, name=config.subject, keep=holdout) if holdout.any() else None

@@ -125,6 +125,11 @@ def zscore_stats(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
 
 
+def identity_stats(n_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean 0, sd 1) per voxel: the :func:`subject_data` stats of betas that are already z-scored."""
+    return np.zeros(n_voxels, np.float32), np.ones(n_voxels, np.float32)
+
+
 def trial_arrays(session, runs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(betas (n, V), image_index (n,)) of a phantom session's trials in ``runs`` (true betas)."""
     betas = np.concatenate([session.betas[r] for r in runs], axis=0).astype(np.float32)
